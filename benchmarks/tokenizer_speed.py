@@ -1,0 +1,101 @@
+"""Tokenizer speed: BPE training throughput, and tiktoken vs the pure-Python reference encoder.
+
+    python benchmarks/tokenizer_speed.py                    # 4096-token vocab on ~10 MB of text
+    python benchmarks/tokenizer_speed.py --mb 2 --vocab 1024
+
+The text is the Python standard library's own source files (no download, ~20 MB available). The
+first --mb MB train the tokenizer; the next --heldout-mb MB are held out to measure compression
+(bytes per token) on text the merges never saw. Everything is measured in the same run, so the
+ratios compare like with like on this machine. See lessons/02_tokenizer.md.
+"""
+
+import argparse
+import os
+import time
+
+from data_prep.stdlib_docs import stdlib_dir
+from minilm.tokenizer import Tokenizer, TokenizerError, reference_encode
+
+# Third-party packages are not the stdlib; leaving them out keeps the corpus the same everywhere.
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+
+
+def stdlib_source() -> list[str]:
+    """Every stdlib .py file (~30 MB) in sorted path order, so every run sees the same text."""
+    root, texts = stdlib_dir(), []
+    for path in sorted(root.rglob("*.py")):
+        if _SKIP_DIRS.intersection(path.relative_to(root).parts):
+            continue
+        try:
+            texts.append(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue  # a few test fixtures are deliberately not UTF-8
+    return texts
+
+
+def split_at(texts: list[str], n_chars: int) -> tuple[list[str], list[str]]:
+    """First files up to `n_chars` characters, and the rest."""
+    total = 0
+    for i, text in enumerate(texts):
+        total += len(text)
+        if total >= n_chars:
+            return texts[:i + 1], texts[i + 1:]
+    return texts, []
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def bytes_per_token(tok: Tokenizer, texts: list[str]) -> float:
+    n_tokens = sum(len(ids) for ids in tok.encode_batch(texts))
+    return sum(len(t.encode("utf-8")) for t in texts) / n_tokens
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mb", type=float, default=10.0, help="MB (millions of chars) to train on")
+    p.add_argument("--vocab", type=int, default=4096, help="total vocab size incl. specials")
+    p.add_argument("--heldout-mb", type=float, default=1.0, help="held-out text for compression")
+    p.add_argument("--ref-mb", type=float, default=0.5, help="text for the slow reference encoder")
+    args = p.parse_args()
+
+    train, rest = split_at(stdlib_source(), int(args.mb * 1e6))
+    held, _ = split_at(rest, int(args.heldout_mb * 1e6))
+    n_train = sum(map(len, train))
+    print(f"corpus: {len(train)} stdlib files, {n_train / 1e6:.2f} M chars for training, "
+          f"{sum(map(len, held)) / 1e6:.2f} M held out; {os.cpu_count()} CPU cores")
+
+    # 1. Training: pure Python, one core.
+    tok, t_train = timed(lambda: Tokenizer.train(train, args.vocab, progress=True))
+    print(f"train   {tok.name}: {t_train:.1f} s, {n_train / t_train / 1e6:.2f} M chars/s")
+
+    # 2. Encoding: the reference on a sample (it is slow), tiktoken on all the training text.
+    sample, _ = split_at(train, int(args.ref_mb * 1e6))
+    ref_ids, t_ref = timed(lambda: [reference_encode(t, tok.merges, tok.pattern) for t in sample])
+    assert ref_ids == [tok.encode(t) for t in sample], "tiktoken and the reference BPE disagree"
+    ref_speed = sum(map(len, sample)) / t_ref
+    _, t_one = timed(lambda: [tok.encode(t) for t in train])
+    _, t_batch = timed(lambda: tok.encode_batch(train))
+    print(f"encode  reference (pure Python): {ref_speed / 1e6:7.3f} M chars/s")
+    for label, seconds in (("tiktoken encode, 1 thread:", t_one),
+                           ("tiktoken encode_batch:", t_batch)):
+        speed = n_train / seconds
+        print(f"encode  {label:<26}{speed / 1e6:7.3f} M chars/s "
+              f"({speed / ref_speed:.0f}x the reference)")
+
+    # 3. Compression on held-out text, with cl100k_base (100k vocab) for scale when installed.
+    if held:
+        print(f"compress {tok.name}: {bytes_per_token(tok, held):.2f} bytes/token on held-out text "
+              f"({bytes_per_token(tok, train):.2f} on training text)")
+        try:
+            big = Tokenizer.from_tiktoken("cl100k_base")
+            print(f"compress {big.name}: {bytes_per_token(big, held):.2f} bytes/token on held-out")
+        except TokenizerError as e:
+            print(f"compress cl100k_base: skipped ({e})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""Checkpoints: atomic save, checked load, exact resume, and Hugging Face Phi-3 export/import.
+
+A checkpoint is a directory:
+
+    config.json        {"format", "version", "model": ModelConfig, "tokenizer": {...}, "meta": {...}}
+    model.safetensors  weights (model.pt when the safetensors package is absent)
+    tokenizer.tiktoken + tokenizer.json    the tokenizer, see minilm/tokenizer.py
+    train_state.pt     optimizer, step, RNG states: what `train` needs to resume exactly
+
+It is written under a temporary name and renamed into place, so a crash at any instant leaves
+either the previous complete checkpoint or the new one, never half of one. Loading checks every
+parameter name and shape and says exactly what does not match.
+
+`export_hf` writes a directory that `transformers.Phi3ForCausalLM.from_pretrained` loads;
+`import_hf` reads one back. Parameter names are already HF's (see minilm/model.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minilm import MinilmError
+from minilm.config import ConfigError, ModelConfig
+from minilm.model import Phi3
+
+FORMAT, VERSION = "minilm-checkpoint", 1
+
+try:
+    import safetensors.torch as _st
+except ImportError:  # optional: torch.save is the fallback
+    _st = None
+
+
+@dataclass
+class Checkpoint:
+    model: Phi3
+    config: ModelConfig
+    tokenizer: object | None  # minilm.tokenizer.Tokenizer
+    meta: dict
+    train_state: dict | None
+    path: Path
+
+
+def _weights_to_save(model: Phi3) -> dict[str, torch.Tensor]:
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight")  # the same tensor as model.embed_tokens.weight
+    return sd
+
+
+def _write_weights(sd: dict, directory: Path, stem: str = "model") -> None:
+    if _st is not None:
+        _st.save_file(sd, str(directory / f"{stem}.safetensors"), metadata={"format": "pt"})
+    else:
+        torch.save(sd, directory / f"{stem}.pt")
+
+
+def _read_weights(directory: Path, names=("model.safetensors", "model.pt")) -> dict:
+    for name in names:
+        path = directory / name
+        if not path.exists():
+            continue
+        try:
+            if name.endswith(".safetensors"):
+                if _st is None:
+                    raise MinilmError(f"{path} needs the safetensors package: pip install safetensors")
+                return _st.load_file(str(path))
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except MinilmError:
+            raise
+        except Exception as e:  # truncated or corrupt file
+            raise MinilmError(f"cannot read weights {path}: {e}. The file is corrupt; "
+                              f"use an earlier checkpoint or retrain") from e
+    raise MinilmError(f"no weights in {directory}: expected one of {', '.join(names)}")
+
+
+def load_weights(model: Phi3, state_dict: dict, source: str = "checkpoint") -> None:
+    """Copy `state_dict` into `model`, first listing every missing, unexpected or mis-shaped name."""
+    expected = _weights_to_save(model)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected) - {"lm_head.weight"})
+    shapes = [f"{k}: {source} has {tuple(state_dict[k].shape)}, model expects {tuple(v.shape)}"
+              for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        lines = [f"{source} does not fit the model:"]
+        lines += [f"  missing: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"] if missing else []
+        lines += [f"  unexpected: {', '.join(unexpected[:8])}"] if unexpected else []
+        lines += [f"  shape {s}" for s in shapes[:8]]
+        raise MinilmError("\n".join(lines))
+    model.load_state_dict({k: state_dict[k] for k in expected}, strict=False)
+
+
+def _recover(directory: Path) -> None:
+    """Finish what a save killed between its two renames left: put the previous checkpoint back."""
+    if directory.exists():
+        return
+    olds = sorted(directory.parent.glob(f".{directory.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds:
+        olds[-1].rename(directory)
+
+
+def _atomic_dir(directory: Path, write) -> Path:
+    """Call write(tmp_dir), then swap tmp_dir into place of `directory`.
+
+    At every instant `directory` is the old complete checkpoint or the new one, except between the
+    two renames below, when the old one is `.NAME.old-PID`; `_recover` puts it back.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    _recover(directory)
+    for stale in directory.parent.glob(f".{directory.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a save that crashed mid-write
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def save_checkpoint(directory, model: Phi3, tokenizer=None, train_state: dict | None = None,
+                    meta: dict | None = None) -> Path:
+    """Write a complete checkpoint directory atomically; returns its path."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    config = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(),
+              "tokenizer": None, "meta": meta or {}}
+    if tokenizer is not None:
+        config["tokenizer"] = {"name": tokenizer.name, "n_vocab": tokenizer.n_vocab,
+                               "fingerprint": tokenizer.fingerprint()}
+
+    def write(tmp: Path):
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        _write_weights(_weights_to_save(model), tmp)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if train_state is not None:
+            torch.save(train_state, tmp / "train_state.pt")
+
+    return _atomic_dir(Path(directory), write)
+
+
+def read_config(directory) -> dict:
+    """The parsed config.json of a checkpoint, with a clear error if it is not one."""
+    directory = Path(directory)
+    _recover(directory)
+    path = directory / "config.json"
+    if not path.exists():
+        hint = " (it does not exist)" if not directory.exists() else ""
+        raise MinilmError(f"{directory} is not a minilm checkpoint: no config.json{hint}")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MinilmError(f"{path} is corrupt ({e}); use an earlier checkpoint") from e
+    if not isinstance(config, dict):
+        raise MinilmError(f"{path} is corrupt (a JSON {type(config).__name__}, not an object); "
+                          f"use an earlier checkpoint")
+    if config.get("format") != FORMAT:
+        raise MinilmError(f"{directory} is not a minilm checkpoint (format {config.get('format')!r}); "
+                          f"for a Hugging Face model directory use `minilm import-hf`")
+    return config
+
+
+def load_checkpoint(directory, device="cpu", with_train_state: bool = False) -> Checkpoint:
+    """Load a checkpoint written by `save_checkpoint`, checking config, tokenizer and weights."""
+    directory = Path(directory)
+    config = read_config(directory)
+    try:
+        model_cfg = ModelConfig.from_dict(config["model"])
+    except (ConfigError, KeyError, TypeError) as e:
+        raise MinilmError(f"{directory}/config.json has an invalid model config: {e}") from e
+    tokenizer = None
+    if config.get("tokenizer"):
+        from minilm.tokenizer import Tokenizer, TokenizerError
+        try:
+            tokenizer = Tokenizer.load(directory)
+        except TokenizerError as e:
+            raise MinilmError(f"{directory}: {e}") from e
+        if tokenizer.fingerprint() != config["tokenizer"]["fingerprint"]:
+            raise MinilmError(f"{directory}: tokenizer files do not match config.json (fingerprint "
+                              f"{tokenizer.fingerprint()} != {config['tokenizer']['fingerprint']})")
+        if tokenizer.n_vocab > model_cfg.vocab_size:
+            raise MinilmError(f"{directory}: tokenizer has {tokenizer.n_vocab} tokens but the model's "
+                              f"vocab_size is {model_cfg.vocab_size}")
+    model = Phi3(model_cfg)
+    load_weights(model, _read_weights(directory), source=str(directory))
+    train_state = None
+    if with_train_state and (directory / "train_state.pt").exists():
+        train_state = torch.load(directory / "train_state.pt", map_location="cpu", weights_only=False)
+    return Checkpoint(model.to(device), model_cfg, tokenizer, config.get("meta", {}), train_state, directory)
+
+
+# ---- Hugging Face Phi-3 --------------------------------------------------------------------------
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """Our ModelConfig as a `transformers.Phi3Config` dictionary."""
+    return {
+        "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head, "max_position_embeddings": cfg.max_seq_len,
+        "original_max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": None, "partial_rotary_factor": 1.0,
+        "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
+        "resid_pdrop": cfg.dropout, "embd_pdrop": 0.0, "attention_dropout": 0.0,
+        "sliding_window": None, "torch_dtype": "float32",
+        # token ids belong to the tokenizer, not the model; HF's defaults (32000, Llama-2's) would
+        # be out of range for a smaller vocab, and Phi3Model's nn.Embedding(padding_idx=) rejects that
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+    }
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """Read a Phi3Config dictionary, refusing features our model does not implement."""
+    if hf.get("model_type") != "phi3":
+        raise MinilmError(f"model_type {hf.get('model_type')!r} is not phi3; minilm imports Phi-3 only")
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if rope_type != "default" or partial != 1.0:
+        raise MinilmError(f"RoPE type {rope_type!r} with partial_rotary_factor {partial} is not "
+                          f"supported (minilm implements plain RoPE, as phi-3-mini-4k uses)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise MinilmError(f"hidden_act {hf['hidden_act']!r} is not supported; Phi-3 uses silu")
+    # Our attention has no sliding window (phi-3-mini-4k's config sets 2047). Capping the context
+    # at the window keeps every sequence the model accepts exactly equal to HF's computation.
+    max_seq_len = min(hf["max_position_embeddings"], hf.get("sliding_window") or 1 << 62)
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+        n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], d_model=hf["hidden_size"],
+        d_ff=hf["intermediate_size"], max_seq_len=max_seq_len,
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        norm_eps=hf.get("rms_norm_eps", 1e-5), tie_embeddings=hf.get("tie_word_embeddings", False),
+        dropout=hf.get("resid_pdrop", 0.0))
+
+
+def export_hf(model: Phi3, out_dir) -> Path:
+    """Write `model` as a Hugging Face Phi-3 directory (config.json + weights), atomically."""
+    model = getattr(model, "module", model)
+
+    def write(tmp: Path):
+        (tmp / "config.json").write_text(json.dumps(hf_config(model.config), indent=2))
+        sd = _weights_to_save(model)
+        if _st is not None:
+            _st.save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            torch.save(sd, tmp / "pytorch_model.bin")
+
+    return _atomic_dir(Path(out_dir), write)
+
+
+def import_hf(hf_dir) -> Phi3:
+    """Build our model from a Hugging Face Phi-3 directory (single-file or sharded safetensors)."""
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").exists():
+        raise MinilmError(f"{hf_dir} has no config.json; is it a Hugging Face model directory?")
+    model = Phi3(config_from_hf(json.loads((hf_dir / "config.json").read_text())))
+    index = hf_dir / "model.safetensors.index.json"
+    if index.exists():
+        if _st is None:
+            raise MinilmError("sharded safetensors need the safetensors package: pip install safetensors")
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        sd = {k: v for shard in shards for k, v in _st.load_file(str(hf_dir / shard)).items()}
+    else:
+        sd = _read_weights(hf_dir, names=("model.safetensors", "pytorch_model.bin"))
+    load_weights(model, sd, source=str(hf_dir))
+    return model

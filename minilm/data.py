@@ -1,0 +1,193 @@
+"""Token data: a corpus tokenized into binary shards, memory-mapped, sampled in random windows.
+
+    prepare_data("runs/data/stdlib-2048", vocab_size=2048)   # corpus -> tokenizer -> shards
+    train = TokenDataset("runs/data/stdlib-2048", "train")
+    x, y = train.batch(batch_size=16, seq_len=256, seed=0, step=7, micro=0)   # (16, 256) each
+
+A shard is a 256-byte header (int64: magic, version, bytes per token, token count) followed by the
+tokens as uint16 (vocab < 65536) or uint32. Documents are joined with `<|endoftext|>`.
+The validation split is chosen per document by a hash of its id, so it never changes when the
+corpus grows and no validation text leaks into training windows.
+
+Windows are a pure function of (seed, step, micro-batch index): a resumed run sees exactly the
+batches the uninterrupted run would have seen, and under DDP rank r of W takes micro-batch
+indices r, r + W, ... so the ranks together see what one process with W x the accumulation sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from minilm import MinilmError
+
+MAGIC, VERSION, HEADER_INTS = 0x6D696E696C6D, 1, 32  # "minilm"
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def write_shard(path, tokens: np.ndarray) -> None:
+    """Write one shard atomically (temporary file, then rename)."""
+    path = Path(path)
+    header = np.zeros(HEADER_INTS, dtype=np.int64)
+    header[:4] = [MAGIC, VERSION, tokens.itemsize, len(tokens)]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.tobytes())
+    tmp.rename(path)
+
+
+def read_shard(path) -> np.ndarray:
+    """Memory-map a shard's tokens, checking the header against the file's size."""
+    path = Path(path)
+    header = np.fromfile(path, dtype=np.int64, count=HEADER_INTS)
+    if len(header) < 4 or header[0] != MAGIC:
+        raise MinilmError(f"{path} is not a minilm token shard (bad magic); re-run `minilm prepare`")
+    if header[1] != VERSION:
+        raise MinilmError(f"{path} is shard format v{header[1]}, this minilm reads v{VERSION}; re-run `minilm prepare`")
+    itemsize, count = int(header[2]), int(header[3])
+    expected = HEADER_INTS * 8 + itemsize * count
+    if path.stat().st_size != expected:
+        raise MinilmError(f"{path} is truncated: {path.stat().st_size} bytes, header promises {expected}")
+    dtype = {2: np.uint16, 4: np.uint32}[itemsize]
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_INTS * 8, shape=(count,))
+
+
+def is_validation(doc_id: str, val_fraction: float) -> bool:
+    digest = hashlib.sha256(doc_id.encode()).digest()
+    return int.from_bytes(digest[:4], "little") < val_fraction * 2**32
+
+
+def unigram_entropy(counts: np.ndarray) -> float:
+    """Entropy in nats of the token frequency distribution: the loss of the best context-free model."""
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def build_shards(documents: list[tuple[str, str]], tokenizer, out_dir, split: str,
+                 shard_tokens: int = 2**24) -> dict:
+    """Tokenize documents (each followed by <|endoftext|>) into `{split}_NNN.bin` shards."""
+    out_dir = Path(out_dir)
+    dtype = token_dtype(tokenizer.n_vocab)
+    buf, n_shards, n_tokens, n_bytes = [], 0, 0, 0
+    counts = np.zeros(tokenizer.n_vocab, dtype=np.int64)
+
+    def flush():
+        nonlocal buf, n_shards
+        if buf:
+            arr = np.concatenate(buf).astype(dtype)
+            write_shard(out_dir / f"{split}_{n_shards:03d}.bin", arr)
+            n_shards, buf = n_shards + 1, []
+
+    batch = 64
+    for i in tqdm(range(0, len(documents), batch), desc=f"tokenize {split}", unit="batch"):
+        texts = [text for _, text in documents[i:i + batch]]
+        for ids in tokenizer.encode_batch(texts):
+            arr = np.asarray(ids + [tokenizer.eot_id], dtype=np.int64)
+            np.add.at(counts, arr, 1)
+            buf.append(arr)
+            n_tokens += len(arr)
+        n_bytes += sum(len(t.encode("utf-8")) for t in texts)
+        if sum(len(b) for b in buf) >= shard_tokens:
+            flush()
+    flush()
+    return {"tokens": n_tokens, "bytes": n_bytes, "documents": len(documents), "shards": n_shards,
+            "unigram_entropy": unigram_entropy(counts)}
+
+
+def prepare_data(out_dir, vocab_size: int, documents: Iterable[tuple[str, str]] | None = None,
+                 val_fraction: float = 0.1, progress: bool = True) -> Path:
+    """Corpus -> train/val split -> BPE tokenizer (trained on train) -> shards + meta.json.
+
+    `documents` defaults to the embedded corpus (Python stdlib docstrings, data_prep/stdlib_docs.py).
+    Skipped when `out_dir/meta.json` exists; delete the directory to rebuild.
+    """
+    from minilm.tokenizer import Tokenizer
+
+    out_dir = Path(out_dir)
+    if (out_dir / "meta.json").exists():
+        return out_dir
+    if documents is None:
+        from data_prep.stdlib_docs import stdlib_documents
+        documents = stdlib_documents()
+    docs = list(documents)
+    train_docs = [d for d in docs if not is_validation(d[0], val_fraction)]
+    val_docs = [d for d in docs if is_validation(d[0], val_fraction)]
+    if not train_docs or not val_docs:
+        raise MinilmError(f"corpus of {len(docs)} documents gives an empty train or validation split "
+                          f"at val_fraction={val_fraction}; add documents")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer.train((t for _, t in train_docs), vocab_size, progress=progress)
+    tokenizer.save(out_dir)
+    meta = {"tokenizer": {"name": tokenizer.name, "n_vocab": tokenizer.n_vocab,
+                          "fingerprint": tokenizer.fingerprint()},
+            "val_fraction": val_fraction,
+            "splits": {"train": build_shards(train_docs, tokenizer, out_dir, "train"),
+                       "val": build_shards(val_docs, tokenizer, out_dir, "val")}}
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: marks completion
+    return out_dir
+
+
+class TokenDataset:
+    """All shards of one split, memory-mapped, with deterministic window sampling."""
+
+    def __init__(self, directory, split: str):
+        self.directory = Path(directory)
+        meta_path = self.directory / "meta.json"
+        if not meta_path.exists():
+            raise MinilmError(f"{self.directory} holds no prepared data (no meta.json); "
+                              f"run `minilm prepare --data-dir {self.directory}`")
+        self.meta = json.loads(meta_path.read_text())
+        self.info = self.meta["splits"][split]
+        paths = sorted(self.directory.glob(f"{split}_*.bin"))
+        if len(paths) != self.info["shards"]:
+            raise MinilmError(f"{self.directory}: meta.json lists {self.info['shards']} {split} shards, "
+                              f"found {len(paths)}; re-run `minilm prepare`")
+        self.shards = [read_shard(p) for p in paths]
+        self.n_tokens = sum(len(s) for s in self.shards)
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.info["bytes"] / self.info["tokens"]
+
+    def _windows(self, starts: list[tuple[int, int]], seq_len: int):
+        rows = [torch.from_numpy(self.shards[s][o:o + seq_len + 1].astype(np.int64)) for s, o in starts]
+        data = torch.stack(rows)  # (B, T + 1): inputs and next-token targets overlap by T
+        return data[:, :-1], data[:, 1:]
+
+    def batch(self, batch_size: int, seq_len: int, seed: int, step: int, micro: int = 0):
+        """Random windows (x, y), each (batch_size, seq_len), fixed by (seed, step, micro)."""
+        room = np.array([max(len(s) - seq_len - 1, 0) for s in self.shards], dtype=np.float64)
+        if room.sum() == 0:
+            raise MinilmError(f"{self.directory}: every shard is shorter than seq_len + 1 = {seq_len + 1} "
+                              f"tokens; use a shorter --seq-len or more data")
+        rng = np.random.default_rng([seed, step, micro])
+        shard_ids = rng.choice(len(self.shards), size=batch_size, p=room / room.sum())
+        starts = [(int(s), int(rng.integers(0, room[s] + 1))) for s in shard_ids]
+        return self._windows(starts, seq_len)
+
+    def eval_batches(self, n_batches: int, batch_size: int, seq_len: int):
+        """A fixed, evenly spaced set of windows over the split: the same for every evaluation."""
+        flat = [(s, o) for s, shard in enumerate(self.shards)
+                for o in range(0, len(shard) - seq_len - 1, seq_len)]
+        if not flat:
+            raise MinilmError(f"{self.directory}: the split has fewer than seq_len + 1 = {seq_len + 1} tokens")
+        stride = max(1, len(flat) // max(1, n_batches * batch_size))
+        chosen = flat[::stride][:n_batches * batch_size]
+        for i in range(0, len(chosen), batch_size):
+            yield self._windows(chosen[i:i + batch_size], seq_len)
+
+
+def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
+    """Convert a per-token loss in nats into bits per UTF-8 byte, comparable across tokenizers."""
+    return loss_nats / math.log(2) / bytes_per_token

@@ -1,0 +1,117 @@
+"""Sampling from a model: temperature, top-k, top-p, stop tokens, batched prompts, KV cache.
+
+    rollout = generate(model, [ids_a, ids_b], max_new_tokens=64, temperature=0.8, top_p=0.95,
+                       stop_tokens=[tok.eot_id])
+    texts = generate_text(model, tok, ["def main():"], max_new_tokens=50)
+
+Prompts of different lengths are left-padded so every row's next token sits in the same column;
+the attention mask hides the padding and positions skip it (see minilm/model.py). With the KV
+cache, the prompt is read once and each new token costs one position's forward pass.
+
+`Rollout` is the structure PPO, DNO and LTC consume: the tokens, their attention mask, the mask
+of generated tokens, and each generated token's log-probability under the distribution it was
+sampled from (logits / temperature, before top-k/top-p truncation; greedy: temperature 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minilm.model import KVCache
+
+
+@dataclass
+class Rollout:
+    tokens: torch.Tensor          # (B, P + N) int64: left-padded prompts, then generated tokens
+    attention_mask: torch.Tensor  # (B, P + N) 1 on real tokens (prompt and generated), 0 on padding
+    gen_mask: torch.Tensor        # (B, P + N) 1 on generated tokens, the stop token included
+    logprobs: torch.Tensor        # (B, P + N) log-prob of each generated token, 0 elsewhere
+    prompt_len: int               # P, the padded prompt width
+
+    def responses(self, strip: tuple[int, ...] = ()) -> list[list[int]]:
+        """Generated ids of each row, without the padding and without tokens in `strip`."""
+        out = []
+        for row, mask in zip(self.tokens[:, self.prompt_len:], self.gen_mask[:, self.prompt_len:]):
+            out.append([t for t in row[mask.bool()].tolist() if t not in strip])
+        return out
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device=None):
+    """(tokens, mask): prompts right-aligned in a (B, P) tensor, mask 1 on real tokens."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and every prompt at least one token")
+    width = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return tokens, mask
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None):
+    """Pick one token per row from logits (B, V); returns (tokens (B,), their log-probs (B,))."""
+    logits = logits.float()
+    if temperature <= 0:  # greedy
+        token = logits.argmax(-1)
+        return token, torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    filtered = logprobs.clone()
+    if top_k is not None and top_k < filtered.shape[-1]:
+        kth = filtered.topk(top_k, dim=-1).values[:, -1:]
+        filtered[filtered < kth] = float("-inf")
+    if top_p is not None and top_p < 1.0:
+        sorted_lp, order = filtered.sort(dim=-1, descending=True)
+        cum = sorted_lp.softmax(-1).cumsum(-1)
+        drop = cum - sorted_lp.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        filtered.scatter_(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
+    token = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)
+    return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, stop_tokens=(), pad_id: int = 0,
+             use_cache: bool = True, generator: torch.Generator | None = None) -> Rollout:
+    """Sample up to `max_new_tokens` for each prompt; a row stops after emitting a stop token."""
+    device = next(model.parameters()).device
+    tokens, mask = left_pad(prompts, pad_id, device)
+    b, p = tokens.shape
+    if p + max_new_tokens > model.config.max_seq_len:
+        raise ValueError(f"prompt ({p} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"max_seq_len {model.config.max_seq_len}")
+    was_training = model.training
+    model.eval()
+    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+    cache = KVCache(model.config, b, p + max_new_tokens, device,
+                    next(model.parameters()).dtype) if use_cache else None
+    logprobs = torch.zeros(b, p, device=device)
+    gen = torch.zeros(b, p, dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    step_input = tokens
+    for _ in range(max_new_tokens):
+        logits, _ = model(step_input if use_cache else tokens, kv_cache=cache, attention_mask=mask)
+        token, lp = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        alive = ~done
+        token = torch.where(alive, token, torch.full_like(token, pad_id))
+        tokens = torch.cat([tokens, token[:, None]], dim=1)
+        mask = torch.cat([mask, alive.long()[:, None]], dim=1)
+        gen = torch.cat([gen, alive.long()[:, None]], dim=1)
+        logprobs = torch.cat([logprobs, torch.where(alive, lp, 0.0)[:, None]], dim=1)
+        done |= torch.isin(token, stop) & alive
+        step_input = token[:, None]
+        if done.all():
+            break
+    model.train(was_training)
+    return Rollout(tokens, mask, gen, logprobs, p)
+
+
+def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, **kwargs) -> list[str]:
+    """Encode string prompts, generate (stopping at <|endoftext|>), decode only the continuations."""
+    ids = [tokenizer.encode(p, allowed_special="all") or [tokenizer.eot_id] for p in prompts]
+    kwargs.setdefault("stop_tokens", [tokenizer.eot_id])
+    rollout = generate(model, ids, max_new_tokens, pad_id=tokenizer.eot_id, **kwargs)
+    return [tokenizer.decode(r) for r in rollout.responses(strip=(tokenizer.eot_id,))]

@@ -1,0 +1,220 @@
+"""The Phi-3-style decoder-only transformer (Phi-3 technical report, arXiv 2404.14219, section 2).
+
+    token ids -> embed_tokens -> N x DecoderLayer -> norm -> lm_head -> logits
+
+    DecoderLayer:  x = x + o_proj(attention(rope(q), rope(k), v))    on input_layernorm(x)
+                   x = x + down_proj(silu(gate) * up)                 on post_attention_layernorm(x)
+
+with RMSNorm, rotary position embeddings ("rotate half" convention), one fused qkv projection,
+grouped-query attention (n_kv_head <= n_head) and one fused gate/up projection. No biases.
+Module and parameter names are exactly Hugging Face's `Phi3ForCausalLM` names, so a state dict
+moves between the two without renaming (tests/test_hf_parity.py checks logits match).
+
+    model = Phi3(get_preset("tiny"))
+    logits, loss = model(idx, targets)            # idx, targets: (B, T) int64
+    h = model.hidden(idx)                          # (B, T, d_model), for reward/value heads
+
+Decoding uses a `KVCache`; batches of prompts of different lengths are left-padded and pass an
+`attention_mask` (B, S) of 1 for tokens and 0 for padding (positions then skip the padding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minilm import ops
+from minilm.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 for stability (as HF Phi-3 does)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (max_len, head_dim): angle pos * theta^(-2i/D), halves repeated."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # first half and second half share frequencies
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x[i], x[i + D/2]) pair by its angle. x: (B, H, T, D); cos, sin: (B, 1, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions decoded so far, preallocated.
+
+    k, v: (n_layer, B, n_kv_head, max_len, head_dim). `length` counts the positions filled; the
+    model writes a step's new keys at [length, length + T) in every layer, then advances.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int | None = None,
+                 device=None, dtype=torch.float32):
+        max_len = max_len or config.max_seq_len
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's k, v (B, H_kv, T, D) for `layer`; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        if end > self.k.shape[3]:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.k.shape[3]} allocated")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        # rows of qkv_proj: all query heads, then key heads, then value heads (HF's layout)
+        self.qkv_proj = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, layer_idx, kv_cache=None, key_mask=None):
+        b, t, _ = x.shape
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(b, t, self.n_head, self.head_dim).transpose(1, 2)      # (B, H, T, D)
+        k = k.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, H_kv, T, D)
+        v = v.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_idx, k, v)                        # (B, H_kv, S, D)
+        y = ops.attention(q, k, v, causal=True, key_mask=key_mask)         # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, q_size))
+
+
+class MLP(nn.Module):
+    """Gated SiLU (SwiGLU): down(silu(gate(x)) * up(x)), with gate and up fused in one matmul."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)  # rows: gate, then up
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, kv_cache=None, key_mask=None):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, self.layer_idx, kv_cache, key_mask)
+        x = x + self.dropout(attn)
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Phi3Model(nn.Module):
+    """The trunk: embeddings, decoder layers, final norm. Named like HF's `Phi3Model`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # not saved in checkpoints: they are a pure function of the config
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, idx, kv_cache=None, attention_mask=None):
+        b, t = idx.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if attention_mask is not None:
+            # left padding: a token's position counts only the real tokens before it
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]  # (B, T)
+        else:
+            positions = torch.arange(past, past + t, device=idx.device).expand(b, t)
+        if past + t > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence of {past + t} tokens exceeds max_seq_len="
+                             f"{self.rope_cos.shape[0]}; crop the input or raise max_seq_len")
+        cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, D): broadcast over heads
+        sin = self.rope_sin[positions].unsqueeze(1)
+        x = self.embed_tokens(idx)
+        for layer in self.layers:
+            x = layer(x, cos, sin, kv_cache, attention_mask)
+        if kv_cache is not None:
+            kv_cache.length += t
+        return self.norm(x)
+
+
+class Phi3(nn.Module):
+    """Phi-3 causal LM: `Phi3Model` trunk plus `lm_head`. Names match HF `Phi3ForCausalLM`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Phi3Model(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+        # GPT-2's rule: scale the projections that write into the residual stream by 1/sqrt(2N),
+        # so the stream's variance does not grow with depth at initialisation
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def hidden(self, idx, kv_cache=None, attention_mask=None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d_model): what the LM head and scalar heads read."""
+        return self.model(idx, kv_cache=kv_cache, attention_mask=attention_mask)
+
+    def forward(self, idx, targets=None, kv_cache=None, attention_mask=None):
+        """Logits (B, T, vocab) and, given targets (B, T) with -100 for ignored tokens, the mean loss."""
+        logits = self.lm_head(self.hidden(idx, kv_cache, attention_mask))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (tied weights once); optionally without the token embedding."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
+        if exclude_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per weight (forward + backward) plus attention's matmuls."""
+        c = self.config
+        n = self.num_params(exclude_embeddings=True)
+        if c.tie_embeddings:
+            n += self.lm_head.weight.numel()  # the LM head matmul still happens when tied
+        attn = 6 * c.n_layer * c.n_head * c.head_dim * seq_len  # q k^T and p v, causal half x2
+        return 6 * n + attn

@@ -1,0 +1,63 @@
+"""Pure-PyTorch references for minilm's ops: the definitions every kernel is tested against.
+
+These are written for clarity, not speed: attention materialises the full (T, S) score matrix and
+repeats k/v heads for grouped-query attention. `minilm/ops/attention.py` picks a faster backend
+for real work; tests compare every backend with the functions here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def causal_mask(t: int, s: int, device=None) -> torch.Tensor:
+    """(T, S) boolean mask, True where query i may attend to key j.
+
+    Bottom-right aligned: the T queries are the *last* T positions of the S keys, so query i sees
+    keys j <= i + (S - T). With T == S this is the usual lower triangle; when decoding with a KV
+    cache (T == 1) the one new query sees every cached key.
+    """
+    i = torch.arange(t, device=device).unsqueeze(1)
+    j = torch.arange(s, device=device).unsqueeze(0)
+    return j <= i + (s - t)
+
+
+def attention_mask(t: int, s: int, causal: bool, key_mask: torch.Tensor | None,
+                   device=None) -> torch.Tensor | None:
+    """Combine causality and key padding into one boolean mask broadcastable to (B, H, T, S).
+
+    key_mask: (B, S) with 1/True for real tokens and 0/False for padding. A query row that would
+    see no key at all (a padding position under left padding) is allowed to see every key, so the
+    softmax stays finite; its output is garbage by construction and is ignored downstream.
+    """
+    if not causal and key_mask is None:
+        return None
+    mask = causal_mask(t, s, device) if causal else torch.ones(t, s, dtype=torch.bool, device=device)
+    mask = mask.view(1, 1, t, s)
+    if key_mask is not None:
+        mask = mask & key_mask.bool().view(-1, 1, 1, s)
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                        scale: float | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v, the definition of attention.
+
+    q: (B, H, T, D); k, v: (B, H_kv, S, D) with H a multiple of H_kv (query head h uses k/v head
+    h // (H / H_kv)); key_mask: optional (B, S). Returns (B, H, T, D).
+    """
+    b, h, t, d = q.shape
+    h_kv, s = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    k = k.repeat_interleave(h // h_kv, dim=1)  # (B, H, S, D)
+    v = v.repeat_interleave(h // h_kv, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
+    mask = attention_mask(t, s, causal, key_mask, q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    # softmax in at least float32 (bf16/fp16 inputs), in float64 for float64 inputs (gradcheck)
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
+    return probs.to(q.dtype) @ v

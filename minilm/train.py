@@ -1,0 +1,284 @@
+"""Pretraining: next-token prediction with AdamW, warmup + cosine decay, exact resume, and DDP.
+
+    minilm train --preset tiny                       # CPU, a few minutes
+    torchrun --nproc_per_node 4 -m minilm train --preset small --device cuda
+
+    from minilm.train import TrainConfig, train
+    summary = train(TrainConfig(preset="tiny", max_steps=50))
+
+One step (phi-3 and nanoGPT follow the same recipe):
+  1. for each of `grad_accum` micro-batches: forward, loss / grad_accum, backward
+     (under DDP the gradients are averaged across ranks on the last micro-batch only);
+  2. clip the global gradient norm; set the learning rate from the schedule; AdamW step;
+  3. every `eval_every` steps: validation loss and bits per byte on fixed windows;
+  4. every `ckpt_every` steps: an atomic checkpoint with the optimizer state, so a killed run
+     resumes where it stopped and ends exactly where the uninterrupted run would.
+Weight decay applies to matrices only, not to norms or embeddings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from minilm import MinilmError
+from minilm.checkpoint import load_checkpoint, save_checkpoint
+from minilm.config import ConfigError, get_preset
+from minilm.data import TokenDataset, bits_per_byte, prepare_data
+from minilm.model import Phi3
+from minilm.runtime import setup_runtime, teardown_runtime
+from minilm.tokenizer import Tokenizer
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"            # model preset, see minilm/config.py
+    model: dict = field(default_factory=dict)  # ModelConfig fields overriding the preset
+    out_dir: str = "runs/tiny"      # checkpoint/, metrics.jsonl, loss.png
+    data_dir: str = ""              # prepared shards; default runs/data/stdlib-<vocab>
+    batch_size: int = 16            # sequences per micro-batch per process
+    grad_accum: int = 1             # micro-batches per optimizer step
+    seq_len: int = 0                # 0: the model's max_seq_len
+    max_steps: int = 600
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1       # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"
+    compile: bool = False           # torch.compile, opt-in
+    resume: bool = True             # continue from out_dir/checkpoint if it exists
+
+
+# Stage presets: what `--preset NAME` sets besides the model shape.
+TRAIN_PRESETS = {
+    "tiny": dict(out_dir="runs/tiny", batch_size=16, max_steps=600, lr=3e-3, warmup_steps=30),
+    "small": dict(out_dir="runs/small", batch_size=32, grad_accum=2, max_steps=5000, lr=1e-3,
+                  warmup_steps=200, eval_every=250, ckpt_every=250),
+}
+
+
+def train_config(preset: str = "tiny", **overrides) -> TrainConfig:
+    """A TrainConfig for `preset` (stage defaults for tiny/small), with fields overridden."""
+    return TrainConfig(**{"preset": preset, **TRAIN_PRESETS.get(preset, {}), **overrides})
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with decay on weight matrices only; norms and the (tied) embedding are not decayed."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+@torch.no_grad()
+def evaluate(model, data: TokenDataset, cfg: TrainConfig, rt) -> dict:
+    """Mean loss over fixed validation windows, and bits per byte."""
+    model.eval()
+    losses = []
+    for x, y in data.eval_batches(cfg.eval_batches, cfg.batch_size, cfg.seq_len):
+        with rt.autocast():
+            losses.append(model(x.to(rt.device), y.to(rt.device))[1].item())
+    model.train()
+    loss = sum(losses) / len(losses)
+    return {"val_loss": loss, "val_bpb": bits_per_byte(loss, data.bytes_per_token)}
+
+
+def _load_metrics(path: Path, upto: int) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["step"] <= upto]  # drop lines a killed run wrote after its checkpoint
+
+
+def plot_losses(metrics: list[dict], path: Path, baseline: float | None = None) -> bool:
+    """Write the loss curve as PNG if matplotlib is installed; returns whether it did.
+
+    `baseline` (the unigram entropy of the data) is drawn as a dashed line: the loss to beat.
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train"), ("val_loss", "validation")):
+        pts = [(m["step"], m[key]) for m in metrics if key in m]
+        if pts:
+            ax.plot(*zip(*pts), label=label, marker="o" if key == "val_loss" else None)
+    if baseline is not None:
+        ax.axhline(baseline, linestyle="--", color="gray", label="unigram entropy")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=path.parent.name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _setup(cfg: TrainConfig, rt):
+    """Data, tokenizer and model config, preparing the default data set when needed."""
+    try:
+        model_cfg = get_preset(cfg.preset, **cfg.model)
+    except ConfigError as e:
+        raise MinilmError(str(e)) from e
+    data_dir = Path(cfg.data_dir or f"runs/data/stdlib-{model_cfg.vocab_size}")
+    if rt.is_main and not cfg.data_dir:
+        prepare_data(data_dir, model_cfg.vocab_size)
+    if rt.distributed:
+        dist.barrier()  # other ranks wait for rank 0 to prepare the data
+    train_data, val_data = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
+    tokenizer = Tokenizer.load(data_dir)
+    if tokenizer.n_vocab > model_cfg.vocab_size:
+        raise MinilmError(f"vocab mismatch: the data in {data_dir} uses {tokenizer.n_vocab} tokens but the "
+                          f"model's vocab_size is {model_cfg.vocab_size}; pass --vocab-size "
+                          f"{tokenizer.n_vocab} or prepare data with a smaller vocabulary")
+    cfg.seq_len = cfg.seq_len or model_cfg.max_seq_len
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise MinilmError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
+    return model_cfg, tokenizer, train_data, val_data
+
+
+def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Train (or resume) a model as `cfg` says; returns a summary of the final metrics.
+
+    `on_step(step, metrics_row)` is called after every step (tests use it to interrupt a run).
+    """
+    rt = setup_runtime(cfg.device)
+    try:
+        return _train(cfg, rt, on_step)
+    finally:
+        teardown_runtime(rt)
+
+
+def train_step(model, optimizer, data: TokenDataset, cfg: TrainConfig, rt, step: int) -> dict:
+    """One optimizer step: accumulate `grad_accum` micro-batches, clip, AdamW. Returns its metrics."""
+    lr = lr_at(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = 0.0
+    for micro in range(cfg.grad_accum):
+        # rank r takes global micro-batch indices r, r + W, ...: see minilm/data.py
+        x, y = data.batch(cfg.batch_size, cfg.seq_len, cfg.seed, step, micro * rt.world_size + rt.rank)
+        last = micro == cfg.grad_accum - 1
+        with (model.no_sync() if rt.distributed and not last else contextlib.nullcontext()), rt.autocast():
+            loss = model(x.to(rt.device), y.to(rt.device))[1] / cfg.grad_accum
+        loss.backward()  # under DDP, the last micro-batch's backward averages gradients over ranks
+        loss_sum += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if rt.distributed:  # log the mean loss over all ranks
+        t = torch.tensor([loss_sum], device=rt.device)
+        dist.all_reduce(t)
+        loss_sum = t.item() / rt.world_size
+    return {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm}
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _resume(ckpt_dir: Path, model, optimizer, model_cfg, rt) -> int:
+    """Load weights, optimizer state and RNG from `ckpt_dir`; returns the step to continue from."""
+    ck = load_checkpoint(ckpt_dir, device=rt.device, with_train_state=True)
+    if ck.config != model_cfg:
+        raise MinilmError(f"{ckpt_dir} holds a different model ({ck.config}); use another "
+                          f"--out-dir or --no-resume to start over")
+    model.load_state_dict(ck.model.state_dict())
+    optimizer.load_state_dict(ck.train_state["optimizer"])
+    torch.set_rng_state(ck.train_state["rng"]["cpu"])
+    if "cuda" in ck.train_state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ck.train_state["rng"]["cuda"])
+    if rt.is_main:
+        tqdm.write(f"resuming from {ckpt_dir} at step {ck.train_state['step']}")
+    return ck.train_state["step"]
+
+
+def _write_metrics(metrics: list[dict], out_dir: Path, baseline: float | None = None) -> None:
+    """metrics.jsonl (atomically: temp file + rename) and loss.png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    tmp.replace(out_dir / "metrics.jsonl")
+    plot_losses(metrics, out_dir / "loss.png", baseline)
+
+
+def _train(cfg: TrainConfig, rt, on_step) -> dict:
+    model_cfg, tokenizer, train_data, val_data = _setup(cfg, rt)
+    out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoint"
+    torch.manual_seed(cfg.seed)
+    model = raw_model = Phi3(model_cfg).to(rt.device)
+    optimizer = make_optimizer(model, cfg)
+    start = 0
+    if cfg.resume and (ckpt_dir / "train_state.pt").exists():
+        start = _resume(ckpt_dir, model, optimizer, model_cfg, rt)
+    metrics = _load_metrics(out_dir / "metrics.jsonl", start) if rt.is_main else []
+    if cfg.compile:
+        model = torch.compile(model)
+    if rt.distributed:
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+    tokens_per_step = cfg.grad_accum * rt.world_size * cfg.batch_size * cfg.seq_len
+
+    t0 = time.time()
+    with tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="train",
+              disable=not rt.is_main) as bar:
+        for step in bar:
+            row = train_step(model, optimizer, train_data, cfg, rt, step)
+            done = row["step"] == cfg.max_steps
+            # rank 0 alone evaluates and logs; the other ranks return no val_loss to the CLI
+            if rt.is_main and (row["step"] % cfg.eval_every == 0 or done):
+                row.update(evaluate(raw_model, val_data, cfg, rt))
+            row["tokens_per_s"] = tokens_per_step * (row["step"] - start) / (time.time() - t0)
+            if rt.is_main and (row["step"] % cfg.log_every == 0 or "val_loss" in row or done):
+                metrics.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", **({"val": f"{row['val_loss']:.3f}"}
+                                                           if "val_loss" in row else {}))
+            if row["step"] % cfg.ckpt_every == 0 or done:
+                if rt.is_main:
+                    state = {"optimizer": optimizer.state_dict(), "step": row["step"],
+                             "rng": _rng_state(), "train_config": dataclasses.asdict(cfg)}
+                    save_checkpoint(ckpt_dir, raw_model, tokenizer, state,
+                                    meta={"stage": "pretrain", "step": row["step"]})
+                    _write_metrics(metrics, out_dir, train_data.info["unigram_entropy"])
+                if rt.distributed:
+                    dist.barrier()  # no rank runs ahead of a checkpoint it might need
+            if on_step is not None:
+                on_step(row["step"], row)
+    final = next((m for m in reversed(metrics) if "val_loss" in m), {})
+    return {"step": cfg.max_steps, "checkpoint": str(ckpt_dir), "params": raw_model.num_params(),
+            "unigram_entropy": train_data.info["unigram_entropy"], **final}

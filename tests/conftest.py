@@ -1,0 +1,31 @@
+"""Shared fixtures: a small prepared data set and a tiny model config, built once per session."""
+
+import itertools
+
+import pytest
+import torch
+
+from minilm.config import ModelConfig
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A model small enough that a forward/backward pass takes milliseconds."""
+    fields = dict(vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=96,
+                  max_seq_len=64, tie_embeddings=True)
+    return ModelConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """~150 KB of stdlib docstrings, a 320-token BPE, train/val shards (takes a few seconds)."""
+    from data_prep.stdlib_docs import stdlib_documents
+    from minilm.data import prepare_data
+
+    docs = list(itertools.islice(stdlib_documents(), 60))
+    return prepare_data(tmp_path_factory.mktemp("data"), vocab_size=320, documents=docs,
+                        val_fraction=0.2, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,35 @@
+"""Lessons cannot drift from the code: every file they name exists, every `function()` is defined."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LESSONS = sorted((ROOT / "lessons").glob("*.md"))
+PATH = re.compile(r"\b((?:minilm|data_prep|csrc|benchmarks|tests|lessons)/[\w/.-]+\.(?:py|cpp|cu|h|md))")
+CALL = re.compile(r"`(?:[\w.]+\.)?([A-Za-z_]\w*)\([^`]*\)`")  # `name()` or `module.name(args)`
+
+
+def _defined_names() -> set[str]:
+    names = set()
+    for folder in ("minilm", "data_prep", "benchmarks", "tests"):
+        for path in (ROOT / folder).rglob("*.py"):
+            names.update(re.findall(r"^\s*(?:def|class)\s+(\w+)", path.read_text(), re.M))
+    return names
+
+
+def test_there_are_lessons():
+    assert LESSONS, "lessons/ is empty"
+
+
+@pytest.mark.parametrize("lesson", LESSONS, ids=lambda p: p.name)
+def test_lesson_names_only_existing_files_and_functions(lesson):
+    text = lesson.read_text()
+    missing_files = sorted({p for p in PATH.findall(text) if not (ROOT / p).exists()})
+    builtins = {"print", "len", "range", "list", "dict", "open", "torch", "pytest", "softmax", "exp",
+                "log", "silu", "rms", "mean", "sum", "max", "min", "sqrt", "cos", "sin"}
+    defined = _defined_names()
+    missing_calls = sorted({n for n in CALL.findall(text) if n not in defined | builtins})
+    assert not missing_files, f"{lesson.name} names files that do not exist: {missing_files}"
+    assert not missing_calls, f"{lesson.name} names functions that are not defined: {missing_calls}"

@@ -1,0 +1,23 @@
+"""The README's main job, whole: `minilm train --preset tiny` beats the unigram entropy (slow, ~4 min)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.lesson_03]
+
+
+def test_tiny_preset_learns_far_below_the_unigram_entropy(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "minilm", "train", "--preset", "tiny"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-2000:]
+    meta = json.loads((tmp_path / "runs/data/stdlib-2048/meta.json").read_text())
+    entropy = meta["splits"]["train"]["unigram_entropy"]
+    rows = [json.loads(line) for line in (tmp_path / "runs/tiny/metrics.jsonl").read_text().splitlines()]
+    final = [r for r in rows if "val_loss" in r][-1]
+    assert final["step"] == 600
+    # measured: 4.38 against 6.52; a model that learned only token frequencies would sit at 6.5
+    assert final["val_loss"] < entropy - 1.5
+    assert "--- 'Return the' ->" in result.stdout  # samples were printed
