@@ -164,4 +164,8 @@ def main(argv=None) -> int:
     except (MinilmError, ConfigError, TokenizerError, FileNotFoundError) as e:
         print(f"minilm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nminilm {args.command}: interrupted. Checkpoints are written atomically; run the same "
+              f"command again to resume from the last one.", file=sys.stderr)
+        return 130
     return 0
