@@ -7,15 +7,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LESSONS = sorted((ROOT / "lessons").glob("*.md"))
-PATH = re.compile(r"\b((?:minilm|data_prep|csrc|benchmarks|tests|lessons)/[\w/.-]+\.(?:py|cpp|cu|h|md))")
+PATH = re.compile(r"\b((?:minilm|data_prep|csrc|benchmarks|tests|lessons)/[\w/.-]+\.(?:py|cpp|cuh|cu|h|md))\b")
 CALL = re.compile(r"`(?:[\w.]+\.)?([A-Za-z_]\w*)\([^`]*\)`")  # `name()` or `module.name(args)`
 
 
 def _defined_names() -> set[str]:
+    """Python defs/classes, and C++/CUDA functions (a name followed by `(` on a line that starts a
+    definition at column 0, e.g. `int64_t grain(int64_t work_per_item) {`)."""
     names = set()
     for folder in ("minilm", "data_prep", "benchmarks", "tests"):
         for path in (ROOT / folder).rglob("*.py"):
             names.update(re.findall(r"^\s*(?:def|class)\s+(\w+)", path.read_text(), re.M))
+    for path in (ROOT / "csrc").rglob("*"):
+        if path.suffix in (".cpp", ".cu", ".cuh", ".h"):
+            names.update(re.findall(r"^[A-Za-z_].*?\b(\w+)\(", path.read_text(), re.M))
     return names
 
 
@@ -27,7 +32,7 @@ def test_there_are_lessons():
 def test_lesson_names_only_existing_files_and_functions(lesson):
     text = lesson.read_text()
     missing_files = sorted({p for p in PATH.findall(text) if not (ROOT / p).exists()})
-    builtins = {"print", "len", "range", "list", "dict", "open", "torch", "pytest", "softmax", "exp",
+    builtins = {"TORCH_LIBRARY", "TORCH_LIBRARY_IMPL", "TORCH_CHECK", "print", "len", "range", "list", "dict", "open", "torch", "pytest", "softmax", "exp",
                 "log", "silu", "rms", "mean", "sum", "max", "min", "sqrt", "cos", "sin"}
     defined = _defined_names()
     missing_calls = sorted({n for n in CALL.findall(text) if n not in defined | builtins})

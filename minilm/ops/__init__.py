@@ -6,6 +6,6 @@
 Pure-PyTorch references for every op live in `minilm/ops/reference.py`.
 """
 
-from minilm.ops.attention import attention
+from minilm.ops.attention import attention, available_backends
 
-__all__ = ["attention"]
+__all__ = ["attention", "available_backends"]

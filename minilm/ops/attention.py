@@ -1,28 +1,41 @@
 """`minilm.ops.attention`: scaled dot-product attention with grouped-query heads.
 
 One function, several backends, chosen once at import (and forced with the environment variable
-`MINILM_OPS`):
+`MINILM_OPS`, or per call with `backend=`):
 
+    cuda       our fused kernel (csrc/attention/attention_cuda.cu) on CUDA tensors, fp16/bf16;
+               CPU tensors go to our CPU kernel
+    cpu        our fused kernel (csrc/attention/attention_cpu.cpp) on CPU tensors, fp32/fp64/bf16
     torch      PyTorch's `scaled_dot_product_attention` (fused, fast on CPU and GPU)
     reference  the naive definition in `minilm/ops/reference.py` (for tests and lessons)
 
-Our own C++/CUDA kernels in `csrc/` join this list as the first choice when they are built.
+The default is our kernels (cuda if built with CUDA and a GPU is present, else cpu) when `minilm._C`
+is built, else the reference. Our kernels take no key mask: calls with one (left-padded batches in
+generation) and calls in a dtype, head dim or on a device the kernel does not cover (fp32 on
+CUDA, say) go to SDPA instead.
 Shapes: q (B, H, T, D); k, v (B, H_kv, S, D); H a multiple of H_kv; causal masks are
 bottom-right aligned (see `reference.causal_mask`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
 import torch
 import torch.nn.functional as F
 
+from minilm.ops import _kernels
 from minilm.ops.reference import attention_mask, attention_reference
 
 log = logging.getLogger("minilm.ops")
-BACKENDS = ("torch", "reference")
+BACKENDS = ("cuda", "cpu", "torch", "reference")
+# what each of our kernels computes; any other call goes to SDPA. The CUDA head dims are
+# attention_cuda_supports_head_dim() in csrc/attention/attention_cuda.h; the CPU kernel takes any D.
+KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64, torch.bfloat16),
+                 "cuda": (torch.float16, torch.bfloat16)}
+CUDA_HEAD_DIMS = (64, 128)
 
 
 def _torch_sdpa(q, k, v, causal=True, scale=None, key_mask=None):
@@ -35,19 +48,62 @@ def _torch_sdpa(q, k, v, causal=True, scale=None, key_mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-_IMPLS = {"torch": _torch_sdpa, "reference": attention_reference}
+def _minilm_kernel(q, k, v, causal=True, scale=None, key_mask=None, devices=("cpu",)):
+    """torch.ops.minilm.attention_fwd where it applies (autograd in _kernels.py), else SDPA."""
+    device = q.device.type
+    supported = (key_mask is None and device in devices and q.dtype in KERNEL_DTYPES[device]
+                 and (device != "cuda" or q.shape[-1] in CUDA_HEAD_DIMS)
+                 and not (causal and q.shape[2] > k.shape[2]))
+    if not supported:
+        return _torch_sdpa(q, k, v, causal=causal, scale=scale, key_mask=key_mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return torch.ops.minilm.attention_fwd(q, k, v, causal, scale)[0]
+
+
+_IMPLS = {
+    "cuda": functools.partial(_minilm_kernel, devices=("cuda", "cpu")),
+    "cpu": functools.partial(_minilm_kernel, devices=("cpu",)),
+    "torch": _torch_sdpa,
+    "reference": attention_reference,
+}
+
+
+def _unavailable(name: str) -> str | None:
+    """Why backend `name` cannot run here, or None if it can."""
+    if name not in _IMPLS:
+        return f"{name!r} is not an attention backend; choose one of {', '.join(BACKENDS)}"
+    if name in ("cpu", "cuda") and not _kernels.LOADED:
+        return (f"backend {name!r} needs minilm's compiled kernels, which are not built "
+                f"({_kernels.LOAD_ERROR}); build them with `pip install --no-build-isolation -e .`")
+    if name == "cuda" and "cuda" not in _kernels.DEVICES:
+        return ("backend 'cuda': minilm._C was built without CUDA kernels (no nvcc or a CPU-only torch "
+                "at build time)")
+    if name == "cuda" and not torch.cuda.is_available():
+        return "backend 'cuda': no CUDA device is available"
+    return None
+
+
+def available_backends() -> list[str]:
+    """The backends that can run here, fastest first."""
+    return [name for name in BACKENDS if _unavailable(name) is None]
 
 
 def _choose_backend() -> str:
     forced = os.environ.get("MINILM_OPS", "").strip().lower()
     if forced:
-        if forced not in _IMPLS:
-            raise ValueError(f"MINILM_OPS={forced!r} is not an available attention backend; "
-                             f"choose one of {', '.join(_IMPLS)} (unset it to choose automatically)")
+        if (reason := _unavailable(forced)) is not None:
+            raise ValueError(f"MINILM_OPS={forced}: {reason} (unset MINILM_OPS to choose automatically)")
         log.info("minilm.ops: attention backend %r (forced by MINILM_OPS)", forced)
         return forced
-    log.info("minilm.ops: attention backend 'torch' (no compiled minilm kernels in this build)")
-    return "torch"
+    if _kernels.LOADED:
+        name = available_backends()[0]  # cuda or cpu
+        log.info("minilm.ops: attention backend %r (minilm's kernels; SDPA for masked calls)", name)
+        return name
+    log.warning("minilm.ops: minilm's C++ kernels are not built (%s); attention uses the slow reference "
+                "backend. Build them with `pip install --no-build-isolation -e .`, or set MINILM_OPS=torch "
+                "for PyTorch's SDPA.", _kernels.LOAD_ERROR)
+    return "reference"
 
 
 BACKEND = _choose_backend()
@@ -64,4 +120,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         raise ValueError(f"attention: q heads ({q.shape[1]}) must be a multiple of k/v heads "
                          f"({k.shape[1]}) with equal batch and head dim; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
+    if backend is not None and backend != BACKEND and (reason := _unavailable(backend)) is not None:
+        raise ValueError(f"attention: {reason}")
     return _IMPLS[backend or BACKEND](q, k, v, causal=causal, scale=scale, key_mask=key_mask)

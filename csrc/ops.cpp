@@ -1,0 +1,38 @@
+// minilm's operator library: the schemas of every op in csrc/, declared once.
+//
+// TORCH_LIBRARY defines the ops and their signatures; each device registers its kernels
+// separately with TORCH_LIBRARY_IMPL (attention/attention_cpu.cpp always, and
+// attention/attention_cuda_binding.cpp in CUDA builds). Autograd and the fake (meta) kernels that
+// torch.compile traces with are registered from Python in minilm/ops/_kernels.py.
+// After `import minilm._C` the ops are torch.ops.minilm.attention_fwd / attention_bwd.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import minilm._C` needs a Python module. It is empty (the ops live in torch.ops.minilm) but for
+// `with_cuda`, which says whether this build has the CUDA kernels.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "minilm's compiled kernels (see torch.ops.minilm)",
+                                   -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+#ifdef WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+  if (module != nullptr && PyModule_AddIntConstant(module, "with_cuda", with_cuda) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}
+
+TORCH_LIBRARY(minilm, m) {
+  // q (B, H, T, D); k, v (B, H_kv, S, D), H a multiple of H_kv; causal is bottom-right aligned
+  // (query i sees keys j <= i + S - T). Returns out (B, H, T, D) in q's dtype and
+  // lse (B, H, T) float32, the logsumexp of each row of scaled scores, which the backward reuses.
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor out, Tensor lse)");
+  // Gradients of out = attention_fwd(q, k, v) given grad_out; grad_k, grad_v (B, H_kv, S, D) sum
+  // over the query heads that share each k/v head.
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
+        "float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+}
