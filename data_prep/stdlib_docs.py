@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import ast
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 # Directories whose docstrings are not prose (tests) or not the stdlib's own (vendored code).
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
