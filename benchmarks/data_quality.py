@@ -1,7 +1,7 @@
 """Does data quality beat data quantity? The Phi-3 thesis at laptop scale.
 
     python benchmarks/data_quality.py                  # ~5 minutes on 2 CPU cores
-    python benchmarks/data_quality.py --steps 100      # quicker, noisier
+    python benchmarks/data_quality.py --steps 240 --fresh   # quicker, noisier
 
 The SAME model (the `tiny` preset, same seed, same learning-rate schedule) is trained for the SAME
 number of steps, so the SAME number of tokens, on two data sets that share one tokenizer:
@@ -41,14 +41,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.document import Document  # noqa: E402
-from data_prep.pipeline import PipelineConfig, normalise, run_pipeline, write_phase  # noqa: E402
-from data_prep.sources import iter_documents  # noqa: E402
-from data_prep.synthetic import word_problem  # noqa: E402
-from minilm.checkpoint import load_checkpoint  # noqa: E402
-from minilm.data import is_validation  # noqa: E402
-from minilm.tokenizer import Tokenizer  # noqa: E402
-from minilm.train import TrainConfig, train  # noqa: E402
+from data_prep.document import Document
+from data_prep.pipeline import PipelineConfig, normalise, run_pipeline, write_phase
+from data_prep.sources import iter_documents
+from data_prep.synthetic import word_problem
+from minilm.checkpoint import load_checkpoint, read_config
+from minilm.data import is_validation
+from minilm.tokenizer import Tokenizer
+from minilm.train import TrainConfig, train
 
 ROOT = Path("runs/data_quality")
 
@@ -67,7 +67,7 @@ def build_raw(pcfg: PipelineConfig, tokenizer, out: Path) -> tuple[Path, list[Do
     # held-out: real documents that reached phase 2 (dropped by no stage) and hash to validation
     held_out = [d for d in docs if d.id not in dropped_ids and is_validation(d.id, pcfg.val_fraction)]
     # leak guard: drop dedup duplicates whose original (or themselves) is a validation document
-    val = lambda i: i is not None and is_validation(i, pcfg.val_fraction)  # noqa: E731
+    val = lambda i: i is not None and is_validation(i, pcfg.val_fraction)
     leaks = {d["id"] for d in dropped if d["stage"] == "dedup" and (val(d["duplicate_of"]) or val(d["id"]))}
     leaks |= {d["duplicate_of"] for d in dropped if d["stage"] == "dedup" and val(d["id"])}
     if not (out / "meta.json").exists():
@@ -76,7 +76,7 @@ def build_raw(pcfg: PipelineConfig, tokenizer, out: Path) -> tuple[Path, list[Do
 
 
 @torch.no_grad()
-def held_out_bpb(model, tokenizer, docs: list[Document], seq_len: int, max_windows: int = 96) -> dict:
+def held_out_bpb(model, tokenizer, docs: list[Document], seq_len: int, max_windows: int = 512) -> dict:
     """Bits per byte over the same token stream for every model: documents joined by <|endoftext|>."""
     ids, n_bytes = [], 0
     for d in docs:
@@ -126,6 +126,8 @@ def run(name: str, phases: list[tuple[str, int]], steps: int, args) -> Path:
     if (out / "checkpoint" / "train_state.pt").exists() and args.fresh:
         shutil.rmtree(out)
     for data_dir, end in phases:
+        if (out / "checkpoint" / "config.json").exists() and read_config(out / "checkpoint")["meta"]["step"] >= end:
+            continue  # this phase finished in an earlier run
         cfg = TrainConfig(preset="tiny", model=dict(args.model), out_dir=str(out), data_dir=str(data_dir),
                           batch_size=args.batch_size, seq_len=args.seq_len, max_steps=steps, lr=3e-3,
                           warmup_steps=max(1, steps // 20), eval_every=10**9, eval_batches=4,
@@ -166,11 +168,11 @@ def plot(results: list[dict], path: Path) -> bool:
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=240, help="optimizer steps per model (split in half when phased)")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps per model (split in half when phased)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--n-layer", type=int, default=0, help="override the tiny preset's depth (0: keep)")
-    p.add_argument("--limit-per-source", type=int, default=300)
+    p.add_argument("--limit-per-source", type=int, default=400)
     p.add_argument("--synthetic", type=int, default=1500)
     p.add_argument("--fresh", action="store_true", help="retrain even if checkpoints exist")
     args = p.parse_args(argv)
@@ -181,7 +183,11 @@ def main(argv=None) -> list[dict]:
     pcfg = PipelineConfig(out=str(ROOT / "pipeline"), sources=["stdlib", "doc", "pypi", "man"],
                           limit_per_source=args.limit_per_source, vocab_size=2048, synthetic=args.synthetic,
                           progress=False)
-    if not (ROOT / "pipeline" / "manifest.json").exists():
+    manifest = ROOT / "pipeline" / "manifest.json"
+    if manifest.exists() and {k: json.loads(manifest.read_text())["config"][k] for k in ("limit_per_source", "synthetic")} \
+            != {"limit_per_source": pcfg.limit_per_source, "synthetic": pcfg.synthetic}:
+        raise SystemExit(f"{ROOT} was built with other data settings; delete it (rm -r {ROOT}) and re-run")
+    if not manifest.exists():
         run_pipeline(pcfg)
     phase1, phase2 = ROOT / "pipeline" / "phase1", ROOT / "pipeline" / "phase2"
     tokenizer = Tokenizer.load(phase1)
@@ -196,14 +202,14 @@ def main(argv=None) -> list[dict]:
         assert ck.tokenizer.fingerprint() == tokenizer.fingerprint()
         ck.model.eval()
         ev, pr = held_out_bpb(ck.model, tokenizer, held_out, args.seq_len), probe(ck.model, tokenizer)
-        results.append({"data": name, "steps": ck.train_state["step"] if ck.train_state else args.steps,
-                        "train_tokens": args.steps * args.batch_size * args.seq_len,
+        steps = read_config(ck_dir)["meta"]["step"]  # what was trained, even when reused from a past run
+        results.append({"data": name, "steps": steps, "train_tokens": steps * args.batch_size * args.seq_len,
                         "held_out_bpb": ev["bpb"], "held_out_loss": ev["loss"], "held_out_tokens": ev["tokens"],
                         "probe_accuracy": pr["accuracy"], "probe_chance": pr["chance"], "probe_n": pr["n"]})
 
     print(f"\nheld-out: {len(held_out)} phase-2 real validation documents "
           f"({results[0]['held_out_tokens']} tokens scored); probe: 100 word problems, candidates answer, +-1, +-10")
-    print(f"| data | train tokens | held-out bpb | held-out loss (nats/tok) | probe acc | chance |")
+    print("| data | train tokens | held-out bpb | held-out loss (nats/tok) | probe acc | chance |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['data']} | {r['train_tokens']:,} | {r['held_out_bpb']:.3f} | {r['held_out_loss']:.3f} | "
