@@ -210,20 +210,21 @@ def check_repeated_paragraphs(text: str, cfg: FilterConfig) -> str | None:
     return "dup_paragraph_chars" if char_frac > cfg.max_dup_para_char_frac else None
 
 
-def check_top_ngrams(text: str, cfg: FilterConfig) -> str | None:
+def _ngram_rule(text: str, limits: dict[int, float], fraction, name: str) -> str | None:
+    """The first n whose n-gram character fraction exceeds its limit, as f"{name}_{n}gram"."""
     words = text.split()
-    for n, limit in cfg.max_top_ngram_char_frac.items():
-        if top_ngram_char_frac(words, n) > limit:
-            return f"top_{n}gram"
+    for n, limit in limits.items():
+        if fraction(words, n) > limit:
+            return f"{name}_{n}gram"
     return None
+
+
+def check_top_ngrams(text: str, cfg: FilterConfig) -> str | None:
+    return _ngram_rule(text, cfg.max_top_ngram_char_frac, top_ngram_char_frac, "top")
 
 
 def check_dup_ngrams(text: str, cfg: FilterConfig) -> str | None:
-    words = text.split()
-    for n, limit in cfg.max_dup_ngram_char_frac.items():
-        if dup_ngram_char_frac(words, n) > limit:
-            return f"dup_{n}gram"
-    return None
+    return _ngram_rule(text, cfg.max_dup_ngram_char_frac, dup_ngram_char_frac, "dup")
 
 
 RULES: list[Callable[[str, FilterConfig], str | None]] = [
