@@ -49,10 +49,12 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 
 from data_prep.document import Document
+from data_prep.parallel import parallel_map
 
 MERSENNE_PRIME = (1 << 31) - 1
 _NOT_WORD_OR_SPACE = re.compile(r"[^\w\s]")
@@ -217,7 +219,13 @@ def exact_dedup(docs: list[Document]) -> tuple[list[Document], list[Document]]:
     return kept, dropped
 
 
-def near_dedup(docs: list[Document], cfg: DedupConfig) -> tuple[list[Document], list[Document]]:
+def signature(text: str, ngram: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """One document's MinHash signature, (num_perm,) uint64, over its word `ngram`-shingles."""
+    return minhash(hash_shingles(shingles(text, ngram)), a, b)
+
+
+def near_dedup(docs: list[Document], cfg: DedupConfig, workers: int = 1,
+               progress: bool = False) -> tuple[list[Document], list[Document]]:
     """MinHash + LSH + verification + union-find; keep the first document of each cluster."""
     bands, rows = cfg.bands, cfg.rows
     if bands is None and rows is None:
@@ -225,9 +233,10 @@ def near_dedup(docs: list[Document], cfg: DedupConfig) -> tuple[list[Document], 
     if bands is None or rows is None or bands * rows != cfg.num_perm:
         raise ValueError(f"bands * rows = {bands} * {rows} != num_perm = {cfg.num_perm}")
     a, b = hash_params(cfg.num_perm, cfg.seed)
-    # 1. signatures, (n_docs, num_perm)
-    sigs = np.stack([minhash(hash_shingles(shingles(d.text, cfg.ngram)), a, b) for d in docs]) \
-        if docs else np.zeros((0, cfg.num_perm), dtype=np.uint64)
+    # 1. signatures, (n_docs, num_perm): independent per document, so computed by `workers` processes
+    sigs = parallel_map(partial(signature, ngram=cfg.ngram, a=a, b=b), [d.text for d in docs],
+                        workers, desc="minhash", progress=progress)
+    sigs = np.stack(sigs) if sigs else np.zeros((0, cfg.num_perm), dtype=np.uint64)
     # 2. candidates from shared band buckets, 3. verify, 4. cluster
     uf = UnionFind(len(docs))
     for i, j in sorted(candidate_pairs(sigs, bands, rows)):
@@ -244,10 +253,11 @@ def near_dedup(docs: list[Document], cfg: DedupConfig) -> tuple[list[Document], 
     return kept, dropped
 
 
-def deduplicate(docs, cfg: DedupConfig | None = None) -> DedupResult:
+def deduplicate(docs, cfg: DedupConfig | None = None, workers: int = 1,
+                progress: bool = False) -> DedupResult:
     """Exact pass, then near-duplicate pass on the survivors. Input order is preserved in `kept`."""
     cfg = cfg or DedupConfig()
     kept, exact_dropped = exact_dedup(list(docs))
-    kept, near_dropped = near_dedup(kept, cfg)
+    kept, near_dropped = near_dedup(kept, cfg, workers, progress)
     return DedupResult(kept=kept, dropped=exact_dropped + near_dropped,
                        counts={"exact": len(exact_dropped), "near": len(near_dropped)})

@@ -24,8 +24,10 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 from data_prep.document import Document
+from data_prep.parallel import parallel_map
 
 
 @dataclass
@@ -250,12 +252,18 @@ class FilterResult:
     counts: Counter  # drop reason -> number of dropped documents
 
 
-def apply_filters(docs: Iterable[Document], cfg: FilterConfig | None = None) -> FilterResult:
-    """Split `docs` into kept and dropped; a dropped doc's reason goes in meta["drop_reason"]."""
+def apply_filters(docs: Iterable[Document], cfg: FilterConfig | None = None, workers: int = 1,
+                  progress: bool = False) -> FilterResult:
+    """Split `docs` into kept and dropped; a dropped doc's reason goes in meta["drop_reason"].
+
+    The rules see one document at a time, so `workers` processes can check them in parallel.
+    """
     cfg = cfg or FilterConfig()
+    docs = list(docs)
+    reasons = parallel_map(partial(drop_reason, cfg=cfg), [d.text for d in docs], workers,
+                           desc="filters", progress=progress)
     result = FilterResult(kept=[], dropped=[], counts=Counter())
-    for doc in docs:
-        reason = drop_reason(doc.text, cfg)
+    for doc, reason in zip(docs, reasons):
         if reason is None:
             result.kept.append(doc)
         else:

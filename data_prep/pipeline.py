@@ -14,10 +14,14 @@ Each stage is a small function from `data_prep`; this module only orchestrates t
 manifest (`manifest.json`, `manifest.md`) with documents and characters in/kept/dropped per
 source and per drop reason, tokens per phase and split, and seconds and MB/s per stage.
 
-Deviations from Phi-3: one process, no sharding of the corpus; the annotator is a rule-based
-rubric (not an LLM); both phases share one tokenizer, trained on phase-1 training text only;
-phase 2 holds the phase-1 documents it selects again (Phi-3 does not say whether its phase-2
-web subset overlaps phase 1); synthetic documents skip the filters (they are clean by construction).
+Filters and MinHash signatures run in `workers` processes (`data_prep/parallel.py`); the other
+stages are cheap or global (dedup's clustering, the classifier's fit) and run in this one.
+
+Deviations from Phi-3: one machine, no sharding of the corpus on disk; the default annotator is a
+rule-based rubric (a minilm model can judge instead: `--annotator perplexity:CKPT` or
+`judge:CKPT`); both phases share one tokenizer, trained on phase-1 training text only; phase 2
+holds the phase-1 documents it selects again (Phi-3 does not say whether its phase-2 web subset
+overlaps phase 1); synthetic documents skip the filters (they are clean by construction).
 """
 
 from __future__ import annotations
@@ -34,10 +38,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_prep.classifier import Classifier, RubricAnnotator, keep_top, score_pool
+from data_prep.classifier import Classifier, RubricAnnotator, SourcePriorAnnotator, keep_top, score_pool
 from data_prep.dedup import DedupConfig, deduplicate
 from data_prep.document import Document
 from data_prep.filters import FilterConfig, apply_filters
+from data_prep.parallel import default_workers
 from data_prep.sources import iter_documents
 from data_prep.synthetic import SyntheticConfig, synthetic_documents
 from minilm import MinilmError
@@ -55,7 +60,11 @@ class PipelineConfig:
     annotate_sample: int = 500            # documents the rubric annotates to train the classifier
     keep_fraction: float | None = 0.3     # phase 2 keeps this best fraction of the pool ...
     keep_threshold: float | None = None   # ... or every document scoring >= this (set one)
+    annotator: str = "rubric"             # rubric | source | perplexity:CHECKPOINT | judge:CHECKPOINT
+    passage_model: str = ""               # a checkpoint that also writes passages for phase 2 (optional)
+    passages_per_topic: int = 2
     seed: int = 0
+    workers: int = 0                      # processes for filters and MinHash; 0: every available CPU
     progress: bool = True
     filters: FilterConfig = field(default_factory=FilterConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
@@ -120,6 +129,29 @@ def write_phase(out_dir: Path, name: str, docs: list[Document], tokenizer, cfg: 
     return meta
 
 
+def _load_model(path: str):
+    from minilm.checkpoint import load_checkpoint
+    ck = load_checkpoint(path)
+    if ck.tokenizer is None:
+        raise MinilmError(f"{path} has no tokenizer; a model annotator or writer needs one")
+    return ck
+
+
+def make_annotator(spec: str):
+    """`rubric`, `source`, `perplexity:CHECKPOINT` or `judge:CHECKPOINT` -> an annotator object."""
+    kind, _, path = spec.partition(":")
+    if kind == "rubric" and not path:
+        return RubricAnnotator()
+    if kind == "source" and not path:
+        return SourcePriorAnnotator()
+    if kind in ("perplexity", "judge") and path:
+        from data_prep.with_model import JudgeAnnotator, PerplexityAnnotator
+        ck = _load_model(path)
+        return (PerplexityAnnotator if kind == "perplexity" else JudgeAnnotator)(ck.model, ck.tokenizer)
+    raise MinilmError(f"unknown annotator {spec!r}; use rubric, source, perplexity:CHECKPOINT_DIR "
+                      f"or judge:CHECKPOINT_DIR")
+
+
 # ---- the pipeline ---------------------------------------------------------------------------------
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
@@ -127,6 +159,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     out, stages, clock = Path(cfg.out), {}, time.perf_counter
     out.mkdir(parents=True, exist_ok=True)
+    workers = cfg.workers or default_workers()
+    annotator = make_annotator(cfg.annotator)  # before the slow stages: a bad spec fails at once
 
     # 1. read the sources.
     t = clock()
@@ -145,13 +179,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     # 3. heuristic filters (Gopher rules + licence/changelog); the first failing rule is the reason.
     t = clock()
-    filtered = apply_filters(tqdm(normed, desc="filters", unit="doc", disable=not cfg.progress), cfg.filters)
+    filtered = apply_filters(normed, cfg.filters, workers, cfg.progress)
     stages["filters"] = stage_record(normed, filtered.kept, filtered.dropped,
                                      [d.meta["drop_reason"] for d in filtered.dropped], clock() - t)
 
     # 4. exact + near (MinHash LSH) deduplication across all sources at once.
     t = clock()
-    deduped = deduplicate(filtered.kept, cfg.dedup)
+    deduped = deduplicate(filtered.kept, cfg.dedup, workers, cfg.progress)
     stages["dedup"] = stage_record(filtered.kept, deduped.kept, deduped.dropped,
                                    [f"dedup_{d.meta['dedup']}" for d in deduped.dropped], clock() - t)
     pool = deduped.kept
@@ -159,8 +193,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     # 5. classifier: the rubric annotates a sample, logistic regression learns it, then scores the pool.
     t = clock()
     sample = random.Random(cfg.seed).sample(pool, min(cfg.annotate_sample, len(pool)))
-    annotator = RubricAnnotator()
-    targets = [annotator.annotate(d) for d in tqdm(sample, desc="annotate", disable=not cfg.progress)]
+    if hasattr(annotator, "annotate_batch"):  # model annotators score the sample in batches
+        targets = annotator.annotate_batch(sample)
+    else:
+        targets = [annotator.annotate(d) for d in tqdm(sample, desc="annotate", disable=not cfg.progress)]
     model = Classifier()
     model.fit(sample, targets, seed=cfg.seed)
     scores = score_pool(pool, model)
@@ -173,6 +209,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     # 6. synthetic documents (textbook-style exercises, generated and checked by code).
     t = clock()
     synthetic = list(synthetic_documents(SyntheticConfig(n_documents=cfg.synthetic, seed=cfg.seed)))
+    if cfg.passage_model:  # phi-1's model-written textbook path (unchecked text, see with_model.py)
+        from data_prep.with_model import TOPIC_SEEDS, model_passages
+        ck = _load_model(cfg.passage_model)
+        synthetic += list(tqdm(model_passages(ck.model, ck.tokenizer, TOPIC_SEEDS, cfg.passages_per_topic,
+                                              seed=cfg.seed), desc="passages", disable=not cfg.progress))
     stages["synthetic"] = stage_record(synthetic, synthetic, [], [], clock() - t)
 
     # 7. the two-phase mixture: phase 1 = the filtered, deduplicated "web"; phase 2 = edu subset + synthetic.
@@ -200,7 +241,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                                     ("classifier", below, lambda d: "below_threshold")]:
             f.writelines(json.dumps({"id": d.id, "source": d.source, "stage": stage, "reason": reason(d),
                                     "duplicate_of": d.meta.get("duplicate_of")}) + "\n" for d in docs)
-    manifest = {"config": asdict(cfg), "stages": stages, "phases": tokens,
+    manifest = {"config": asdict(cfg), "workers": workers, "stages": stages, "phases": tokens,
                 "phase_sources": {n: {k: v["documents"] for k, v in tally(d).items()} for n, d in phases.items()}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     (out / "manifest.md").write_text(manifest_markdown(manifest))
@@ -238,8 +279,8 @@ def manifest_markdown(m: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    """The pipeline's flags; `python -m data_prep.pipeline` and `minilm data` both use them."""
     p.add_argument("--out", default=PipelineConfig.out)
     p.add_argument("--vocab-size", type=int, default=PipelineConfig.vocab_size)
     p.add_argument("--sources", nargs="+", default=PipelineConfig().sources)
@@ -249,11 +290,26 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--keep-fraction", type=float, default=PipelineConfig.keep_fraction)
     p.add_argument("--keep-threshold", type=float, default=None, help="overrides --keep-fraction")
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    cfg = PipelineConfig(out=a.out, sources=a.sources, limit_per_source=a.limit_per_source,
-                         vocab_size=a.vocab_size, synthetic=a.synthetic, annotate_sample=a.annotate_sample,
-                         keep_fraction=None if a.keep_threshold is not None else a.keep_fraction,
-                         keep_threshold=a.keep_threshold, seed=a.seed)
+    p.add_argument("--workers", type=int, default=0, help="processes for filters and MinHash; 0: all CPUs")
+    p.add_argument("--annotator", default="rubric",
+                   help="rubric | source | perplexity:CHECKPOINT | judge:CHECKPOINT (see data_prep/with_model.py)")
+    p.add_argument("--passage-model", default="", help="a checkpoint that writes extra phase-2 passages")
+    p.add_argument("--passages-per-topic", type=int, default=PipelineConfig.passages_per_topic)
+
+
+def config_from_args(a: argparse.Namespace) -> PipelineConfig:
+    return PipelineConfig(out=a.out, sources=a.sources, limit_per_source=a.limit_per_source,
+                          vocab_size=a.vocab_size, synthetic=a.synthetic, annotate_sample=a.annotate_sample,
+                          keep_fraction=None if a.keep_threshold is not None else a.keep_fraction,
+                          keep_threshold=a.keep_threshold, seed=a.seed, workers=a.workers,
+                          annotator=a.annotator, passage_model=a.passage_model,
+                          passages_per_topic=a.passages_per_topic)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_pipeline_args(p)
+    cfg = config_from_args(p.parse_args(argv))
     manifest = run_pipeline(cfg)
     print((Path(cfg.out) / "manifest.md").read_text())
     return manifest

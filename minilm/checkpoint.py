@@ -6,6 +6,12 @@ A checkpoint is a directory:
     model.safetensors  weights (model.pt when the safetensors package is absent)
     tokenizer.tiktoken + tokenizer.json    the tokenizer, see minilm/tokenizer.py
     train_state.pt     optimizer, step, RNG states: what `train` needs to resume exactly
+    adapter_config.json + adapters.safetensors   LoRA adapters, when the model carries them
+    NAME.safetensors   each `extra` state dict (e.g. heads.safetensors for reward/value heads)
+
+A model with LoRA adapters (minilm/lora.py) is saved as its base weights, unmerged even if the
+adapters are merged, under the usual names, plus the adapters beside them; loading rebuilds the
+base and re-applies the adapters, active as they were saved.
 
 It is written under a temporary name and renamed into place, so a crash at any instant leaves
 either the previous complete checkpoint or the new one, never half of one. Loading checks every
@@ -20,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,10 +51,13 @@ class Checkpoint:
     meta: dict
     train_state: dict | None
     path: Path
+    extra: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # name -> state dict
 
 
-def _weights_to_save(model: Phi3) -> dict[str, torch.Tensor]:
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+def _weights_to_save(model: Phi3, fold_adapters: bool = False) -> dict[str, torch.Tensor]:
+    """The base weights by HF name: no LoRA tensors; active adapters folded into W if fold_adapters."""
+    from minilm.lora import base_state_dict  # lora imports this module
+    sd = {k: v.contiguous() for k, v in base_state_dict(model, fold=fold_adapters).items()}
     if model.config.tie_embeddings:
         sd.pop("lm_head.weight")  # the same tensor as model.embed_tokens.weight
     return sd
@@ -131,12 +140,28 @@ def _atomic_dir(directory: Path, write) -> Path:
     return directory
 
 
+def _check_extra(extra: dict | None) -> dict:
+    extra = extra or {}
+    for name, sd in extra.items():
+        if not (isinstance(name, str) and name.isidentifier()) or name in ("model", "adapters"):
+            raise MinilmError(f"extra name {name!r} must be an identifier other than 'model' and "
+                              f"'adapters' (it becomes NAME.safetensors)")
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise MinilmError(f"extra[{name!r}] must be a dict of tensors, e.g. heads.state_dict()")
+    return extra
+
+
 def save_checkpoint(directory, model: Phi3, tokenizer=None, train_state: dict | None = None,
-                    meta: dict | None = None) -> Path:
-    """Write a complete checkpoint directory atomically; returns its path."""
+                    meta: dict | None = None, extra: dict | None = None) -> Path:
+    """Write a complete checkpoint directory atomically; returns its path.
+
+    extra: {name: {param: tensor}} saved as NAME.safetensors, e.g. {"heads": heads.state_dict()}.
+    """
+    from minilm.lora import _lora_layers, _write_adapters
     model = getattr(model, "module", model)  # unwrap DDP
+    extra = _check_extra(extra)
     config = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(),
-              "tokenizer": None, "meta": meta or {}}
+              "tokenizer": None, "meta": meta or {}, "extra": sorted(extra)}
     if tokenizer is not None:
         config["tokenizer"] = {"name": tokenizer.name, "n_vocab": tokenizer.n_vocab,
                                "fingerprint": tokenizer.fingerprint()}
@@ -148,6 +173,10 @@ def save_checkpoint(directory, model: Phi3, tokenizer=None, train_state: dict | 
             tokenizer.save(tmp)
         if train_state is not None:
             torch.save(train_state, tmp / "train_state.pt")
+        if _lora_layers(model):
+            _write_adapters(model, tmp)
+        for name, sd in extra.items():
+            _write_weights({k: v.detach().contiguous() for k, v in sd.items()}, tmp, stem=name)
 
     return _atomic_dir(Path(directory), write)
 
@@ -174,7 +203,11 @@ def read_config(directory) -> dict:
 
 
 def load_checkpoint(directory, device="cpu", with_train_state: bool = False) -> Checkpoint:
-    """Load a checkpoint written by `save_checkpoint`, checking config, tokenizer and weights."""
+    """Load a checkpoint written by `save_checkpoint`, checking config, tokenizer and weights.
+
+    Saved LoRA adapters are re-applied to the model (base frozen, as `apply_lora` leaves it);
+    `extra` state dicts come back in `Checkpoint.extra`.
+    """
     directory = Path(directory)
     config = read_config(directory)
     try:
@@ -196,10 +229,16 @@ def load_checkpoint(directory, device="cpu", with_train_state: bool = False) -> 
                               f"vocab_size is {model_cfg.vocab_size}")
     model = Phi3(model_cfg)
     load_weights(model, _read_weights(directory), source=str(directory))
+    if (directory / "adapter_config.json").exists():
+        from minilm.lora import load_adapters
+        load_adapters(model, directory)
+    extra = {name: _read_weights(directory, names=(f"{name}.safetensors", f"{name}.pt"))
+             for name in config.get("extra", [])}
     train_state = None
     if with_train_state and (directory / "train_state.pt").exists():
         train_state = torch.load(directory / "train_state.pt", map_location="cpu", weights_only=False)
-    return Checkpoint(model.to(device), model_cfg, tokenizer, config.get("meta", {}), train_state, directory)
+    return Checkpoint(model.to(device), model_cfg, tokenizer, config.get("meta", {}), train_state,
+                      directory, extra)
 
 
 # ---- Hugging Face Phi-3 --------------------------------------------------------------------------
@@ -248,12 +287,15 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 
 def export_hf(model: Phi3, out_dir) -> Path:
-    """Write `model` as a Hugging Face Phi-3 directory (config.json + weights), atomically."""
+    """Write `model` as a Hugging Face Phi-3 directory (config.json + weights), atomically.
+
+    Active LoRA adapters are folded into the exported weights: HF gets what the model computes now.
+    """
     model = getattr(model, "module", model)
 
     def write(tmp: Path):
         (tmp / "config.json").write_text(json.dumps(hf_config(model.config), indent=2))
-        sd = _weights_to_save(model)
+        sd = _weights_to_save(model, fold_adapters=True)
         if _st is not None:
             _st.save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         else:

@@ -1,7 +1,13 @@
 """The command line: `minilm <stage> [--flags]` (also `python -m minilm ...`, and under torchrun).
 
-    minilm train --preset tiny                  # prepare stdlib data, pretrain, sample
+    minilm train --preset tiny                  # build the data (phases 1 and 2), pretrain, sample
+    minilm data --out runs/data/pipeline --workers 2          # the data pipeline alone
     minilm train --preset tiny --max-steps 50 --n-layer 2 --out-dir runs/quick
+    minilm sft --init runs/tiny/checkpoint --out-dir runs/sft-tiny  # chat SFT (--lora-r 8: LoRA)
+    minilm reward --init runs/sft-tiny/checkpoint   # reward model (--lm-weight 1: Hydra-SFT)
+    minilm dpo --init runs/sft-tiny/checkpoint      # DPO (--lora-r 8: reference = LoRA off)
+    minilm hydra-sft --init runs/sft-tiny/checkpoint    # one model: LM head + reward head
+    minilm ppo --variant hydra --init runs/hydra-sft-tiny/checkpoint   # PPO: ppo, lora, hydra, jhydra
     minilm generate runs/tiny/checkpoint --prompt "Return the" --max-new-tokens 40
     minilm export-hf runs/tiny/checkpoint runs/tiny-hf
     minilm presets
@@ -16,6 +22,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+from pathlib import Path
 
 from minilm import MinilmError
 
@@ -71,6 +78,14 @@ def cmd_prepare(args) -> None:
     print(f"prepared data in {out}")
 
 
+def cmd_data(args) -> None:
+    from data_prep.pipeline import config_from_args, run_pipeline
+    cfg = config_from_args(args)
+    run_pipeline(cfg)
+    print(f"{cfg.out}/manifest.md:\n")
+    print((Path(cfg.out) / "manifest.md").read_text())
+
+
 def cmd_generate(args) -> None:
     import torch
 
@@ -101,6 +116,65 @@ def cmd_import_hf(args) -> None:
     print(f"wrote {save_checkpoint(args.out_dir, model, tokenizer, meta={'stage': 'import-hf'})}")
 
 
+def cmd_sft(args) -> None:
+    from minilm.post.sft import SFTConfig, run_sft, sft_config
+    result = run_sft(sft_config(args.preset, **_set_fields(args, SFTConfig)))
+    print(f"\nheld-out prompts ({result['n_heldout']}), greedy replies:   before -> after SFT")
+    for key in sorted(result["before"]):
+        print(f"  {key:22s} {result['before'][key]:6.3f} -> {result['after'].get(key, float('nan')):6.3f}")
+    print(f"checkpoint: {result['checkpoint']}")
+
+
+def cmd_reward(args) -> None:
+    from minilm.post.reward import RewardConfig, reward_config, run_reward
+    result = run_reward(reward_config(args.preset, **_set_fields(args, RewardConfig)))
+    before, after = result["before"], result["after"]
+    print(f"\nheld-out pairs ({result['n_heldout_pairs']}):   before -> after")
+    for key in ("eval_accuracy", "eval_margin", "eval_bt_loss", "eval_lm_loss"):
+        print(f"  {key:16s} {before[key]:7.3f} -> {after[key]:7.3f}")
+    for reason, acc in after["by_reason"].items():
+        print(f"  accuracy on {reason!r}: {before['by_reason'][reason]:.3f} -> {acc:.3f}")
+    print(f"checkpoint (heads in heads.safetensors): {result['checkpoint']}")
+
+
+def cmd_dpo(args) -> None:
+    from minilm.post.dpo import DPOConfig, dpo_config, run_dpo
+    result = run_dpo(dpo_config(args.preset, **_set_fields(args, DPOConfig)))
+    print(f"\nheld-out pairs ({result['n_heldout_pairs']}): accuracy {result['eval_accuracy']:.3f}, "
+          f"margin {result['eval_margin']:.3f}, chosen/rejected implicit reward "
+          f"{result['eval_chosen_reward']:.3f} / {result['eval_rejected_reward']:.3f}; the model itself "
+          f"ranks chosen first: SFT {result['eval_ref_ranks_chosen']:.3f} -> DPO {result['eval_policy_ranks_chosen']:.3f}")
+    print(f"held-out prompts ({result['n_judge']}), greedy replies:   SFT -> DPO")
+    for key in result["sft"]:
+        print(f"  {key:14s} {result['sft'][key]:6.3f} -> {result['dpo'][key]:6.3f}")
+    h2h = result["dpo_vs_sft"]
+    print(f"  DPO reply preferred over the SFT reply: {h2h['preferred_rate']:.3f} "
+          f"(wins {h2h['win_rate']:.3f}, ties {h2h['tie_rate']:.3f})")
+    print(f"checkpoint: {result['checkpoint']}")
+
+
+def cmd_hydra_sft(args) -> None:
+    from minilm.post.hydra import HydraSFTConfig, hydra_sft_config, run_hydra_sft
+    result = run_hydra_sft(hydra_sft_config(args.preset, **_set_fields(args, HydraSFTConfig)))
+    before, after = result["before"], result["after"]
+    print(f"\nheld-out pairs ({result['n_heldout_pairs']}) and prompts, greedy replies:   before -> after")
+    for key in ("eval_accuracy", "eval_bt_loss", "eval_lm_loss", "reward", "end_rate"):
+        if key in before and key in after:
+            print(f"  {key:16s} {before[key]:7.3f} -> {after[key]:7.3f}")
+    print(f"checkpoint (heads in heads.safetensors): {result['checkpoint']}")
+
+
+def cmd_ppo(args) -> None:
+    from minilm.post.ppo_loop import PPOConfig, ppo_config, run_ppo
+    result = run_ppo(ppo_config(args.preset, **_set_fields(args, PPOConfig)))
+    print(f"\nPPO ({result['variant']}), held-out prompts, greedy replies:   before -> after")
+    for key in sorted(result["before"]):
+        print(f"  {key:14s} {result['before'][key]:7.3f} -> {result['after'].get(key, float('nan')):7.3f}")
+    print(f"final KL {result['final_kl']:.3f} nats/reply, length {result['final_length']:.1f} tokens, "
+          f"{result['sec_per_sample']:.3f} s/sample")
+    print(f"checkpoint: {result['checkpoint']}")
+
+
 def cmd_presets(args) -> None:
     from minilm.config import PRESETS
     for name, (fields, what) in PRESETS.items():
@@ -122,10 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(p, ModelConfig)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("prepare", help="tokenize the default corpus into shards")
+    p = sub.add_parser("prepare", help="tokenize the stdlib docstrings into shards (a quick one-phase corpus)")
     p.add_argument("--data-dir", default="runs/data/stdlib-2048")
     p.add_argument("--vocab-size", type=int, default=2048)
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("data", help="the data pipeline: sources, filters, dedup, classifier, two phases")
+    from data_prep.pipeline import add_pipeline_args
+    add_pipeline_args(p)
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument("checkpoint")
@@ -147,6 +226,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--tokenizer", default=None, help="a directory holding a minilm tokenizer to attach")
     p.set_defaults(func=cmd_import_hf)
+
+    from minilm.post.sft import SFT_PRESETS, SFTConfig
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat data (full or --lora-r N)")
+    p.add_argument("--preset", default="tiny", choices=list(SFT_PRESETS))
+    _add_dataclass_flags(p, SFTConfig)
+    p.set_defaults(func=cmd_sft)
+
+    from minilm.post.reward import REWARD_PRESETS, RewardConfig
+    p = sub.add_parser("reward", help="reward model on preference pairs (Bradley-Terry; --lm-weight: Hydra-SFT)")
+    p.add_argument("--preset", default="tiny", choices=list(REWARD_PRESETS))
+    _add_dataclass_flags(p, RewardConfig)
+    p.set_defaults(func=cmd_reward)
+
+    from minilm.post.dpo import DPO_PRESETS, DPOConfig
+    p = sub.add_parser("dpo", help="direct preference optimization from an SFT checkpoint")
+    p.add_argument("--preset", default="tiny", choices=list(DPO_PRESETS))
+    _add_dataclass_flags(p, DPOConfig)
+    p.set_defaults(func=cmd_dpo)
+
+    from minilm.post.hydra import HYDRA_SFT_PRESETS, HydraSFTConfig
+    p = sub.add_parser("hydra-sft", help="Hydra-SFT: one model trained on SFT chats and preference pairs")
+    p.add_argument("--preset", default="tiny", choices=list(HYDRA_SFT_PRESETS))
+    _add_dataclass_flags(p, HydraSFTConfig)
+    p.set_defaults(func=cmd_hydra_sft)
+
+    from minilm.post.ppo_loop import PPO_PRESETS, PPOConfig
+    from minilm.post.ppo_models import VARIANTS
+    p = sub.add_parser("ppo", help="PPO against a reward model: --variant ppo, lora, hydra or jhydra")
+    p.add_argument("--preset", default="tiny", choices=list(PPO_PRESETS))
+    p.add_argument("--variant", default=None, choices=list(VARIANTS))
+    _add_dataclass_flags(p, PPOConfig, skip=("variant",))
+    p.set_defaults(func=cmd_ppo)
 
     p = sub.add_parser("presets", help="list the model presets")
     p.set_defaults(func=cmd_presets)

@@ -11,6 +11,7 @@ cache, the prompt is read once and each new token costs one position's forward p
 `Rollout` is the structure PPO, DNO and LTC consume: the tokens, their attention mask, the mask
 of generated tokens, and each generated token's log-probability under the distribution it was
 sampled from (logits / temperature, before top-k/top-p truncation; greedy: temperature 1).
+`token_logprobs` recomputes them (or any sequence's log-probs) with one differentiable forward pass.
 """
 
 from __future__ import annotations
@@ -107,6 +108,27 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
             break
     model.train(was_training)
     return Rollout(tokens, mask, gen, logprobs, p)
+
+
+def token_logprobs(model, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """Log-prob of every token given the ones before it, from one forward pass (differentiable).
+
+    tokens, attention_mask: (B, T), padding on either side. Returns (B, T) float32 with
+    [:, t] = log p(tokens[:, t] | tokens[:, :t]) under softmax(logits / temperature), and 0 where
+    nothing real precedes the token (t = 0, a left-padded row's first token) and on padding.
+    For a `Rollout` sampled at this temperature it reproduces `rollout.logprobs` on `gen_mask`.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(tokens)
+    logits = model(tokens, attention_mask=attention_mask)[0]          # (B, T, V); Phi3 or HydraModel
+    scale = temperature if temperature > 0 else 1.0  # greedy rollouts record temperature-1 log-probs
+    logprobs = torch.log_softmax(logits[:, :-1].float() / scale, dim=-1)
+    picked = logprobs.gather(-1, tokens[:, 1:, None]).squeeze(-1)     # (B, T - 1): predicts t + 1
+    picked = torch.cat([picked.new_zeros(tokens.shape[0], 1), picked], dim=1)
+    # a token counts only if it is real and a real token precedes it (its prediction had context)
+    has_context = attention_mask.long().cumsum(-1) > 1
+    return picked * (has_context & attention_mask.bool())
 
 
 def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, **kwargs) -> list[str]:

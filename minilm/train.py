@@ -14,6 +14,13 @@ One step (phi-3 and nanoGPT follow the same recipe):
   4. every `ckpt_every` steps: an atomic checkpoint with the optimizer state, so a killed run
      resumes where it stopped and ends exactly where the uninterrupted run would.
 Weight decay applies to matrices only, not to norms or embeddings.
+
+Data: by default the two phases of the data pipeline (lesson 05, `data_prep/pipeline.py`), built
+on first use from the text installed on this machine: phase 1 (filtered, deduplicated real text)
+for the first 75% of the steps, phase 2 (its most educational part plus synthetic textbook
+exercises) for the last 25%, as Phi-3 trains (section 2). Validation is always phase 1's
+held-out documents. `--data-dir DIR` trains on any prepared shards instead (one phase unless
+`--phase2-dir` is given too).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from tqdm import tqdm
 from minilm import MinilmError
 from minilm.checkpoint import load_checkpoint, save_checkpoint
 from minilm.config import ConfigError, get_preset
-from minilm.data import TokenDataset, bits_per_byte, prepare_data
+from minilm.data import TokenDataset, bits_per_byte
 from minilm.model import Phi3
 from minilm.runtime import setup_runtime, teardown_runtime
 from minilm.tokenizer import Tokenizer
@@ -46,7 +53,10 @@ class TrainConfig:
     preset: str = "tiny"            # model preset, see minilm/config.py
     model: dict = field(default_factory=dict)  # ModelConfig fields overriding the preset
     out_dir: str = "runs/tiny"      # checkpoint/, metrics.jsonl, loss.png
-    data_dir: str = ""              # prepared shards; default runs/data/stdlib-<vocab>
+    data_dir: str = ""              # prepared shards; "": the data pipeline's phase 1 (built when missing)
+    phase2_dir: str = ""            # shards for the last steps; "" with the default data: its phase 2
+    phase2_fraction: float = 0.25   # the last quarter of the steps train on phase 2 (when there is one)
+    pipeline_docs_per_source: int = 400  # how much real text the default pipeline reads (0: all)
     batch_size: int = 16            # sequences per micro-batch per process
     grad_accum: int = 1             # micro-batches per optimizer step
     seq_len: int = 0                # 0: the model's max_seq_len
@@ -71,7 +81,7 @@ class TrainConfig:
 TRAIN_PRESETS = {
     "tiny": dict(out_dir="runs/tiny", batch_size=16, max_steps=600, lr=3e-3, warmup_steps=30),
     "small": dict(out_dir="runs/small", batch_size=32, grad_accum=2, max_steps=5000, lr=1e-3,
-                  warmup_steps=200, eval_every=250, ckpt_every=250),
+                  warmup_steps=200, eval_every=250, ckpt_every=250, pipeline_docs_per_source=0),
 }
 
 
@@ -139,6 +149,9 @@ def plot_losses(metrics: list[dict], path: Path, baseline: float | None = None) 
             ax.plot(*zip(*pts), label=label, marker="o" if key == "val_loss" else None)
     if baseline is not None:
         ax.axhline(baseline, linestyle="--", color="gray", label="unigram entropy")
+    phase2 = [m["step"] for m in metrics if m.get("phase") == 2]
+    if phase2:
+        ax.axvline(phase2[0], linestyle=":", color="black", label="phase 2 starts")
     ax.set(xlabel="step", ylabel="loss (nats/token)", title=path.parent.name)
     ax.legend()
     fig.tight_layout()
@@ -147,19 +160,40 @@ def plot_losses(metrics: list[dict], path: Path, baseline: float | None = None) 
     return True
 
 
+def default_data(vocab_size: int, docs_per_source: int, build: bool = True) -> tuple[Path, Path]:
+    """(phase 1, phase 2) of the data pipeline on this machine's text, built once per vocab size.
+
+    Phi-3's two phases (lesson 05): filtered real text, then its most educational part plus
+    synthetic textbook data. `phase2/meta.json` is the pipeline's last shard write, so its
+    presence means a complete run."""
+    from data_prep.pipeline import PipelineConfig, run_pipeline
+    root = Path(f"runs/data/pipeline-{vocab_size}" + (f"-{docs_per_source}" if docs_per_source else ""))
+    if build and not (root / "phase2" / "meta.json").exists():
+        tqdm.write(f"building the training data in {root} (data_prep/pipeline.py; once per vocab size)")
+        run_pipeline(PipelineConfig(out=str(root), vocab_size=vocab_size,
+                                    limit_per_source=docs_per_source or None))
+    return root / "phase1", root / "phase2"
+
+
 def _setup(cfg: TrainConfig, rt):
-    """Data, tokenizer and model config, preparing the default data set when needed."""
+    """Data (one or two phases), tokenizer and model config, building the default data when needed."""
     try:
         model_cfg = get_preset(cfg.preset, **cfg.model)
     except ConfigError as e:
         raise MinilmError(str(e)) from e
-    data_dir = Path(cfg.data_dir or f"runs/data/stdlib-{model_cfg.vocab_size}")
-    if rt.is_main and not cfg.data_dir:
-        prepare_data(data_dir, model_cfg.vocab_size)
+    data_dir, phase2_dir = cfg.data_dir, cfg.phase2_dir
+    if not data_dir:
+        data_dir, default2 = default_data(model_cfg.vocab_size, cfg.pipeline_docs_per_source,
+                                          build=rt.is_main)
+        phase2_dir = phase2_dir or default2
     if rt.distributed:
-        dist.barrier()  # other ranks wait for rank 0 to prepare the data
+        dist.barrier()  # other ranks wait for rank 0 to build the data
     train_data, val_data = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
     tokenizer = Tokenizer.load(data_dir)
+    phase2 = TokenDataset(phase2_dir, "train") if phase2_dir and cfg.phase2_fraction > 0 else None
+    if phase2 is not None and Tokenizer.load(phase2_dir).fingerprint() != tokenizer.fingerprint():
+        raise MinilmError(f"{phase2_dir} was tokenized with a different tokenizer than {data_dir}; "
+                          f"build both phases in one pipeline run (python -m data_prep.pipeline)")
     if tokenizer.n_vocab > model_cfg.vocab_size:
         raise MinilmError(f"vocab mismatch: the data in {data_dir} uses {tokenizer.n_vocab} tokens but the "
                           f"model's vocab_size is {model_cfg.vocab_size}; pass --vocab-size "
@@ -167,7 +201,12 @@ def _setup(cfg: TrainConfig, rt):
     cfg.seq_len = cfg.seq_len or model_cfg.max_seq_len
     if cfg.seq_len > model_cfg.max_seq_len:
         raise MinilmError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
-    return model_cfg, tokenizer, train_data, val_data
+    return model_cfg, tokenizer, train_data, val_data, phase2
+
+
+def phase2_start(cfg: TrainConfig) -> int:
+    """The first step that trains on phase 2: the last `phase2_fraction` of the run."""
+    return cfg.max_steps - round(cfg.max_steps * cfg.phase2_fraction)
 
 
 def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> dict:
@@ -239,7 +278,8 @@ def _write_metrics(metrics: list[dict], out_dir: Path, baseline: float | None = 
 
 
 def _train(cfg: TrainConfig, rt, on_step) -> dict:
-    model_cfg, tokenizer, train_data, val_data = _setup(cfg, rt)
+    model_cfg, tokenizer, train_data, val_data, phase2_data = _setup(cfg, rt)
+    switch = phase2_start(cfg) if phase2_data is not None else cfg.max_steps
     out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoint"
     torch.manual_seed(cfg.seed)
     model = raw_model = Phi3(model_cfg).to(rt.device)
@@ -258,7 +298,10 @@ def _train(cfg: TrainConfig, rt, on_step) -> dict:
     with tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="train",
               disable=not rt.is_main) as bar:
         for step in bar:
-            row = train_step(model, optimizer, train_data, cfg, rt, step)
+            # Phi-3's two phases: the step alone decides the phase, so resume stays exact
+            data = train_data if step < switch else phase2_data
+            row = train_step(model, optimizer, data, cfg, rt, step)
+            row["phase"] = 1 if step < switch else 2
             done = row["step"] == cfg.max_steps
             # rank 0 alone evaluates and logs; the other ranks return no val_loss to the CLI
             if rt.is_main and (row["step"] % cfg.eval_every == 0 or done):
@@ -281,4 +324,5 @@ def _train(cfg: TrainConfig, rt, on_step) -> dict:
                 on_step(row["step"], row)
     final = next((m for m in reversed(metrics) if "val_loss" in m), {})
     return {"step": cfg.max_steps, "checkpoint": str(ckpt_dir), "params": raw_model.num_params(),
+            "phase2_start": switch if phase2_data is not None else None,
             "unigram_entropy": train_data.info["unigram_entropy"], **final}

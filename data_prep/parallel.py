@@ -1,0 +1,48 @@
+"""One helper that maps a function over documents in worker processes, in order, with a progress bar.
+
+    reasons = parallel_map(partial(drop_reason, cfg=cfg), texts, workers=2, desc="filters")
+
+The per-document stages of the pipeline (filters, MinHash signatures) are pure functions of one
+document's text, so they split across processes with no coordination: datatrove and the FineWeb
+scripts scale the same way, one shard of documents per task. Results come back in input order,
+so a run with 8 workers writes byte-identical shards to a run with 1.
+
+`workers=1` (or a short list) runs in this process: no start-up cost, and tracebacks stay plain.
+`fn` must be picklable (a module-level function, or a `functools.partial` of one).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections.abc import Callable, Sequence
+
+from tqdm import tqdm
+
+# Below this many items a pool's start-up (tens of milliseconds per worker) costs more than it saves.
+MIN_PARALLEL_ITEMS = 64
+
+
+def default_workers() -> int:
+    """The CPUs this process may use (the affinity mask, so containers and taskset are respected)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def parallel_map(fn: Callable, items: Sequence, workers: int = 1, desc: str | None = None,
+                 progress: bool = True, chunksize: int | None = None) -> list:
+    """[fn(x) for x in items], computed by `workers` processes; the order of `items` is kept."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    bar = dict(total=len(items), desc=desc, unit="doc", disable=not progress)
+    if workers == 1 or len(items) < MIN_PARALLEL_ITEMS:
+        return [fn(x) for x in tqdm(items, **bar)]
+    # Several chunks per worker balance the load (documents differ in length by 1000x) while
+    # keeping the per-chunk pickling overhead small.
+    chunksize = chunksize or max(1, len(items) // (workers * 8))
+    # forkserver, not fork: this process has imported torch, and forking a process whose OpenMP
+    # thread pool is running can deadlock the child.
+    with mp.get_context("spawn" if os.name == "nt" else "forkserver").Pool(workers) as pool:
+        return list(tqdm(pool.imap(fn, items, chunksize=chunksize), **bar))

@@ -1,0 +1,352 @@
+"""The PPO stage: one readable PPO step (1. roll out, 2. score, 3. advantages, 4. update) and run_ppo.
+
+    minilm ppo --variant hydra --init runs/hydra-sft-tiny/checkpoint   # CPU, a few minutes (resumes)
+    from minilm.post.ppo_loop import ppo_config, run_ppo
+    run_ppo(ppo_config("tiny", variant="lora", init="runs/sft-tiny/checkpoint",
+                       reward_init="runs/reward-tiny/checkpoint"))
+
+    models = build_models("hydra", cfg, reward=hydra_sft_model)        # minilm/post/ppo_models.py
+    row = ppo_step(models, prompts, cfg, optimizer, kl_ctl)             # one rollout batch
+
+Standard RLHF PPO (Ziegler et al. 2019; InstructGPT; DeepSpeed-Chat, on which Hydra-RLHF,
+arXiv 2309.00754, builds). The math is in minilm/post/ppo.py, the four variants of the paper
+(ppo, lora, hydra, jhydra) in minilm/post/ppo_models.py; this file only orders the calls.
+Choices and deviations, stated:
+- Old log-probs and values are recomputed with one forward pass right after sampling, at the
+  sampling temperature (logits / T), so the first minibatch's ratio is 1 up to float rounding.
+- One AdamW over every trainable parameter (actor and critic), loss = policy + vf_coef * value
+  - ent_coef * entropy, one global grad-norm clip; DeepSpeed-Chat uses two optimizers with their
+  own learning rates. A PPO "step" here is one rollout batch (the lr schedule counts those).
+- Defaults are laptop-sized: beta = 0.05 fixed, LoRA rank 8. The paper's reported settings (from a
+  summary verified against its PDF) are beta = 0.02, GAE lambda = 0.95 (ours too), LoRA rank 128.
+- The reward is the reward head (`--reward model`, as in the paper) or, for experiments with a
+  known reward, AnswerOracle on the parsed reply (`--reward oracle`).
+- Resume as in minilm/post/loop.py: every ckpt_every rollout batches an atomic checkpoint whose
+  train_state.pt holds every trainable parameter (actor, critic, value head), the optimizer, beta
+  and the RNG states; a restarted run rebuilds the frozen roles from cfg.init / cfg.reward_init
+  and ends bit-identical to an uninterrupted one (tested). --no-resume starts over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from minilm import MinilmError
+from minilm.checkpoint import load_checkpoint, save_checkpoint
+from minilm.generate import generate
+from minilm.lora import adapter_names, merge_and_unload
+from minilm.post.chat import parse_reply, render_prompt
+from minilm.post.dpo import summarize
+from minilm.post.loop import PostConfig, _read_metrics, _resume, _rng_state, trainable_state
+from minilm.post.oracles import AnswerOracle
+from minilm.post.ppo import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_penalty,
+                             logprobs_from_logits, masked_mean, masked_whiten, ppo_policy_loss, shape_rewards,
+                             value_loss)
+from minilm.post.ppo_models import VARIANTS, HydraModels, build_models
+from minilm.post.reward import load_reward_model
+from minilm.runtime import setup_runtime
+from minilm.train import lr_at, make_optimizer
+
+
+@dataclass
+class PPOConfig(PostConfig):
+    out_dir: str = "runs/ppo-tiny"
+    init: str = "runs/sft-tiny/checkpoint"          # ppo, lora: the SFT model; hydra, jhydra: Hydra-SFT
+    reward_init: str = "runs/reward-tiny/checkpoint"  # the reward model (ppo, lora only)
+    variant: str = "hydra"
+    max_steps: int = 40             # rollout batches
+    batch_size: int = 16            # prompts per rollout
+    minibatch_size: int = 8
+    ppo_epochs: int = 2             # passes over each rollout batch
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    lora_r: int = 8                 # used by lora, hydra, jhydra; ppo trains every weight
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2               # PPO's epsilon for the policy ratio
+    vf_clip: float = 0.2            # value clipping range (0: no clipping)
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0           # entropy bonus weight (0: entropy is only logged)
+    kl_coef: float = 0.05           # beta (initial beta when kl_target > 0)
+    kl_target: float = 0.0          # > 0: adaptive controller (Ziegler et al.) aiming at this KL per sequence
+    kl_horizon: int = 10000
+    kl_estimator: str = "k1"
+    score_clip: float = 5.0
+    whiten_advantages: bool = True
+    reward: str = "model"           # "model": the reward head; "oracle": AnswerOracle on the parsed reply
+    sources: str = "man,stdlib,arithmetic,units"  # prompts (data_prep/instructions.py)
+    n_prompts: int = 2000
+    n_eval: int = 64                # held-out prompts judged greedily before/after and every eval_every
+    data_seed: int = 0
+    eval_every: int = 10
+    ckpt_every: int = 10
+
+
+PPO_PRESETS = {
+    "tiny": dict(),  # ~1M-param models, 2 CPU cores, a few minutes per variant
+}
+
+
+def ppo_config(preset: str = "tiny", **overrides) -> PPOConfig:
+    if preset not in PPO_PRESETS:
+        raise MinilmError(f"unknown ppo preset {preset!r}; choose one of {', '.join(PPO_PRESETS)}")
+    cfg = PPOConfig(**{**PPO_PRESETS[preset], **overrides})
+    if cfg.variant not in VARIANTS:
+        raise MinilmError(f"unknown PPO variant {cfg.variant!r}; choose one of {', '.join(VARIANTS)}")
+    if cfg.reward not in ("model", "oracle"):
+        raise MinilmError(f"--reward must be 'model' or 'oracle', got {cfg.reward!r}")
+    return cfg
+
+
+def make_kl_controller(cfg: PPOConfig):
+    if cfg.kl_target > 0:
+        return AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    return FixedKLController(cfg.kl_coef)
+
+
+def _scaled_logprobs(logits, tokens, attention_mask, temperature: float):
+    logits = logits.float() / (temperature if temperature > 0 else 1.0)
+    return logprobs_from_logits(logits, tokens, attention_mask), logits
+
+
+@torch.no_grad()
+def rollout_and_score(models, prompts: list[list[int]], cfg: PPOConfig, pad_id: int, stop_tokens,
+                      kl_coef: float, score_fn=None, generator=None) -> dict:
+    """Steps 1-3: sample, score, and turn scores into advantages. Returns the batch for the update."""
+    # 1. roll out with the current actor
+    with models.sampler() as policy:
+        rollout = generate(policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature,
+                           stop_tokens=stop_tokens, pad_id=pad_id, generator=generator)
+    tokens, attn, mask = rollout.tokens, rollout.attention_mask, rollout.gen_mask
+    # 2. score: old log-probs and values (one pass, as the update will see them), reference, reward
+    logits, values = models.policy_and_values(tokens, attn)
+    logprobs, _ = _scaled_logprobs(logits, tokens, attn, cfg.temperature)
+    ref_logprobs, _ = _scaled_logprobs(models.reference_logits(tokens, attn), tokens, attn, cfg.temperature)
+    scores = score_fn(rollout) if score_fn is not None else models.score(tokens, attn)
+    kl = kl_penalty(logprobs, ref_logprobs, mask, cfg.kl_estimator)
+    rewards = shape_rewards(scores.float(), kl, mask, kl_coef, cfg.score_clip)
+    # 3. advantages over the generated tokens, whitened over the whole rollout batch
+    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    seq_kl = kl_penalty(logprobs, ref_logprobs, mask, "k1").sum(1)
+    stats = {"score": scores.float().mean().item(), "kl": seq_kl.mean().item(),
+             "length": mask.sum(1).float().mean().item(), "beta": kl_coef,
+             "return": masked_mean(returns, mask).item()}
+    return {"tokens": tokens, "attention_mask": attn, "mask": mask, "logprobs": logprobs, "values": values,
+            "advantages": advantages, "returns": returns, "stats": stats, "rollout": rollout}
+
+
+def minibatch_loss(models, batch: dict, rows: torch.Tensor, cfg: PPOConfig) -> tuple[torch.Tensor, dict]:
+    """Policy + value (+ entropy) loss of the rows `rows` of a scored rollout batch."""
+    tokens, attn, mask = batch["tokens"][rows], batch["attention_mask"][rows], batch["mask"][rows]
+    logits, values = models.policy_and_values(tokens, attn)
+    logprobs, logits = _scaled_logprobs(logits, tokens, attn, cfg.temperature)
+    old_logprobs, advantages = batch["logprobs"][rows], batch["advantages"][rows]
+    pg_loss, pg = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cfg.clip)
+    vf_loss, vf = value_loss(values, batch["values"][rows], batch["returns"][rows], mask, cfg.vf_clip or None)
+    with torch.set_grad_enabled(cfg.ent_coef > 0 and torch.is_grad_enabled()):
+        entropy = masked_mean(entropy_from_logits(logits), mask)
+    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+    return loss, {"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), "entropy": entropy.item(), **pg, **vf}
+
+
+def ppo_step(models, prompts: list[list[int]], cfg: PPOConfig, optimizer, kl_ctl, step: int = 0,
+             pad_id: int = 0, stop_tokens=(), score_fn=None, generator=None) -> dict:
+    """One PPO iteration: 1. roll out, 2. score, 3. advantages, 4. update (epochs x minibatches).
+
+    score_fn(rollout) -> (B,) replaces the model's reward (e.g. an oracle). Returns the metrics:
+    the rollout's stats, the first minibatch's ratio/clipfrac (1 and 0 by construction) and the
+    means of the update metrics over all minibatches.
+    """
+    batch = rollout_and_score(models, prompts, cfg, pad_id, stop_tokens, kl_ctl.value, score_fn, generator)
+    lr = lr_at(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    n, logged = len(prompts), []
+    for _ in range(cfg.ppo_epochs):                                   # 4. update
+        for rows in torch.randperm(n, generator=generator).split(cfg.minibatch_size):
+            loss, m = minibatch_loss(models, batch, rows, cfg)
+            if not torch.isfinite(loss):
+                raise MinilmError(f"PPO loss became {loss.item()} at step {step + 1}; lower --lr")
+            loss.backward()
+            m["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            logged.append(m)
+    kl_ctl.update(batch["stats"]["kl"], n)
+    row = {"step": step + 1, "lr": lr, **batch["stats"],
+           "first_ratio": logged[0]["ratio"], "first_clipfrac": logged[0]["clipfrac"]}
+    row.update({k: sum(m[k] for m in logged) / len(logged) for k in logged[0]})
+    return row
+
+
+def prompt_batch(prompts: list, batch_size: int, seed: int, step: int) -> list:
+    """The prompts of PPO step `step`: a pure function of (seed, step)."""
+    return random.Random(seed * 100_003 + step).sample(prompts, min(batch_size, len(prompts)))
+
+
+def load_models(cfg: PPOConfig, device):
+    """(models, tokenizer): cfg.init (+ cfg.reward_init for ppo/lora) arranged for cfg.variant."""
+    if cfg.variant in ("hydra", "jhydra"):
+        hydra, tokenizer = load_reward_model(cfg.init, device=device)   # Hydra-SFT: LM head + reward head
+        return build_models(cfg.variant, cfg, hydra), tokenizer
+    ck = load_checkpoint(cfg.init, device=device)
+    if adapter_names(ck.model):   # an SFT-with-LoRA checkpoint: its adapters become the base
+        merge_and_unload(ck.model)
+    reward, _ = load_reward_model(cfg.reward_init, device=device)
+    return build_models(cfg.variant, cfg, reward, ck.model), ck.tokenizer
+
+
+def oracle_score_fn(tokenizer, oracle, conversations):
+    """score_fn(rollout) -> (B,): the oracle's reward of each parsed reply (row i answers conversation i)."""
+    def score(rollout):
+        out = []
+        for conv, ids in zip(conversations, rollout.responses()):
+            text, ended = parse_reply(tokenizer, ids)
+            out.append(oracle.reward(conv["messages"][:-1], text, ended=ended))
+        return torch.tensor(out, device=rollout.tokens.device)
+    return score
+
+
+def plot_ppo(metrics: list[dict], path) -> bool:
+    """reward, KL and value loss against the PPO step, as PNG (if matplotlib is installed)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    keys = ("score", "kl", "vf_loss")
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for ax, key in zip(axes, keys):
+        ax.plot([m["step"] for m in metrics], [m[key] for m in metrics])
+        ax.set(xlabel="PPO step", title=key)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+@torch.no_grad()
+def heldout_eval(models, tokenizer, conversations: list[dict], oracle, max_new_tokens: int,
+                 batch_size: int = 64) -> dict:
+    """Greedy replies of the actor to held-out prompts: the oracle's judgement (reward, correct_rate,
+    form_rate, end_rate) and the reward model's mean score (rm_score) of the same replies."""
+    stops = [tokenizer.special_id("<|end|>"), tokenizer.eot_id]
+    judged, scores = [], []
+    for i in range(0, len(conversations), batch_size):
+        chunk = conversations[i:i + batch_size]
+        with models.sampler() as policy:
+            rollout = generate(policy, [render_prompt(tokenizer, c["messages"][:-1]) for c in chunk],
+                               max_new_tokens, temperature=0.0, stop_tokens=stops, pad_id=tokenizer.eot_id)
+        scores.append(models.score(rollout.tokens, rollout.attention_mask))
+        for c, ids in zip(chunk, rollout.responses()):
+            text, ended = parse_reply(tokenizer, ids)
+            judged.append(oracle.judge(c["messages"][:-1], text, ended=ended))
+    return {**summarize(judged), "rm_score": torch.cat(scores).mean().item()}
+
+
+def ppo_prompts(cfg: PPOConfig, tokenizer, budget: int) -> tuple[list[dict], list[dict]]:
+    """(train conversations whose prompt fits in `budget` tokens, held-out conversations to judge)."""
+    from data_prep.instructions import instruction_examples
+    sources = tuple(s.strip() for s in cfg.sources.split(",") if s.strip())
+    train = [c for c in instruction_examples(cfg.n_prompts, cfg.data_seed, sources, split="train")
+             if len(render_prompt(tokenizer, c["messages"][:-1])) <= budget]
+    if not train:
+        raise MinilmError(f"no prompt fits in {budget} tokens; lower --max-new-tokens")
+    return train, instruction_examples(cfg.n_eval, cfg.data_seed + 1, sources, split="heldout")
+
+
+def save_state(cfg: PPOConfig, models, tokenizer, optimizer, kl_ctl, step: int, before: dict,
+               metrics: list[dict]) -> None:
+    """An atomic checkpoint at `step`: the policy (adapters and heads included) and, in train_state.pt,
+    every trainable parameter of every role, the optimizer, beta, the RNG states and the "before"
+    evaluation; then metrics.jsonl (temp file + rename). What run_ppo needs to resume exactly."""
+    out = Path(cfg.out_dir)
+    extra = {"heads": models.hydra.heads.state_dict()} if isinstance(models, HydraModels) else None
+    state = {"optimizer": optimizer.state_dict(), "step": step, "rng": _rng_state(), "kl_coef": kl_ctl.value,
+             "trainable": trainable_state(models), "before": before, "config": dataclasses.asdict(cfg)}
+    meta = {"stage": "ppo", "variant": cfg.variant, "step": step, "init": cfg.init}
+    save_checkpoint(out / "checkpoint", models.policy_model(), tokenizer, state, meta=meta, extra=extra)
+    tmp = out / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    tmp.replace(out / "metrics.jsonl")
+
+
+def resume_state(cfg: PPOConfig, models, optimizer, kl_ctl) -> tuple[int, dict, list[dict]]:
+    """(step, before, metrics) of cfg.out_dir/checkpoint, restored into models/optimizer/kl_ctl/RNG;
+    (0, {}, []) when there is nothing to resume (or cfg.resume is False)."""
+    ckpt_dir = Path(cfg.out_dir) / "checkpoint"
+    if not (cfg.resume and (ckpt_dir / "train_state.pt").exists()):
+        return 0, {}, []
+    step, state = _resume(ckpt_dir, models, optimizer)   # checks that the trainable names match
+    if state.get("config", {}).get("variant", cfg.variant) != cfg.variant:
+        raise MinilmError(f"{ckpt_dir} holds a {state['config']['variant']!r} run, not {cfg.variant!r}; "
+                          f"use another --out-dir or --no-resume")
+    kl_ctl.value = state["kl_coef"]
+    return step, state["before"], _read_metrics(Path(cfg.out_dir) / "metrics.jsonl", step)
+
+
+def save_ppo(cfg: PPOConfig, metrics: list[dict], before: dict) -> dict:
+    """ppo.png and eval.json beside the last checkpoint; returns the summary."""
+    out = Path(cfg.out_dir)
+    plot_ppo(metrics, out / "ppo.png")
+    result = {"variant": cfg.variant, "checkpoint": str(out / "checkpoint"), "before": before,
+              "after": {k[5:]: v for k, v in metrics[-1].items() if k.startswith("eval_")},
+              "final_kl": metrics[-1]["kl"], "final_length": metrics[-1]["length"],
+              "sec_per_sample": sum(m["sec_per_sample"] for m in metrics) / len(metrics)}
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def run_ppo(cfg: PPOConfig, on_step=None) -> dict:
+    """Train with PPO in cfg.variant; returns held-out greedy judgements before/after, KL, timings.
+
+    Every cfg.ckpt_every steps (and at the end) an atomic checkpoint; a run started again with the
+    same cfg continues from it and ends bit-identical to an uninterrupted one (prompts are a pure
+    function of (seed, step), sampling and minibatch order come from the restored RNG).
+    `on_step(step, row)` runs after every step (tests interrupt runs with it)."""
+    rt = setup_runtime(cfg.device)
+    torch.manual_seed(cfg.seed)
+    models, tok = load_models(cfg, rt.device)
+    train, judge = ppo_prompts(cfg, tok, models.policy_model().config.max_seq_len - cfg.max_new_tokens)
+    oracle, stops = AnswerOracle(train + judge), [tok.special_id("<|end|>"), tok.eot_id]
+    optimizer, kl_ctl = make_optimizer(models, cfg), make_kl_controller(cfg)
+
+    def evaluate() -> dict:
+        return heldout_eval(models, tok, judge, oracle, cfg.max_new_tokens)
+
+    start, before, metrics = resume_state(cfg, models, optimizer, kl_ctl)
+    if start == 0:
+        before, metrics = evaluate(), []
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=f"ppo-{cfg.variant}")
+    for step in bar:
+        convs = prompt_batch(train, cfg.batch_size, cfg.seed, step)
+        prompts = [render_prompt(tok, c["messages"][:-1]) for c in convs]
+        score_fn = oracle_score_fn(tok, oracle, convs) if cfg.reward == "oracle" else None
+        t0 = time.time()
+        row = ppo_step(models, prompts, cfg, optimizer, kl_ctl, step, tok.eot_id, stops, score_fn)
+        row["sec_per_sample"] = (time.time() - t0) / len(prompts)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
+            row.update({f"eval_{k}": v for k, v in evaluate().items()})
+        metrics.append(row)
+        bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{row['kl']:.2f}", vf=f"{row['vf_loss']:.3f}")
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
+            save_state(cfg, models, tok, optimizer, kl_ctl, step + 1, before, metrics)
+        if on_step is not None:
+            on_step(step + 1, row)
+    if not metrics:
+        raise MinilmError(f"{cfg.out_dir}/metrics.jsonl is missing; use another --out-dir or --no-resume")
+    return save_ppo(cfg, metrics, before)
