@@ -1,6 +1,7 @@
 """Install minilm: `pip install --no-build-isolation -e .` (torch must already be installed).
 
-Builds the kernels in csrc/ into one extension, `minilm._C`, with torch.utils.cpp_extension:
+Builds the kernels in csrc/ (attention/, masking/; op schemas in csrc/ops.cpp) into one extension,
+`minilm._C`, with torch.utils.cpp_extension:
   - always the CPU kernels (every csrc/**/*.cpp except the CUDA bindings), -O3, OpenMP (ATen's
     parallel_for is OpenMP in the official wheels and is compiled into our code from its header);
   - with a CUDA torch and nvcc (CUDA_HOME) also csrc/**/*.cu and csrc/**/*_cuda_binding.cpp, with

@@ -2,9 +2,10 @@
 //
 // TORCH_LIBRARY defines the ops and their signatures; each device registers its kernels
 // separately with TORCH_LIBRARY_IMPL (attention/attention_cpu.cpp always, and
-// attention/attention_cuda_binding.cpp in CUDA builds). Autograd and the fake (meta) kernels that
+// attention/attention_cuda_binding.cpp in CUDA builds; likewise masking/). Autograd and the fake (meta) kernels that
 // torch.compile traces with are registered from Python in minilm/ops/_kernels.py.
-// After `import minilm._C` the ops are torch.ops.minilm.attention_fwd / attention_bwd.
+// After `import minilm._C` the ops are torch.ops.minilm.attention_fwd / attention_bwd,
+// masked_ffn_fwd / masked_ffn_bwd and ffn_compact.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -35,4 +36,16 @@ TORCH_LIBRARY(minilm, m) {
   // over the query heads that share each k/v head.
   m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
         "float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+
+  // The gated-SiLU FFN of one layer computed over the kept neurons only (csrc/masking/masking.h):
+  // x (..., D), gate_up_weight (2F, D) (rows: gate then up), down_weight (D, F), mask (F,) of 0/1.
+  // Returns out (..., D) and hidden (N, 2K) = x's kept gate/up projections (N = x.numel() / D, K the
+  // kept count), which the backward reuses. Pruned neurons are never multiplied.
+  m.def("masked_ffn_fwd(Tensor x, Tensor gate_up_weight, Tensor down_weight, Tensor mask) -> "
+        "(Tensor out, Tensor hidden)");
+  // Gradients of out for x and both weights; a pruned neuron's rows/column get exactly zero.
+  m.def("masked_ffn_bwd(Tensor grad_out, Tensor x, Tensor gate_up_weight, Tensor down_weight, Tensor mask, "
+        "Tensor hidden) -> (Tensor grad_x, Tensor grad_gate_up, Tensor grad_down)");
+  // Compaction: the kept neurons' weights as new dense tensors (2K, D) and (D, K), in order.
+  m.def("ffn_compact(Tensor gate_up_weight, Tensor down_weight, Tensor mask) -> (Tensor gate_up, Tensor down)");
 }

@@ -8,7 +8,9 @@ scripts scale the same way, one shard of documents per task. Results come back i
 so a run with 8 workers writes byte-identical shards to a run with 1.
 
 `workers=1` (or a short list) runs in this process: no start-up cost, and tracebacks stay plain.
-`fn` must be picklable (a module-level function, or a `functools.partial` of one).
+`fn` must be picklable (a module-level function, or a `functools.partial` of one), and a script
+that calls this with workers > 1 needs the `if __name__ == "__main__":` guard, as every
+multiprocessing program does outside fork (workers start from a fresh interpreter).
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ either the previous complete checkpoint or the new one, never half of one. Loadi
 parameter name and shape and says exactly what does not match.
 
 `export_hf` writes a directory that `transformers.Phi3ForCausalLM.from_pretrained` loads;
-`import_hf` reads one back. Parameter names are already HF's (see minilm/model.py).
+`import_hf` reads one back. Parameter names are already HF's (see minilm/model.py). A pruned model
+(per-layer FFN widths, minilm/prune/compact.py) is saved and loaded as it is; HF knows one FFN width,
+so the export pads every layer to the widest with zero neurons, which add exactly 0.
 """
 
 from __future__ import annotations
@@ -243,11 +245,37 @@ def load_checkpoint(directory, device="cpu", with_train_state: bool = False) -> 
 
 # ---- Hugging Face Phi-3 --------------------------------------------------------------------------
 
+def hf_ffn_width(cfg: ModelConfig) -> int:
+    """HF's one FFN width: the widest layer (at least 1 neuron, should every layer be pruned away)."""
+    return max(1, *(cfg.d_ff_per_layer or (cfg.d_ff,)))
+
+
+def _ffn_for_hf(model: Phi3, sd: dict) -> dict:
+    """Pad each layer's FFN to `hf_ffn_width` with zero neurons (zero gate, up and down weights give
+    silu(0) * 0 = 0, exactly); a model still carrying neuron masks has its pruned neurons zeroed."""
+    from minilm.model import get_neuron_masks
+    width = hf_ffn_width(model.config)
+    for i, mask in enumerate(get_neuron_masks(model)):
+        gu_name, down_name = f"model.layers.{i}.mlp.gate_up_proj.weight", f"model.layers.{i}.mlp.down_proj.weight"
+        gate_up, down = sd[gu_name], sd[down_name]  # (2w, D), (D, w)
+        if mask is not None:
+            m = mask.detach().to(down.dtype)
+            gate_up, down = gate_up * torch.cat([m, m]).unsqueeze(1), down * m
+        pad = width - down.shape[1]
+        if pad:
+            gate, up = gate_up.chunk(2)
+            zeros = gate_up.new_zeros(pad, gate_up.shape[1])
+            gate_up = torch.cat([gate, zeros, up, zeros])
+            down = torch.cat([down, down.new_zeros(down.shape[0], pad)], dim=1)
+        sd[gu_name], sd[down_name] = gate_up.contiguous(), down.contiguous()
+    return sd
+
+
 def hf_config(cfg: ModelConfig) -> dict:
     """Our ModelConfig as a `transformers.Phi3Config` dictionary."""
     return {
         "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": hf_ffn_width(cfg),
         "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
         "num_key_value_heads": cfg.n_kv_head, "max_position_embeddings": cfg.max_seq_len,
         "original_max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
@@ -289,13 +317,14 @@ def config_from_hf(hf: dict) -> ModelConfig:
 def export_hf(model: Phi3, out_dir) -> Path:
     """Write `model` as a Hugging Face Phi-3 directory (config.json + weights), atomically.
 
-    Active LoRA adapters are folded into the exported weights: HF gets what the model computes now.
+    Active LoRA adapters and neuron masks are folded into the exported weights, and per-layer FFN
+    widths padded to one (see `_ffn_for_hf`): HF gets what the model computes now.
     """
     model = getattr(model, "module", model)
 
     def write(tmp: Path):
         (tmp / "config.json").write_text(json.dumps(hf_config(model.config), indent=2))
-        sd = _weights_to_save(model, fold_adapters=True)
+        sd = _ffn_for_hf(model, _weights_to_save(model, fold_adapters=True))
         if _st is not None:
             _st.save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         else:

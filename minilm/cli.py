@@ -6,7 +6,9 @@
     minilm sft --init runs/tiny/checkpoint --out-dir runs/sft-tiny  # chat SFT (--lora-r 8: LoRA)
     minilm reward --init runs/sft-tiny/checkpoint   # reward model (--lm-weight 1: Hydra-SFT)
     minilm dpo --init runs/sft-tiny/checkpoint      # DPO (--lora-r 8: reference = LoRA off)
+    minilm dno --init runs/sft-tiny/checkpoint --iterations 3 --samples 5 --oracle verifier
     minilm hydra-sft --init runs/sft-tiny/checkpoint    # one model: LM head + reward head
+    minilm prune --init runs/sft-tiny/checkpoint --method gum --sparsity 0.5 --out-dir runs/prune-gum
     minilm ppo --variant hydra --init runs/hydra-sft-tiny/checkpoint   # PPO: ppo, lora, hydra, jhydra
     minilm generate runs/tiny/checkpoint --prompt "Return the" --max-new-tokens 40
     minilm export-hf runs/tiny/checkpoint runs/tiny-hf
@@ -43,6 +45,16 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
             parser.add_argument(flag, type=float, nargs="+", default=None)
         elif kind in (int, float, str):
             parser.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper())
+
+
+def _stage_parser(sub, name: str, help: str, cls, func, presets=None, skip=()) -> argparse.ArgumentParser:
+    """A post-training stage's subcommand: `--preset` (if it has presets) plus one flag per field."""
+    p = sub.add_parser(name, help=help)
+    if presets is not None:
+        p.add_argument("--preset", default="tiny", choices=list(presets))
+    _add_dataclass_flags(p, cls, skip=skip)
+    p.set_defaults(func=func)
+    return p
 
 
 def _set_fields(args, cls, skip=()) -> dict:
@@ -125,6 +137,19 @@ def cmd_sft(args) -> None:
     print(f"checkpoint: {result['checkpoint']}")
 
 
+def cmd_prune(args) -> None:
+    from minilm.prune.apply import PruneConfig, run_prune
+    r = run_prune(PruneConfig(**_set_fields(args, PruneConfig)))
+    print(f"\n{r['method']} ({r['ranking']} ranking), sparsity {r['sparsity']}: per-layer density "
+          f"{', '.join(f'{d:.2f}' for d in r['densities'])}")
+    print(f"  held-out loss {r['before']['heldout_loss']:.3f} -> {r['after']['heldout_loss']:.3f} (dense -> pruned)")
+    for key in ("redundancy", "sensitivity"):
+        before, after = r["redundancy_before"][key], r["redundancy_after"][key]
+        print(f"  {key:12s} " + "  ".join(f"L{i} {b:.3g}->{a:.3g}" for i, (b, a) in enumerate(zip(before, after))))
+    print(f"masked checkpoint: {r['masked_checkpoint']}"
+          + (f"\ncompact checkpoint: {r['compact']['path']}" if r["compact"] else ""))
+
+
 def cmd_reward(args) -> None:
     from minilm.post.reward import RewardConfig, reward_config, run_reward
     result = run_reward(reward_config(args.preset, **_set_fields(args, RewardConfig)))
@@ -151,6 +176,22 @@ def cmd_dpo(args) -> None:
     print(f"  DPO reply preferred over the SFT reply: {h2h['preferred_rate']:.3f} "
           f"(wins {h2h['win_rate']:.3f}, ties {h2h['tie_rate']:.3f})")
     print(f"checkpoint: {result['checkpoint']}")
+
+
+def cmd_dno(args) -> None:
+    if args.oracle == "cyclic":   # the tabular intransitive-oracle demo (minilm/post/dno.py)
+        from minilm.post.dno import cyclic_demo
+        d = cyclic_demo(iterations=args.iterations or 300)
+        print(f"rock-paper-scissors oracle: best Bradley-Terry fit {d['bt_loss']:.3f} nats vs the "
+              f"preferences' own entropy {d['entropy']:.3f} (a point-wise reward cannot fit a cycle)")
+        for name, key in (("DNO average iterate", "average"), ("DNO last iterate", "last"),
+                          ("von Neumann winner", "nash")):
+            print(f"  {name:20s} " + "  ".join(f"{r} {p:.3f}" for r, p in zip(d["responses"], d[key])))
+        return
+    from minilm.post.dno_loop import DNOConfig, dno_config, run_dno
+    result = run_dno(dno_config(args.preset, **_set_fields(args, DNOConfig)))
+    print("\n" + result["table"])
+    print(f"best iterate on validation: {result['best_iteration']} ({result['best_checkpoint']})")
 
 
 def cmd_hydra_sft(args) -> None:
@@ -228,36 +269,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import_hf)
 
     from minilm.post.sft import SFT_PRESETS, SFTConfig
-    p = sub.add_parser("sft", help="supervised fine-tuning on chat data (full or --lora-r N)")
-    p.add_argument("--preset", default="tiny", choices=list(SFT_PRESETS))
-    _add_dataclass_flags(p, SFTConfig)
-    p.set_defaults(func=cmd_sft)
+    _stage_parser(sub, "sft", "supervised fine-tuning on chat data (full or --lora-r N)", SFTConfig,
+                  cmd_sft, SFT_PRESETS)
+
+    from minilm.prune.apply import PruneConfig
+    _stage_parser(sub, "prune", "fine-tune while pruning FFN neurons: --method magnitude|random|movement|gum",
+                  PruneConfig, cmd_prune)
 
     from minilm.post.reward import REWARD_PRESETS, RewardConfig
-    p = sub.add_parser("reward", help="reward model on preference pairs (Bradley-Terry; --lm-weight: Hydra-SFT)")
-    p.add_argument("--preset", default="tiny", choices=list(REWARD_PRESETS))
-    _add_dataclass_flags(p, RewardConfig)
-    p.set_defaults(func=cmd_reward)
+    _stage_parser(sub, "reward", "reward model on preference pairs (Bradley-Terry; --lm-weight: Hydra-SFT)",
+                  RewardConfig, cmd_reward, REWARD_PRESETS)
 
     from minilm.post.dpo import DPO_PRESETS, DPOConfig
-    p = sub.add_parser("dpo", help="direct preference optimization from an SFT checkpoint")
-    p.add_argument("--preset", default="tiny", choices=list(DPO_PRESETS))
-    _add_dataclass_flags(p, DPOConfig)
-    p.set_defaults(func=cmd_dpo)
+    _stage_parser(sub, "dpo", "direct preference optimization from an SFT checkpoint", DPOConfig, cmd_dpo,
+                  DPO_PRESETS)
+
+    from minilm.post.dno_loop import DNO_PRESETS, DNOConfig
+    p = _stage_parser(sub, "dno", "Direct Nash Optimization, iterated (--oracle verifier|reward|judge|cyclic)",
+                      DNOConfig, cmd_dno, DNO_PRESETS, skip=("oracle",))
+    p.add_argument("--oracle", default=None, choices=["verifier", "reward", "judge", "cyclic"])
 
     from minilm.post.hydra import HYDRA_SFT_PRESETS, HydraSFTConfig
-    p = sub.add_parser("hydra-sft", help="Hydra-SFT: one model trained on SFT chats and preference pairs")
-    p.add_argument("--preset", default="tiny", choices=list(HYDRA_SFT_PRESETS))
-    _add_dataclass_flags(p, HydraSFTConfig)
-    p.set_defaults(func=cmd_hydra_sft)
+    _stage_parser(sub, "hydra-sft", "Hydra-SFT: one model trained on SFT chats and preference pairs",
+                  HydraSFTConfig, cmd_hydra_sft, HYDRA_SFT_PRESETS)
 
     from minilm.post.ppo_loop import PPO_PRESETS, PPOConfig
     from minilm.post.ppo_models import VARIANTS
-    p = sub.add_parser("ppo", help="PPO against a reward model: --variant ppo, lora, hydra or jhydra")
-    p.add_argument("--preset", default="tiny", choices=list(PPO_PRESETS))
+    p = _stage_parser(sub, "ppo", "PPO against a reward model: --variant ppo, lora, hydra or jhydra",
+                      PPOConfig, cmd_ppo, PPO_PRESETS, skip=("variant",))
     p.add_argument("--variant", default=None, choices=list(VARIANTS))
-    _add_dataclass_flags(p, PPOConfig, skip=("variant",))
-    p.set_defaults(func=cmd_ppo)
 
     p = sub.add_parser("presets", help="list the model presets")
     p.set_defaults(func=cmd_presets)

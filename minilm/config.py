@@ -34,6 +34,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True  # share token embedding and LM head (phi-3-mini does not)
     dropout: float = 0.0         # residual dropout; 0 for pretraining small models
+    # FFN width of each layer after structured pruning (minilm/prune/compact.py); None: every layer
+    # d_ff. d_ff stays the width before pruning; a layer may be pruned away entirely (width 0)
+    d_ff_per_layer: tuple[int, ...] | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "max_seq_len"):
@@ -50,6 +53,28 @@ class ModelConfig:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        self._check_ffn_widths()
+
+    def _check_ffn_widths(self):
+        widths = self.d_ff_per_layer
+        if widths is None:
+            return
+        if not isinstance(widths, (tuple, list)):
+            raise ConfigError(f"d_ff_per_layer must be None or one FFN width per layer, got {widths!r}")
+        self.d_ff_per_layer = widths = tuple(widths)  # JSON gives a list
+        if len(widths) != self.n_layer:
+            raise ConfigError(f"d_ff_per_layer has {len(widths)} widths but n_layer={self.n_layer}; "
+                              f"give one FFN width per layer")
+        bad = [(i, w) for i, w in enumerate(widths) if isinstance(w, bool) or not isinstance(w, int) or w < 0]
+        if bad:
+            raise ConfigError(f"d_ff_per_layer must hold non-negative integers; layer {bad[0][0]} has "
+                              f"{bad[0][1]!r}")
+
+    def ffn_width(self, layer: int) -> int:
+        """The FFN width (neurons) of layer `layer`: d_ff unless d_ff_per_layer says otherwise."""
+        if not 0 <= layer < self.n_layer:
+            raise ConfigError(f"layer {layer} out of range: the model has n_layer={self.n_layer}")
+        return self.d_ff if self.d_ff_per_layer is None else self.d_ff_per_layer[layer]
 
     @property
     def head_dim(self) -> int:

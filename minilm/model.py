@@ -14,6 +14,9 @@ moves between the two without renaming (tests/test_hf_parity.py checks logits ma
     logits, loss = model(idx, targets)            # idx, targets: (B, T) int64
     h = model.hidden(idx)                          # (B, T, d_model), for reward/value heads
 
+FFN neurons can be pruned per layer: `set_neuron_masks(model, masks)` (computed over the kept
+neurons only, see `MLP`), or a config with `d_ff_per_layer` (a compacted model, minilm/prune/compact.py).
+
 Decoding uses a `KVCache`; batches of prompts of different lengths are left-padded and pass an
 `attention_mask` (B, S) of 1 for tokens and 0 for padding (positions then skip the padding).
 """
@@ -21,6 +24,7 @@ Decoding uses a `KVCache`; batches of prompts of different lengths are left-padd
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -107,16 +111,52 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Gated SiLU (SwiGLU): down(silu(gate(x)) * up(x)), with gate and up fused in one matmul."""
+    """Gated SiLU (SwiGLU): down(silu(gate(x)) * up(x)), with gate and up fused in one matmul.
 
-    def __init__(self, cfg: ModelConfig):
+    `neuron_mask` (None or a float (width,) tensor of 0/1, set with `set_neuron_masks`) prunes
+    neurons (structured pruning, lessons/11_pruning.md): a mask that requires grad (straight-through
+    pruning scores) multiplies the activations, so gradients reach it; any other mask goes to
+    `ops.masked_ffn`, which skips the pruned neurons instead of multiplying them by zero (unless
+    LoRA wraps the projections: then the activations are multiplied too).
+    """
+
+    def __init__(self, cfg: ModelConfig, width: int | None = None):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)  # rows: gate, then up
-        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        width = cfg.d_ff if width is None else width
+        with warnings.catch_warnings():  # width 0 (a layer pruned away): nothing to initialise
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            self.gate_up_proj = nn.Linear(cfg.d_model, 2 * width, bias=False)  # rows: gate, then up
+            self.down_proj = nn.Linear(width, cfg.d_model, bias=False)
+        self.register_buffer("neuron_mask", None, persistent=False)  # moves with .to(), not saved
 
     def forward(self, x):
+        mask = self.neuron_mask
+        # LoRA-wrapped projections (minilm/lora.py) compute more than .weight: keep them as modules
+        plain = type(self.gate_up_proj) is nn.Linear and type(self.down_proj) is nn.Linear
+        if mask is not None and not mask.requires_grad and plain:
+            return ops.masked_ffn(x, self.gate_up_proj.weight, self.down_proj.weight, mask)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        act = F.silu(gate) * up
+        return self.down_proj(act if mask is None else act * mask.to(act.dtype))
+
+
+def set_neuron_masks(model: nn.Module, masks: list[torch.Tensor | None]) -> None:
+    """Give layer l's MLP the mask masks[l] (None: dense); one entry per layer, each (width_l,)."""
+    layers = getattr(model, "module", model).model.layers
+    if len(masks) != len(layers):
+        raise ValueError(f"set_neuron_masks: got {len(masks)} masks for {len(layers)} layers; pass one "
+                         f"per layer (None for a dense layer)")
+    for i, (layer, mask) in enumerate(zip(layers, masks)):
+        width = layer.mlp.down_proj.weight.shape[1]
+        if mask is not None and (mask.dim() != 1 or mask.shape[0] != width or not mask.is_floating_point()):
+            raise ValueError(f"set_neuron_masks: layer {i} needs a float mask of shape ({width},), got "
+                             f"{mask.dtype} {tuple(mask.shape)}")
+        layer.mlp.neuron_mask = mask
+
+
+def get_neuron_masks(model: nn.Module) -> list[torch.Tensor | None]:
+    """Each layer's neuron mask (None where the layer is dense)."""
+    return [layer.mlp.neuron_mask for layer in getattr(model, "module", model).model.layers]
 
 
 class DecoderLayer(nn.Module):
@@ -126,7 +166,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, cfg.ffn_width(layer_idx))
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, kv_cache=None, key_mask=None):

@@ -4,9 +4,14 @@ how to differentiate and trace them.
 The C++ side only defines the ops and their device kernels:
     torch.ops.minilm.attention_fwd(q, k, v, causal, scale) -> (out, lse)
     torch.ops.minilm.attention_bwd(grad_out, q, k, v, out, lse, causal, scale) -> (grad_q, grad_k, grad_v)
+    torch.ops.minilm.masked_ffn_fwd(x, gate_up_weight, down_weight, mask) -> (out, hidden)
+    torch.ops.minilm.masked_ffn_bwd(grad_out, x, gate_up_weight, down_weight, mask, hidden) -> 3 grads
+    torch.ops.minilm.ffn_compact(gate_up_weight, down_weight, mask) -> (gate_up_kept, down_kept)
 Here, in Python (the pattern of PyTorch's custom-op tutorial):
   - `register_autograd` makes attention_fwd differentiable: the forward saves q, k, v, out and lse,
-    the backward calls attention_bwd (FlashAttention-2 recomputes the scores from lse);
+    the backward calls attention_bwd (FlashAttention-2 recomputes the scores from lse); likewise
+    masked_ffn_fwd saves its hidden (N, 2K) for masked_ffn_bwd (ffn_compact is a composite of ATen
+    ops, which autograd differentiates without help);
   - `register_fake` says what shapes and dtypes each op returns without computing anything, which
     is all torch.compile (and torch.library.opcheck) needs to trace through them.
 `LOADED` says whether the kernels are there (`LOAD_ERROR` why not), `DEVICES` for which devices.
@@ -47,3 +52,26 @@ if LOADED:
         return grad_q, grad_k, grad_v, None, None
 
     torch.library.register_autograd("minilm::attention_fwd", _backward, setup_context=_setup_context)
+
+    # masked FFN (csrc/masking/): out, hidden = masked_ffn_fwd(x, gate_up, down, mask)
+    @torch.library.register_fake("minilm::masked_ffn_fwd")
+    def _masked_ffn_fwd_fake(x, gate_up_weight, down_weight, mask):
+        kept = torch.library.get_ctx().new_dynamic_size()  # K depends on the mask's values
+        return torch.empty_like(x), x.new_empty((x.numel() // x.shape[-1], 2 * kept))
+
+    @torch.library.register_fake("minilm::masked_ffn_bwd")
+    def _masked_ffn_bwd_fake(grad_out, x, gate_up_weight, down_weight, mask, hidden):
+        return torch.empty_like(x), torch.empty_like(gate_up_weight), torch.empty_like(down_weight)
+
+    def _ffn_setup_context(ctx, inputs, output):
+        x, gate_up_weight, down_weight, mask = inputs
+        ctx.save_for_backward(x, gate_up_weight, down_weight, mask, output[1])
+        ctx.mark_non_differentiable(output[1])  # hidden is the backward's helper
+
+    def _ffn_backward(ctx, grad_out, _grad_hidden):
+        x, gate_up_weight, down_weight, mask, hidden = ctx.saved_tensors
+        grads = torch.ops.minilm.masked_ffn_bwd(grad_out.contiguous(), x, gate_up_weight, down_weight,
+                                                mask, hidden)
+        return (*grads, None)  # no gradient for the mask: use act * mask for that (model.MLP does)
+
+    torch.library.register_autograd("minilm::masked_ffn_fwd", _ffn_backward, setup_context=_ffn_setup_context)

@@ -1,7 +1,8 @@
 """Pure-PyTorch references for minilm's ops: the definitions every kernel is tested against.
 
 These are written for clarity, not speed: attention materialises the full (T, S) score matrix and
-repeats k/v heads for grouped-query attention. `minilm/ops/attention.py` picks a faster backend
+repeats k/v heads for grouped-query attention; the masked FFN computes every neuron and multiplies
+the pruned ones by zero. `minilm/ops/attention.py` and `minilm/ops/masking.py` pick a faster backend
 for real work; tests compare every backend with the functions here.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def causal_mask(t: int, s: int, device=None) -> torch.Tensor:
@@ -61,3 +63,23 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     # softmax in at least float32 (bf16/fp16 inputs), in float64 for float64 inputs (gradcheck)
     probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
     return probs.to(q.dtype) @ v
+
+
+def masked_ffn_reference(x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor,
+                         mask: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x) * mask): the gated-SiLU FFN with neuron j multiplied by mask[j].
+
+    x: (..., D); gate_up_weight: (2F, D), rows gate then up; down_weight: (D, F); mask: (F,).
+    Every neuron is computed and the pruned ones are multiplied by zero: the dense baseline the
+    kernel (which skips them) must equal. Differentiable in the mask too (straight-through scores).
+    """
+    gate, up = F.linear(x, gate_up_weight).chunk(2, dim=-1)  # (..., F) each
+    return F.linear(F.silu(gate) * up * mask.to(x.dtype), down_weight)
+
+
+def ffn_compact_reference(gate_up_weight: torch.Tensor, down_weight: torch.Tensor,
+                          mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept neurons' weights, in order: gate+up rows (2K, D) and down columns (D, K)."""
+    kept = mask.nonzero().flatten()  # (K,)
+    n = down_weight.shape[1]
+    return gate_up_weight[torch.cat([kept, kept + n])], down_weight[:, kept]

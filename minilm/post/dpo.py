@@ -41,7 +41,7 @@ from minilm.checkpoint import load_checkpoint, save_checkpoint
 from minilm.generate import generate, token_logprobs
 from minilm.lora import adapter_names, merge_and_unload
 from minilm.post.chat import parse_reply, render_prompt
-from minilm.post.loop import PostConfig, add_lora, run_loop
+from minilm.post.loop import add_lora, from_preset, PostConfig, run_loop
 from minilm.post.preferences import encode_pairs, make_pair_batch_fn, pair_batches
 from minilm.runtime import setup_runtime
 
@@ -83,9 +83,7 @@ DPO_PRESETS = {
 
 
 def dpo_config(preset: str = "tiny", **overrides) -> DPOConfig:
-    if preset not in DPO_PRESETS:
-        raise MinilmError(f"unknown dpo preset {preset!r}; choose one of {', '.join(DPO_PRESETS)}")
-    return DPOConfig(**{**DPO_PRESETS[preset], **overrides})
+    return from_preset(DPOConfig, DPO_PRESETS, preset, "dpo", **overrides)
 
 
 def sequence_logprobs(model, tokens: torch.Tensor, attention_mask: torch.Tensor,

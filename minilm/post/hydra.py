@@ -32,7 +32,7 @@ from pathlib import Path
 
 from minilm import MinilmError
 from minilm.checkpoint import save_checkpoint
-from minilm.post.loop import add_lora, run_loop
+from minilm.post.loop import add_lora, from_preset, run_loop
 from minilm.post.oracles import AnswerOracle
 from minilm.post.preferences import make_pair_batch_fn
 from minilm.post.reward import (RewardConfig, evaluate_pairs, load_reward_model, reward_config, reward_data,
@@ -59,10 +59,7 @@ HYDRA_SFT_PRESETS = {
 
 
 def hydra_sft_config(preset: str = "tiny", **overrides) -> HydraSFTConfig:
-    if preset not in HYDRA_SFT_PRESETS:
-        raise MinilmError(f"unknown hydra-sft preset {preset!r}; choose one of "
-                          f"{', '.join(HYDRA_SFT_PRESETS)}")
-    return HydraSFTConfig(**{**HYDRA_SFT_PRESETS[preset], **overrides})
+    return from_preset(HydraSFTConfig, HYDRA_SFT_PRESETS, preset, "hydra-sft", **overrides)
 
 
 def hydra_sft_loss(hydra, batch: dict, lm_weight: float = 1.0, head: str = "reward"):

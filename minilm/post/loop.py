@@ -69,6 +69,13 @@ class PostConfig:
     lora_targets: str = DEFAULT_LORA_TARGETS  # comma-separated regexes over nn.Linear names
 
 
+def from_preset(cls, presets: dict, preset: str, stage: str, **overrides):
+    """`cls(**presets[preset], **overrides)`: a stage's config from its named CPU/GPU preset."""
+    if preset not in presets:
+        raise MinilmError(f"unknown {stage} preset {preset!r}; choose one of {', '.join(presets)}")
+    return cls(**{**presets[preset], **overrides})
+
+
 def lora_targets(cfg: PostConfig) -> tuple[str, ...]:
     """cfg.lora_targets as a tuple of regexes (a comma-separated string or a sequence)."""
     targets = cfg.lora_targets

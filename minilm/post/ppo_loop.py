@@ -45,7 +45,7 @@ from minilm.generate import generate
 from minilm.lora import adapter_names, merge_and_unload
 from minilm.post.chat import parse_reply, render_prompt
 from minilm.post.dpo import summarize
-from minilm.post.loop import PostConfig, _read_metrics, _resume, _rng_state, trainable_state
+from minilm.post.loop import from_preset, PostConfig, trainable_state, _read_metrics, _resume, _rng_state
 from minilm.post.oracles import AnswerOracle
 from minilm.post.ppo import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_penalty,
                              logprobs_from_logits, masked_mean, masked_whiten, ppo_policy_loss, shape_rewards,
@@ -98,9 +98,7 @@ PPO_PRESETS = {
 
 
 def ppo_config(preset: str = "tiny", **overrides) -> PPOConfig:
-    if preset not in PPO_PRESETS:
-        raise MinilmError(f"unknown ppo preset {preset!r}; choose one of {', '.join(PPO_PRESETS)}")
-    cfg = PPOConfig(**{**PPO_PRESETS[preset], **overrides})
+    cfg = from_preset(PPOConfig, PPO_PRESETS, preset, "ppo", **overrides)
     if cfg.variant not in VARIANTS:
         raise MinilmError(f"unknown PPO variant {cfg.variant!r}; choose one of {', '.join(VARIANTS)}")
     if cfg.reward not in ("model", "oracle"):

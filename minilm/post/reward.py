@@ -43,7 +43,7 @@ from minilm import MinilmError
 from minilm.checkpoint import load_checkpoint, save_checkpoint
 from minilm.lora import adapter_names, merge_and_unload
 from minilm.post.heads import HydraModel, last_token_index
-from minilm.post.loop import PostConfig, add_lora, run_loop
+from minilm.post.loop import add_lora, from_preset, PostConfig, run_loop
 from minilm.post.preferences import encode_pairs, make_pair_batch_fn, pair_batches
 from minilm.runtime import setup_runtime
 
@@ -74,9 +74,7 @@ REWARD_PRESETS = {
 
 
 def reward_config(preset: str = "tiny", **overrides) -> RewardConfig:
-    if preset not in REWARD_PRESETS:
-        raise MinilmError(f"unknown reward preset {preset!r}; choose one of {', '.join(REWARD_PRESETS)}")
-    return RewardConfig(**{**REWARD_PRESETS[preset], **overrides})
+    return from_preset(RewardConfig, REWARD_PRESETS, preset, "reward", **overrides)
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

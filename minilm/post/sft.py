@@ -43,7 +43,7 @@ from minilm import MinilmError
 from minilm.checkpoint import save_checkpoint
 from minilm.generate import generate
 from minilm.post.chat import collate, parse_reply, render_chat, render_prompt
-from minilm.post.loop import PostConfig, init_model, run_loop
+from minilm.post.loop import from_preset, init_model, PostConfig, run_loop
 from minilm.post.oracles import AnswerOracle
 from minilm.runtime import setup_runtime
 
@@ -74,9 +74,7 @@ SFT_PRESETS = {
 
 
 def sft_config(preset: str = "tiny", **overrides) -> SFTConfig:
-    if preset not in SFT_PRESETS:
-        raise MinilmError(f"unknown sft preset {preset!r}; choose one of {', '.join(SFT_PRESETS)}")
-    return SFTConfig(**{**SFT_PRESETS[preset], **overrides})
+    return from_preset(SFTConfig, SFT_PRESETS, preset, "sft", **overrides)
 
 
 def sft_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:

@@ -1,0 +1,202 @@
+"""Direct Nash Optimization: the pieces (Rosset et al. 2024, arXiv 2404.03715; lesson 09).
+
+    from minilm.post.dno import dno_regression_loss, select_pairs, replay_pairs, scripted_teacher
+    loss, metrics = dno_regression_loss(pi_1, pi_2, ref_1, ref_2, r_1, r_2, eta=0.1)   # Algorithm 1
+    pairs = select_pairs(scores, teacher_index=5)                                     # Algorithm 2, 2c
+    old = replay_pairs([pairs_t1, pairs_t2], shares=(0.3, 0.15), seed=0)              # Algorithm 2, 2d
+
+The loop that uses them is minilm/post/dno_loop.py (`minilm dno`); the tabular demo with an
+intransitive oracle is `tabular_dno` below.
+
+DNO aims at the Nash equilibrium (von Neumann winner) of the game whose payoff is a general
+preference P(y > y' | x). Iteration t rewards a reply by its expected win-rate against the
+current policy, r_t(y) = E_{y'~pi_t} P(y > y'), and moves pi_t to pi_{t+1} ∝ pi_t exp(r_t / eta).
+Algorithm 1 fits that target by a soft-label binary cross-entropy on pairs (`dno_regression_loss`);
+Algorithm 2 (DNO-Prct, what the paper ran) keeps only large-margin pairs and uses the DPO loss
+(minilm/post/dpo.py `dpo_loss`) with the reference = pi_t, the previous iterate.
+
+Paper thresholds and our scale. The paper's GPT-4 oracle scores on an additive 6-point rubric;
+a positive must score 5-6 and a negative >= 2 points lower (>= 1 when the positive is a student
+sample). `VerifierOracle` (minilm/post/oracles.py) scores 0..6 with the rubric's shape (a wrong
+reply gets at most 4), so the thresholds carry over unchanged: positive_min=5, teacher_margin=2,
+student_margin=1. With the filter off, every pair whose scores differ is used (the paper's
+"all pairs" ablation).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+import torch
+import torch.nn.functional as F
+
+PAIR_KINDS = ("teacher>student", "student>teacher", "student>student")
+
+
+def dno_regression_loss(pi_1: torch.Tensor, pi_2: torch.Tensor, ref_1: torch.Tensor, ref_2: torch.Tensor,
+                        r_1: torch.Tensor, r_2: torch.Tensor, eta: float = 0.1) -> tuple[torch.Tensor, dict]:
+    """Algorithm 1's loss over a batch of pairs (all inputs (B,)): soft labels sigmoid(r_1 - r_2).
+
+    Delta = eta * (log pi(y1)/pi_t(y1) - log pi(y2)/pi_t(y2)); the loss is the binary
+    cross-entropy  -[l log sigmoid(Delta) + (1 - l) log sigmoid(-Delta)],  l = sigmoid(r_1 - r_2).
+    Its minimiser has Delta = r_1 - r_2, i.e. pi ∝ pi_t exp(r / eta): soft policy iteration,
+    with the partition function cancelled by the difference. ref_* are pi_t's log-probs.
+    """
+    if eta <= 0:
+        raise ValueError(f"eta must be > 0 (it scales the log-ratio), got {eta}")
+    delta = eta * ((pi_1 - ref_1.detach()) - (pi_2 - ref_2.detach()))   # (B,)
+    label = torch.sigmoid(r_1.float() - r_2.float()).to(delta.dtype)
+    loss = F.binary_cross_entropy_with_logits(delta, label)
+    with torch.no_grad():
+        metrics = {"delta": delta.mean().item(), "label": label.mean().item(),
+                   "regression_gap": (delta - (r_1 - r_2)).abs().mean().item()}
+    return loss, metrics
+
+
+def expected_win_rates(prefer: torch.Tensor, students: torch.Tensor) -> torch.Tensor:
+    """r_t(y_i) = mean over the student samples j != i of P(y_i > y_j): (N,) from prefer (N, N).
+
+    prefer[i, j] = P(candidate i beats candidate j); students is a bool mask (N,) of the
+    candidates that were sampled from pi_t (the teacher is not a sample of pi_t).
+    """
+    n = prefer.shape[0]
+    others = students[None, :].expand(n, n) & ~torch.eye(n, dtype=torch.bool)
+    return (prefer * others).sum(1) / others.sum(1).clamp(min=1)
+
+
+def select_pairs(scores: list[float], teacher_index: int | None = None, positive_min: float = 5,
+                 teacher_margin: float = 2, student_margin: float = 1, large_margin: bool = True,
+                 texts: list[str] | None = None) -> list[tuple[int, int, str]]:
+    """Algorithm 2 step 2c on one prompt's candidates: (positive, negative, kind) index pairs.
+
+    large_margin: the positive scores >= positive_min and the negative is >= teacher_margin
+    below a teacher positive, >= student_margin below a student positive. Otherwise every pair
+    with different scores. Candidates with identical texts are never paired.
+    """
+    pairs = []
+    for i, si in enumerate(scores):
+        if large_margin and si < positive_min:
+            continue
+        margin = teacher_margin if i == teacher_index else student_margin
+        for j, sj in enumerate(scores):
+            ok = si - sj >= margin if large_margin else si > sj
+            if i == j or not ok or (texts is not None and texts[i] == texts[j]):
+                continue
+            kind = ("teacher>student" if i == teacher_index else
+                    "student>teacher" if j == teacher_index else "student>student")
+            pairs.append((i, j, kind))
+    return pairs
+
+
+def replay_pairs(earlier: list[list[dict]], shares=(0.3, 0.15), seed: int = 0) -> list[dict]:
+    """Algorithm 2 step 2d: a share of each earlier iteration's pairs, most recent first.
+
+    earlier[0] is iteration t-1's pairs, earlier[1] t-2's, ...; shares[k] is the share kept of
+    earlier[k], and iterations past the end of shares halve the last share each step back.
+    Old pairs are reused as they were (not re-sampled, not re-judged).
+    """
+    rng = random.Random(seed)
+    out = []
+    for k, pairs in enumerate(earlier):
+        share = shares[k] if k < len(shares) else shares[-1] * 0.5 ** (k - len(shares) + 1)
+        out += rng.sample(pairs, int(share * len(pairs)))
+    return out
+
+
+def scripted_teacher(conversation: dict, rng: random.Random, error_rate: float = 0.25) -> str:
+    """A good-but-not-perfect teacher: the reference reply, or with prob error_rate a near miss.
+
+    Numbers: off by a small amount or a slipped factor of ten; text: the last word dropped;
+    worked solutions: the last number changed. The near misses score 2-4 of VerifierOracle's 6
+    points, so a correct student reply can beat the teacher (a student > teacher pair).
+    """
+    reply, answer = conversation["messages"][-1]["content"], str(conversation["answer"])
+    if rng.random() >= error_rate:
+        return reply
+    if re.fullmatch(r"-?\d+", answer):
+        value = int(answer)
+        wrong = rng.choice([value + rng.choice([-2, -1, 1, 2]), value * 10, value // 10 or value + 3])
+        wrong = wrong if wrong != value else value + 1
+        head, sep, _ = reply.rpartition(answer)
+        return f"{head}{wrong}" + reply[len(head) + len(answer):] if sep else str(wrong)
+    words = reply.split()
+    return " ".join(words[:-1]) if len(words) > 1 else reply + " " + reply
+
+
+# ---- the tabular demo: an intransitive oracle, a Bradley-Terry fit, and DNO's iterates
+
+def bradley_terry_fit(prefer: torch.Tensor, steps: int = 2000, lr: float = 0.1) -> tuple[torch.Tensor, float]:
+    """(scores (N,), mean cross-entropy) of the best point-wise reward for P (N, N) under
+    P_BT(i > j) = sigmoid(s_i - s_j), by gradient descent on every ordered pair i != j."""
+    n = prefer.shape[0]
+    s = torch.zeros(n, requires_grad=True)
+    off = ~torch.eye(n, dtype=torch.bool)
+    opt = torch.optim.Adam([s], lr=lr)
+    for _ in range(steps):
+        logits = (s[:, None] - s[None, :])[off]
+        loss = F.binary_cross_entropy_with_logits(logits, prefer[off].float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return s.detach(), loss.item()
+
+
+def preference_entropy(prefer: torch.Tensor) -> float:
+    """The lowest cross-entropy any model can reach on P: its own entropy over the ordered pairs."""
+    off = ~torch.eye(prefer.shape[0], dtype=torch.bool)
+    p = prefer[off].float().clamp(1e-9, 1 - 1e-9)
+    return (-(p * p.log() + (1 - p) * (1 - p).log())).mean().item()
+
+
+def tabular_dno(prefer: torch.Tensor, iterations: int = 200, eta: float = 0.5, fit_steps: int = 0,
+                lr: float = 0.5) -> dict:
+    """DNO on a policy over N fixed responses (one prompt): returns the iterates and their average.
+
+    fit_steps == 0 takes the exact target pi_{t+1} ∝ pi_t exp(r_t / eta); fit_steps > 0 reaches
+    it the way Algorithm 1 does, by minimising `dno_regression_loss` over all pairs with Adam on
+    the policy's logits (tabular: log pi(y) is a logit minus a log-sum-exp).
+    """
+    n = prefer.shape[0]
+    logits = torch.zeros(n)
+    iterates = []
+    for _ in range(iterations):
+        pi_t = logits.softmax(0)
+        r = prefer.float() @ pi_t                       # r_t(y) = E_{y'~pi_t} P(y > y')
+        if fit_steps == 0:
+            logits = pi_t.log() + r / eta
+        else:
+            logits = _fit_regression(logits, r, eta, fit_steps, lr)
+        iterates.append(logits.softmax(0))
+    stack = torch.stack(iterates)                       # (iterations, N)
+    return {"iterates": stack, "average": stack.mean(0), "last": stack[-1]}
+
+
+def _fit_regression(ref_logits: torch.Tensor, r: torch.Tensor, eta: float, steps: int, lr: float) -> torch.Tensor:
+    n = r.shape[0]
+    i, j = torch.triu_indices(n, n, offset=1)           # every unordered pair once
+    ref_lp = ref_logits.log_softmax(0)
+    theta = ref_logits.clone().requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=lr)
+    for _ in range(steps):
+        lp = theta.log_softmax(0)
+        loss, _ = dno_regression_loss(lp[i], lp[j], ref_lp[i], ref_lp[j], r[i], r[j], eta)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return theta.detach()
+
+
+def cyclic_demo(iterations: int = 300, eta: float = 2.0) -> dict:
+    """The intransitive-oracle demo on rock-paper-scissors (oracles.RPS_TABLE): the best
+    Bradley-Terry fit's cross-entropy against P's own, and DNO's averaged vs last iterate
+    against the von Neumann winner p ∝ (1, 1.5, 2) (solves M p = 0, M = P - 1/2)."""
+    from minilm.post.oracles import RPS, RPS_TABLE
+    prefer = torch.tensor(RPS_TABLE)
+    scores, bt_loss = bradley_terry_fit(prefer)
+    out = tabular_dno(prefer, iterations, eta)
+    nash = torch.tensor([1.0, 1.5, 2.0]) / 4.5
+    return {"responses": RPS, "bt_scores": scores.tolist(), "bt_loss": bt_loss,
+            "entropy": preference_entropy(prefer), "average": out["average"].tolist(),
+            "last": out["last"].tolist(), "nash": nash.tolist(),
+            "average_error": (out["average"] - nash).abs().max().item()}

@@ -1,0 +1,355 @@
+"""DNO-Prct, iterated (Rosset et al. 2024, arXiv 2404.03715, Algorithm 2; lesson 09).
+
+    minilm dno --init runs/sft-tiny/checkpoint --iterations 3 --samples 5 --oracle verifier
+    from minilm.post.dno_loop import dno_config, run_dno
+    summary = run_dno(dno_config("tiny", out_dir="runs/dno-tiny"))
+
+For t = 1..T, on a fresh split of train prompts (`run_iteration`):
+  1. sample K replies per prompt from pi_t (temperature 0.7, top-p 0.95) and add the teacher's
+     (`scripted_teacher`: correct except on a seeded error_rate share);
+  2. the oracle scores all K + 1 candidates (`score_candidates`);
+  3. large-margin pairs (`select_pairs`): teacher > student, student > teacher, student > student;
+  4. replay 30% of iteration t-1's pairs, 15% of t-2's (`replay_pairs`);
+  5. train pi_{t+1} from pi_t for <= 1 epoch with the DPO loss whose reference is pi_t (a frozen
+     copy, or the same weights with LoRA off when --lora-r > 0);
+  6. judge pi_{t+1} (`evaluate_policy`): greedy replies on held-out validation and test prompts;
+     win-rates against SFT, the previous iterate and the teacher under a SEPARATE verifier on
+     the test prompts, with Wilson intervals and mean length (minilm/eval/winrate.py).
+Every iterate's checkpoint is kept (out_dir/iter_t/checkpoint); the best on validation is named
+in summary.json. Resumable per iteration: a finished iteration is read back from state.json, an
+unfinished one reuses its saved pairs and resumes its training steps (minilm/post/loop.py).
+
+Variants (the paper's comparisons, benchmarks/dno_baselines.py): pairs_mode "restrictive"
+(teacher > student only), "spin" (teacher always chosen over every sample, no oracle);
+loss "regression" (Algorithm 1's soft labels sigmoid(r_t(y1) - r_t(y2))), "sft" (NLL on the
+positives); reference "sft" (a fixed SFT reference); large_margin False (all decided pairs);
+iterations 1 with epochs > 1 on all prompts = offline DPO on one fixed pair set.
+
+Deviations: the oracle is a verifier on checkable answers (not GPT-4), the teacher a script;
+non-verifier oracles score a candidate by 6 x its mean preference over the other candidates, so
+the same thresholds apply; no repeated-n-gram negatives (our replies are a few tokens); the
+learning rate decays by lr_decay per iteration (the paper lowered it by hand).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minilm import MinilmError
+from minilm.checkpoint import load_checkpoint
+from minilm.eval.winrate import head_to_head, plot_winrates, win_rate, winrate_table
+from minilm.post.dno import PAIR_KINDS, dno_regression_loss, replay_pairs, scripted_teacher, select_pairs
+from minilm.post.dpo import dpo_batch_loss, reference_logprobs, sequence_logprobs
+from minilm.post.loop import PostConfig, from_preset, init_model, run_loop
+from minilm.post.oracles import VerifierOracle
+from minilm.post.preferences import encode_pairs, pair_batch, sample_replies
+from minilm.runtime import setup_runtime
+
+
+@dataclass
+class DNOConfig(PostConfig):
+    out_dir: str = "runs/dno-tiny"
+    init: str = "runs/sft-tiny/checkpoint"
+    iterations: int = 3
+    n_prompts: int = 300            # fresh train prompts per iteration
+    samples: int = 5                # K replies per prompt from pi_t (+ 1 teacher reply)
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 16
+    oracle: str = "verifier"        # verifier, reward, judge (cyclic: the tabular demo, dno.py)
+    oracle_checkpoint: str = ""     # the reward model (reward) or judge model (judge)
+    teacher_error: float = 0.25     # share of prompts where the scripted teacher is wrong
+    pairs_mode: str = "dno"         # dno, restrictive (teacher > student only), spin (teacher > all)
+    large_margin: bool = True
+    positive_min: float = 5.0
+    teacher_margin: float = 2.0
+    student_margin: float = 1.0
+    replay: str = "0.3,0.15"        # shares of iteration t-1's, t-2's pairs
+    loss: str = "dpo"               # dpo (Algorithm 2), regression (Algorithm 1), sft (positives)
+    reference: str = "previous"     # previous (pi_t) or sft (fixed)
+    epochs: float = 1.0             # passes over an iteration's pairs (DNO: <= 1)
+    beta: float = 0.1
+    sft_weight: float = 0.0
+    lr_decay: float = 1.0
+    sources: str = "arithmetic,units"
+    n_val: int = 150
+    n_test: int = 300
+    data_seed: int = 0
+    max_len: int = 64
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 3
+    eval_every: int = 10_000        # the loop's eval is off; each iteration is judged after training
+    ckpt_every: int = 25
+    log_every: int = 5
+
+
+DNO_PRESETS = {  # ~1M-param SFT model, 2 CPU cores, ~1 minute per iteration. Plain DPO at lr 1e-3
+    # turned greedy replies into babble within one iteration (as in lesson 07); + NLL of the chosen
+    # replies (DPO + NLL, Iterative RPO) keeps them fluent. lr 5e-4: each iterate beat the previous
+    # one; at 1e-3 and 2e-3 iterations 1-2 lost to their predecessors (lesson 09).
+    "tiny": dict(sft_weight=1.0, lr=5e-4),
+}
+
+
+def dno_config(preset: str = "tiny", **overrides) -> DNOConfig:
+    return from_preset(DNOConfig, DNO_PRESETS, preset, "dno", **overrides)
+
+
+def check_config(cfg: DNOConfig) -> None:
+    choices = {"oracle": ("verifier", "reward", "judge"), "pairs_mode": ("dno", "restrictive", "spin"),
+               "loss": ("dpo", "regression", "sft"), "reference": ("previous", "sft")}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise MinilmError(f"{key} must be one of {', '.join(allowed)}, not {getattr(cfg, key)!r}")
+    if cfg.iterations < 1 or cfg.samples < 1 or cfg.n_prompts < 1:
+        raise MinilmError("iterations, samples and n_prompts must all be >= 1")
+    if cfg.oracle != "verifier" and not cfg.oracle_checkpoint:
+        raise MinilmError(f"--oracle {cfg.oracle} needs --oracle-checkpoint DIR (the model it runs)")
+    if not 0 <= cfg.teacher_error <= 1 or cfg.epochs <= 0 or cfg.beta <= 0:
+        raise MinilmError("teacher_error must be in [0, 1], epochs and beta > 0")
+
+
+def dno_data(cfg: DNOConfig) -> dict:
+    """Train prompts in T non-overlapping chunks, validation and test prompts (held-out split)."""
+    from data_prep.instructions import instruction_examples
+    sources = tuple(s.strip() for s in cfg.sources.split(",") if s.strip())
+    train = instruction_examples(cfg.iterations * cfg.n_prompts, cfg.data_seed, sources, split="train")
+    if len(train) < cfg.iterations * cfg.n_prompts:
+        raise MinilmError(f"only {len(train)} distinct train prompts for {cfg.iterations} x {cfg.n_prompts}")
+    held = instruction_examples(cfg.n_val + cfg.n_test, cfg.data_seed + 1, sources, split="heldout")
+    chunks = [train[t * cfg.n_prompts:(t + 1) * cfg.n_prompts] for t in range(cfg.iterations)]
+    return {"chunks": chunks, "val": held[:cfg.n_val], "test": held[cfg.n_val:]}
+
+
+def make_oracle(cfg: DNOConfig, conversations: list[dict]):
+    from minilm.post.oracles import JudgeOracle, RewardModelOracle
+    if cfg.oracle == "verifier":
+        return VerifierOracle(conversations)
+    if cfg.oracle == "reward":
+        from minilm.post.reward import load_reward_model
+        return RewardModelOracle(*load_reward_model(cfg.oracle_checkpoint))
+    ck = load_checkpoint(cfg.oracle_checkpoint)
+    return JudgeOracle(ck.model, ck.tokenizer)
+
+
+def score_candidates(oracle, prompt, candidates: list[str]) -> tuple[list[float], torch.Tensor]:
+    """(scores on the 0..6 scale, prefer matrix (N, N)) for one prompt's candidates.
+
+    A VerifierOracle's points are the scores; any other oracle's score is 6 x the candidate's
+    mean preference over the others (so the paper's thresholds keep their meaning).
+    """
+    n = len(candidates)
+    triples = [(prompt, a, b) for a in candidates for b in candidates]
+    prefer = torch.tensor(oracle.prefer_many(triples)).view(n, n)
+    if hasattr(oracle, "points"):
+        return oracle.score_many([prompt] * n, candidates), prefer
+    off = ~torch.eye(n, dtype=torch.bool)
+    return (6 * (prefer * off).sum(1) / max(1, n - 1)).tolist(), prefer
+
+
+def build_pairs(cfg: DNOConfig, oracle, monitor, prompts, students, teachers) -> tuple[list[dict], dict]:
+    """Steps 2-3 for one iteration: the pairs and what they say (shares of each pair kind,
+    best-of-K student vs teacher under the uncounted `monitor` verifier)."""
+    from minilm.post.dno import expected_win_rates
+    pairs, beats_teacher = [], 0
+    for prompt, samples, teacher in zip(prompts, students, teachers):
+        texts = [t for t, _ in samples] + [teacher]
+        judged = [j for _, j in samples] + [teacher + "<|end|>"]
+        k = len(samples)
+        seen = monitor.score_many([prompt] * (k + 1), judged)
+        beats_teacher += max(seen[:k]) > seen[k]
+        if cfg.pairs_mode == "spin":  # no oracle: the teacher is always the positive
+            chosen = [(k, j, "teacher>student") for j in range(k) if texts[j] != teacher]
+            r = [0.0] * (k + 1)
+        else:
+            scores, prefer = score_candidates(oracle, prompt, judged)
+            chosen = select_pairs(scores, k, cfg.positive_min, cfg.teacher_margin, cfg.student_margin,
+                                  cfg.large_margin, texts)
+            if cfg.pairs_mode == "restrictive":
+                chosen = [c for c in chosen if c[2] == "teacher>student"]
+            students_mask = torch.tensor([True] * k + [False])
+            r = expected_win_rates(prefer, students_mask).tolist()
+        pairs += [{"prompt": prompt, "chosen": texts[i], "rejected": texts[j], "kind": kind,
+                   "r_chosen": r[i], "r_rejected": r[j]} for i, j, kind in chosen]
+    n = max(1, len(pairs))
+    stats = {f"share_{kind}": sum(p["kind"] == kind for p in pairs) / n for kind in PAIR_KINDS}
+    stats.update(n_new_pairs=len(pairs), best_of_k_beats_teacher=beats_teacher / max(1, len(prompts)))
+    return pairs, stats
+
+
+def make_batch_fn(encoded, pairs, batch_size: int, seed: int, pad_id: int, max_len: int):
+    """batch_fn(step): pair_batch of a shuffled pass (a pure function of seed and step), with the
+    pairs' r_t values attached for Algorithm 1's soft labels."""
+    n = len(encoded)
+    orders = {}
+
+    def order(epoch: int) -> list[int]:   # a fresh shuffle per epoch (epochs > 1: offline DPO)
+        if epoch not in orders:
+            orders[epoch] = random.Random(seed * 1_000_003 + epoch).sample(range(n), n)
+        return orders[epoch]
+
+    def batch_fn(step: int) -> dict:
+        picks = [order(i // n)[i % n] for i in range(step * batch_size, (step + 1) * batch_size)]
+        batch = pair_batch([encoded[j] for j in picks], pad_id, max_len)
+        batch["r"] = torch.tensor([pairs[j]["r_chosen"] for j in picks] + [pairs[j]["r_rejected"] for j in picks])
+        return batch
+
+    return batch_fn
+
+
+def make_loss_fn(cfg: DNOConfig, reference):
+    def loss_fn(model, batch):
+        b = batch["tokens"].shape[0] // 2
+        tensors = {k: v for k, v in batch.items() if k != "r"}
+        if cfg.loss == "dpo":
+            return dpo_batch_loss(model, tensors, cfg.beta, reference, cfg.sft_weight)
+        policy = sequence_logprobs(model, batch["tokens"], batch["attention_mask"], batch["loss_mask"])
+        if cfg.loss == "sft":   # SFT on the positives: NLL per token of the chosen replies
+            nll = -policy[:b].sum() / batch["loss_mask"][:b].sum()
+            return nll, {"chosen_nll": nll.item()}
+        ref = reference_logprobs(model, tensors, reference)
+        r = batch["r"].to(policy.device)
+        return dno_regression_loss(policy[:b], policy[b:], ref[:b], ref[b:], r[:b], r[b:], cfg.beta)
+    return loss_fn
+
+
+def greedy_replies(model, tokenizer, conversations, max_new_tokens: int) -> list[str]:
+    """The judged string (text + <|end|> or <|endoftext|>) of each greedy reply."""
+    prompts = [c["messages"][:-1] for c in conversations]
+    return [r[0][1] for r in sample_replies(model, tokenizer, prompts, 1, max_new_tokens, temperature=0.0)]
+
+
+def reply_length(tokenizer, judged: str) -> int:
+    return len(tokenizer.encode(judged.split("<|")[0].strip())) + 1   # + its closing special token
+
+
+def evaluate_policy(replies: dict, data: dict, judge: VerifierOracle, tokenizer, t: int) -> dict:
+    """One row of the iteration table: win-rates on the test prompts, validation points, length."""
+    test = [c["messages"][:-1] for c in data["test"]]
+    mine = replies[t]["test"]
+    row = {"name": f"iter {t}" if t else "SFT"}
+    for key, other in (("vs_sft", replies[0]["test"]), ("vs_prev", replies[max(0, t - 1)]["test"]),
+                       ("vs_teacher", replies["teacher"])):
+        row[key] = win_rate(head_to_head(judge, test, mine, other)) if t or key == "vs_teacher" else None
+    val = [c["messages"][:-1] for c in data["val"]]
+    row["val_points"] = sum(judge.score_many(val, replies[t]["val"])) / len(val)
+    row["test_correct"] = sum(p == 6 for p in judge.score_many(test, mine)) / len(test)
+    row["length"] = sum(reply_length(tokenizer, r) for r in mine) / len(mine)
+    return row
+
+
+def load_reference(cfg: DNOConfig, model, sft_model):
+    """pi_t frozen: None under LoRA (adapters off = pi_t), else a copy; or the fixed SFT model."""
+    if cfg.reference == "sft":
+        return sft_model
+    return None if cfg.lora_r > 0 else copy.deepcopy(model).requires_grad_(False).eval()
+
+
+def _read_pairs(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def run_iteration(cfg: DNOConfig, t: int, data: dict, oracle, monitor, sft_model, tokenizer, rt) -> dict:
+    """Steps 1-5 for iteration t (1-based): pi_t = iter_{t-1}'s checkpoint -> iter_t's."""
+    it_dir = Path(cfg.out_dir, f"iter_{t}")
+    prev = cfg.init if t == 1 else str(Path(cfg.out_dir, f"iter_{t - 1}", "checkpoint"))
+    it_cfg = dataclasses.replace(cfg, out_dir=str(it_dir), init=prev, lr=cfg.lr * cfg.lr_decay ** (t - 1))
+    torch.manual_seed(cfg.seed + t)
+    model, _ = init_model(it_cfg, rt.device)
+    stats_path = it_dir / "pairs_stats.json"
+    if not (it_dir / "pairs.json").exists():                                              # 1.-3.
+        convs = data["chunks"][t - 1]
+        prompts = [c["messages"][:-1] for c in convs]
+        g = torch.Generator().manual_seed(cfg.data_seed * 1000 + t)
+        model.eval()
+        before = oracle.calls
+        students = sample_replies(model, tokenizer, prompts, cfg.samples, cfg.max_new_tokens,
+                                  cfg.temperature, cfg.top_p, generator=g)
+        rng = random.Random(cfg.data_seed * 1000 + t)
+        teachers = [scripted_teacher(c, rng, cfg.teacher_error) for c in convs]
+        pairs, stats = build_pairs(cfg, oracle, monitor, prompts, students, teachers)
+        stats["oracle_calls"] = oracle.calls - before   # this iteration's budget
+        it_dir.mkdir(parents=True, exist_ok=True)
+        stats_path.write_text(json.dumps(stats))
+        (it_dir / "pairs.json").write_text(json.dumps(pairs))
+    pairs, stats = _read_pairs(it_dir / "pairs.json"), json.loads(stats_path.read_text())
+    earlier = [_read_pairs(Path(cfg.out_dir, f"iter_{s}", "pairs.json")) for s in range(t - 1, 0, -1)]
+    shares = tuple(float(x) for x in cfg.replay.split(",") if x.strip()) or (0.0,)
+    train = pairs + replay_pairs(earlier, shares, seed=cfg.seed + t)                       # 4.
+    if cfg.loss == "sft":   # SFT on positives: each distinct positive once
+        train = list({(json.dumps(p["prompt"]), p["chosen"]): {**p, "rejected": p["chosen"]}
+                      for p in train}.values())
+    if not train:
+        raise MinilmError(f"iteration {t} produced no pairs; raise --samples or --n-prompts, or "
+                          f"turn off --large-margin")
+    encoded, kept = encode_pairs(tokenizer, train, cfg.max_len)
+    it_cfg.max_steps = max(1, int(cfg.epochs * len(encoded)) // cfg.batch_size)            # 5.
+    batch_fn = make_batch_fn(encoded, kept, cfg.batch_size, cfg.seed + t, tokenizer.eot_id, cfg.max_len)
+    reference = load_reference(cfg, model, sft_model)
+    summary = run_loop(it_cfg, model, batch_fn, make_loss_fn(cfg, reference), None, tokenizer=tokenizer,
+                       stage="dno", rt=rt)
+    stats.update(n_train_pairs=len(encoded), n_replayed=len(train) - len(pairs), steps=it_cfg.max_steps,
+                 final_loss=summary["final_loss"])
+    return {"model": model.eval(), "stats": stats}
+
+
+def run_dno(cfg: DNOConfig) -> dict:
+    """T iterations of DNO-Prct from cfg.init; returns the per-iteration table and the best iterate."""
+    check_config(cfg)
+    rt = setup_runtime(cfg.device)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = dno_data(cfg)
+    ck = load_checkpoint(cfg.init, device=rt.device)
+    sft_model, tokenizer = ck.model.eval().requires_grad_(False), ck.tokenizer
+    train_convs = [c for chunk in data["chunks"] for c in chunk]
+    oracle, monitor = make_oracle(cfg, train_convs), VerifierOracle(train_convs)
+    judge = VerifierOracle(data["val"] + data["test"])   # held-out: its calls are not the budget
+    state_path = out / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"rows": [], "replies": {}}
+    data_key = [cfg.iterations * cfg.n_prompts, cfg.n_prompts, cfg.n_val, cfg.n_test, cfg.sources, cfg.data_seed]
+    if state.setdefault("data_key", data_key) != data_key:
+        raise MinilmError(f"{out} was run with other prompts (iterations x n_prompts, n_val, n_test, "
+                          f"sources, data_seed = {state['data_key']}); use another --out-dir")
+    replies = {int(k) if k.isdigit() else k: v for k, v in state["replies"].items()}
+    if not replies:
+        rng = random.Random(cfg.data_seed + 99)
+        replies["teacher"] = [scripted_teacher(c, rng, cfg.teacher_error) + "<|end|>" for c in data["test"]]
+        replies[0] = {s: greedy_replies(sft_model, tokenizer, data[s], cfg.max_new_tokens) for s in ("val", "test")}
+        state["rows"] = [evaluate_policy(replies, data, judge, tokenizer, 0)]
+    calls = state.get("oracle_calls", 0)
+    for t in range(len(state["rows"]), cfg.iterations + 1):
+        result = run_iteration(cfg, t, data, oracle, monitor, sft_model, tokenizer, rt)
+        replies[t] = {s: greedy_replies(result["model"], tokenizer, data[s], cfg.max_new_tokens)
+                      for s in ("val", "test")}                                            # 6.
+        calls += result["stats"]["oracle_calls"]
+        row = {**evaluate_policy(replies, data, judge, tokenizer, t), **result["stats"], "oracle_calls": calls}
+        state["rows"].append(row)
+        state.update(replies={str(k): v for k, v in replies.items()}, oracle_calls=calls)
+        tmp = out / "state.json.tmp"
+        tmp.write_text(json.dumps(state))
+        tmp.replace(state_path)
+    return finish(cfg, state["rows"])
+
+
+def finish(cfg: DNOConfig, rows: list[dict]) -> dict:
+    """Best iterate on validation, the table (table.md) and the plot (winrate.png)."""
+    best = max(range(1, len(rows)), key=lambda t: rows[t]["val_points"])
+    columns = ["vs_sft", "vs_prev", "vs_teacher", "test_correct", "val_points", "length",
+               "share_student>teacher", "best_of_k_beats_teacher", "n_train_pairs", "oracle_calls"]
+    table = winrate_table(rows, columns)
+    out = Path(cfg.out_dir)
+    (out / "table.md").write_text(table + "\n")
+    plot_winrates(rows, out / "winrate.png", series=["vs_sft", "vs_prev", "vs_teacher"])
+    summary = {"rows": rows, "best_iteration": best, "table": table,
+               "best_checkpoint": str(out / f"iter_{best}" / "checkpoint"), "config": dataclasses.asdict(cfg)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
