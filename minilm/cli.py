@@ -10,6 +10,7 @@
     minilm hydra-sft --init runs/sft-tiny/checkpoint    # one model: LM head + reward head
     minilm prune --init runs/sft-tiny/checkpoint --method gum --sparsity 0.5 --out-dir runs/prune-gum
     minilm ppo --variant hydra --init runs/hydra-sft-tiny/checkpoint   # PPO: ppo, lora, hydra, jhydra
+    minilm ltc --env math --pattern analogue --init runs/sft-tiny/checkpoint --out-dir runs/ltc-math
     minilm generate runs/tiny/checkpoint --prompt "Return the" --max-new-tokens 40
     minilm export-hf runs/tiny/checkpoint runs/tiny-hf
     minilm presets
@@ -216,6 +217,16 @@ def cmd_ppo(args) -> None:
     print(f"checkpoint: {result['checkpoint']}")
 
 
+def cmd_ltc(args) -> None:
+    from minilm.agents.ltc import LTCConfig, ltc_config, run_ltc
+    r = run_ltc(ltc_config(args.preset, **_set_fields(args, LTCConfig)))
+    b, t = r["baseline"], r["ltc"]
+    print(f"\nheld-out {r['env']} ({r['pattern']}, loss {r['loss']}):   IL baseline -> LTC")
+    print(f"  success (EM / accuracy) {b['success']:6.3f} -> {t['success']:6.3f}")
+    print(f"  score (F1 for qa)       {b['score']:6.3f} -> {t['score']:6.3f}")
+    print(f"checkpoint: {r['checkpoint']} (curves.png and metrics.jsonl beside it)")
+
+
 def cmd_presets(args) -> None:
     from minilm.config import PRESETS
     for name, (fields, what) in PRESETS.items():
@@ -298,6 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _stage_parser(sub, "ppo", "PPO against a reward model: --variant ppo, lora, hydra or jhydra",
                       PPOConfig, cmd_ppo, PPO_PRESETS, skip=("variant",))
     p.add_argument("--variant", default=None, choices=list(VARIANTS))
+
+    from minilm.agents.ltc import LTC_PRESETS, LOSSES, LTCConfig
+    from minilm.agents.patterns import PATTERNS
+    p = _stage_parser(sub, "ltc", "LTC: expert demos, then explore + LM/PPO updates (--env, --pattern)",
+                      LTCConfig, cmd_ltc, LTC_PRESETS, skip=("env", "pattern", "loss"))
+    p.add_argument("--env", default=None, choices=["household", "qa", "math"])
+    p.add_argument("--pattern", default=None, choices=list(PATTERNS))
+    p.add_argument("--loss", default=None, choices=list(LOSSES))
 
     p = sub.add_parser("presets", help="list the model presets")
     p.set_defaults(func=cmd_presets)

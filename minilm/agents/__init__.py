@@ -1,0 +1,1 @@
+"""Agents that learn through communication (LTC, lesson 10): text environments in `envs/`."""

@@ -1,0 +1,282 @@
+"""The LTC loop: instruction-tune on expert demos, then explore -> replay buffer -> L_LM + 0.5 L_PPO.
+
+    minilm ltc --env household --pattern monologue --init runs/sft-tiny/checkpoint --out-dir runs/ltc-hh
+
+    from minilm.agents.ltc import ltc_config, run_ltc
+    result = run_ltc(ltc_config("tiny", env="math", pattern="analogue", out_dir="runs/ltc-math"))
+    result["baseline"], result["ltc"]            # held-out metrics of the IL model and of LTC
+
+Learning through Communication (Wang et al., arXiv 2310.01444; ../shared/papers/ltc.md, "The loop"):
+  1. instruction fine-tuning on the scripted expert's demonstrations (minilm/post/loop.py's
+     `run_loop`, loss on the assistant tokens: the baseline, saved in OUT/il/checkpoint);
+  2. a value head on the trunk (`HydraModel(lm, heads=("value",))`, V = tanh(head));
+  3. for each iteration: (a) explore fresh train seeds with the pattern, SAMPLING (temperature 1);
+     (b) append the episodes to the replay buffer; (c) one epoch over the newest episodes with
+     L = L_LM + 0.5 L_PPO (minilm/agents/ltc_data.py), the learning rate decaying linearly over
+     iterations; (d) evaluate on held-out test seeds (Monologue, greedy: no teacher at test time);
+     (e) checkpoint (weights + heads + optimizer + buffer + metrics): a killed run resumes there.
+Ablations (`loss`): "full", "lm" (L_LM only), "ppo" (L_PPO only); "no teacher" is pattern monologue.
+Deviations: full fine-tuning of a 1M-parameter model instead of LoRA on LLaMA-7B; far fewer tasks
+per iteration (64 instead of 256-4096); the replay buffer is kept and saved but, as in the
+reference code, each update reads only the newest iteration's episodes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from minilm import MinilmError
+from minilm.agents.ltc_data import LossWeights, collate_episodes, expert_demos, ltc_loss
+from minilm.agents.patterns import RolloutConfig, make_pattern, run_episodes
+from minilm.checkpoint import load_checkpoint, save_checkpoint
+from minilm.post.heads import HydraModel
+from minilm.post.loop import PostConfig, from_preset, init_model, run_loop
+from minilm.post.sft import make_batch_fn, sft_loss
+from minilm.runtime import setup_runtime
+from minilm.train import make_optimizer
+
+LOSSES = ("full", "lm", "ppo")
+EXPLORE_SEED_BASE = 100_000        # demos use train seeds [0, n_demos); exploration starts here
+
+
+@dataclass
+class LTCConfig(PostConfig):
+    out_dir: str = "runs/ltc"
+    init: str = "runs/sft-tiny/checkpoint"
+    env: str = "household"
+    pattern: str = "monologue"
+    loss: str = "full"              # ablations: "lm" (LM loss only), "ppo" (PPO only)
+    n_demos: int = 400              # expert demonstrations for instruction tuning
+    il_steps: int = 150             # 0: cfg.init is already instruction-tuned (ablations share one)
+    il_lr: float = 3e-3
+    iterations: int = 6
+    episodes_per_iter: int = 64
+    batch_size: int = 16            # episodes per update minibatch
+    rollout_batch: int = 32         # episodes sampled together
+    lr: float = 5e-4                # decays linearly to lr * min_lr_ratio over the iterations
+    n_test: int = 100               # held-out test seeds
+    eval_temperature: float = 0.0   # greedy at test time
+    temperature: float = 1.0
+    max_hints: int = 2
+    failed_lm_weight: float = 1e-5
+    ppo_coef: float = 0.5
+    ent_coef: float = 0.01
+    lm_agent_only: bool = False     # not the paper (LM loss over all tokens): an experiment knob
+
+
+LTC_PRESETS = {"tiny": dict()}
+
+
+def ltc_config(preset: str = "tiny", **overrides) -> LTCConfig:
+    return from_preset(LTCConfig, LTC_PRESETS, preset, "ltc", **overrides)
+
+
+def _check(cfg: LTCConfig) -> None:
+    from minilm.agents.patterns import PATTERNS
+    if cfg.pattern not in PATTERNS:
+        raise MinilmError(f"unknown pattern {cfg.pattern!r}; choose one of {', '.join(PATTERNS)}")
+    if cfg.loss not in LOSSES:
+        raise MinilmError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
+    if cfg.iterations < 1 or cfg.episodes_per_iter < 1 or cfg.batch_size < 1:
+        raise MinilmError("iterations, episodes_per_iter and batch_size must all be >= 1")
+
+
+def loss_weights(cfg: LTCConfig) -> LossWeights:
+    """The ablation as loss coefficients: lm -> no PPO term, ppo -> no LM term."""
+    return LossWeights(lm_coef=0.0 if cfg.loss == "ppo" else 1.0,
+                       ppo_coef=0.0 if cfg.loss == "lm" else cfg.ppo_coef, ent_coef=cfg.ent_coef,
+                      lm_agent_only=cfg.lm_agent_only)
+
+
+def rollout_config(cfg: LTCConfig, temperature: float) -> RolloutConfig:
+    return RolloutConfig(temperature=temperature, max_hints=cfg.max_hints)
+
+
+def collect(model, tok, envs, seeds, pattern, rcfg: RolloutConfig) -> list:
+    """Episodes for `seeds`, len(envs) at a time."""
+    episodes = []
+    for i in range(0, len(seeds), len(envs)):
+        chunk = seeds[i:i + len(envs)]
+        episodes += run_episodes(model, tok, envs[:len(chunk)], chunk, pattern, rcfg)
+    return episodes
+
+
+def summarize(episodes) -> dict:
+    """success (= EM for QA, accuracy for math) and score (F1 for QA) over episodes."""
+    n = len(episodes)
+    return {"success": sum(ep.success for ep in episodes) / n,
+            "score": sum(ep.score for ep in episodes) / n,
+            "agent_tokens": sum(sum(ep.who) for ep in episodes) / n}
+
+
+def evaluate(model, tok, test_envs, cfg: LTCConfig) -> dict:
+    """Held-out test seeds, the agent alone (Monologue), greedy by default."""
+    seeds = list(range(cfg.n_test))
+    return summarize(collect(model, tok, test_envs, seeds, make_pattern("monologue"),
+                             rollout_config(cfg, cfg.eval_temperature)))
+
+
+def instruction_tune(cfg: LTCConfig, tok, model, env, rt) -> dict:
+    """The baseline: SFT on the expert's successful episodes (resumable, in OUT/il)."""
+    demos = expert_demos(tok, env, range(cfg.n_demos), model.config.max_seq_len)
+    il = PostConfig(out_dir=str(Path(cfg.out_dir) / "il"), init=cfg.init, max_steps=cfg.il_steps,
+                    batch_size=cfg.batch_size, lr=cfg.il_lr, warmup_steps=10, eval_every=cfg.il_steps,
+                    ckpt_every=cfg.il_steps, seed=cfg.seed, device=cfg.device)
+    batch_fn = make_batch_fn(demos, il.batch_size, il.seed, tok.eot_id, model.config.max_seq_len)
+    summary = run_loop(il, model, batch_fn, sft_loss, None, tokenizer=tok, stage="ltc-il", rt=rt)
+    return {"n_demos": len(demos), "il_final_loss": summary["final_loss"]}
+
+
+def update(hydra, optimizer, episodes, cfg: LTCConfig, lr: float, rt, seed: int, pad_id: int) -> list[dict]:
+    """One epoch over `episodes` in shuffled minibatches; returns one metrics row per minibatch."""
+    order = list(range(len(episodes)))
+    random.Random(seed).shuffle(order)
+    weights, rows = loss_weights(cfg), []
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    hydra.train()
+    for i in range(0, len(order), cfg.batch_size):
+        batch = collate_episodes([episodes[j] for j in order[i:i + cfg.batch_size]], pad_id,
+                                 cfg.failed_lm_weight)
+        batch = {k: v.to(rt.device) for k, v in batch.items()}
+        if batch["agent_mask"].sum() == 0:
+            continue
+        with rt.autocast():
+            logits, _, heads = hydra(batch["tokens"], batch["attention_mask"])
+            loss, metrics = ltc_loss(logits, heads["value"].tanh(), batch, weights)
+        if not torch.isfinite(loss):
+            raise MinilmError(f"LTC loss became {loss.item()}; lower --lr")
+        loss.backward()
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        rows.append({"loss": loss.item(), **metrics})
+    return rows
+
+
+def _mean_rows(rows: list[dict]) -> dict:
+    keys = {k for r in rows for k in r}
+    return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
+
+
+def _save(ckpt_dir: Path, hydra, tok, optimizer, state: dict, cfg: LTCConfig) -> None:
+    state = {**state, "optimizer": optimizer.state_dict(), "config": asdict(cfg)}
+    save_checkpoint(ckpt_dir, hydra.lm, tok, state, meta={"stage": "ltc", "iteration": state["iteration"]},
+                    extra={"heads": hydra.heads.state_dict()})
+
+
+def _resume(ckpt_dir: Path, hydra, optimizer) -> dict:
+    ck = load_checkpoint(ckpt_dir, with_train_state=True)
+    hydra.lm.load_state_dict(ck.model.state_dict())
+    hydra.heads.load_state_dict(ck.extra["heads"])
+    state = ck.train_state
+    optimizer.load_state_dict(state["optimizer"])
+    tqdm.write(f"resuming LTC from {ckpt_dir} after iteration {state['iteration']}")
+    return state
+
+
+def make_envs(cfg: LTCConfig, split: str, n: int) -> list:
+    from minilm.agents.envs import make_env
+    return [make_env(cfg.env, split=split) for _ in range(n)]
+
+
+def plot_curves(rows: list[dict], baseline: dict, path: Path, title: str) -> bool:
+    """PNG: held-out success/score and exploration success per iteration (left), losses (right)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
+    its = [r["iteration"] for r in rows]
+    for key, label in (("test_success", "held-out success"), ("test_score", "held-out score (F1)"),
+                       ("explore_success", "exploration success")):
+        pts = [(r["iteration"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    ax.axhline(baseline["success"], linestyle="--", color="gray", label="IL baseline (held-out)")
+    ax.set(xlabel="iteration", ylabel="rate", title=title, ylim=(-0.02, 1.02))
+    ax.legend(fontsize=8)
+    for key in ("lm_loss", "pg_loss", "vf_loss"):
+        if any(key in r for r in rows):
+            bx.plot(its, [r.get(key, float("nan")) for r in rows], marker=".", label=key)
+    bx.set(xlabel="iteration", ylabel="loss", title="update losses (mean per iteration)")
+    bx.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def instruction_tuned(cfg: LTCConfig, rt) -> tuple:
+    """Step 1: (model, tok, train_envs, test_envs, il_summary, baseline metrics), both cached in OUT."""
+    _check(cfg)
+    out = Path(cfg.out_dir)
+    torch.manual_seed(cfg.seed)
+    model, tok = init_model(cfg)
+    train_envs, test_envs = make_envs(cfg, "train", cfg.rollout_batch), make_envs(cfg, "test", cfg.rollout_batch)
+    il = instruction_tune(cfg, tok, model, train_envs[0], rt) if cfg.il_steps > 0 else {}
+    baseline_path = out / "baseline.json"
+    if baseline_path.exists():
+        baseline = json.loads(baseline_path.read_text())
+    else:
+        baseline = evaluate(model.to(rt.device), tok, test_envs, cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        baseline_path.write_text(json.dumps(baseline))
+    return model, tok, train_envs, test_envs, il, baseline
+
+
+def run_ltc(cfg: LTCConfig) -> dict:
+    """Instruction tuning, then cfg.iterations of explore / buffer / update / evaluate / checkpoint."""
+    rt = setup_runtime(cfg.device)
+    out = Path(cfg.out_dir)
+    # 1. instruction tuning on the expert's demonstrations: the baseline
+    model, tok, train_envs, test_envs, il, baseline = instruction_tuned(cfg, rt)
+    # 2. a value head on the trunk
+    hydra = HydraModel(model, heads=("value",)).to(rt.device)
+    optimizer = make_optimizer(hydra, cfg)
+    ckpt_dir = out / "checkpoint"
+    state = {"iteration": 0, "rows": [], "buffer": []}
+    if cfg.resume and (ckpt_dir / "train_state.pt").exists():
+        state = _resume(ckpt_dir, hydra, optimizer)
+    pattern = make_pattern(cfg.pattern, example_env=make_envs(cfg, "train", 1)[0])
+    rcfg = rollout_config(cfg, cfg.temperature)
+    for k in tqdm(range(state["iteration"], cfg.iterations), initial=state["iteration"],
+                  total=cfg.iterations, desc=f"ltc {cfg.env}/{cfg.pattern}/{cfg.loss}"):
+        torch.manual_seed(cfg.seed * 1000 + k)           # resume-exact without saving the RNG
+        # 3a-b. explore fresh train tasks, append to the replay buffer
+        seeds = list(range(EXPLORE_SEED_BASE + k * cfg.episodes_per_iter,
+                           EXPLORE_SEED_BASE + (k + 1) * cfg.episodes_per_iter))
+        episodes = collect(hydra, tok, train_envs, seeds, pattern, rcfg)
+        state["buffer"].extend(episodes)
+        # 3c. one epoch over the newest episodes; lr decays linearly over the iterations
+        lr = cfg.lr * (1.0 - (1.0 - cfg.min_lr_ratio) * k / max(1, cfg.iterations - 1))
+        rows = update(hydra, optimizer, episodes, cfg, lr, rt, cfg.seed * 1000 + k, tok.eot_id)
+        explored = summarize(episodes)
+        row = {"iteration": k + 1, "lr": lr, "explore_success": explored["success"],
+               "explore_score": explored["score"], "buffer": len(state["buffer"]), **_mean_rows(rows)}
+        # 3d. held-out evaluation, the agent alone
+        test = evaluate(hydra, tok, test_envs, cfg)
+        row.update(test_success=test["success"], test_score=test["score"])
+        state["rows"].append(row)
+        state["iteration"] = k + 1
+        tqdm.write(f"iter {k + 1}: explore {explored['success']:.3f}  test {test['success']:.3f} "
+                   f"(score {test['score']:.3f})  lm {row.get('lm_loss', 0):.3f}")
+        # 3e. checkpoint, metrics, curves
+        _save(ckpt_dir, hydra, tok, optimizer, state, cfg)
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state["rows"]))
+        plot_curves(state["rows"], baseline, out / "curves.png", f"LTC {cfg.env} ({cfg.pattern}, {cfg.loss})")
+    last = state["rows"][-1]
+    result = {"env": cfg.env, "pattern": cfg.pattern, "loss": cfg.loss, **il, "baseline": baseline,
+              "ltc": {"success": last["test_success"], "score": last["test_score"]},
+              "rows": state["rows"], "checkpoint": str(ckpt_dir)}
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,271 @@
+"""LTC's communication patterns: Monologue, Dialogue, Analogue; episodes as token sequences.
+
+    from minilm.agents.patterns import RolloutConfig, ScriptedTeacher, make_pattern, run_episodes
+    pattern = make_pattern("dialogue", teacher=ScriptedTeacher())
+    episodes = run_episodes(hydra, tok, [env_a, env_b], seeds=[3, 4], pattern=pattern, cfg=RolloutConfig())
+    ep = episodes[0]; ep.tokens, ep.who, ep.logprobs, ep.values, ep.reward, ep.success
+
+Learning through Communication (Wang et al., arXiv 2310.01444; ../shared/papers/ltc.md, "Patterns
+and rewards"). An episode is ONE chat in Phi-3's format (minilm/post/chat.py): the first user
+message is the environment's first observation (it states the task), each assistant turn is one
+action the agent SAMPLED, each later user message is what came back: an observation, or a teacher's
+words ("Teacher: ..."). Per token we keep `who` (1 = the agent sampled it, 0 = environment,
+teacher, role tags), the behaviour log-prob of every agent token, the old value V(state before
+the token) and the terminal reward: +1 success / -1 failure, written on the last agent token.
+
+- Monologue: the agent alone; the environment answers every action.
+- Dialogue: a teacher that sees the gold plan (env.expert_actions() right after reset, env.task)
+  reviews each action; a wrong one (not in the rest of the expert's plan) is NOT executed and the
+  teacher answers "Teacher: not that. Try: <the expert's next action>", at most max_hints times
+  per episode; a wrong final answer (finish[...]/answer[...]) is caught the same way.
+- Analogue: the teacher first shows a solved analogous example (the expert's actions on another
+  seed of the same task type) and, at the end, gives the reward in words ("Teacher: correct").
+
+Deviations from the paper: the teacher is scripted by default (the paper's is GPT-4) and its
+corrections are the expert's next action, not free text; `ModelTeacher` lets a minilm model word
+the correction instead. Analogue's example is one compact line of actions (a whole second episode
+does not fit the tiny model's 256-token context), and the student does not also solve the
+teacher's problem in the same episode. The ALFWorld thought turns ("think: ... -> OK.") are left
+to the environment's own action formats (math's think[...]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from minilm.generate import generate
+from minilm.post.chat import parse_reply
+
+FINAL_ACTIONS = ("finish[", "answer[")
+
+
+@dataclass
+class RolloutConfig:
+    temperature: float = 1.0        # sample (the reference code is effectively greedy; we are not)
+    max_reply_tokens: int = 24      # one action
+    min_reply_tokens: int = 6       # less room left in the context: the episode ends as a failure
+    max_hints: int = 2              # Dialogue: teacher interventions per episode
+    max_example_chars: int = 240    # Analogue: the solved example's length budget
+
+
+@dataclass
+class Episode:
+    tokens: list[int] = field(default_factory=list)
+    who: list[int] = field(default_factory=list)          # 1: sampled by the agent, 0: anything else
+    logprobs: list[float] = field(default_factory=list)   # behaviour log-prob per token (0 if who=0)
+    values: list[float] = field(default_factory=list)     # V(state before the token), filled at the end
+    messages: list[dict] = field(default_factory=list)
+    reward: float = 0.0             # +1 / -1, on the last agent token
+    success: bool = False
+    score: float = 0.0              # env info["score"] (F1 for QA), else success as 0/1
+    seed: int = 0
+    done: bool = False
+    turns: int = 0
+    hints: int = 0
+
+    def add(self, ids: list[int], who: int, logprobs: list[float] | None = None) -> None:
+        self.tokens.extend(ids)
+        self.who.extend([who] * len(ids))
+        self.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
+
+    def add_message(self, tok, role: str, content: str) -> None:
+        """A whole non-agent message, encoded exactly as render_chat encodes it."""
+        newline = tok.encode("\n")
+        self.add([tok.special_id(f"<|{role}|>")] + newline + tok.encode(content)
+                 + [tok.special_id("<|end|>")] + newline, 0)
+        self.messages.append({"role": role, "content": content})
+
+    def last_agent_index(self) -> int:
+        return max(i for i, w in enumerate(self.who) if w) if any(self.who) else -1
+
+
+class ScriptedTeacher:
+    """Sees the gold plan; corrects wrong steps with the expert's next action; shows examples."""
+
+    def start(self, env, ep: Episode) -> None:
+        ep.plan, ep.plan_pos = list(env.expert_actions()), 0
+
+    def review(self, env, ep: Episode, action: str) -> str | None:
+        """None if `action` is on the expert's remaining plan (it advances), else a correction."""
+        rest = ep.plan[ep.plan_pos:]
+        norm = action.strip().lower()
+        for j, step in enumerate(rest):
+            if norm == step.strip().lower():
+                ep.plan_pos += j + 1
+                return None
+        if not rest:
+            return None
+        return f"not that. Try: {rest[0]}"
+
+    def example(self, env, seed: int, max_chars: int) -> str:
+        """A solved analogous task: the first observation's task line and the expert's actions."""
+        obs = env.reset(seed)
+        task = next((line for line in obs.splitlines() if "task" in line.lower()), obs.splitlines()[-1])
+        text = f"Teacher: a solved example. {task.strip()} Solution: {'; '.join(env.expert_actions())}"
+        return text[:max_chars]
+
+    def verdict(self, env, success: bool) -> str:
+        gold = env.task.get("answer") if isinstance(env.task, dict) else None
+        if success:
+            return "Teacher: correct. Reward +1."
+        return f"Teacher: wrong. Reward -1.{f' The answer was {gold}.' if gold is not None else ''}"
+
+
+class ModelTeacher(ScriptedTeacher):
+    """A minilm chat model words the correction (given the gold next action); scripted otherwise."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 24):
+        self.model, self.tok, self.max_new_tokens = model, tokenizer, max_new_tokens
+
+    def review(self, env, ep: Episode, action: str) -> str | None:
+        scripted = super().review(env, ep, action)
+        if scripted is None:
+            return None
+        from minilm.post.chat import render_prompt
+        gold = ep.plan[ep.plan_pos]
+        prompt = render_prompt(self.tok, [{"role": "user", "content":
+                                           f"A student did '{action}'. The right action is '{gold}'. Correct them."}])
+        out = generate(self.model, [prompt], self.max_new_tokens, temperature=0.0,
+                       stop_tokens=list(self.tok.special_tokens.values()), pad_id=self.tok.eot_id)
+        text, _ = parse_reply(self.tok, out.responses()[0])
+        return f"{text} Try: {gold}" if text else scripted
+
+
+class Monologue:
+    """The agent alone with the environment's feedback."""
+    name = "monologue"
+
+    def __init__(self, teacher=None):
+        self.teacher = teacher
+
+    def begin(self, env, ep: Episode, tok, cfg: RolloutConfig) -> None:
+        ep.add_message(tok, "user", env.reset(ep.seed))
+
+    def respond(self, env, ep: Episode, tok, action: str, cfg: RolloutConfig) -> None:
+        obs, _, done, info = env.step(action)
+        ep.success, ep.done = bool(info.get("success", False)), bool(done)
+        ep.score = float(info.get("score", float(ep.success)))
+        if not ep.done:
+            ep.add_message(tok, "user", obs)
+
+
+class Dialogue(Monologue):
+    """A teacher that knows the gold plan corrects wrong steps and wrong final answers."""
+    name = "dialogue"
+
+    def begin(self, env, ep, tok, cfg) -> None:
+        super().begin(env, ep, tok, cfg)
+        self.teacher.start(env, ep)
+
+    def respond(self, env, ep, tok, action, cfg) -> None:
+        hint = self.teacher.review(env, ep, action) if ep.hints < cfg.max_hints else None
+        if hint is None:
+            return super().respond(env, ep, tok, action, cfg)
+        ep.hints += 1
+        ep.add_message(tok, "user", f"Teacher: {hint}")
+
+
+class Analogue(Monologue):
+    """The teacher shows a solved analogous example first and gives the reward at the end."""
+    name = "analogue"
+    EXAMPLE_SEED_OFFSET = 500_000      # example seeds: 500_000 + seed mod 400_000, apart from the rest
+
+    def __init__(self, teacher=None, example_env=None):
+        super().__init__(teacher)
+        self.example_env = example_env
+
+    def begin(self, env, ep, tok, cfg) -> None:
+        source = self.example_env if self.example_env is not None else env
+        example = self.teacher.example(source, self.EXAMPLE_SEED_OFFSET + ep.seed % 400_000, cfg.max_example_chars)
+        ep.add_message(tok, "user", f"{example}\n{env.reset(ep.seed)}")
+
+    def respond(self, env, ep, tok, action, cfg) -> None:
+        super().respond(env, ep, tok, action, cfg)
+        if ep.done:
+            ep.add_message(tok, "user", self.teacher.verdict(env, ep.success))
+
+
+PATTERNS = {"monologue": Monologue, "dialogue": Dialogue, "analogue": Analogue}
+
+
+def make_pattern(name: str, teacher=None, example_env=None):
+    if name not in PATTERNS:
+        raise ValueError(f"unknown pattern {name!r}; choose one of {', '.join(PATTERNS)}")
+    teacher = teacher or ScriptedTeacher()
+    if name == "analogue":
+        return Analogue(teacher, example_env)
+    return PATTERNS[name](teacher)
+
+
+def _agent_turn(tok, ep: Episode, reply: list[int], logprobs: list[float]) -> str:
+    """Append one sampled reply (agent tokens) in chat format; returns the action text."""
+    end, newline = tok.special_id("<|end|>"), tok.encode("\n")
+    text, _ = parse_reply(tok, reply)
+    ep.add(reply, 1, logprobs)
+    if not reply or reply[-1] != end:
+        ep.add([end], 0)            # the reply ran out or stopped at another special: close it for it
+    ep.add(newline, 0)
+    ep.messages.append({"role": "assistant", "content": text})
+    return text
+
+
+@torch.no_grad()
+def episode_values(model, episodes: list[Episode], pad_id: int) -> None:
+    """Fill ep.values: tanh(value head) read at t - 1, i.e. V(state before token t); 0 without a head."""
+    if not hasattr(model, "heads"):
+        for ep in episodes:
+            ep.values = [0.0] * len(ep.tokens)
+        return
+    width = max(len(ep.tokens) for ep in episodes)
+    tokens = torch.full((len(episodes), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(tokens)
+    for b, ep in enumerate(episodes):
+        tokens[b, :len(ep.tokens)] = torch.tensor(ep.tokens)
+        attn[b, :len(ep.tokens)] = 1
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    head = model(tokens.to(device), attn.to(device))[2]["value"].tanh().cpu()     # (B, T)
+    model.train(was)
+    for b, ep in enumerate(episodes):
+        ep.values = [0.0] + head[b, :len(ep.tokens) - 1].tolist()
+
+
+@torch.no_grad()
+def run_episodes(model, tok, envs: list, seeds: list[int], pattern, cfg: RolloutConfig) -> list[Episode]:
+    """One episode per (env, seed), all envs stepped together; every agent turn is one batched sample."""
+    if len(envs) != len(seeds):
+        raise ValueError(f"one env per seed: got {len(envs)} envs and {len(seeds)} seeds")
+    lm = model.lm if hasattr(model, "lm") else model
+    episodes = [Episode(seed=s) for s in seeds]
+    for env, ep in zip(envs, episodes):
+        pattern.begin(env, ep, tok, cfg)
+    prefix = [tok.special_id("<|assistant|>")] + tok.encode("\n")
+    stops = sorted(tok.special_tokens.values())
+    limit = lm.config.max_seq_len
+    while True:
+        for env, ep in zip(envs, episodes):     # out of turns or out of context: a failure
+            if not ep.done and (ep.turns >= env.max_steps + cfg.max_hints
+                                or len(ep.tokens) + len(prefix) + cfg.min_reply_tokens > limit):
+                ep.done, ep.success, ep.score = True, False, 0.0
+        live = [i for i, ep in enumerate(episodes) if not ep.done]
+        if not live:
+            break
+        prompts = [episodes[i].tokens + prefix for i in live]
+        budget = min(cfg.max_reply_tokens, limit - max(len(p) for p in prompts))
+        out = generate(lm, prompts, budget, temperature=cfg.temperature, stop_tokens=stops,
+                       pad_id=tok.eot_id)
+        for row, i in enumerate(live):
+            ep, keep = episodes[i], out.gen_mask[row].bool()
+            ep.add(prefix, 0)
+            action = _agent_turn(tok, ep, out.tokens[row][keep].tolist(), out.logprobs[row][keep].tolist())
+            ep.turns += 1
+            pattern.respond(envs[i], ep, tok, action, cfg)
+    for ep in episodes:             # a last observation may run past the context: cut it (never agent text)
+        del ep.tokens[limit:], ep.who[limit:], ep.logprobs[limit:]
+    episode_values(model, episodes, tok.eot_id)
+    for ep in episodes:
+        ep.reward = 1.0 if ep.success else -1.0
+    return episodes
