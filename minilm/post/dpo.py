@@ -38,11 +38,12 @@ import torch.nn.functional as F
 
 from minilm import MinilmError
 from minilm.checkpoint import load_checkpoint, save_checkpoint
-from minilm.generate import generate, token_logprobs
+from minilm.generate import token_logprobs
 from minilm.lora import adapter_names, merge_and_unload
-from minilm.post.chat import parse_reply, render_prompt
+from minilm.post.chat import render_prompt
 from minilm.post.loop import add_lora, from_preset, PostConfig, run_loop
 from minilm.post.preferences import encode_pairs, make_pair_batch_fn, pair_batches
+from minilm.post.sft import greedy_judgements
 from minilm.runtime import setup_runtime
 
 
@@ -164,23 +165,6 @@ def evaluate_dpo(model, encoded: list[tuple], pad_id: int, max_len: int, beta: f
     ranks = {"eval_policy_ranks_chosen": (policy[0] > policy[1]).float().mean().item(),
              "eval_ref_ranks_chosen": (ref[0] > ref[1]).float().mean().item()}
     return {"eval_loss": loss.item(), **{f"eval_{k}": v for k, v in metrics.items()}, **ranks}
-
-
-@torch.no_grad()
-def greedy_judgements(model, tokenizer, conversations: list[dict], oracle, max_new_tokens: int = 48,
-                      batch_size: int = 64) -> list[dict]:
-    """oracle.judge of the greedy reply to each conversation's prompt, the reply text added."""
-    stops = [tokenizer.special_id("<|end|>"), tokenizer.eot_id]
-    judged = []
-    for i in range(0, len(conversations), batch_size):
-        chunk = conversations[i:i + batch_size]
-        prompts = [render_prompt(tokenizer, c["messages"][:-1]) for c in chunk]
-        rollout = generate(model, prompts, max_new_tokens, temperature=0.0, stop_tokens=stops,
-                           pad_id=tokenizer.eot_id)
-        for c, ids in zip(chunk, rollout.responses()):
-            text, ended = parse_reply(tokenizer, ids)
-            judged.append({**oracle.judge(c["messages"][:-1], text, ended=ended), "reply": text})
-    return judged
 
 
 def preferred_rate(new: list[dict], old: list[dict]) -> dict:

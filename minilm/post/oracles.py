@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 import re
+from abc import ABC, abstractmethod
 import string
 from collections import Counter
 
@@ -145,7 +146,7 @@ class AnswerOracle:
 
 # ---- general preference oracles for DNO: cached, batched, counted
 
-class CachedOracle:
+class CachedOracle(ABC):
     """prefer/prefer_many over a cache; subclasses implement `_compare(triples) -> [P(a beats b)]`.
 
     `calls` counts evaluations made (cache misses), `requests` everything asked: the oracle
@@ -172,8 +173,9 @@ class CachedOracle:
     def prefer(self, prompt, a: str, b: str) -> float:
         return self.prefer_many([(prompt, a, b)])[0]
 
+    @abstractmethod
     def _compare(self, triples: list[tuple[str, str, str]]) -> list[float]:
-        raise NotImplementedError
+        """P(a beats b) for each uncached (question, a, b): what a concrete oracle computes."""
 
 
 class ScoreOracle(CachedOracle):
@@ -207,8 +209,9 @@ class ScoreOracle(CachedOracle):
     def from_scores(self, a: float, b: float) -> float:
         return 1.0 if a > b else 0.0 if a < b else 0.5
 
+    @abstractmethod
     def _score(self, items: list[tuple[str, str]]) -> list[float]:
-        raise NotImplementedError
+        """A score for each uncached (question, reply): what a concrete point-wise oracle computes."""
 
 
 class VerifierOracle(ScoreOracle):

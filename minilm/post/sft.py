@@ -114,15 +114,9 @@ def make_batch_fn(examples, batch_size: int, seed: int, pad_id: int, max_len: in
 
 
 @torch.no_grad()
-def evaluate_chat(model, tokenizer, conversations, oracle: AnswerOracle, max_new_tokens: int = 32,
-                  batch_size: int = 64) -> dict:
-    """Greedy replies to each conversation's prompt, judged by `oracle`. Returns the rates:
-
-    end_rate      replies that close with <|end|> within max_new_tokens
-    form_rate     replies in the expected form (a bare number, a one-line phrase, ...)
-    correct_rate  replies judged correct (see AnswerOracle); reward: the oracle's mean reward
-    correct_KIND  correct_rate of each kind of question (man, stdlib, arithmetic, units, ...)
-    """
+def greedy_judgements(model, tokenizer, conversations: list[dict], oracle, max_new_tokens: int = 48,
+                      batch_size: int = 64) -> list[dict]:
+    """oracle.judge of the greedy reply to each conversation's prompt, with the reply and its kind."""
     stops = [tokenizer.special_id("<|end|>"), tokenizer.eot_id]
     judged = []
     for i in range(0, len(conversations), batch_size):
@@ -132,7 +126,22 @@ def evaluate_chat(model, tokenizer, conversations, oracle: AnswerOracle, max_new
                            pad_id=tokenizer.eot_id)
         for c, ids in zip(chunk, rollout.responses()):
             text, ended = parse_reply(tokenizer, ids)
-            judged.append({**oracle.judge(c["messages"][:-1], text, ended=ended), "kind": c["kind"]})
+            judged.append({**oracle.judge(c["messages"][:-1], text, ended=ended), "reply": text,
+                           "kind": c.get("kind")})
+    return judged
+
+
+@torch.no_grad()
+def evaluate_chat(model, tokenizer, conversations, oracle: AnswerOracle, max_new_tokens: int = 32,
+                  batch_size: int = 64) -> dict:
+    """Greedy replies to each conversation's prompt, judged by `oracle`. Returns the rates:
+
+    end_rate      replies that close with <|end|> within max_new_tokens
+    form_rate     replies in the expected form (a bare number, a one-line phrase, ...)
+    correct_rate  replies judged correct (see AnswerOracle); reward: the oracle's mean reward
+    correct_KIND  correct_rate of each kind of question (man, stdlib, arithmetic, units, ...)
+    """
+    judged = greedy_judgements(model, tokenizer, conversations, oracle, max_new_tokens, batch_size)
     n = max(1, len(judged))
     rates = {"end_rate": sum(j["ended"] for j in judged) / n,
              "form_rate": sum(j["in_form"] for j in judged) / n,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from abc import ABC, abstractmethod
 
 from minilm import MinilmError
 
@@ -40,7 +41,7 @@ def content_split(key: str) -> str:
     return "test" if h < TEST_FRACTION else "train"
 
 
-class TextEnv:
+class TextEnv(ABC):
     """Base class: subclasses set `name`, `max_steps` and write `_new_task` and `_act`."""
 
     name = "base"
@@ -81,11 +82,14 @@ class TextEnv:
     def admissible_actions(self) -> list[str]:
         return []
 
+    @abstractmethod
     def expert_actions(self) -> list[str]:
-        raise NotImplementedError
+        """The scripted expert's actions from the current reset state (replaying them succeeds)."""
 
+    @abstractmethod
     def _new_task(self, rng: random.Random) -> str:
-        raise NotImplementedError
+        """Build this episode's world and task from `rng`; return the first observation."""
 
+    @abstractmethod
     def _act(self, action: str) -> tuple[str, bool, bool]:
-        raise NotImplementedError
+        """Carry out one normalised action: (observation, success, episode finished)."""
