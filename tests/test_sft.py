@@ -156,3 +156,15 @@ def test_a_lora_checkpoint_is_folded_in_when_a_stage_starts_from_it(tmp_path, da
     policy, _ = init_model(PostConfig(init=str(tmp_path / "sft"), lora_r=4))
     with lora_disabled(policy):
         assert torch.allclose(policy(x)[0], sft_logits, atol=1e-5)  # the reference is the SFT model
+
+
+def test_epoch_batches_cover_every_example_once_per_epoch_and_depend_only_on_the_step():
+    from minilm import MinilmError
+    from minilm.post.loop import epoch_batches
+    picks = epoch_batches(10, 5, seed=3)
+    assert sorted(picks(0) + picks(1)) == list(range(10))      # epoch 0: each example once
+    assert sorted(picks(2) + picks(3)) == list(range(10))      # epoch 1: a new permutation
+    assert picks(0) + picks(1) != picks(2) + picks(3)
+    assert epoch_batches(10, 5, seed=3)(1) == picks(1)         # rebuilt after a restart: same batch
+    with pytest.raises(MinilmError, match="no training examples"):
+        epoch_batches(0, 5, seed=3)

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -67,6 +69,24 @@ class PostConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = DEFAULT_LORA_TARGETS  # comma-separated regexes over nn.Linear names
+
+
+def epoch_batches(n: int, batch_size: int, seed: int):
+    """picks(step) -> the `batch_size` example indices of step `step`: shuffled passes over n examples,
+    one permutation per epoch. A pure function of (seed, step), so a resumed run sees exactly the
+    batches the uninterrupted one would have seen (no data-loader position to save)."""
+    if n < 1:
+        raise MinilmError("no training examples to draw batches from")
+
+    @lru_cache(maxsize=4)
+    def permutation(epoch: int) -> list[int]:
+        order = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def picks(step: int) -> list[int]:
+        return [permutation(i // n)[i % n] for i in range(step * batch_size, (step + 1) * batch_size)]
+    return picks
 
 
 def from_preset(cls, presets: dict, preset: str, stage: str, **overrides):

@@ -14,13 +14,12 @@ reward model, a person at a keyboard.
 
 from __future__ import annotations
 
-import random
-from functools import lru_cache
 
 import torch
 
 from minilm.generate import generate
 from minilm.post.chat import collate, parse_reply, render_chat, render_prompt
+from minilm.post.loop import epoch_batches
 
 
 def as_messages(prompt) -> list[dict]:
@@ -74,16 +73,10 @@ def make_pair_batch_fn(encoded: list[tuple], batch_size: int, seed: int, pad_id:
 
     A pure function of (seed, step), so a resumed run sees exactly the batches it would have seen.
     """
-    @lru_cache(maxsize=4)
-    def permutation(epoch: int) -> list[int]:
-        order = list(range(len(encoded)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        return order
+    picks = epoch_batches(len(encoded), batch_size, seed)
 
     def batch_fn(step: int) -> dict:
-        n = len(encoded)
-        picks = [permutation(i // n)[i % n] for i in range(step * batch_size, (step + 1) * batch_size)]
-        return pair_batch([encoded[j] for j in picks], pad_id, max_len)
+        return pair_batch([encoded[j] for j in picks(step)], pad_id, max_len)
 
     return batch_fn
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -43,7 +42,7 @@ from minilm import MinilmError
 from minilm.checkpoint import save_checkpoint
 from minilm.generate import generate
 from minilm.post.chat import collate, parse_reply, render_chat, render_prompt
-from minilm.post.loop import from_preset, init_model, PostConfig, run_loop
+from minilm.post.loop import epoch_batches, from_preset, init_model, PostConfig, run_loop
 from minilm.post.oracles import AnswerOracle
 from minilm.runtime import setup_runtime
 
@@ -99,16 +98,10 @@ def make_batch_fn(examples, batch_size: int, seed: int, pad_id: int, max_len: in
 
     A pure function of (seed, step), so a resumed run sees exactly the batches it would have seen.
     """
-    @lru_cache(maxsize=4)
-    def permutation(epoch: int) -> list[int]:
-        order = list(range(len(examples)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        return order
+    picks = epoch_batches(len(examples), batch_size, seed)
 
     def batch_fn(step: int) -> dict:
-        picks = [permutation(i // len(examples))[i % len(examples)]
-                 for i in range(step * batch_size, (step + 1) * batch_size)]
-        return collate([examples[j] for j in picks], pad_id, max_len)
+        return collate([examples[j] for j in picks(step)], pad_id, max_len)
 
     return batch_fn
 
