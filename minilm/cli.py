@@ -1,5 +1,6 @@
 """The command line: `minilm <stage> [--flags]` (also `python -m minilm ...`, and under torchrun).
 
+    minilm speedrun --preset laptop             # every stage, data to report (--preset ci: minutes)
     minilm train --preset tiny                  # build the data (phases 1 and 2), pretrain, sample
     minilm data --out runs/data/pipeline --workers 2          # the data pipeline alone
     minilm train --preset tiny --max-steps 50 --n-layer 2 --out-dir runs/quick
@@ -12,6 +13,7 @@
     minilm ppo --variant hydra --init runs/hydra-sft-tiny/checkpoint   # PPO: ppo, lora, hydra, jhydra
     minilm ltc --env math --pattern analogue --init runs/sft-tiny/checkpoint --out-dir runs/ltc-math
     minilm generate runs/tiny/checkpoint --prompt "Return the" --max-new-tokens 40
+    minilm chat runs/sft-tiny/checkpoint --system "Answer briefly."   # or: printf 'Hi\n' | minilm chat ...
     minilm export-hf runs/tiny/checkpoint runs/tiny-hf
     minilm presets
 
@@ -112,6 +114,12 @@ def cmd_generate(args) -> None:
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=g)
     for prompt, text in zip(args.prompt, texts):
         print(f"{prompt}{text}\n")
+
+
+def cmd_chat(args) -> None:
+    from minilm.chat_cli import run_chat
+    run_chat(args.checkpoint, system=args.system, temperature=args.temperature, top_k=args.top_k,
+             top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
 
 
 def cmd_export_hf(args) -> None:
@@ -227,6 +235,21 @@ def cmd_ltc(args) -> None:
     print(f"checkpoint: {r['checkpoint']} (curves.png and metrics.jsonl beside it)")
 
 
+def cmd_speedrun(args) -> None:
+    from minilm.speedrun import SpeedrunConfig, parse_overrides, plan, run_speedrun
+    cfg = SpeedrunConfig(preset=args.preset, out_dir=args.out_dir, only=args.only, device=args.device,
+                         dry_run=args.dry_run, overrides=parse_overrides(args.set))
+    if cfg.dry_run:
+        for name, stage_cfg in plan(cfg):
+            print(f"{name}: {stage_cfg}")
+        return
+    records = run_speedrun(cfg)
+    for name, rec in records.items():
+        print(f"  {name:10s} {rec['seconds']:8.1f} s  {rec.get('checkpoint') or ''}")
+    if "report" in records:
+        print(f"report: {records['report']['result']['report']}")
+
+
 def cmd_presets(args) -> None:
     from minilm.config import PRESETS
     for name, (fields, what) in PRESETS.items():
@@ -267,6 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat in the terminal with a checkpoint (streams the reply; reads "
+                                    "one message a line from a pipe)")
+    p.add_argument("checkpoint")
+    p.add_argument("--system", default=None, help="the system message (also: /system TEXT in the chat)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face Phi-3 directory")
     p.add_argument("checkpoint")
@@ -318,6 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", default=None, choices=list(PATTERNS))
     p.add_argument("--loss", default=None, choices=list(LOSSES))
 
+    from minilm.speedrun import SPEEDRUN_PRESETS
+    p = sub.add_parser("speedrun", help="every stage from data to report.md (skips finished stages)")
+    p.add_argument("--preset", default="laptop", choices=list(SPEEDRUN_PRESETS))
+    p.add_argument("--out-dir", default="", help="default: runs/speedrun-<preset>")
+    p.add_argument("--only", default="", help="comma-separated stages to re-run alone, e.g. sft,eval,report")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
+                   help="override one field of one stage's config, e.g. --set sft.max_steps=100")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dry-run", action="store_true", help="print every stage's config and stop")
+    p.set_defaults(func=cmd_speedrun)
+
     p = sub.add_parser("presets", help="list the model presets")
     p.set_defaults(func=cmd_presets)
     return parser
@@ -335,6 +380,8 @@ def main(argv=None) -> int:
         print(f"minilm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if args.command in ("chat", "generate", "presets", "export-hf", "import-hf"):
+            return 130  # nothing was being trained, so there is nothing to resume
         print(f"\nminilm {args.command}: interrupted. Checkpoints are written atomically; run the same "
               f"command again to resume from the last one.", file=sys.stderr)
         return 130

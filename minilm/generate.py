@@ -3,6 +3,7 @@
     rollout = generate(model, [ids_a, ids_b], max_new_tokens=64, temperature=0.8, top_p=0.95,
                        stop_tokens=[tok.eot_id])
     texts = generate_text(model, tok, ["def main():"], max_new_tokens=50)
+    for token_id in stream(model, prompt_ids, max_new_tokens=64, stop_tokens=[tok.eot_id]): ...
 
 Prompts of different lengths are left-padded so every row's next token sits in the same column;
 the attention mask hides the padding and positions skip it (see minilm/model.py). With the KV
@@ -12,10 +13,14 @@ cache, the prompt is read once and each new token costs one position's forward p
 of generated tokens, and each generated token's log-probability under the distribution it was
 sampled from (logits / temperature, before top-k/top-p truncation; greedy: temperature 1).
 `token_logprobs` recomputes them (or any sequence's log-probs) with one differentiable forward pass.
+
+`stream` is the one-sequence, token-at-a-time face of the same loop, for a chat: it yields each id
+as soon as it is sampled. With the same generator it yields exactly `generate`'s tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -137,3 +142,45 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64
     kwargs.setdefault("stop_tokens", [tokenizer.eot_id])
     rollout = generate(model, ids, max_new_tokens, pad_id=tokenizer.eot_id, **kwargs)
     return [tokenizer.decode(r) for r in rollout.responses(strip=(tokenizer.eot_id,))]
+
+
+def stream(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None, stop_tokens=(),
+           generator: torch.Generator | None = None) -> Iterator[int]:
+    """Yield the new token ids of ONE sequence, each as soon as it is sampled (KV cache).
+
+    The stop token that ends the reply is yielded too, as `generate` keeps it in `gen_mask`, so the
+    caller sees why the reply ended; nothing follows it. Checks happen here, at the call, not at
+    the first `next()`: a prompt that leaves no room for `max_new_tokens` fails immediately.
+    """
+    prompt_ids = [int(t) for t in prompt_ids]
+    if not prompt_ids:
+        raise ValueError("stream needs a prompt of at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if len(prompt_ids) + max_new_tokens > model.config.max_seq_len:
+        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"the model's max_seq_len {model.config.max_seq_len}; shorten the prompt or "
+                         f"ask for fewer tokens")
+    return _stream(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, set(stop_tokens), generator)
+
+
+@torch.no_grad()  # on a generator function, torch turns grad off only while the generator runs
+def _stream(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop, generator):
+    param = next(model.parameters())
+    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, param.device, param.dtype)
+    step_input = torch.tensor([prompt_ids], dtype=torch.long, device=param.device)  # (1, P)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(max_new_tokens):
+            # no attention mask: one unpadded row, so positions are simply 0, 1, 2, ... and the
+            # unmasked attention path (our kernel on CPU) serves it
+            logits, _ = model(step_input, kv_cache=cache)            # (1, T, V), T = P then 1
+            token, _ = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            yield int(token)
+            if int(token) in stop:
+                return
+            step_input = token[:, None]                               # (1, 1)
+    finally:  # also runs when the caller stops early (closes the generator)
+        model.train(was_training)

@@ -131,10 +131,12 @@ def _load_metrics(path: Path, upto: int) -> list[dict]:
     return [r for r in rows if r["step"] <= upto]  # drop lines a killed run wrote after its checkpoint
 
 
-def plot_losses(metrics: list[dict], path: Path, baseline: float | None = None) -> bool:
+def plot_losses(metrics: list[dict], path: Path, baseline: float | None = None,
+                title: str | None = None) -> bool:
     """Write the loss curve as PNG if matplotlib is installed; returns whether it did.
 
     `baseline` (the unigram entropy of the data) is drawn as a dashed line: the loss to beat.
+    `title` defaults to the name of the folder the PNG goes into (the run's out_dir).
     """
     try:
         import matplotlib
@@ -152,7 +154,7 @@ def plot_losses(metrics: list[dict], path: Path, baseline: float | None = None) 
     phase2 = [m["step"] for m in metrics if m.get("phase") == 2]
     if phase2:
         ax.axvline(phase2[0], linestyle=":", color="black", label="phase 2 starts")
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title=path.parent.name)
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=title or path.parent.name)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

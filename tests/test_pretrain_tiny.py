@@ -1,4 +1,4 @@
-"""The README's main job, whole: build the two-phase data, train `tiny`, beat the unigram entropy (slow, ~6 min)."""
+"""Pretraining alone, whole (`minilm train --preset tiny`): build the two-phase data, train `tiny`, beat the unigram entropy (slow, ~6 min)."""
 
 import json
 import subprocess

@@ -2,6 +2,7 @@
 and the stage end to end on a tiny checkpoint."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from conftest import tiny_config
 from minilm.checkpoint import load_checkpoint, save_checkpoint
 from minilm.model import Phi3
 from minilm.post.loop import PostConfig, add_lora, run_loop
-from minilm.post.sft import SFTConfig, make_batch_fn, render_examples, run_sft, sft_loss
+from minilm.post.sft import SFTConfig, find_text_data, make_batch_fn, render_examples, run_sft, sft_loss
 from minilm.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.lesson_06
@@ -124,14 +125,17 @@ def test_run_sft_end_to_end(data_dir, tmp_path, lora_r):
                     meta={"stage": "pretrain"})
     cfg = SFTConfig(init=str(tmp_path / "base"), out_dir=str(tmp_path / "sft"), max_steps=4,
                     batch_size=4, n_train=40, n_eval=6, max_len=48, max_new_tokens=8, eval_every=2,
-                    ckpt_every=2, device="cpu", lora_r=lora_r)
+                    ckpt_every=2, device="cpu", lora_r=lora_r, text_data=str(data_dir),
+                    text_batch_size=2)  # default text_mix 1.0; text_seq_len 128 cut to max_seq_len 64
     result = run_sft(cfg)
     for when in ("before", "after"):
-        assert set(result[when]) >= {"end_rate", "form_rate", "correct_rate", "reward"}
-        assert all(0.0 <= v <= 1.0 for v in result[when].values())
+        assert set(result[when]) >= {"end_rate", "form_rate", "correct_rate", "reward", "text_val_loss"}
+        assert all(0.0 <= v <= 1.0 for k, v in result[when].items() if k != "text_val_loss")
+        assert 0 < result[when]["text_val_loss"] < 10
     ck = load_checkpoint(tmp_path / "sft" / "checkpoint")
     assert ck.meta["stage"] == "sft" and ck.meta["step"] == 4 and "before" in ck.meta
     assert json.loads((tmp_path / "sft" / "eval.json").read_text())["after"] == result["after"]
+    assert result["text_mix"] == 1.0 and result["text_data"] == str(data_dir)
     if lora_r:
         assert any("lora_" in n for n, _ in ck.model.named_parameters())
 
@@ -168,3 +172,93 @@ def test_epoch_batches_cover_every_example_once_per_epoch_and_depend_only_on_the
     assert epoch_batches(10, 5, seed=3)(1) == picks(1)         # rebuilt after a restart: same batch
     with pytest.raises(MinilmError, match="no training examples"):
         epoch_batches(0, 5, seed=3)
+
+
+def mixed_batch_fn(chat_examples, data_dir, seed: int = 0):
+    """SFT batches with clean-text windows (batch["text"]) drawn from the test data's train split."""
+    from minilm.data import TokenDataset
+    tok, _, examples = chat_examples
+    return make_batch_fn(examples, 4, seed, tok.eot_id, 64, TokenDataset(data_dir, "train"),
+                         text_batch_size=3, text_seq_len=16)
+
+
+def test_text_mix_adds_the_weighted_clean_text_loss(chat_examples, data_dir):
+    """total = masked chat CE + text_mix * plain next-token CE of the text windows, by hand."""
+    batch = mixed_batch_fn(chat_examples, data_dir)(0)
+    model = fresh_model()
+    ce = torch.nn.functional.cross_entropy
+    logits = model(batch["tokens"], attention_mask=batch["attention_mask"])[0]
+    keep = batch["targets"] != -100
+    chat = ce(logits[keep], batch["targets"][keep])
+    x, y = batch["text"]["tokens"], batch["text"]["targets"]
+    assert x.shape == y.shape == (3, 16) and torch.equal(x[:, 1:], y[:, :-1])  # next-token windows
+    text = ce(model(x)[0].flatten(0, 1), y.flatten())
+    loss, metrics = sft_loss(model, batch, text_mix=0.5)
+    torch.testing.assert_close(loss, chat + 0.5 * text)
+    assert metrics["text_loss"] == pytest.approx(text.item(), rel=1e-5)
+    assert metrics["chat_loss"] == pytest.approx(chat.item(), rel=1e-5)
+    off, off_metrics = sft_loss(model, batch)                      # text_mix 0: the windows are ignored
+    torch.testing.assert_close(off, chat)
+    assert "text_loss" not in off_metrics
+
+
+def test_mixed_batches_are_a_pure_function_of_seed_and_step(chat_examples, data_dir):
+    a, b = mixed_batch_fn(chat_examples, data_dir), mixed_batch_fn(chat_examples, data_dir)  # a "restart"
+    assert torch.equal(a(5)["text"]["tokens"], b(5)["text"]["tokens"])
+    assert torch.equal(a(5)["tokens"], b(5)["tokens"])
+    assert not torch.equal(a(5)["text"]["tokens"], a(6)["text"]["tokens"])
+    assert not torch.equal(a(5)["text"]["tokens"], mixed_batch_fn(chat_examples, data_dir, seed=1)(5)["text"]["tokens"])
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_text_mix_resume_is_exact_and_only_trainable_parameters_change(chat_examples, data_dir, tmp_path,
+                                                                       lora_r):
+    """Replay under LoRA must not leak into the frozen base; a killed, resumed mixed run is bit-identical."""
+    loss_fn = partial(sft_loss, text_mix=0.5)
+    whole = fresh_model(lora_r)
+    before = {n: p.detach().clone() for n, p in whole.named_parameters()}
+    run_loop(post_config(tmp_path / "a", lora_r), whole, mixed_batch_fn(chat_examples, data_dir), loss_fn, None)
+    changed = {n for n, p in whole.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {n for n, p in whole.named_parameters() if p.requires_grad}
+
+    def crash(step, row):
+        if step == 4:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run_loop(post_config(tmp_path / "b", lora_r), fresh_model(lora_r), mixed_batch_fn(chat_examples, data_dir),
+                 loss_fn, None, on_step=crash)
+    resumed = fresh_model(lora_r)
+    run_loop(post_config(tmp_path / "b", lora_r), resumed, mixed_batch_fn(chat_examples, data_dir), loss_fn, None)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert all("text_loss" in r and "chat_loss" in r for r in rows)
+
+
+def test_find_text_data_uses_what_the_init_was_pretrained_on(data_dir, tmp_path):
+    from minilm import MinilmError
+    tok = Tokenizer.load(data_dir)
+    save_checkpoint(tmp_path / "base", fresh_model(), tok, {"train_config": {"data_dir": str(data_dir)}})
+    assert find_text_data(SFTConfig(init=str(tmp_path / "base")), tok) == data_dir
+    save_checkpoint(tmp_path / "bare", fresh_model(), tok)          # no record of its data: off
+    assert find_text_data(SFTConfig(init=str(tmp_path / "bare")), tok) is None
+    assert find_text_data(SFTConfig(init=str(tmp_path / "bare"), text_data=str(data_dir)), tok) == data_dir
+    with pytest.raises(MinilmError, match="no prepared shards"):
+        find_text_data(SFTConfig(init=str(tmp_path / "bare"), text_data=str(tmp_path)), tok)
+    other = tmp_path / "other"                                      # shards of another tokenizer
+    other.mkdir()
+    meta = json.loads((data_dir / "meta.json").read_text())
+    meta["tokenizer"]["fingerprint"] = "0" * 16
+    (other / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(MinilmError, match="another tokenizer"):
+        find_text_data(SFTConfig(init=str(tmp_path / "bare"), text_data=str(other)), tok)
+
+
+def test_without_findable_text_the_replay_is_off_and_reported(data_dir, tmp_path):
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "bare", Phi3(tiny_config()), Tokenizer.load(data_dir))
+    cfg = SFTConfig(init=str(tmp_path / "bare"), out_dir=str(tmp_path / "sft"), text_mix=1.0, device="cpu",
+                    max_steps=1, batch_size=2, n_train=8, n_eval=2, max_len=48, max_new_tokens=2)
+    result = run_sft(cfg)
+    assert result["text_mix"] == 0.0 and result["text_data"] is None
+    assert "text_val_loss" not in result["after"]

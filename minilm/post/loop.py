@@ -157,6 +157,17 @@ def _to_device(batch, device):
     return batch
 
 
+def count_tokens(batch) -> int:
+    """Real (non-padding) tokens in a batch: the sum of every "attention_mask" in it, however nested
+    (SFT batches have one, preference batches one per side, Hydra-SFT batches one per sub-batch)."""
+    if isinstance(batch, dict):
+        return sum(int(v.sum()) if k == "attention_mask" and torch.is_tensor(v) else count_tokens(v)
+                   for k, v in batch.items())
+    if isinstance(batch, (list, tuple)):
+        return sum(count_tokens(v) for v in batch)
+    return 0
+
+
 def _resume(ckpt_dir: Path, model, optimizer) -> tuple[int, dict]:
     """Restore trainable parameters, optimizer and RNG from ckpt_dir; returns (step, train_state)."""
     read_config(ckpt_dir)  # finishes a save that was killed between its renames
@@ -195,7 +206,7 @@ def _read_metrics(path: Path, upto: int) -> list[dict]:
 
 
 def train_step(model, optimizer, batch, loss_fn, cfg: PostConfig, rt, step: int) -> dict:
-    """One optimizer step on one batch; returns its metrics row."""
+    """One optimizer step on one batch; returns its metrics row (with the batch's real tokens)."""
     lr = lr_at(step, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -208,7 +219,8 @@ def train_step(model, optimizer, batch, loss_fn, cfg: PostConfig, rt, step: int)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    row = {"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm}
+    row = {"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm,
+           "batch_tokens": count_tokens(batch)}
     row.update({k: float(v) for k, v in metrics.items()})
     return row
 
@@ -230,9 +242,10 @@ def run_loop(cfg: PostConfig, model, batch_fn: Callable, loss_fn: Callable, eval
     optimizer = make_optimizer(model, cfg)
     if not optimizer.param_groups[0]["params"] and not optimizer.param_groups[1]["params"]:
         raise MinilmError("the model has no trainable parameters (every requires_grad is False)")
-    start = 0
+    start, tokens = 0, 0
     if cfg.resume and (ckpt_dir / "train_state.pt").exists():
-        start, _ = _resume(ckpt_dir, model, optimizer)
+        start, state = _resume(ckpt_dir, model, optimizer)
+        tokens = state.get("tokens", 0)
     metrics = _read_metrics(out_dir / "metrics.jsonl", start)
     last_eval = next((m for m in reversed(metrics) if "eval" in m), {}).get("eval", {})
 
@@ -247,6 +260,8 @@ def run_loop(cfg: PostConfig, model, batch_fn: Callable, loss_fn: Callable, eval
     with tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=stage) as bar:
         for step in bar:
             row = train_step(model, optimizer, batch_fn(step), loss_fn, cfg, rt, step)
+            tokens += row["batch_tokens"]
+            row["tokens"] = tokens  # trained on so far (the speedrun report's "tokens" column)
             done = row["step"] == cfg.max_steps
             if row["step"] % cfg.eval_every == 0 or done:
                 last_eval = evaluate()
@@ -258,13 +273,13 @@ def run_loop(cfg: PostConfig, model, batch_fn: Callable, loss_fn: Callable, eval
             bar.set_postfix(loss=f"{row['loss']:.3f}")
             if row["step"] % cfg.ckpt_every == 0 or done:
                 state = {"optimizer": optimizer.state_dict(), "step": row["step"], "rng": _rng_state(),
-                         "trainable": trainable_state(model), "config": dataclasses.asdict(cfg)}
+                         "trainable": trainable_state(model), "config": dataclasses.asdict(cfg), "tokens": tokens}
                 meta = {"stage": stage, "step": row["step"], "init": cfg.init, **last_eval}
                 save_fn(ckpt_dir, state, meta)
                 _write_metrics(metrics, out_dir)
             if on_step is not None:
                 on_step(row["step"], row)
     losses = [m["loss"] for m in metrics]
-    return {"stage": stage, "step": cfg.max_steps, "checkpoint": str(ckpt_dir),
+    return {"stage": stage, "step": cfg.max_steps, "checkpoint": str(ckpt_dir), "tokens": tokens,
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
             **last_eval}

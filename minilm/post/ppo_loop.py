@@ -184,7 +184,7 @@ def ppo_step(models, prompts: list[list[int]], cfg: PPOConfig, optimizer, kl_ctl
             optimizer.zero_grad(set_to_none=True)
             logged.append(m)
     kl_ctl.update(batch["stats"]["kl"], n)
-    row = {"step": step + 1, "lr": lr, **batch["stats"],
+    row = {"step": step + 1, "lr": lr, **batch["stats"], "batch_tokens": int(batch["attention_mask"].sum()),
            "first_ratio": logged[0]["ratio"], "first_clipfrac": logged[0]["clipfrac"]}
     row.update({k: sum(m[k] for m in logged) / len(logged) for k in logged[0]})
     return row
@@ -337,6 +337,7 @@ def run_ppo(cfg: PPOConfig, on_step=None) -> dict:
         t0 = time.time()
         row = ppo_step(models, prompts, cfg, optimizer, kl_ctl, step, tok.eot_id, stops, score_fn)
         row["sec_per_sample"] = (time.time() - t0) / len(prompts)
+        row["tokens"] = (metrics[-1].get("tokens", 0) if metrics else 0) + row["batch_tokens"]  # rollouts so far
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
             row.update({f"eval_{k}": v for k, v in evaluate().items()})
         metrics.append(row)

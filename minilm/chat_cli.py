@@ -1,0 +1,244 @@
+"""`minilm chat CHECKPOINT`: a terminal chat with any checkpoint, its reply streamed token by token.
+
+    minilm chat runs/sft-tiny/checkpoint --system "Answer briefly." --temperature 0.7
+    printf 'What is 2 + 3?\\nAnd 4 + 4?\\n' | minilm chat runs/sft-tiny/checkpoint   # one message a line
+
+    from minilm.chat_cli import run_chat
+    turns = run_chat("runs/sft-tiny/checkpoint", stdin=io.StringIO("hi\\n/reset\\nhello\\n"))
+
+Each turn renders the whole conversation with Phi-3's chat template (minilm/post/chat.py, the
+format SFT trained on), then `minilm.generate.stream` samples the reply one token at a time with
+the KV cache and we print each piece as soon as it is a complete character (`decode_stream`).
+The reply ends at the first special token (<|end|> when the model closes its turn properly), as
+`parse_reply` reads replies everywhere else in minilm.
+
+The model has a fixed context (max_seq_len). When the conversation plus `max_new_tokens` for the
+reply no longer fits, the oldest user/assistant exchange is dropped (the system message stays),
+again until it fits; we say so once per conversation. LoRA adapters saved with a checkpoint are
+merged into the weights for good (inference only needs W + s B A).
+
+Commands: /reset (a new conversation), /system TEXT (set the system message; /system alone clears
+it), /quit. Ctrl-D (end of input) and Ctrl-C at the prompt leave; Ctrl-C during a reply stops that
+reply and forgets the question. Notes and warnings go to stderr, the conversation to stdout.
+
+A checkpoint that was never chat-tuned (meta stage "pretrain" or "import-hf", or none) still chats
+with a one-line warning: it will continue text, not answer. A tokenizer without the chat tokens
+gets a plain "User: ... / Assistant:" transcript instead of the template, also with a warning.
+"""
+
+from __future__ import annotations
+
+import codecs
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from minilm import MinilmError
+from minilm.generate import stream
+from minilm.post.chat import parse_reply, render_prompt
+
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+NOT_CHAT_STAGES = (None, "pretrain", "import-hf")
+HELP = "commands: /reset (new conversation), /system TEXT (set the system message), /quit"
+
+
+@dataclass
+class ChatConfig:
+    system: str | None = None
+    temperature: float = 0.7         # <= 0: greedy
+    top_k: int | None = None
+    top_p: float | None = 0.9
+    max_new_tokens: int = 128        # the reply's budget; the prompt gets the rest of the context
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise MinilmError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.top_k is not None and self.top_k < 1:
+            raise MinilmError(f"top_k must be at least 1 (or unset), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise MinilmError(f"top_p must be in (0, 1] (or unset), got {self.top_p}")
+
+
+@dataclass
+class Turn:
+    user: str
+    reply: str               # the reply's text, as it goes into the history
+    prompt_tokens: int       # tokens the model read before replying (after any truncation)
+    reply_tokens: int        # tokens generated, the stop token included
+    ended: bool              # the reply closed its turn with <|end|>
+    dropped: int             # exchanges dropped before this turn to fit the context
+
+
+def decode_stream(tokenizer, ids: Iterable[int]) -> Iterator[str]:
+    """Text of a token stream, piece by piece, each piece as soon as its characters are complete.
+
+    Byte-level BPE tokens are byte strings, and one character's UTF-8 bytes can be split across
+    tokens ("é" is C3 A9: two tokens if no merge joined them); decoding each token alone would print
+    two U+FFFD. An incremental UTF-8 decoder keeps an unfinished character's bytes until the next
+    token completes it; bytes that can never make a character still come out as U+FFFD.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for t in ids:
+        piece = decoder.decode(tokenizer.decode_bytes([t]))
+        if piece:
+            yield piece
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
+def load_chat_model(checkpoint) -> tuple[object, object, list[str]]:
+    """(model, tokenizer, warnings) of a checkpoint, LoRA adapters merged, in eval mode."""
+    from minilm.checkpoint import load_checkpoint
+    from minilm.lora import adapter_names, merge_and_unload
+    ck = load_checkpoint(checkpoint)
+    if ck.tokenizer is None:
+        raise MinilmError(f"{checkpoint} has no tokenizer; chat needs one to turn text into tokens")
+    if adapter_names(ck.model):
+        merge_and_unload(ck.model)
+    warnings = []
+    if not all(t in ck.tokenizer.special_tokens for t in CHAT_TOKENS):
+        warnings.append(f"warning: {checkpoint}'s tokenizer has no chat tokens {'/'.join(CHAT_TOKENS)}; "
+                        f"using a plain 'User: / Assistant:' transcript, replies may run on")
+    elif ck.meta.get("stage") in NOT_CHAT_STAGES:
+        warnings.append(f"warning: {checkpoint} was not chat-tuned (stage {ck.meta.get('stage')!r}); "
+                        f"it will continue your text rather than answer it")
+    return ck.model.eval(), ck.tokenizer, warnings
+
+
+class ChatSession:
+    """The conversation so far and how to extend it by one reply (writing only to `out` and `err`)."""
+
+    def __init__(self, model, tokenizer, cfg: ChatConfig):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.context = model.config.max_seq_len
+        self.budget = min(cfg.max_new_tokens, self.context // 2)  # leave the prompt some room
+        self.templated = all(t in tokenizer.special_tokens for t in CHAT_TOKENS)
+        self.stops = set(tokenizer.special_tokens.values())  # a reply ends at any special token
+        device = next(model.parameters()).device
+        self.generator = torch.Generator(device).manual_seed(cfg.seed)
+        self.system = cfg.system
+        self.reset()
+
+    def reset(self) -> None:
+        self.history: list[dict] = []  # user, assistant, user, assistant, ...
+        self.warned_truncation = False
+
+    def render(self, history: list[dict]) -> list[int]:
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + history
+        if self.templated:
+            return render_prompt(self.tokenizer, messages)
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+        return self.tokenizer.encode(text + "Assistant:")
+
+    def fit_prompt(self) -> tuple[list[int], int]:
+        """(prompt ids, exchanges dropped): drop the oldest exchanges until prompt + budget fits."""
+        dropped = 0
+        ids = self.render(self.history)
+        while len(ids) + self.budget > self.context and len(self.history) > 1:
+            del self.history[:2]  # the oldest user message and the reply to it
+            dropped += 1
+            ids = self.render(self.history)
+        return ids, dropped
+
+    def reply(self, user: str, out, err) -> Turn | None:
+        """Add `user`, stream the reply to `out`, keep both in the history; None if it cannot fit."""
+        self.history.append({"role": "user", "content": user})
+        prompt, dropped = self.fit_prompt()
+        if len(prompt) + self.budget > self.context:
+            self.history.pop()
+            print(f"(that message needs {len(prompt)} prompt tokens; the {self.context}-token context "
+                  f"keeps {self.budget} for the reply. Shorten it, or /system to a shorter one)", file=err)
+            return None
+        if dropped and not self.warned_truncation:
+            print(f"(the conversation outgrew the {self.context}-token context: dropping the oldest "
+                  f"turns from now on)", file=err)
+            self.warned_truncation = True
+        out.write("assistant: ")
+        out.flush()
+        ids: list[int] = []
+
+        def until_stop():  # the reply's ids without the special token that ends it
+            for t in stream(self.model, prompt, self.budget, self.cfg.temperature, self.cfg.top_k,
+                            self.cfg.top_p, self.stops, self.generator):
+                ids.append(t)
+                if t not in self.stops:
+                    yield t
+
+        try:
+            for piece in decode_stream(self.tokenizer, until_stop()):
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            self.history.pop()
+            print("\n(reply interrupted; that question is forgotten)", file=err)
+            return None
+        out.write("\n")
+        text, ended = parse_reply(self.tokenizer, ids)
+        if not self.templated:
+            text = text.split("\nUser:")[0].strip()  # a plain transcript has no end token
+        self.history.append({"role": "assistant", "content": text})
+        return Turn(user, text, len(prompt), len(ids), ended, dropped)
+
+
+def _read(stdin, out, interactive: bool) -> str | None:
+    """The next user line, or None at end of input (Ctrl-D) or on Ctrl-C at the prompt."""
+    try:
+        if interactive:
+            return input("user: ")  # the terminal echoes what is typed; readline edits it
+        line = stdin.readline()
+    except (EOFError, KeyboardInterrupt):
+        out.write("\n")
+        return None
+    if not line:
+        return None
+    line = line.rstrip("\r\n")
+    if line.strip():
+        out.write(f"user: {line}\n")  # piped input is not echoed: write it, for a readable transcript
+    return line
+
+
+def run_chat(checkpoint, system: str | None = None, temperature: float = 0.7, top_k: int | None = None,
+             top_p: float | None = 0.9, max_new_tokens: int = 128, seed: int = 0,
+             stdin=None, stdout=None, stderr=None) -> list[Turn]:
+    """Chat with `checkpoint` until /quit or end of input; returns every completed turn."""
+    stdin, out, err = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    cfg = ChatConfig(system, temperature, top_k, top_p, max_new_tokens, seed)
+    cfg.check()
+    model, tokenizer, warnings = load_chat_model(checkpoint)
+    session = ChatSession(model, tokenizer, cfg)
+    for w in warnings:
+        print(w, file=err)
+    if session.budget < cfg.max_new_tokens:
+        print(f"(max_new_tokens {cfg.max_new_tokens} -> {session.budget}: half the model's "
+              f"{session.context}-token context, so the conversation keeps the other half)", file=err)
+    interactive = stdin is sys.stdin and stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (importing it gives input() line editing and history)
+        except ImportError:
+            pass
+        print(f"minilm chat with {checkpoint} ({session.context}-token context). {HELP}", file=err)
+    turns: list[Turn] = []
+    while (line := _read(stdin, out, interactive)) is not None:
+        command, _, arg = line.strip().partition(" ")
+        if not command:
+            continue
+        if command in ("/quit", "/exit"):
+            break
+        if command == "/reset":
+            session.reset()
+            print("(new conversation)", file=err)
+        elif command == "/system":
+            session.system = arg.strip() or None
+            print(f"(system message {'set' if session.system else 'cleared'})", file=err)
+        elif command.startswith("/") and len(command) > 1:
+            print(f"(unknown command {command}) {HELP}", file=err)
+        else:
+            turn = session.reply(line.strip(), out, err)
+            if turn is not None:
+                turns.append(turn)
+    return turns

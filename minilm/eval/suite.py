@@ -1,0 +1,337 @@
+"""The evaluation suite: one fixed set of measurements for every stage's model (lesson 12).
+
+    from minilm.eval.suite import suite_config, evaluate_model, evaluate_checkpoint
+    cfg = suite_config("ci")                       # sizes only; presets ci / laptop / gpu
+    cache = {}                                     # keeps the reference's replies between calls
+    row = evaluate_checkpoint("runs/dpo-tiny/checkpoint", cfg, "runs/data/pipeline-2048-400",
+                              reference_path="runs/sft-tiny/checkpoint", cache=cache)
+    row["bpb"], row["math_acc"], row["winrate"]    # a flat dict of floats (None: not measured)
+    pytest -m lesson_12                            # tests/test_eval_suite.py
+
+The same suite runs on the pretrained model, SFT, DPO, PPO, DNO, LTC and the pruned model, so the
+report can show what each stage bought (nanochat's report card does this for its stages). Every
+prompt is held out from training; every reply is greedy; so the same model and config always give
+the same dict. Each metric, what it measures, and its weakness for a ~1M-parameter model:
+
+  bpb, loss     bits per UTF-8 byte and nats per token on the data directory's "val" split (phase 1
+                clean text), over n_bpb_batches fixed windows: `minilm.train.evaluate` itself, so it is
+                the number pretraining logs. It measures language modelling, and chat tuning makes
+                it slightly worse (the model's mass moves to chat replies). Weakness: windows are cut
+                from documents at fixed strides, so at 1M parameters it is dominated by the model's
+                local statistics (~unigram/bigram), not by knowledge.
+  math_acc      greedy single-turn replies to held-out GSM8K-shaped word problems (data_prep's
+                `word_problem`, the very generator behind the LTC math environment); a reply is
+                correct when its LAST integer equals the answer (GSM8K's rule, AnswerOracle's
+                word_problem judgement). We chose word problems over the held-out arithmetic
+                questions because "math accuracy" means GSM8K in the Phi-3 report, because it
+                measures the same skill as env_success on the math environment through the plain
+                chat interface, and because arithmetic already counts in `correct` below. A problem
+                is used only if it is held out by BOTH splits that could train on it: the
+                instruction split (`split_of`, DPO's word-problem pairs) and the environment's
+                content split (LTC's math episodes). Weakness: a 1M-parameter model solves almost
+                none; the chance of a guessed last number (answers are often small) is ~1-3%, so
+                differences below ~0.05 on 64 problems are noise.
+  end_rate      held-out chat prompts (SFT's sources: man, stdlib, arithmetic, units), greedy
+  form_rate     replies judged as the SFT stage judges them (`greedy_judgements` + AnswerOracle):
+  correct       replies closed with <|end|>; in the expected form (a bare number, a one-line
+                phrase); exactly correct. Weakness: at 1M parameters `correct` is a few percent
+                (small numbers and unit conversions); end/form rates mostly show whether chat
+                tuning happened at all.
+  winrate       head-to-head against the reference model's greedy replies (the SFT model) on the
+  winrate_lo/hi same held-out chat prompts, ties = 1/2, 95% Wilson interval (minilm/eval/winrate.py).
+                The judge is HELD OUT: `ReferenceF1Judge`, the token F1 of each reply with the
+                reference answer (SQuAD's free-text score; for numbers it is exactness), the
+                higher F1 wins. No stage trains against it: SFT imitates the references, DPO trains
+                on offline pairs or on AnswerOracle's preferences (its 0.6 exact correctness +
+                0.2 form + 0.2 <|end|> reward), PPO on the learned reward model (or AnswerOracle's
+                reward), DNO on VerifierOracle's 0-6 points, LTC on environment success. Weakness:
+                the judge ignores format and prefers short replies that repeat reference words; at
+                1M parameters most pairs tie (both F1 0), so the interval is wide and a win-rate
+                near 0.5 says "no measurable difference", not "as good".
+  env_success   success rate of n_env single episodes of cfg.env on the environment's held-out
+                test seeds, the agent alone (Monologue), greedy: `minilm.agents.ltc.evaluate`.
+                Weakness: a model never trained on the environment's action format scores 0, so
+                before the LTC stage this is 0 for every model.
+
+Short contexts: a prompt that leaves no room for the reply budget (prompt + max_new_tokens >
+max_seq_len) is not asked; it counts as a failed reply (not ended, not in form, wrong, F1 0).
+Environment episodes that run out of context end as failures (minilm/agents/patterns.py).
+Deviation from nanochat's report card: no external benchmark (none ships offline); the held-out
+sets are built from the same generators and man/stdlib pages the training data come from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minilm import MinilmError
+from minilm.post.chat import render_prompt
+from minilm.post.loop import from_preset
+from minilm.post.oracles import AnswerOracle, ScoreOracle, split_reply, token_f1
+from minilm.post.sft import greedy_judgements
+
+METRICS = ("bpb", "loss", "math_acc", "end_rate", "form_rate", "correct",
+           "winrate", "winrate_lo", "winrate_hi", "env_success")
+FAILED = {"correct": False, "in_form": False, "ended": False, "f1": 0.0, "reward": 0.0, "reply": ""}
+
+
+@dataclass
+class SuiteConfig:
+    n_bpb_batches: int = 8          # validation windows: n_bpb_batches * batch_size of seq_len tokens
+    n_math: int = 64                # held-out word problems
+    n_chat: int = 200               # held-out chat prompts (format compliance)
+    n_winrate: int = 200            # held-out chat prompts judged against the reference
+    n_env: int = 32                 # held-out environment episodes
+    env: str = "math"               # household, qa or math (minilm/agents/envs)
+    max_new_tokens: int = 32        # reply budget for chat prompts
+    math_new_tokens: int = 96       # reply budget for word problems (worked solutions ~60-90 tokens)
+    seed: int = 0                   # which held-out prompts are drawn
+    batch_size: int = 32            # prompts / windows / episodes per forward pass
+    seq_len: int = 0                # bpb window length; 0: the model's max_seq_len
+    sources: str = "man,stdlib,arithmetic,units"   # chat prompt kinds (data_prep/instructions.py)
+    device: str = "auto"            # evaluate_checkpoint only: auto, cpu, cuda
+
+
+SUITE_PRESETS = {
+    "ci": dict(n_bpb_batches=2, n_math=16, n_chat=32, n_winrate=32, n_env=8, batch_size=16,
+               math_new_tokens=64),
+    "laptop": dict(),
+    "gpu": dict(n_bpb_batches=32, n_math=256, n_chat=500, n_winrate=500, n_env=100, batch_size=128),
+}
+
+
+def suite_config(preset: str = "laptop", **overrides) -> SuiteConfig:
+    return from_preset(SuiteConfig, SUITE_PRESETS, preset, "eval suite", **overrides)
+
+
+def _check(cfg: SuiteConfig) -> None:
+    from minilm.agents.envs import ENVS
+    sizes = ("n_bpb_batches", "n_math", "n_chat", "n_winrate", "n_env", "seq_len")
+    bad = [f"{k}={getattr(cfg, k)}" for k in sizes if getattr(cfg, k) < 0]
+    bad += [f"{k}={getattr(cfg, k)}" for k in ("batch_size", "max_new_tokens", "math_new_tokens")
+            if getattr(cfg, k) < 1]
+    if bad:
+        raise MinilmError(f"invalid suite sizes {', '.join(bad)}: counts must be >= 0 (0 skips the "
+                          f"metric), batch_size and reply budgets >= 1")
+    if cfg.env not in ENVS:
+        raise MinilmError(f"unknown environment {cfg.env!r}; choose one of {sorted(ENVS)}")
+
+
+# ---- held-out text: bits per byte
+
+def resolve_data_dir(data_dir) -> Path:
+    """The prepared directory itself, or its phase1/ (a data pipeline's output folder)."""
+    path = Path(data_dir)
+    if not (path / "meta.json").exists() and (path / "phase1" / "meta.json").exists():
+        return path / "phase1"
+    return path
+
+
+def text_metrics(model, tokenizer, cfg: SuiteConfig, data_dir) -> dict:
+    """{"bpb", "loss"} from minilm.train.evaluate over the val split's fixed windows."""
+    from minilm.data import TokenDataset
+    from minilm.runtime import Runtime
+    from minilm.train import TrainConfig, evaluate
+    data = TokenDataset(resolve_data_dir(data_dir), "val")
+    want = data.meta.get("tokenizer", {}).get("fingerprint")
+    if want and want != tokenizer.fingerprint():
+        raise MinilmError(f"{data.directory} was tokenized with tokenizer {want}, the model uses "
+                          f"{tokenizer.fingerprint()}; evaluate on data prepared with the model's tokenizer")
+    seq_len = min(cfg.seq_len or model.config.max_seq_len, model.config.max_seq_len)
+    train_cfg = TrainConfig(eval_batches=cfg.n_bpb_batches, batch_size=cfg.batch_size, seq_len=seq_len)
+    rt = Runtime(next(model.parameters()).device, None)   # float32: the same number on any device
+    out = evaluate(model, data, train_cfg, rt)
+    model.eval()                                          # evaluate leaves the model in train mode
+    return {"bpb": out["val_bpb"], "loss": out["val_loss"]}
+
+
+# ---- held-out prompts
+
+def math_problems(n: int, seed: int) -> list[dict]:
+    """n word-problem conversations held out by the instruction split AND the math env's split."""
+    from data_prep.instructions import SYNTHETIC, split_of
+    from minilm.agents.envs.base import content_split
+    rng, out, seen = random.Random(seed), [], set()
+    for _ in range(n * 1000):      # ~2% of problems are held out by both (10% x 20%)
+        if len(out) == n:
+            break
+        ex = SYNTHETIC["word_problem"](rng)
+        question = ex["messages"][0]["content"]
+        if ex["id"] not in seen and split_of(ex["id"]) == "heldout" and content_split(question) == "test":
+            seen.add(ex["id"])
+            out.append(ex)
+    if len(out) < n:
+        raise MinilmError(f"found only {len(out)} held-out word problems of the {n} asked; lower n_math")
+    return out
+
+
+def chat_conversations(n: int, seed: int, sources: str) -> list[dict]:
+    """n held-out chat conversations (data_prep.instructions, split "heldout")."""
+    from data_prep.instructions import instruction_examples
+    kinds = tuple(s.strip() for s in sources.split(",") if s.strip())
+    return instruction_examples(n, seed, kinds, split="heldout") if n else []
+
+
+def judged_replies(model, tokenizer, conversations, max_new_tokens: int, batch_size: int) -> list[dict]:
+    """AnswerOracle's judgement of the greedy reply to each prompt (the SFT stage's
+    `greedy_judgements`); a prompt too long for prompt + max_new_tokens counts as FAILED."""
+    limit = model.config.max_seq_len - max_new_tokens
+    fits = [len(render_prompt(tokenizer, c["messages"][:-1])) <= limit for c in conversations]
+    asked = [c for c, f in zip(conversations, fits) if f]
+    judged = iter(greedy_judgements(model, tokenizer, asked, AnswerOracle(conversations),
+                                    max_new_tokens, batch_size))
+    return [next(judged) if f else {**FAILED, "kind": c.get("kind")} for c, f in zip(conversations, fits)]
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+# ---- win-rate under a held-out judge
+
+class ReferenceF1Judge(ScoreOracle):
+    """Score = token F1 of the reply with the reference answer; the higher F1 wins (ties 1/2).
+
+    A judge no training stage optimises (see the module docstring); format is ignored on purpose.
+    """
+
+    def __init__(self, conversations):
+        super().__init__()
+        self.answers = AnswerOracle(conversations)
+
+    def _score(self, items):
+        return [token_f1(split_reply(reply)[0], self.answers.reference(q)[0]) for q, reply in items]
+
+
+def weights_digest(model) -> str:
+    """A short hash of every weight: which reference a cache entry belongs to."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def reference_replies(reference, tokenizer, conversations, cfg: SuiteConfig, cache: dict | None) -> list[str]:
+    """The reference's greedy replies, computed once per (reference weights, prompts, budget)."""
+    key = (f"reference_replies/{weights_digest(reference)}/{cfg.seed}/{len(conversations)}/"
+           f"{cfg.sources}/{cfg.max_new_tokens}/{cfg.batch_size}")
+    if cache is not None and key in cache:
+        return cache[key]
+    replies = [j["reply"] for j in judged_replies(reference, tokenizer, conversations,
+                                                  cfg.max_new_tokens, cfg.batch_size)]
+    if cache is not None:
+        cache[key] = replies
+    return replies
+
+
+def winrate_metrics(mine: list[str], theirs: list[str], conversations) -> dict:
+    from minilm.eval.winrate import head_to_head, win_rate
+    prompts = [c["messages"][:-1] for c in conversations]
+    row = win_rate(head_to_head(ReferenceF1Judge(conversations), prompts, mine, theirs))
+    return {"winrate": row["win_rate"], "winrate_lo": row["lo"], "winrate_hi": row["hi"]}
+
+
+def chat_metrics(model, tokenizer, cfg: SuiteConfig, reference=None, cache: dict | None = None) -> dict:
+    """end_rate / form_rate / correct on the first n_chat held-out prompts, and the win-rate
+    against `reference` on the first n_winrate, from one set of greedy replies.
+
+    The prompts are always drawn as max(n_chat, n_winrate), so the chat rates do not depend on
+    whether a reference was given.
+    """
+    n_win = cfg.n_winrate if reference is not None else 0
+    convs = chat_conversations(max(cfg.n_chat, cfg.n_winrate), cfg.seed, cfg.sources)
+    judged = judged_replies(model, tokenizer, convs[:max(cfg.n_chat, n_win)], cfg.max_new_tokens,
+                            cfg.batch_size)
+    out = {}
+    if cfg.n_chat:
+        chat = judged[:cfg.n_chat]
+        out.update(end_rate=_mean(j["ended"] for j in chat), form_rate=_mean(j["in_form"] for j in chat),
+                   correct=_mean(j["correct"] for j in chat))
+    if n_win:
+        theirs = reference_replies(reference, tokenizer, convs[:n_win], cfg, cache)
+        out.update(winrate_metrics([j["reply"] for j in judged[:n_win]], theirs, convs[:n_win]))
+    return out
+
+
+# ---- environment success
+
+def env_success(model, tokenizer, cfg: SuiteConfig) -> float:
+    """Success on cfg.n_env held-out seeds of cfg.env: LTC's own evaluation (Monologue, greedy)."""
+    from minilm.agents.ltc import evaluate, ltc_config, make_envs
+    ltc = ltc_config("tiny", env=cfg.env, n_test=cfg.n_env, eval_temperature=0.0)
+    envs = make_envs(ltc, "test", min(cfg.n_env, cfg.batch_size))
+    return evaluate(model, tokenizer, envs, ltc)["success"]
+
+
+# ---- the suite
+
+@torch.no_grad()
+def evaluate_model(model, tokenizer, cfg: SuiteConfig, data_dir, reference=None,
+                   cache: dict | None = None) -> dict:
+    """Every metric of the suite for one model: {key: float or None} with exactly METRICS as keys.
+
+    reference: the model to win against (the SFT model); its tokenizer must be `tokenizer`'s.
+    cache: a dict the caller keeps between calls; the reference's replies are stored in it.
+    A count of 0 in cfg skips its metric (None); so does data_dir=None for bpb/loss.
+    """
+    _check(cfg)
+    out = dict.fromkeys(METRICS)
+    was_training = model.training
+    model.eval()
+    try:
+        if cfg.n_bpb_batches and data_dir is not None:
+            out.update(text_metrics(model, tokenizer, cfg, data_dir))
+        if cfg.n_math:
+            judged = judged_replies(model, tokenizer, math_problems(cfg.n_math, cfg.seed),
+                                    cfg.math_new_tokens, cfg.batch_size)
+            out["math_acc"] = _mean(j["correct"] for j in judged)
+        if cfg.n_chat or (cfg.n_winrate and reference is not None):
+            out.update(chat_metrics(model, tokenizer, cfg, reference, cache))
+        if cfg.n_env:
+            out["env_success"] = env_success(model, tokenizer, cfg)
+    finally:
+        model.train(was_training)
+    return {k: None if v is None else float(v) for k, v in out.items()}
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MinilmError(f"device {name!r} requested but this torch sees no CUDA GPU; use device='cpu'")
+    return name
+
+
+def load_for_eval(path, device: str = "cpu"):
+    """(model, tokenizer) of a checkpoint, LoRA adapters merged in, in eval mode."""
+    from minilm.checkpoint import load_checkpoint
+    from minilm.lora import adapter_names, merge_and_unload
+    if not Path(path).is_dir():
+        raise MinilmError(f"cannot evaluate {path}: no such checkpoint directory (a stage's "
+                          f"checkpoint is OUT_DIR/checkpoint)")
+    ck = load_checkpoint(path, device=device)     # its own clear errors for an invalid checkpoint
+    if ck.tokenizer is None:
+        raise MinilmError(f"{path} has no tokenizer; the suite needs one to build prompts")
+    model = merge_and_unload(ck.model) if adapter_names(ck.model) else ck.model
+    return model.eval(), ck.tokenizer
+
+
+def evaluate_checkpoint(path, cfg: SuiteConfig, data_dir, reference_path=None,
+                        cache: dict | None = None) -> dict:
+    """`evaluate_model` on a saved checkpoint (LoRA merged, pruned FFN widths as saved)."""
+    device = _device(cfg.device)
+    model, tokenizer = load_for_eval(path, device)
+    reference = None
+    if reference_path:
+        reference, ref_tokenizer = load_for_eval(reference_path, device)
+        if ref_tokenizer.fingerprint() != tokenizer.fingerprint():
+            raise MinilmError(f"{reference_path} uses another tokenizer than {path}; a win-rate "
+                              f"compares models of one tokenizer (one speedrun)")
+    return evaluate_model(model, tokenizer, cfg, data_dir, reference, cache)
