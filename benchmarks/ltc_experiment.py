@@ -1,7 +1,9 @@
 """LTC vs the instruction-tuned baseline, with the paper's ablations, on held-out seeds (lesson 10).
 
-    OMP_NUM_THREADS=1 python benchmarks/ltc_experiment.py                      # household, ~6 min
-    OMP_NUM_THREADS=1 python benchmarks/ltc_experiment.py --env all --out-dir runs/ltc-exp   # ~16 min
+    OMP_NUM_THREADS=1 python benchmarks/ltc_experiment.py                      # household, ~17 min
+    OMP_NUM_THREADS=1 python benchmarks/ltc_experiment.py --env all --out-dir runs/ltc-exp   # ~37 min
+(times on 2 CPU cores shared with other jobs). Arms already finished in OUT are resumed, not rerun:
+delete OUT (or one arm's folder) after changing the code.
 
 Per environment: one instruction tuning on the scripted expert's demonstrations (the baseline,
 shared by every arm), then four LTC runs from it (minilm/agents/ltc.py):

@@ -65,15 +65,12 @@ SPEEDRUN_PRESETS: dict[str, dict] = {
         "ppo": dict(max_steps=3, batch_size=8, minibatch_size=4, n_prompts=200, n_eval=8,
                     max_new_tokens=16, eval_every=3, ckpt_every=3),
         "dno": dict(iterations=2, n_prompts=24, samples=3, n_val=16, n_test=24),
-        "ltc": dict(n_demos=40, il_steps=20, iterations=1, episodes_per_iter=8, rollout_batch=8,
-                    batch_size=8, n_test=8),
         "prune": dict(max_steps=30, prune_warmup=5, prune_final=10, n_train=400, n_eval=32,
                       eval_every=30, ckpt_every=30),
     },
     "laptop": {
         "model": "tiny", "stage_preset": "tiny",
         "data": dict(limit_per_source=400),
-        "ltc": dict(iterations=2, episodes_per_iter=32, n_test=50),
     },
     "gpu": {  # never run by us: no GPU was lent to this project (README, "What was measured")
         "model": "small", "stage_preset": "small",
@@ -138,11 +135,13 @@ class Run:
         return str(self.dir(stage) / "checkpoint")
 
     def post(self, stage: str, init: str, make_config, presets: dict):
-        """A post-training stage's config: its named preset (the speedrun's stage preset if it has
-        one, else "tiny"), this preset's sizes, its folder, and the checkpoint of `init`."""
-        preset = SPEEDRUN_PRESETS[self.cfg.preset]["stage_preset"]
-        return make_config(preset if preset in presets else "tiny", out_dir=str(self.dir(stage)),
-                           init=self.checkpoint(init), device=self.cfg.device, **self.cfg.sizes(stage))
+        """A post-training stage's config: its named preset, this preset's sizes, its folder, and the
+        checkpoint of `init`. The named preset is the first the stage has of: the speedrun preset's
+        own name (LTC has "ci" and "laptop"), the speedrun's stage preset, "tiny"."""
+        names = (self.cfg.preset, SPEEDRUN_PRESETS[self.cfg.preset]["stage_preset"], "tiny")
+        preset = next((n for n in names if n in presets), "tiny")
+        return make_config(preset, out_dir=str(self.dir(stage)), init=self.checkpoint(init),
+                           device=self.cfg.device, **self.cfg.sizes(stage))
 
 
 # ---- the driver ----------------------------------------------------------------------------------

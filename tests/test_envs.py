@@ -1,6 +1,7 @@
 """The three LTC environments: experts solve every sampled task, bad actions are answered, splits
 are disjoint, HotpotQA scoring matches hand-computed values, episodes fit the tiny model."""
 
+import itertools
 import random
 import statistics
 
@@ -16,6 +17,7 @@ pytestmark = pytest.mark.lesson_10
 N_SEEDS = 200
 MAX_EPISODE_CHARS = 700   # task + observations + actions of a whole expert episode (interfaces note)
 MAX_EXPERT_STEPS = 8
+MIN_FIT_FRACTION = 0.9    # expert episodes (in tokens, chat template included) within the tiny context
 
 
 def play(env, seed, actions=None):
@@ -44,6 +46,45 @@ def test_expert_solves_every_task_and_fits(name, split):
         sizes.append(len(text))
     assert max(sizes) <= MAX_EPISODE_CHARS, (name, max(sizes))
     print(f"{name}/{split}: episode chars max {max(sizes)} mean {statistics.mean(sizes):.0f}")
+
+
+@pytest.fixture(scope="module")
+def bpe_2048(tmp_path_factory):
+    """A 2048-token BPE trained on stdlib docstrings, like the tiny model's (runs/data's pipeline
+    tokenizer gives the same lengths within a few tokens; the 320-token test BPE would not)."""
+    from data_prep.stdlib_docs import stdlib_documents
+    from minilm.tokenizer import Tokenizer
+    docs = [text for _, text in itertools.islice(stdlib_documents(), 300)]
+    return Tokenizer.train(iter(docs), 2048, progress=False)
+
+
+@pytest.mark.parametrize("name", sorted(ENVS))
+def test_expert_episodes_fit_the_tiny_context_in_tokens(bpe_2048, name):
+    """The expert's episode as LTC renders it (one chat: the observation as the user, each action
+    as the assistant, expert_demos() filters on exactly this) must fit the tiny preset's context
+    for the large majority of tasks; the ones that do not are dropped from the SFT data and fail
+    during exploration for lack of room."""
+    from minilm.agents.ltc_data import expert_messages
+    from minilm.agents.patterns import Episode, RolloutConfig, _agent_turn, make_pattern
+    from minilm.config import get_preset
+    from minilm.post.chat import render_chat
+    limit, tok = get_preset("tiny").max_seq_len, bpe_2048
+    prefix, end = [tok.special_id("<|assistant|>")] + tok.encode("\n"), tok.special_id("<|end|>")
+    for seed in range(5):       # render_chat of the expert's chat == the tokens run_episodes builds
+        env, ep, pattern, rcfg = make_env(name), Episode(seed=seed), make_pattern("monologue"), RolloutConfig()
+        pattern.begin(env, ep, tok, rcfg)
+        for action in env.expert_actions():
+            ep.add(prefix, 0)
+            reply = tok.encode(action) + [end]
+            pattern.respond(env, ep, tok, _agent_turn(tok, ep, reply, [-1.0] * len(reply)), rcfg)
+        assert ep.success and ep.tokens == render_chat(tok, expert_messages(env, seed)[0])[0]
+    for split in ("train", "test"):
+        env = make_env(name, split)
+        lengths = [len(render_chat(tok, expert_messages(env, seed)[0])[0]) for seed in range(N_SEEDS)]
+        fit = sum(n <= limit for n in lengths) / len(lengths)
+        print(f"{name}/{split}: tokens mean {statistics.mean(lengths):.0f} max {max(lengths)}, "
+              f"{fit:.0%} fit {limit}")
+        assert fit >= MIN_FIT_FRACTION, (name, split, fit, statistics.mean(lengths))
 
 
 @pytest.mark.parametrize("name", sorted(ENVS))

@@ -104,8 +104,13 @@ def test_a_few_ltc_steps_change_exactly_the_trainable_params(tok, hydra, loss): 
                             make_pattern("dialogue"), RolloutConfig(max_reply_tokens=6))
     episodes[0].success, episodes[0].reward = True, 1.0    # one success so the LM term has weight
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    rows = update(model, make_optimizer(model, cfg), episodes, cfg, cfg.lr, setup_runtime("cpu"), 0, tok.eot_id)
-    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    optimizer = make_optimizer(model, cfg)
+    if loss == "lm":        # LM loss alone, no success in the batch: skipped, nothing moves
+        assert update(model, optimizer, episodes[1:], cfg, cfg.lr, setup_runtime("cpu"), 0, tok.eot_id) == []
+        assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    rows = update(model, optimizer, episodes, cfg, cfg.lr, setup_runtime("cpu"), 0, tok.eot_id)
+    # minibatches {2, 0} and {1, 3} (seed 0): "lm" skips the one without a success
+    assert len(rows) == (1 if loss == "lm" else 2) and all(math.isfinite(r["loss"]) for r in rows)
     for n, p in model.named_parameters():
         changed = not torch.equal(before[n], p)
         frozen = n == "lm.model.layers.0.input_layernorm.weight"
@@ -113,22 +118,93 @@ def test_a_few_ltc_steps_change_exactly_the_trainable_params(tok, hydra, loss): 
         assert changed == (not frozen and not value_head_idle), n
 
 
-def test_run_ltc_end_to_end_with_a_fake_env_and_resume(tok, tmp_path, monkeypatch):  # noqa: F811
+def fake_run(tok, tmp_path, monkeypatch, plots=False, **overrides):
+    """run_ltc's keyword arguments for a seconds-long run on CountEnv from a random tiny model
+    (matplotlib, ~1.5 s a figure, is stubbed out unless `plots`)."""
     from minilm.agents import ltc
     from minilm.checkpoint import save_checkpoint
     from minilm.model import Phi3
-    save_checkpoint(tmp_path / "init", Phi3(tiny_config(max_seq_len=256)), tok)
+    if not plots:
+        monkeypatch.setattr(ltc, "plot_curves", lambda *args, **kwargs: False)
+        monkeypatch.setattr("minilm.post.loop.plot_losses", lambda *args, **kwargs: None)
+    if not (tmp_path / "init").exists():
+        torch.manual_seed(0)
+        save_checkpoint(tmp_path / "init", Phi3(tiny_config(max_seq_len=256)), tok)
     monkeypatch.setattr(ltc, "make_envs", lambda cfg, split, n: [CountEnv() for _ in range(n)])
-    kw = dict(init=str(tmp_path / "init"), out_dir=str(tmp_path / "run"), pattern="analogue", n_demos=8,
-              il_steps=4, episodes_per_iter=4, batch_size=2, rollout_batch=4, n_test=4, device="cpu")
-    first = ltc.run_ltc(ltc.ltc_config(iterations=1, **kw))
-    assert [r["iteration"] for r in first["rows"]] == [1]
-    assert (tmp_path / "run" / "curves.png").exists() and (tmp_path / "run" / "baseline.json").exists()
-    result = ltc.run_ltc(ltc.ltc_config(iterations=2, **kw))               # resumes after iteration 1
-    assert [r["iteration"] for r in result["rows"]] == [1, 2]
-    assert result["rows"][0] == first["rows"][0] and result["rows"][1]["buffer"] == 8
-    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    return {**dict(init=str(tmp_path / "init"), out_dir=str(tmp_path / "run"), pattern="analogue", n_demos=8,
+                   il_steps=4, episodes_per_iter=4, batch_size=2, rollout_batch=4, n_test=4, device="cpu"),
+            **overrides}
+
+
+def checkpoint_tensors(path) -> dict:
+    from minilm.checkpoint import load_checkpoint
+    ck = load_checkpoint(path, with_train_state=True)
+    opt = ck.train_state["optimizer"]["state"]
+    return {**{f"lm.{k}": v for k, v in ck.model.state_dict().items()},
+            **{f"heads.{k}": v for k, v in ck.extra["heads"].items()},
+            **{f"adam.{i}.{k}": v for i, st in opt.items() for k, v in st.items() if torch.is_tensor(v)}}
+
+
+def test_run_ltc_end_to_end_and_a_killed_run_resumes_bit_identically(tok, tmp_path, monkeypatch):  # noqa: F811
+    """Kill after iteration 1 of 2 (an exception right after its checkpoint), rerun the same
+    command: weights, value head, Adam moments, metrics and buffer equal the uninterrupted run's."""
+    from minilm.agents import ltc
+    kw = fake_run(tok, tmp_path, monkeypatch, plots=True, iterations=2)
+    whole = ltc.run_ltc(ltc.ltc_config(**{**kw, "out_dir": str(tmp_path / "whole")}))
+    assert [r["iteration"] for r in whole["rows"]] == [1, 2] and whole["rows"][1]["buffer"] == 8
+    assert (tmp_path / "whole" / "curves.png").exists() and (tmp_path / "whole" / "baseline.json").exists()
+    saved = json.loads((tmp_path / "whole" / "result.json").read_text())
     assert set(saved["baseline"]) >= {"success", "score"} and 0 <= saved["ltc"]["success"] <= 1
+    plot, calls = ltc.plot_curves, []
+
+    def killed(*args, **kwargs):         # plot_curves runs right after the iteration's checkpoint
+        calls.append(1)
+        plot(*args, **kwargs)
+        if len(calls) == 1:
+            raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(ltc, "plot_curves", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ltc.run_ltc(ltc.ltc_config(**kw))
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["iteration"] == 1
+    resumed = ltc.run_ltc(ltc.ltc_config(**kw))
+    assert resumed["rows"] == whole["rows"]          # every loss and rate, exactly
+    dirs = (tmp_path / "whole" / "checkpoint", tmp_path / "run" / "checkpoint")
+    a, b = checkpoint_tensors(dirs[0]), checkpoint_tensors(dirs[1])
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    from minilm.checkpoint import load_checkpoint
+    bufs = [load_checkpoint(d, with_train_state=True).train_state["buffer"] for d in dirs]
+    assert [e.tokens for e in bufs[0]] == [e.tokens for e in bufs[1]] and len(bufs[0]) == 8
+
+
+def test_run_ltc_with_lora_trains_only_the_adapters_and_the_value_head(tok, tmp_path, monkeypatch):  # noqa: F811
+    """cfg.lora_r > 0: instruction tuning and the LTC updates move the LoRA adapters and the value
+    head only; the base weights stay bit-identical to the init checkpoint, also once saved."""
+    from minilm.agents import ltc
+    from minilm.checkpoint import load_checkpoint
+    from minilm.lora import base_state_dict
+    from minilm.post.heads import HydraModel
+    made = []
+
+    def recording_hydra(lm, heads):      # snapshot the parameters as the LTC phase starts
+        h = HydraModel(lm, heads=heads)
+        made.append((h, {n: p.detach().clone() for n, p in h.named_parameters()}))
+        return h
+    monkeypatch.setattr(ltc, "HydraModel", recording_hydra)
+    kw = fake_run(tok, tmp_path, monkeypatch, iterations=1, lora_r=4, lr=1e-2, pattern="dialogue")
+    init = load_checkpoint(kw["init"]).model.state_dict()
+    result = ltc.run_ltc(ltc.ltc_config(**kw))
+    assert math.isfinite(result["rows"][0]["loss"])
+    hydra, before = made[0]
+    adapters = {n for n in before if ".lora_A." in n or ".lora_B." in n}
+    assert len(adapters) == 2 * 4 * 2           # A and B x 4 target layers x 2 blocks
+    for n, p in hydra.named_parameters():
+        trainable = n in adapters or n.startswith("heads.")
+        assert p.requires_grad == trainable and (not torch.equal(before[n], p)) == trainable, n
+    assert all(before[n].abs().max() > 0 for n in adapters if ".lora_B." in n)   # B starts at 0: IL trained it
+    for model in (hydra.lm, load_checkpoint(result["checkpoint"]).model):
+        base = base_state_dict(model)
+        assert base.keys() == init.keys() and all(torch.equal(base[k], init[k]) for k in init)
 
 
 def test_lm_agent_only_restricts_the_lm_loss_to_the_agents_tokens():

@@ -149,11 +149,83 @@ def test_recomputed_logprobs_of_agent_tokens_match_the_behaviour_logprobs(tok, h
                                atol=1e-5, rtol=1e-5)
 
 
-def test_a_model_teacher_words_the_correction_but_keeps_the_gold_action(tok, hydra):
+TEACHER_SAYS = "Read the task again."
+
+
+@pytest.fixture(scope="module")
+def taught_teacher(tok):
+    """A tiny chat model trained (60 Adam steps, ~2 s) to answer every correction request with
+    TEACHER_SAYS: a teacher whose words we know, so the test can find them in the episodes. The
+    requests quote random token strings, like the random student's actions."""
+    import random
+
     from minilm.agents.patterns import ModelTeacher
+    from minilm.model import Phi3
+    from minilm.post.chat import render_chat
+    torch.manual_seed(0)
+    model, rng = Phi3(tiny_config(max_seq_len=256)), random.Random(0)
+    plain = sorted(set(range(tok.n_vocab)) - set(tok.special_tokens.values()))
+    requests = [(tok.decode(rng.choices(plain, k=rng.randint(1, 8))).strip(),
+                 f"answer[{i % 5}]" if i % 2 else f"think[it is {i % 5}]") for i in range(16)]
+    rows = [render_chat(tok, ModelTeacher.request(a, g) + [{"role": "assistant", "content": TEACHER_SAYS}])
+            for a, g in requests]
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([ids + [tok.eot_id] * (width - len(ids)) for ids, _ in rows])
+    learn = torch.tensor([mask + [0] * (width - len(mask)) for _, mask in rows]).bool()[:, 1:]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        logits = model(ids[:, :-1])[0]
+        loss = torch.nn.functional.cross_entropy(logits[learn], ids[:, 1:][learn])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval().requires_grad_(False)
+
+
+def test_a_model_teacher_speaks_in_the_episode_as_non_agent_tokens(tok, hydra, taught_teacher):
+    """Dialogue with a ModelTeacher: each correction is the teacher MODEL's reply plus the gold
+    action, as a user message whose tokens all have who = 0 (never trained by PPO)."""
+    from minilm.agents.patterns import ModelTeacher
+    torch.manual_seed(5)
+    teacher = ModelTeacher(taught_teacher, tok)
+    episodes = run_episodes(hydra, tok, [CountEnv() for _ in range(3)], [0, 1, 2],
+                            make_pattern("dialogue", teacher=teacher), RolloutConfig(max_reply_tokens=8, max_hints=2))
+    newline, user, end = tok.encode("\n"), tok.special_id("<|user|>"), tok.special_id("<|end|>")
+    for ep in episodes:
+        said = [m["content"] for m in ep.messages if m["content"].startswith("Teacher:")]
+        # the random student never hits the plan, so both hints name its first step
+        assert said == [f"Teacher: {TEACHER_SAYS} Try: think[it is {ep.seed % 5}]"] * 2
+        span = [user] + newline + tok.encode(said[0]) + [end] + newline
+        starts = [i for i in range(len(ep.tokens)) if ep.tokens[i:i + len(span)] == span]
+        assert len(starts) == 2 and ep.hints == 2
+        assert all(ep.who[i + j] == 0 and ep.logprobs[i + j] == 0.0 for i in starts for j in range(len(span)))
+    # the plan still advances on a right action, and an empty reply falls back to the scripted words
     env, ep = CountEnv(), Episode(seed=4)
     env.reset(4)
-    teacher = ModelTeacher(hydra.lm, tok, max_new_tokens=6)
     teacher.start(env, ep)
     assert teacher.review(env, ep, "think[it is 4]") is None and ep.plan_pos == 1
-    assert teacher.review(env, ep, "answer[9]").endswith("Try: answer[4]")
+    mute = ModelTeacher(taught_teacher, tok, max_new_tokens=1)        # one token: "R", not empty
+    assert mute.review(env, ep, "answer[9]").endswith("Try: answer[4]")
+
+
+def test_a_bad_teacher_checkpoint_is_a_clear_error(tok, tmp_path):
+    from minilm import MinilmError
+    from minilm.agents.ltc import ltc_config, run_ltc
+    from minilm.agents.patterns import ModelTeacher
+    from minilm.checkpoint import save_checkpoint
+    from minilm.model import Phi3
+    with pytest.raises(MinilmError, match="cannot load the teacher checkpoint .*nowhere"):
+        ModelTeacher.from_checkpoint(tmp_path / "nowhere")
+    save_checkpoint(tmp_path / "no-tok", Phi3(tiny_config(max_seq_len=256)))           # weights only
+    with pytest.raises(MinilmError, match="no chat tokenizer"):
+        ModelTeacher.from_checkpoint(tmp_path / "no-tok")
+    save_checkpoint(tmp_path / "ok", Phi3(tiny_config(max_seq_len=256)), tok)
+    teacher = ModelTeacher.from_checkpoint(tmp_path / "ok")
+    assert not teacher.model.training and not any(p.requires_grad for p in teacher.model.parameters())
+    # run_ltc checks --teacher before any training, and refuses one that would go unused
+    with pytest.raises(MinilmError, match="teacher"):
+        run_ltc(ltc_config(teacher=str(tmp_path / "nowhere"), pattern="dialogue", init=str(tmp_path / "ok"),
+                           out_dir=str(tmp_path / "run"), device="cpu"))
+    with pytest.raises(MinilmError, match="monologue has no teacher"):
+        run_ltc(ltc_config(teacher=str(tmp_path / "ok"), pattern="monologue", out_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()

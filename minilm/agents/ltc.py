@@ -5,6 +5,7 @@
     from minilm.agents.ltc import ltc_config, run_ltc
     result = run_ltc(ltc_config("tiny", env="math", pattern="analogue", out_dir="runs/ltc-math"))
     result["baseline"], result["ltc"]            # held-out metrics of the IL model and of LTC
+    run_ltc(ltc_config("ci", env="math", init="runs/sft-tiny/checkpoint", out_dir="runs/ltc-ci"))  # ~10 s
 
 Learning through Communication (Wang et al., arXiv 2310.01444; ../shared/papers/ltc.md, "The loop"):
   1. instruction fine-tuning on the scripted expert's demonstrations (minilm/post/loop.py's
@@ -16,9 +17,14 @@ Learning through Communication (Wang et al., arXiv 2310.01444; ../shared/papers/
      iterations; (d) evaluate on held-out test seeds (Monologue, greedy: no teacher at test time);
      (e) checkpoint (weights + heads + optimizer + buffer + metrics): a killed run resumes there.
 Ablations (`loss`): "full", "lm" (L_LM only), "ppo" (L_PPO only); "no teacher" is pattern monologue.
-Deviations: full fine-tuning of a 1M-parameter model instead of LoRA on LLaMA-7B; far fewer tasks
+Presets (math, one quiet core, measured): "ci" ~10 s (one small iteration: a smoke test, not a
+measurement), "tiny" ~2 min (6 iterations x 64 episodes), "laptop" ~3.5 min (8 x 128); household
+takes 2-4x as long (longer episodes), and a busy shared machine 3-5x.
+Deviations: full fine-tuning of a 1M-parameter model by default (--lora-r 16 gives the paper's
+LoRA, base frozen, adapters and value head trained) instead of LoRA on LLaMA-7B; far fewer tasks
 per iteration (64 instead of 256-4096); the replay buffer is kept and saved but, as in the
-reference code, each update reads only the newest iteration's episodes.
+reference code, each update reads only the newest iteration's episodes. The teacher is scripted
+unless --teacher names a chat checkpoint (patterns.ModelTeacher).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from tqdm import tqdm
 
 from minilm import MinilmError
 from minilm.agents.ltc_data import LossWeights, collate_episodes, expert_demos, ltc_loss
-from minilm.agents.patterns import RolloutConfig, make_pattern, run_episodes
+from minilm.agents.patterns import ModelTeacher, RolloutConfig, make_pattern, run_episodes
 from minilm.checkpoint import load_checkpoint, save_checkpoint
 from minilm.post.heads import HydraModel
 from minilm.post.loop import PostConfig, from_preset, init_model, run_loop
@@ -68,9 +74,15 @@ class LTCConfig(PostConfig):
     ppo_coef: float = 0.5
     ent_coef: float = 0.01
     lm_agent_only: bool = False     # not the paper (LM loss over all tokens): an experiment knob
+    teacher: str = ""               # a chat checkpoint as the teacher (ModelTeacher); "": scripted
 
 
-LTC_PRESETS = {"tiny": dict()}
+LTC_PRESETS = {
+    "tiny": dict(),
+    "laptop": dict(iterations=8, episodes_per_iter=128),
+    "ci": dict(n_demos=32, il_steps=10, iterations=1, episodes_per_iter=16, rollout_batch=16,
+               batch_size=8, n_test=16),
+}
 
 
 def ltc_config(preset: str = "tiny", **overrides) -> LTCConfig:
@@ -85,6 +97,8 @@ def _check(cfg: LTCConfig) -> None:
         raise MinilmError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
     if cfg.iterations < 1 or cfg.episodes_per_iter < 1 or cfg.batch_size < 1:
         raise MinilmError("iterations, episodes_per_iter and batch_size must all be >= 1")
+    if cfg.teacher and cfg.pattern == "monologue":
+        raise MinilmError("--teacher is given but pattern monologue has no teacher; use dialogue or analogue")
 
 
 def loss_weights(cfg: LTCConfig) -> LossWeights:
@@ -146,6 +160,11 @@ def update(hydra, optimizer, episodes, cfg: LTCConfig, lr: float, rt, seed: int,
                                  cfg.failed_lm_weight)
         batch = {k: v.to(rt.device) for k, v in batch.items()}
         if batch["agent_mask"].sum() == 0:
+            continue
+        if weights.ppo_coef == 0 and batch["lm_weight"].max() < 1:
+            # the LM loss alone and no successful episode: nothing to imitate. The 1e-5 weight of
+            # failures only works next to larger terms; alone, Adam's normalisation would turn it
+            # into a full-size step towards the failures.
             continue
         with rt.autocast():
             logits, _, heads = hydra(batch["tokens"], batch["attention_mask"])
@@ -236,8 +255,10 @@ def instruction_tuned(cfg: LTCConfig, rt) -> tuple:
 
 def run_ltc(cfg: LTCConfig) -> dict:
     """Instruction tuning, then cfg.iterations of explore / buffer / update / evaluate / checkpoint."""
+    _check(cfg)
     rt = setup_runtime(cfg.device)
     out = Path(cfg.out_dir)
+    teacher = ModelTeacher.from_checkpoint(cfg.teacher, rt.device) if cfg.teacher else None   # fail early
     # 1. instruction tuning on the expert's demonstrations: the baseline
     model, tok, train_envs, test_envs, il, baseline = instruction_tuned(cfg, rt)
     # 2. a value head on the trunk
@@ -247,7 +268,7 @@ def run_ltc(cfg: LTCConfig) -> dict:
     state = {"iteration": 0, "rows": [], "buffer": []}
     if cfg.resume and (ckpt_dir / "train_state.pt").exists():
         state = _resume(ckpt_dir, hydra, optimizer)
-    pattern = make_pattern(cfg.pattern, example_env=make_envs(cfg, "train", 1)[0])
+    pattern = make_pattern(cfg.pattern, teacher=teacher, example_env=make_envs(cfg, "train", 1)[0])
     rcfg = rollout_config(cfg, cfg.temperature)
     for k in tqdm(range(state["iteration"], cfg.iterations), initial=state["iteration"],
                   total=cfg.iterations, desc=f"ltc {cfg.env}/{cfg.pattern}/{cfg.loss}"):

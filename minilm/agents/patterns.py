@@ -114,10 +114,34 @@ class ScriptedTeacher:
 
 
 class ModelTeacher(ScriptedTeacher):
-    """A minilm chat model words the correction (given the gold next action); scripted otherwise."""
+    """A minilm chat model words the correction (given the gold next action); scripted otherwise.
+
+    Its text becomes a user message "Teacher: <the model's words> Try: <gold action>" (who = 0).
+    The teacher has its own tokenizer: only text passes between it and the student.
+    """
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 24):
         self.model, self.tok, self.max_new_tokens = model, tokenizer, max_new_tokens
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", max_new_tokens: int = 24) -> "ModelTeacher":
+        """A frozen teacher from a chat model checkpoint (e.g. a larger SFT model)."""
+        from minilm import MinilmError
+        from minilm.checkpoint import load_checkpoint
+        try:
+            ck = load_checkpoint(path, device=device)
+        except (MinilmError, OSError) as e:
+            raise MinilmError(f"cannot load the teacher checkpoint {path}: {e}; pass --teacher a "
+                              f"directory written by `minilm sft` (or leave it empty for the scripted teacher)") from e
+        if ck.tokenizer is None or "<|assistant|>" not in ck.tokenizer.special_tokens:
+            raise MinilmError(f"the teacher checkpoint {path} has no chat tokenizer; a teacher must be a "
+                              f"chat model (e.g. runs/sft-tiny/checkpoint)")
+        return cls(ck.model.eval().requires_grad_(False), ck.tokenizer, max_new_tokens)
+
+    @staticmethod
+    def request(action: str, gold: str) -> list[dict]:
+        """The chat the teacher model answers: the student's action and the gold one."""
+        return [{"role": "user", "content": f"A student did '{action}'. The right action is '{gold}'. Correct them."}]
 
     def review(self, env, ep: Episode, action: str) -> str | None:
         scripted = super().review(env, ep, action)
@@ -125,8 +149,7 @@ class ModelTeacher(ScriptedTeacher):
             return None
         from minilm.post.chat import render_prompt
         gold = ep.plan[ep.plan_pos]
-        prompt = render_prompt(self.tok, [{"role": "user", "content":
-                                           f"A student did '{action}'. The right action is '{gold}'. Correct them."}])
+        prompt = render_prompt(self.tok, self.request(action, gold))
         out = generate(self.model, [prompt], self.max_new_tokens, temperature=0.0,
                        stop_tokens=list(self.tok.special_tokens.values()), pad_id=self.tok.eot_id)
         text, _ = parse_reply(self.tok, out.responses()[0])

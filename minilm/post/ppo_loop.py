@@ -226,11 +226,13 @@ def plot_ppo(metrics: list[dict], path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    keys = ("score", "kl", "vf_loss")
+    from matplotlib.ticker import MaxNLocator
+    titles = {"score": "reward (score)", "kl": "KL to the reference (nats/reply)", "vf_loss": "value loss"}
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    for ax, key in zip(axes, keys):
-        ax.plot([m["step"] for m in metrics], [m[key] for m in metrics])
-        ax.set(xlabel="PPO step", title=key)
+    for ax, (key, title) in zip(axes, titles.items()):
+        ax.plot([m["step"] for m in metrics], [m[key] for m in metrics], marker=".")
+        ax.set(xlabel="PPO step (rollout batch)", title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
