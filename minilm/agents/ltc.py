@@ -176,7 +176,7 @@ def update(hydra, optimizer, episodes, cfg: LTCConfig, lr: float, rt, seed: int,
         metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        rows.append({"loss": loss.item(), **metrics})
+        rows.append({"loss": loss.item(), **metrics, "batch_tokens": int(batch["attention_mask"].sum())})
     return rows
 
 
@@ -282,7 +282,9 @@ def run_ltc(cfg: LTCConfig) -> dict:
         lr = cfg.lr * (1.0 - (1.0 - cfg.min_lr_ratio) * k / max(1, cfg.iterations - 1))
         rows = update(hydra, optimizer, episodes, cfg, lr, rt, cfg.seed * 1000 + k, tok.eot_id)
         explored = summarize(episodes)
-        row = {"iteration": k + 1, "lr": lr, "explore_success": explored["success"],
+        trained = sum(r.pop("batch_tokens") for r in rows)  # tokens the update trained on
+        so_far = state["rows"][-1].get("tokens", 0) if state["rows"] else 0
+        row = {"iteration": k + 1, "tokens": so_far + trained, "lr": lr, "explore_success": explored["success"],
                "explore_score": explored["score"], "buffer": len(state["buffer"]), **_mean_rows(rows)}
         # 3d. held-out evaluation, the agent alone
         test = evaluate(hydra, tok, test_envs, cfg)
