@@ -1,7 +1,7 @@
 """`minilm speedrun`: one command from an empty folder to a report card of every stage (issue 10).
 
     minilm speedrun --preset ci                  # every stage at toy sizes, a few minutes on 2 CPU cores
-    minilm speedrun                              # --preset laptop: results worth reading, ~40 min on CPU
+    minilm speedrun                              # --preset laptop: results worth reading, ~15 min on 2 cores
     torchrun --nproc_per_node 8 -m minilm speedrun --preset gpu    # the same pipeline sized for GPUs
     minilm speedrun --only sft,eval,report       # re-run stages alone (the old folders are kept as .prev)
     minilm speedrun --dry-run                    # print every stage's config and stop
@@ -48,9 +48,10 @@ from tqdm import tqdm
 from minilm import MinilmError
 from minilm.stages import EVALUATED, STAGES, Stage, stage_record, write_json  # noqa: F401 (re-exported)
 
-# Per preset: the model preset, the stage presets to start from ("small" where a stage has one,
-# else its "tiny"), and the sizes each stage's config gets on top. "ci" only proves that every
-# stage runs; "laptop" keeps each stage's own tiny defaults, the sizes the lessons measured.
+# Per preset: the model preset, the stage presets to start from (a stage's own preset of the same
+# name first, e.g. LTC's "ci"; then "stage_preset"; then "tiny"), and the sizes each stage's config
+# gets on top. "ci" only proves that every stage runs; "laptop" keeps each stage's own defaults,
+# the sizes lessons 03-11 measured.
 SPEEDRUN_PRESETS: dict[str, dict] = {
     "ci": {
         "model": "tiny", "stage_preset": "tiny",
@@ -72,7 +73,7 @@ SPEEDRUN_PRESETS: dict[str, dict] = {
         "model": "tiny", "stage_preset": "tiny",
         "data": dict(limit_per_source=400),
     },
-    "gpu": {  # never run by us: no GPU was lent to this project (README, "What was measured")
+    "gpu": {  # never run by us: no GPU was lent to this project (lesson 12, "Where we simplified")
         "model": "small", "stage_preset": "small",
         "data": dict(limit_per_source=None),
         "hydra-sft": dict(max_steps=1000, batch_size=64, n_pairs=20000, n_train=20000),

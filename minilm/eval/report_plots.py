@@ -44,7 +44,7 @@ PLOT_TEXT = {
                "critic's value loss; reward should rise while the KL stays moderate (a KL that runs away "
                "means the policy is exploiting the reward).",
     "dno_winrate.png": "DNO win-rate of each iterate against SFT, the previous iterate and the teacher "
-                       "under the held-out judge, with 95% Wilson bands (above 0.5 = better) and the mean "
+                       "under DNO's own verifier on its held-out test prompts (not the suite's judge), with 95% Wilson bands (above 0.5 = better) and the mean "
                        "reply length dotted, since judges favour longer replies.",
     "ltc_curves.png": "LTC per iteration: held-out and exploration success against the instruction-tuned "
                       "baseline (dashed), and the mean update losses on the right.",
