@@ -90,11 +90,11 @@ def decode_stream(tokenizer, ids: Iterable[int]) -> Iterator[str]:
         yield tail
 
 
-def load_chat_model(checkpoint) -> tuple[object, object, list[str]]:
-    """(model, tokenizer, warnings) of a checkpoint, LoRA adapters merged, in eval mode."""
+def load_chat_model(checkpoint, device: str = "cpu") -> tuple[object, object, list[str]]:
+    """(model, tokenizer, warnings) of a checkpoint on `device`, LoRA adapters merged, in eval mode."""
     from minilm.checkpoint import load_checkpoint
     from minilm.lora import adapter_names, merge_and_unload
-    ck = load_checkpoint(checkpoint)
+    ck = load_checkpoint(checkpoint, device=device)
     if ck.tokenizer is None:
         raise MinilmError(f"{checkpoint} has no tokenizer; chat needs one to turn text into tokens")
     if adapter_names(ck.model):
@@ -203,12 +203,14 @@ def _read(stdin, out, interactive: bool) -> str | None:
 
 def run_chat(checkpoint, system: str | None = None, temperature: float = 0.7, top_k: int | None = None,
              top_p: float | None = 0.9, max_new_tokens: int = 128, seed: int = 0,
-             stdin=None, stdout=None, stderr=None) -> list[Turn]:
-    """Chat with `checkpoint` until /quit or end of input; returns every completed turn."""
+             stdin=None, stdout=None, stderr=None, device: str = "auto") -> list[Turn]:
+    """Chat with `checkpoint` until /quit or end of input; returns every completed turn.
+    device: auto (a GPU when torch sees one), cpu or cuda[:N]."""
+    from minilm.runtime import setup_runtime
     stdin, out, err = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     cfg = ChatConfig(system, temperature, top_k, top_p, max_new_tokens, seed)
     cfg.check()
-    model, tokenizer, warnings = load_chat_model(checkpoint)
+    model, tokenizer, warnings = load_chat_model(checkpoint, setup_runtime(device).device)
     session = ChatSession(model, tokenizer, cfg)
     for w in warnings:
         print(w, file=err)

@@ -119,7 +119,7 @@ def cmd_generate(args) -> None:
 def cmd_chat(args) -> None:
     from minilm.chat_cli import run_chat
     run_chat(args.checkpoint, system=args.system, temperature=args.temperature, top_k=args.top_k,
-             top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+             top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, device=args.device)
 
 
 def cmd_export_hf(args) -> None:
@@ -300,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (a GPU if torch sees one), cpu, cuda")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face Phi-3 directory")
