@@ -36,8 +36,9 @@ from pathlib import Path
 
 from minilm import MinilmError
 from minilm.eval.report_plots import PLOT_TEXT, SUITE, is_number, write_plots
+from minilm.stages import STAGES as SPEEDRUN_STAGES
 
-STAGES = ("data", "pretrain", "sft", "dpo", "hydra-sft", "ppo", "dno", "ltc", "prune", "eval", "report")
+STAGES = tuple(SPEEDRUN_STAGES)  # the speedrun's order: data, pretrain, sft, ..., eval, report
 LOGGED = ("pretrain", "sft", "hydra-sft", "dpo", "ppo", "ltc", "prune")   # stages with a metrics.jsonl
 # (label, dotted path into stage.json's "result"): the one or two numbers that say how a stage went
 HEADLINES = {
