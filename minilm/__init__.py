@@ -1,6 +1,7 @@
 """minilm: a minimal, readable Phi-3-style language-model library, from tokenizer to post-training.
 
-Start with `lessons/01_transformer.md`; the map of modules is in the README.
+Start with `lessons/00_overview.md` (the order to read lessons and code); `minilm speedrun` runs
+every stage, from data to report.md.
 """
 
 __version__ = "0.1.0"
