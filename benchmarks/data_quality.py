@@ -47,8 +47,8 @@ from data_prep.sources import iter_documents
 from data_prep.synthetic import word_problem
 from minilm.checkpoint import load_checkpoint, read_config
 from minilm.data import is_validation
+from minilm.stages.pretrain import TrainConfig, train
 from minilm.tokenizer import Tokenizer
-from minilm.train import TrainConfig, train
 
 ROOT = Path("runs/data_quality")
 

@@ -17,8 +17,8 @@ import json
 import time
 from pathlib import Path
 
-from minilm.eval.winrate import winrate_table
-from minilm.post.dno_loop import dno_config, run_dno
+from minilm.post.winrate import winrate_table
+from minilm.stages.dno import dno_config, run_dno
 
 VARIANTS = {
     "DNO": dict(),

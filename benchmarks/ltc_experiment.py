@@ -27,9 +27,9 @@ import json
 import time
 from pathlib import Path
 
-from minilm.agents.ltc import instruction_tuned, ltc_config, run_ltc
-from minilm.eval.winrate import wilson_interval
+from minilm.post.winrate import wilson_interval
 from minilm.runtime import setup_runtime
+from minilm.stages.ltc import instruction_tuned, ltc_config, run_ltc
 
 TEACHER_PATTERN = {"household": "dialogue", "qa": "dialogue", "math": "analogue"}
 METRIC = {"household": ("success", "success"), "qa": ("EM", "F1"), "math": ("accuracy", "accuracy")}

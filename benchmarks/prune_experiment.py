@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from minilm.checkpoint import load_checkpoint
-from minilm.prune.apply import PruneConfig, run_prune
 from minilm.prune.scores import magnitude_scores, masks_from_scores
+from minilm.stages.prune import PruneConfig, run_prune
 
 RUNS = [("magnitude", {}), ("random", {}), ("movement", {}), ("gum", {}),
         ("global movement", {"method": "gum", "gum_weight": 0.0})]

@@ -26,9 +26,10 @@ import time
 import torch
 
 from minilm.config import get_preset
+from minilm.loop import make_optimizer
 from minilm.model import Phi3
 from minilm.runtime import setup_runtime
-from minilm.train import TrainConfig, make_optimizer
+from minilm.stages.pretrain import TrainConfig
 
 DEFAULT_BATCH = {"tiny": 16, "small": 1}  # small: ~1 minute on a 2-core CPU
 

@@ -45,8 +45,11 @@ from data_prep.filters import FilterConfig, apply_filters
 from data_prep.parallel import default_workers
 from data_prep.sources import iter_documents
 from data_prep.synthetic import SyntheticConfig, synthetic_documents
+from data_prep.with_model import TOPIC_SEEDS, JudgeAnnotator, PerplexityAnnotator, model_passages
 from minilm import MinilmError
+from minilm.checkpoint import load_checkpoint
 from minilm.data import build_shards, is_validation
+from minilm.tokenizer import Tokenizer
 
 
 @dataclass
@@ -68,6 +71,21 @@ class PipelineConfig:
     progress: bool = True
     filters: FilterConfig = field(default_factory=FilterConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+
+
+# Named sizes (the speedrun's presets use these names): how much real text is read per source.
+PIPELINE_PRESETS = {
+    "ci": dict(limit_per_source=40, synthetic=300, annotate_sample=120),   # seconds; proves it runs
+    "laptop": dict(limit_per_source=400),                                  # ~20 s on 2 cores
+    "gpu": dict(limit_per_source=None),                                    # every document
+}
+
+
+def pipeline_config(preset: str = "laptop", **overrides) -> PipelineConfig:
+    """A PipelineConfig from its named preset, with fields overridden."""
+    if preset not in PIPELINE_PRESETS:
+        raise MinilmError(f"unknown data preset {preset!r}; choose one of {', '.join(PIPELINE_PRESETS)}")
+    return PipelineConfig(**{**PIPELINE_PRESETS[preset], **overrides})
 
 
 # ---- small pure pieces ----------------------------------------------------------------------------
@@ -130,7 +148,6 @@ def write_phase(out_dir: Path, name: str, docs: list[Document], tokenizer, cfg: 
 
 
 def _load_model(path: str):
-    from minilm.checkpoint import load_checkpoint
     ck = load_checkpoint(path)
     if ck.tokenizer is None:
         raise MinilmError(f"{path} has no tokenizer; a model annotator or writer needs one")
@@ -145,7 +162,6 @@ def make_annotator(spec: str):
     if kind == "source" and not path:
         return SourcePriorAnnotator()
     if kind in ("perplexity", "judge") and path:
-        from data_prep.with_model import JudgeAnnotator, PerplexityAnnotator
         ck = _load_model(path)
         return (PerplexityAnnotator if kind == "perplexity" else JudgeAnnotator)(ck.model, ck.tokenizer)
     raise MinilmError(f"unknown annotator {spec!r}; use rubric, source, perplexity:CHECKPOINT_DIR "
@@ -155,7 +171,6 @@ def make_annotator(spec: str):
 # ---- the pipeline ---------------------------------------------------------------------------------
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    from minilm.tokenizer import Tokenizer
 
     out, stages, clock = Path(cfg.out), {}, time.perf_counter
     out.mkdir(parents=True, exist_ok=True)
@@ -210,7 +225,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     t = clock()
     synthetic = list(synthetic_documents(SyntheticConfig(n_documents=cfg.synthetic, seed=cfg.seed)))
     if cfg.passage_model:  # phi-1's model-written textbook path (unchecked text, see with_model.py)
-        from data_prep.with_model import TOPIC_SEEDS, model_passages
         ck = _load_model(cfg.passage_model)
         synthetic += list(tqdm(model_passages(ck.model, ck.tokenizer, TOPIC_SEEDS, cfg.passages_per_topic,
                                               seed=cfg.seed), desc="passages", disable=not cfg.progress))
@@ -304,6 +318,20 @@ def config_from_args(a: argparse.Namespace) -> PipelineConfig:
                           keep_threshold=a.keep_threshold, seed=a.seed, workers=a.workers,
                           annotator=a.annotator, passage_model=a.passage_model,
                           passages_per_topic=a.passages_per_topic)
+
+
+def default_data(vocab_size: int, docs_per_source: int, build: bool = True) -> tuple[Path, Path]:
+    """(phase 1, phase 2) of the data pipeline on this machine's text, built once per vocab size.
+
+    Phi-3's two phases (lesson 05): filtered real text, then its most educational part plus
+    synthetic textbook data. `phase2/meta.json` is the pipeline's last shard write, so its
+    presence means a complete run."""
+    root = Path(f"runs/data/pipeline-{vocab_size}" + (f"-{docs_per_source}" if docs_per_source else ""))
+    if build and not (root / "phase2" / "meta.json").exists():
+        tqdm.write(f"building the training data in {root} (data_prep/pipeline.py; once per vocab size)")
+        run_pipeline(PipelineConfig(out=str(root), vocab_size=vocab_size,
+                                    limit_per_source=docs_per_source or None))
+    return root / "phase1", root / "phase2"
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from data_prep.document import Document
+from minilm.generate import generate, left_pad
 
 # Seeds for `model_passages`: the subjects our real and synthetic text teaches.
 TOPIC_SEEDS = ("fractions", "percentages", "prime numbers", "averages", "rates", "unit conversion",
@@ -51,7 +52,6 @@ def _ids(tokenizer, text: str, limit: int) -> list[int]:
 @torch.no_grad()
 def mean_nll(model, tokenizer, texts: list[str], max_tokens: int = 256, batch_size: int = 8) -> list[float]:
     """Mean next-token negative log-likelihood (nats) of each text's first `max_tokens` tokens."""
-    from minilm.generate import left_pad
     device = next(model.parameters()).device
     max_tokens = min(max_tokens, model.config.max_seq_len - 1)
     model.eval()
@@ -139,7 +139,6 @@ class JudgeAnnotator:
 def model_passages(model, tokenizer, topics: Iterable[str], per_topic: int = 2, max_new_tokens: int = 160,
                    temperature: float = 0.8, top_p: float = 0.95, seed: int = 0) -> Iterator[Document]:
     """Passages a trained model writes from topic seeds ("# {topic}\\n\\n"), as Documents."""
-    from minilm.generate import generate
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     budget = model.config.max_seq_len
     for topic in topics:

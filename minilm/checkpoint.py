@@ -26,8 +26,6 @@ so the export pads every layer to the widest with zero neurons, which add exactl
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,15 +33,12 @@ import torch
 
 from minilm import MinilmError
 from minilm.config import ConfigError, ModelConfig
-from minilm.model import Phi3
+from minilm.lora import base_state_dict, load_adapters, lora_layers, write_adapters
+from minilm.model import Phi3, get_neuron_masks
+from minilm.tokenizer import Tokenizer, TokenizerError
+from minilm.weights import HAVE_SAFETENSORS, atomic_dir, load_safetensors, read_weights, recover, write_weights
 
 FORMAT, VERSION = "minilm-checkpoint", 1
-
-try:
-    import safetensors.torch as _st
-except ImportError:  # optional: torch.save is the fallback
-    _st = None
-
 
 @dataclass
 class Checkpoint:
@@ -58,37 +53,10 @@ class Checkpoint:
 
 def _weights_to_save(model: Phi3, fold_adapters: bool = False) -> dict[str, torch.Tensor]:
     """The base weights by HF name: no LoRA tensors; active adapters folded into W if fold_adapters."""
-    from minilm.lora import base_state_dict  # lora imports this module
     sd = {k: v.contiguous() for k, v in base_state_dict(model, fold=fold_adapters).items()}
     if model.config.tie_embeddings:
         sd.pop("lm_head.weight")  # the same tensor as model.embed_tokens.weight
     return sd
-
-
-def _write_weights(sd: dict, directory: Path, stem: str = "model") -> None:
-    if _st is not None:
-        _st.save_file(sd, str(directory / f"{stem}.safetensors"), metadata={"format": "pt"})
-    else:
-        torch.save(sd, directory / f"{stem}.pt")
-
-
-def _read_weights(directory: Path, names=("model.safetensors", "model.pt")) -> dict:
-    for name in names:
-        path = directory / name
-        if not path.exists():
-            continue
-        try:
-            if name.endswith(".safetensors"):
-                if _st is None:
-                    raise MinilmError(f"{path} needs the safetensors package: pip install safetensors")
-                return _st.load_file(str(path))
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except MinilmError:
-            raise
-        except Exception as e:  # truncated or corrupt file
-            raise MinilmError(f"cannot read weights {path}: {e}. The file is corrupt; "
-                              f"use an earlier checkpoint or retrain") from e
-    raise MinilmError(f"no weights in {directory}: expected one of {', '.join(names)}")
 
 
 def load_weights(model: Phi3, state_dict: dict, source: str = "checkpoint") -> None:
@@ -105,41 +73,6 @@ def load_weights(model: Phi3, state_dict: dict, source: str = "checkpoint") -> N
         lines += [f"  shape {s}" for s in shapes[:8]]
         raise MinilmError("\n".join(lines))
     model.load_state_dict({k: state_dict[k] for k in expected}, strict=False)
-
-
-def _recover(directory: Path) -> None:
-    """Finish what a save killed between its two renames left: put the previous checkpoint back."""
-    if directory.exists():
-        return
-    olds = sorted(directory.parent.glob(f".{directory.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if olds:
-        olds[-1].rename(directory)
-
-
-def _atomic_dir(directory: Path, write) -> Path:
-    """Call write(tmp_dir), then swap tmp_dir into place of `directory`.
-
-    At every instant `directory` is the old complete checkpoint or the new one, except between the
-    two renames below, when the old one is `.NAME.old-PID`; `_recover` puts it back.
-    """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    _recover(directory)
-    for stale in directory.parent.glob(f".{directory.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a save that crashed mid-write
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-    tmp.mkdir()
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
-    return directory
 
 
 def _check_extra(extra: dict | None) -> dict:
@@ -159,7 +92,6 @@ def save_checkpoint(directory, model: Phi3, tokenizer=None, train_state: dict | 
 
     extra: {name: {param: tensor}} saved as NAME.safetensors, e.g. {"heads": heads.state_dict()}.
     """
-    from minilm.lora import _lora_layers, _write_adapters
     model = getattr(model, "module", model)  # unwrap DDP
     extra = _check_extra(extra)
     config = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(),
@@ -170,23 +102,23 @@ def save_checkpoint(directory, model: Phi3, tokenizer=None, train_state: dict | 
 
     def write(tmp: Path):
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        _write_weights(_weights_to_save(model), tmp)
+        write_weights(_weights_to_save(model), tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
         if train_state is not None:
             torch.save(train_state, tmp / "train_state.pt")
-        if _lora_layers(model):
-            _write_adapters(model, tmp)
+        if lora_layers(model):
+            write_adapters(model, tmp)
         for name, sd in extra.items():
-            _write_weights({k: v.detach().contiguous() for k, v in sd.items()}, tmp, stem=name)
+            write_weights({k: v.detach().contiguous() for k, v in sd.items()}, tmp, stem=name)
 
-    return _atomic_dir(Path(directory), write)
+    return atomic_dir(Path(directory), write)
 
 
 def read_config(directory) -> dict:
     """The parsed config.json of a checkpoint, with a clear error if it is not one."""
     directory = Path(directory)
-    _recover(directory)
+    recover(directory)
     path = directory / "config.json"
     if not path.exists():
         hint = " (it does not exist)" if not directory.exists() else ""
@@ -218,7 +150,6 @@ def load_checkpoint(directory, device="cpu", with_train_state: bool = False) -> 
         raise MinilmError(f"{directory}/config.json has an invalid model config: {e}") from e
     tokenizer = None
     if config.get("tokenizer"):
-        from minilm.tokenizer import Tokenizer, TokenizerError
         try:
             tokenizer = Tokenizer.load(directory)
         except TokenizerError as e:
@@ -230,11 +161,10 @@ def load_checkpoint(directory, device="cpu", with_train_state: bool = False) -> 
             raise MinilmError(f"{directory}: tokenizer has {tokenizer.n_vocab} tokens but the model's "
                               f"vocab_size is {model_cfg.vocab_size}")
     model = Phi3(model_cfg)
-    load_weights(model, _read_weights(directory), source=str(directory))
+    load_weights(model, read_weights(directory), source=str(directory))
     if (directory / "adapter_config.json").exists():
-        from minilm.lora import load_adapters
         load_adapters(model, directory)
-    extra = {name: _read_weights(directory, names=(f"{name}.safetensors", f"{name}.pt"))
+    extra = {name: read_weights(directory, names=(f"{name}.safetensors", f"{name}.pt"))
              for name in config.get("extra", [])}
     train_state = None
     if with_train_state and (directory / "train_state.pt").exists():
@@ -253,7 +183,6 @@ def hf_ffn_width(cfg: ModelConfig) -> int:
 def _ffn_for_hf(model: Phi3, sd: dict) -> dict:
     """Pad each layer's FFN to `hf_ffn_width` with zero neurons (zero gate, up and down weights give
     silu(0) * 0 = 0, exactly); a model still carrying neuron masks has its pruned neurons zeroed."""
-    from minilm.model import get_neuron_masks
     width = hf_ffn_width(model.config)
     for i, mask in enumerate(get_neuron_masks(model)):
         gu_name, down_name = f"model.layers.{i}.mlp.gate_up_proj.weight", f"model.layers.{i}.mlp.down_proj.weight"
@@ -325,12 +254,12 @@ def export_hf(model: Phi3, out_dir) -> Path:
     def write(tmp: Path):
         (tmp / "config.json").write_text(json.dumps(hf_config(model.config), indent=2))
         sd = _ffn_for_hf(model, _weights_to_save(model, fold_adapters=True))
-        if _st is not None:
-            _st.save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if HAVE_SAFETENSORS:
+            write_weights(sd, tmp)  # model.safetensors
         else:
-            torch.save(sd, tmp / "pytorch_model.bin")
+            torch.save(sd, tmp / "pytorch_model.bin")  # the name HF looks for without safetensors
 
-    return _atomic_dir(Path(out_dir), write)
+    return atomic_dir(Path(out_dir), write)
 
 
 def import_hf(hf_dir) -> Phi3:
@@ -341,11 +270,9 @@ def import_hf(hf_dir) -> Phi3:
     model = Phi3(config_from_hf(json.loads((hf_dir / "config.json").read_text())))
     index = hf_dir / "model.safetensors.index.json"
     if index.exists():
-        if _st is None:
-            raise MinilmError("sharded safetensors need the safetensors package: pip install safetensors")
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        sd = {k: v for shard in shards for k, v in _st.load_file(str(hf_dir / shard)).items()}
+        sd = {k: v for shard in shards for k, v in load_safetensors(hf_dir / shard).items()}
     else:
-        sd = _read_weights(hf_dir, names=("model.safetensors", "pytorch_model.bin"))
+        sd = read_weights(hf_dir, names=("model.safetensors", "pytorch_model.bin"))
     load_weights(model, sd, source=str(hf_dir))
     return model

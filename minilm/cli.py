@@ -12,69 +12,165 @@
     minilm prune --init runs/sft-tiny/checkpoint --method gum --sparsity 0.5 --out-dir runs/prune-gum
     minilm ppo --variant hydra --init runs/hydra-sft-tiny/checkpoint   # PPO: ppo, lora, hydra, jhydra
     minilm ltc --env math --pattern analogue --init runs/sft-tiny/checkpoint --out-dir runs/ltc-math
+    minilm dno --set n_val=50 --set replay=0.5,0.2 --dry-run   # any field; print the config and stop
     minilm generate runs/tiny/checkpoint --prompt "Return the" --max-new-tokens 40
     minilm chat runs/sft-tiny/checkpoint --system "Answer briefly."   # or: printf 'Hi\n' | minilm chat ...
     minilm export-hf runs/tiny/checkpoint runs/tiny-hf
     minilm presets
 
-Each stage is a library function; this file only turns flags into its dataclass fields (one flag
-per field, `--max-steps` sets `max_steps`) and turns user errors into one message and exit code 2.
+Each stage is a library function; this file turns flags into its dataclass (one flag per field,
+`--max-steps` sets `max_steps`) and user errors into one message and exit code 2. `--help` lists a
+stage's main fields (its FLAGS); every field has a flag, and `--set FIELD=VALUE` sets any of them.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+import torch
+
+from data_prep.pipeline import add_pipeline_args, config_from_args, run_pipeline
+from data_prep.prepare import prepare_data
 from minilm import MinilmError
+from minilm.agents.patterns import PATTERNS
+from minilm.chat_cli import run_chat
+from minilm.checkpoint import export_hf, import_hf, load_checkpoint, save_checkpoint
+from minilm.cli_results import (
+    show_cyclic_demo,
+    show_dno,
+    show_dpo,
+    show_hydra_sft,
+    show_ltc,
+    show_ppo,
+    show_prune,
+    show_reward,
+    show_sft,
+)
+from minilm.config import PRESETS, ConfigError, ModelConfig
+from minilm.generate import generate_text
+from minilm.post.ppo_models import VARIANTS
+from minilm.speedrun.run import parse_overrides, plan, run_speedrun
+from minilm.speedrun.stages import SPEEDRUN_PRESETS, SpeedrunConfig
+from minilm.stages import dno, dpo, hydra_sft, ltc, ppo, pretrain, prune, reward, sft
+from minilm.tokenizer import Tokenizer, TokenizerError
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "tuple": tuple}
 SAMPLE_PROMPTS = ["Return the", "This module provides", "If the file"]
+MODEL_FLAGS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "max_seq_len")
 
 
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
-    """One `--field-name` flag per dataclass field; defaults are None so presets can fill them."""
+# ---- flags from dataclasses ----------------------------------------------------------------------
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, shown, skip=(), choices=None) -> None:
+    """One `--field-name` flag per field of `cls`; fields not in `shown` are accepted but left out of
+    --help. Defaults are None, so that a flag the user did not give leaves the preset's value."""
+    choices = choices or {}
     for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
         kind = _TYPES.get(f.type if isinstance(f.type, str) else f.type.__name__)  # "int" -> int
+        if f.name in skip or kind is None:
+            continue
+        flag, help_ = "--" + f.name.replace("_", "-"), (None if f.name in shown else argparse.SUPPRESS)
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif kind is tuple:
-            parser.add_argument(flag, type=float, nargs="+", default=None)
-        elif kind in (int, float, str):
-            parser.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper())
+            parser.add_argument(flag, type=float, nargs="+", default=None, help=help_)
+        else:
+            parser.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
+                                choices=choices.get(f.name), help=help_)
 
 
-def _stage_parser(sub, name: str, help: str, cls, func, presets=None, skip=()) -> argparse.ArgumentParser:
-    """A post-training stage's subcommand: `--preset` (if it has presets) plus one flag per field."""
-    p = sub.add_parser(name, help=help)
-    if presets is not None:
-        p.add_argument("--preset", default="tiny", choices=list(presets))
-    _add_dataclass_flags(p, cls, skip=skip)
-    p.set_defaults(func=func)
-    return p
-
-
-def _set_fields(args, cls, skip=()) -> dict:
+def set_fields(args, cls, skip=()) -> dict:
+    """{field: value} of every flag of `cls` the user gave."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
             if f.name not in skip and getattr(args, f.name, None) is not None}
 
 
-def cmd_train(args) -> None:
-    from minilm.checkpoint import load_checkpoint
-    from minilm.config import ModelConfig
-    from minilm.generate import generate_text
-    from minilm.train import TrainConfig, train, train_config
+def parse_set(items: list[str], *classes) -> dict:
+    """["n_val=50", "replay=0.5,0.2"] -> {"n_val": 50, "replay": "0.5,0.2"}: values read as JSON when
+    they parse, else kept as text; a name that is no field of `classes` is an error naming the fields."""
+    names = sorted({f.name for cls in classes for f in dataclasses.fields(cls)})
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in names:
+            raise MinilmError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(names)}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
-    model_overrides = _set_fields(args, ModelConfig)
-    cfg = train_config(args.preset, **_set_fields(args, TrainConfig, skip=("preset", "model")),
-                       model=model_overrides)
-    summary = train(cfg)
+
+@dataclass(frozen=True)
+class StageCommand:
+    """A `minilm <stage>` subcommand: the stage module's config, presets, flags and run function, and
+    `show(result)`, which prints the numbers a user wants to see at the end."""
+    help: str
+    cls: type
+    make_config: Callable        # (preset, **fields) -> cls
+    presets: dict
+    run: Callable
+    show: Callable[[dict], None]
+    choices: dict = field(default_factory=dict)
+
+
+STAGE_COMMANDS = {
+    "sft": StageCommand("supervised fine-tuning on chat data (full or --lora-r N)", sft.SFTConfig,
+                        sft.sft_config, sft.SFT_PRESETS, sft.run_sft, show_sft),
+    "reward": StageCommand("reward model on preference pairs (Bradley-Terry; --lm-weight: Hydra-SFT)",
+                           reward.RewardConfig, reward.reward_config, reward.REWARD_PRESETS, reward.run_reward,
+                           show_reward),
+    "dpo": StageCommand("direct preference optimization from an SFT checkpoint", dpo.DPOConfig, dpo.dpo_config,
+                        dpo.DPO_PRESETS, dpo.run_dpo, show_dpo),
+    "dno": StageCommand("Direct Nash Optimization, iterated (--oracle verifier|reward|judge|cyclic)", dno.DNOConfig,
+                        dno.dno_config, dno.DNO_PRESETS, dno.run_dno, show_dno,
+                        {"oracle": ["verifier", "reward", "judge", "cyclic"]}),
+    "hydra-sft": StageCommand("Hydra-SFT: one model trained on SFT chats and preference pairs",
+                              hydra_sft.HydraSFTConfig, hydra_sft.hydra_sft_config, hydra_sft.HYDRA_SFT_PRESETS,
+                              hydra_sft.run_hydra_sft, show_hydra_sft),
+    "ppo": StageCommand("PPO against a reward model: --variant ppo, lora, hydra or jhydra", ppo.PPOConfig,
+                        ppo.ppo_config, ppo.PPO_PRESETS, ppo.run_ppo, show_ppo, {"variant": list(VARIANTS)}),
+    "ltc": StageCommand("LTC: expert demos, then explore + LM/PPO updates (--env, --pattern)", ltc.LTCConfig,
+                        ltc.ltc_config, ltc.LTC_PRESETS, ltc.run_ltc, show_ltc,
+                        {"env": ["household", "qa", "math"], "pattern": list(PATTERNS), "loss": list(ltc.LOSSES)}),
+    "prune": StageCommand("fine-tune while pruning FFN neurons: --method magnitude|random|movement|gum",
+                          prune.PruneConfig, prune.prune_config, prune.PRUNE_PRESETS, prune.run_prune, show_prune),
+}
+STAGE_FLAGS = {"sft": sft.FLAGS, "reward": reward.FLAGS, "dpo": dpo.FLAGS, "dno": dno.FLAGS,
+               "hydra-sft": hydra_sft.FLAGS, "ppo": ppo.FLAGS, "ltc": ltc.FLAGS, "prune": prune.FLAGS}
+
+
+def cmd_stage(args) -> None:
+    """Any post-training stage: its preset, the flags given, then --set; --dry-run prints the config."""
+    stage = STAGE_COMMANDS[args.command]
+    if args.command == "dno" and args.oracle == "cyclic":  # no model: the tabular demo
+        return show_cyclic_demo(args.iterations or 300)
+    cfg = stage.make_config(args.preset, **set_fields(args, stage.cls), **parse_set(args.set, stage.cls))
+    if args.dry_run:
+        print(cfg)
+        return
+    stage.show(stage.run(cfg))
+
+
+def cmd_train(args) -> None:
+    overrides = {**set_fields(args, pretrain.TrainConfig, skip=("preset", "model")),
+                 **parse_set(args.set, pretrain.TrainConfig, ModelConfig)}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    model = {**set_fields(args, ModelConfig), **{k: v for k, v in overrides.items() if k in model_fields}}
+    cfg = pretrain.train_config(args.preset, **{k: v for k, v in overrides.items() if k not in model_fields},
+                                model=model)
+    if args.dry_run:
+        print(cfg)
+        return
+    summary = pretrain.train(cfg)
     if summary.get("val_loss") is None:
         return  # a non-zero DDP rank
     print(f"\nvalidation loss {summary['val_loss']:.3f} nats/token ({summary['val_bpb']:.3f} bits/byte); "
@@ -88,13 +184,10 @@ def cmd_train(args) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from minilm.data import prepare_data
-    out = prepare_data(args.data_dir, args.vocab_size)
-    print(f"prepared data in {out}")
+    print(f"prepared data in {prepare_data(args.data_dir, args.vocab_size)}")
 
 
 def cmd_data(args) -> None:
-    from data_prep.pipeline import config_from_args, run_pipeline
     cfg = config_from_args(args)
     run_pipeline(cfg)
     print(f"{cfg.out}/manifest.md:\n")
@@ -102,10 +195,6 @@ def cmd_data(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    import torch
-
-    from minilm.checkpoint import load_checkpoint
-    from minilm.generate import generate_text
     ck = load_checkpoint(args.checkpoint)
     if ck.tokenizer is None:
         raise MinilmError(f"{args.checkpoint} has no tokenizer; it cannot turn text into tokens")
@@ -117,126 +206,21 @@ def cmd_generate(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from minilm.chat_cli import run_chat
     run_chat(args.checkpoint, system=args.system, temperature=args.temperature, top_k=args.top_k,
              top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, device=args.device)
 
 
 def cmd_export_hf(args) -> None:
-    from minilm.checkpoint import export_hf, load_checkpoint
     print(f"wrote {export_hf(load_checkpoint(args.checkpoint).model, args.out_dir)}")
 
 
 def cmd_import_hf(args) -> None:
-    from minilm.checkpoint import import_hf, save_checkpoint
-    tokenizer = None
-    if args.tokenizer:
-        from minilm.tokenizer import Tokenizer
-        tokenizer = Tokenizer.load(args.tokenizer)
+    tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else None
     model = import_hf(args.hf_dir)
     print(f"wrote {save_checkpoint(args.out_dir, model, tokenizer, meta={'stage': 'import-hf'})}")
 
 
-def cmd_sft(args) -> None:
-    from minilm.post.sft import SFTConfig, run_sft, sft_config
-    result = run_sft(sft_config(args.preset, **_set_fields(args, SFTConfig)))
-    print(f"\nheld-out prompts ({result['n_heldout']}), greedy replies:   before -> after SFT")
-    for key in sorted(result["before"]):
-        print(f"  {key:22s} {result['before'][key]:6.3f} -> {result['after'].get(key, float('nan')):6.3f}")
-    print(f"checkpoint: {result['checkpoint']}")
-
-
-def cmd_prune(args) -> None:
-    from minilm.prune.apply import PruneConfig, run_prune
-    r = run_prune(PruneConfig(**_set_fields(args, PruneConfig)))
-    print(f"\n{r['method']} ({r['ranking']} ranking), sparsity {r['sparsity']}: per-layer density "
-          f"{', '.join(f'{d:.2f}' for d in r['densities'])}")
-    print(f"  held-out loss {r['before']['heldout_loss']:.3f} -> {r['after']['heldout_loss']:.3f} (dense -> pruned)")
-    for key in ("redundancy", "sensitivity"):
-        before, after = r["redundancy_before"][key], r["redundancy_after"][key]
-        print(f"  {key:12s} " + "  ".join(f"L{i} {b:.3g}->{a:.3g}" for i, (b, a) in enumerate(zip(before, after))))
-    print(f"masked checkpoint: {r['masked_checkpoint']}"
-          + (f"\ncompact checkpoint: {r['compact']['path']}" if r["compact"] else ""))
-
-
-def cmd_reward(args) -> None:
-    from minilm.post.reward import RewardConfig, reward_config, run_reward
-    result = run_reward(reward_config(args.preset, **_set_fields(args, RewardConfig)))
-    before, after = result["before"], result["after"]
-    print(f"\nheld-out pairs ({result['n_heldout_pairs']}):   before -> after")
-    for key in ("eval_accuracy", "eval_margin", "eval_bt_loss", "eval_lm_loss"):
-        print(f"  {key:16s} {before[key]:7.3f} -> {after[key]:7.3f}")
-    for reason, acc in after["by_reason"].items():
-        print(f"  accuracy on {reason!r}: {before['by_reason'][reason]:.3f} -> {acc:.3f}")
-    print(f"checkpoint (heads in heads.safetensors): {result['checkpoint']}")
-
-
-def cmd_dpo(args) -> None:
-    from minilm.post.dpo import DPOConfig, dpo_config, run_dpo
-    result = run_dpo(dpo_config(args.preset, **_set_fields(args, DPOConfig)))
-    print(f"\nheld-out pairs ({result['n_heldout_pairs']}): accuracy {result['eval_accuracy']:.3f}, "
-          f"margin {result['eval_margin']:.3f}, chosen/rejected implicit reward "
-          f"{result['eval_chosen_reward']:.3f} / {result['eval_rejected_reward']:.3f}; the model itself "
-          f"ranks chosen first: SFT {result['eval_ref_ranks_chosen']:.3f} -> DPO {result['eval_policy_ranks_chosen']:.3f}")
-    print(f"held-out prompts ({result['n_judge']}), greedy replies:   SFT -> DPO")
-    for key in result["sft"]:
-        print(f"  {key:14s} {result['sft'][key]:6.3f} -> {result['dpo'][key]:6.3f}")
-    h2h = result["dpo_vs_sft"]
-    print(f"  DPO reply preferred over the SFT reply: {h2h['preferred_rate']:.3f} "
-          f"(wins {h2h['win_rate']:.3f}, ties {h2h['tie_rate']:.3f})")
-    print(f"checkpoint: {result['checkpoint']}")
-
-
-def cmd_dno(args) -> None:
-    if args.oracle == "cyclic":   # the tabular intransitive-oracle demo (minilm/post/dno.py)
-        from minilm.post.dno import cyclic_demo
-        d = cyclic_demo(iterations=args.iterations or 300)
-        print(f"rock-paper-scissors oracle: best Bradley-Terry fit {d['bt_loss']:.3f} nats vs the "
-              f"preferences' own entropy {d['entropy']:.3f} (a point-wise reward cannot fit a cycle)")
-        for name, key in (("DNO average iterate", "average"), ("DNO last iterate", "last"),
-                          ("von Neumann winner", "nash")):
-            print(f"  {name:20s} " + "  ".join(f"{r} {p:.3f}" for r, p in zip(d["responses"], d[key])))
-        return
-    from minilm.post.dno_loop import DNOConfig, dno_config, run_dno
-    result = run_dno(dno_config(args.preset, **_set_fields(args, DNOConfig)))
-    print("\n" + result["table"])
-    print(f"best iterate on validation: {result['best_iteration']} ({result['best_checkpoint']})")
-
-
-def cmd_hydra_sft(args) -> None:
-    from minilm.post.hydra import HydraSFTConfig, hydra_sft_config, run_hydra_sft
-    result = run_hydra_sft(hydra_sft_config(args.preset, **_set_fields(args, HydraSFTConfig)))
-    before, after = result["before"], result["after"]
-    print(f"\nheld-out pairs ({result['n_heldout_pairs']}) and prompts, greedy replies:   before -> after")
-    for key in ("eval_accuracy", "eval_bt_loss", "eval_lm_loss", "reward", "end_rate"):
-        if key in before and key in after:
-            print(f"  {key:16s} {before[key]:7.3f} -> {after[key]:7.3f}")
-    print(f"checkpoint (heads in heads.safetensors): {result['checkpoint']}")
-
-
-def cmd_ppo(args) -> None:
-    from minilm.post.ppo_loop import PPOConfig, ppo_config, run_ppo
-    result = run_ppo(ppo_config(args.preset, **_set_fields(args, PPOConfig)))
-    print(f"\nPPO ({result['variant']}), held-out prompts, greedy replies:   before -> after")
-    for key in sorted(result["before"]):
-        print(f"  {key:14s} {result['before'][key]:7.3f} -> {result['after'].get(key, float('nan')):7.3f}")
-    print(f"final KL {result['final_kl']:.3f} nats/reply, length {result['final_length']:.1f} tokens, "
-          f"{result['sec_per_sample']:.3f} s/sample")
-    print(f"checkpoint: {result['checkpoint']}")
-
-
-def cmd_ltc(args) -> None:
-    from minilm.agents.ltc import LTCConfig, ltc_config, run_ltc
-    r = run_ltc(ltc_config(args.preset, **_set_fields(args, LTCConfig)))
-    b, t = r["baseline"], r["ltc"]
-    print(f"\nheld-out {r['env']} ({r['pattern']}, loss {r['loss']}):   IL baseline -> LTC")
-    print(f"  success (EM / accuracy) {b['success']:6.3f} -> {t['success']:6.3f}")
-    print(f"  score (F1 for qa)       {b['score']:6.3f} -> {t['score']:6.3f}")
-    print(f"checkpoint: {r['checkpoint']} (curves.png and metrics.jsonl beside it)")
-
-
 def cmd_speedrun(args) -> None:
-    from minilm.speedrun import SpeedrunConfig, parse_overrides, plan, run_speedrun
     cfg = SpeedrunConfig(preset=args.preset, out_dir=args.out_dir, only=args.only, device=args.device,
                          dry_run=args.dry_run, overrides=parse_overrides(args.set))
     if cfg.dry_run:
@@ -251,24 +235,28 @@ def cmd_speedrun(args) -> None:
 
 
 def cmd_presets(args) -> None:
-    from minilm.config import PRESETS
     for name, (fields, what) in PRESETS.items():
         print(f"{name:12s} {what}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from minilm.config import PRESETS, ModelConfig
-    from minilm.train import TrainConfig
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set any field of the config, e.g. --set log_every=1 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the config and stop")
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minilm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="pretrain a model (prepares the default data when needed)")
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    p.add_argument("--preset", default="tiny", choices=sorted(set(PRESETS) | set(pretrain.TRAIN_PRESETS)),
+                   help="model preset (tiny, small, ...) or a speedrun size (ci, laptop, gpu)")
     p.add_argument("--samples", action=argparse.BooleanOptionalAction, default=True,
                    help="print samples from the trained model")
-    _add_dataclass_flags(p, TrainConfig, skip=("preset", "model"))
-    _add_dataclass_flags(p, ModelConfig)
+    add_config_flags(p, pretrain.TrainConfig, pretrain.FLAGS, skip=("preset", "model"))
+    add_config_flags(p, ModelConfig, MODEL_FLAGS)
+    _add_run_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("prepare", help="tokenize the stdlib docstrings into shards (a quick one-phase corpus)")
@@ -277,7 +265,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("data", help="the data pipeline: sources, filters, dedup, classifier, two phases")
-    from data_prep.pipeline import add_pipeline_args
     add_pipeline_args(p)
     p.set_defaults(func=cmd_data)
 
@@ -314,46 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="a directory holding a minilm tokenizer to attach")
     p.set_defaults(func=cmd_import_hf)
 
-    from minilm.post.sft import SFT_PRESETS, SFTConfig
-    _stage_parser(sub, "sft", "supervised fine-tuning on chat data (full or --lora-r N)", SFTConfig,
-                  cmd_sft, SFT_PRESETS)
+    for name, stage in STAGE_COMMANDS.items():
+        p = sub.add_parser(name, help=stage.help)
+        p.add_argument("--preset", default="tiny", choices=list(stage.presets))
+        add_config_flags(p, stage.cls, STAGE_FLAGS[name], choices=stage.choices)
+        _add_run_flags(p)
+        p.set_defaults(func=cmd_stage)
 
-    from minilm.prune.apply import PruneConfig
-    _stage_parser(sub, "prune", "fine-tune while pruning FFN neurons: --method magnitude|random|movement|gum",
-                  PruneConfig, cmd_prune)
-
-    from minilm.post.reward import REWARD_PRESETS, RewardConfig
-    _stage_parser(sub, "reward", "reward model on preference pairs (Bradley-Terry; --lm-weight: Hydra-SFT)",
-                  RewardConfig, cmd_reward, REWARD_PRESETS)
-
-    from minilm.post.dpo import DPO_PRESETS, DPOConfig
-    _stage_parser(sub, "dpo", "direct preference optimization from an SFT checkpoint", DPOConfig, cmd_dpo,
-                  DPO_PRESETS)
-
-    from minilm.post.dno_loop import DNO_PRESETS, DNOConfig
-    p = _stage_parser(sub, "dno", "Direct Nash Optimization, iterated (--oracle verifier|reward|judge|cyclic)",
-                      DNOConfig, cmd_dno, DNO_PRESETS, skip=("oracle",))
-    p.add_argument("--oracle", default=None, choices=["verifier", "reward", "judge", "cyclic"])
-
-    from minilm.post.hydra import HYDRA_SFT_PRESETS, HydraSFTConfig
-    _stage_parser(sub, "hydra-sft", "Hydra-SFT: one model trained on SFT chats and preference pairs",
-                  HydraSFTConfig, cmd_hydra_sft, HYDRA_SFT_PRESETS)
-
-    from minilm.post.ppo_loop import PPO_PRESETS, PPOConfig
-    from minilm.post.ppo_models import VARIANTS
-    p = _stage_parser(sub, "ppo", "PPO against a reward model: --variant ppo, lora, hydra or jhydra",
-                      PPOConfig, cmd_ppo, PPO_PRESETS, skip=("variant",))
-    p.add_argument("--variant", default=None, choices=list(VARIANTS))
-
-    from minilm.agents.ltc import LTC_PRESETS, LOSSES, LTCConfig
-    from minilm.agents.patterns import PATTERNS
-    p = _stage_parser(sub, "ltc", "LTC: expert demos, then explore + LM/PPO updates (--env, --pattern)",
-                      LTCConfig, cmd_ltc, LTC_PRESETS, skip=("env", "pattern", "loss"))
-    p.add_argument("--env", default=None, choices=["household", "qa", "math"])
-    p.add_argument("--pattern", default=None, choices=list(PATTERNS))
-    p.add_argument("--loss", default=None, choices=list(LOSSES))
-
-    from minilm.speedrun import SPEEDRUN_PRESETS
     p = sub.add_parser("speedrun", help="every stage from data to report.md (skips finished stages)")
     p.add_argument("--preset", default="laptop", choices=list(SPEEDRUN_PRESETS))
     p.add_argument("--out-dir", default="", help="default: runs/speedrun-<preset>")
@@ -370,14 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from minilm.config import ConfigError
-    from minilm.tokenizer import TokenizerError
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (MinilmError, ConfigError, TokenizerError, FileNotFoundError) as e:
+        print(f"minilm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except TypeError as e:  # a --set value of the wrong kind reaches a dataclass or a check
+        if "__init__" not in str(e):
+            raise
         print(f"minilm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

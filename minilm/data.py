@@ -1,6 +1,6 @@
 """Token data: a corpus tokenized into binary shards, memory-mapped, sampled in random windows.
 
-    prepare_data("runs/data/stdlib-2048", vocab_size=2048)   # corpus -> tokenizer -> shards
+    build_shards(docs, tokenizer, "runs/data/mine", "train")   # (id, text) pairs -> shards
     train = TokenDataset("runs/data/stdlib-2048", "train")
     x, y = train.batch(batch_size=16, seq_len=256, seed=0, step=7, micro=0)   # (16, 256) each
 
@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -103,39 +102,6 @@ def build_shards(documents: list[tuple[str, str]], tokenizer, out_dir, split: st
     flush()
     return {"tokens": n_tokens, "bytes": n_bytes, "documents": len(documents), "shards": n_shards,
             "unigram_entropy": unigram_entropy(counts)}
-
-
-def prepare_data(out_dir, vocab_size: int, documents: Iterable[tuple[str, str]] | None = None,
-                 val_fraction: float = 0.1, progress: bool = True) -> Path:
-    """Corpus -> train/val split -> BPE tokenizer (trained on train) -> shards + meta.json.
-
-    `documents` defaults to the embedded corpus (Python stdlib docstrings, data_prep/stdlib_docs.py).
-    Skipped when `out_dir/meta.json` exists; delete the directory to rebuild.
-    """
-    from minilm.tokenizer import Tokenizer
-
-    out_dir = Path(out_dir)
-    if (out_dir / "meta.json").exists():
-        return out_dir
-    if documents is None:
-        from data_prep.stdlib_docs import stdlib_documents
-        documents = stdlib_documents()
-    docs = list(documents)
-    train_docs = [d for d in docs if not is_validation(d[0], val_fraction)]
-    val_docs = [d for d in docs if is_validation(d[0], val_fraction)]
-    if not train_docs or not val_docs:
-        raise MinilmError(f"corpus of {len(docs)} documents gives an empty train or validation split "
-                          f"at val_fraction={val_fraction}; add documents")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer.train((t for _, t in train_docs), vocab_size, progress=progress)
-    tokenizer.save(out_dir)
-    meta = {"tokenizer": {"name": tokenizer.name, "n_vocab": tokenizer.n_vocab,
-                          "fingerprint": tokenizer.fingerprint()},
-            "val_fraction": val_fraction,
-            "splits": {"train": build_shards(train_docs, tokenizer, out_dir, "train"),
-                       "val": build_shards(val_docs, tokenizer, out_dir, "val")}}
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: marks completion
-    return out_dir
 
 
 class TokenDataset:

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm import MinilmError
-from minilm.checkpoint import _atomic_dir, _read_weights, _write_weights
+from minilm.weights import atomic_dir, read_weights, write_weights
 
 DEFAULT_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 CONFIG_NAME, WEIGHTS_STEM, FORMAT = "adapter_config.json", "adapters", "minilm-lora"
@@ -102,12 +102,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DDP keeps the real model in .module
 
 
-def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in _unwrap(model).named_modules() if isinstance(m, LoRALinear)]
 
 
 def _require_lora(model) -> list[tuple[str, LoRALinear]]:
-    layers = _lora_layers(model)
+    layers = lora_layers(model)
     if not layers:
         raise MinilmError("the model has no LoRA adapters; call minilm.lora.apply_lora(model, ...) first")
     return layers
@@ -115,7 +115,7 @@ def _require_lora(model) -> list[tuple[str, LoRALinear]]:
 
 def adapter_names(model) -> list[str]:
     """Every adapter present on the model, in the order they were first applied."""
-    return list(dict.fromkeys(a for _, m in _lora_layers(model) for a in m.settings))
+    return list(dict.fromkeys(a for _, m in lora_layers(model) for a in m.settings))
 
 
 def _check_args(targets, r, alpha, dropout, adapter) -> list[str]:
@@ -159,7 +159,7 @@ def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, alpha: flo
     """
     targets = _check_args(targets, r, alpha, dropout, adapter)
     model = _unwrap(model)
-    if any(m.merged is not None for _, m in _lora_layers(model)):
+    if any(m.merged is not None for _, m in lora_layers(model)):
         raise MinilmError("the model's adapters are merged; call unmerge_lora(model) before apply_lora")
     names = _match_targets(model, targets)
     for n in names:  # check everything before changing anything
@@ -167,7 +167,7 @@ def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, alpha: flo
         if isinstance(m, LoRALinear) and adapter in m.settings:
             raise MinilmError(f"adapter {adapter!r} is already on {n}; use another adapter name, "
                               f"or a target pattern that leaves {n} out")
-    old = {a: s for _, m in _lora_layers(model) for a, s in m.settings.items()}
+    old = {a: s for _, m in lora_layers(model) for a, s in m.settings.items()}
     if adapter in old and (old[adapter]["r"], old[adapter]["alpha"], old[adapter]["dropout"]) != (r, alpha, dropout):
         raise MinilmError(f"adapter {adapter!r} already exists with r={old[adapter]['r']}, alpha="
                           f"{old[adapter]['alpha']}, dropout={old[adapter]['dropout']}; one adapter "
@@ -189,13 +189,13 @@ def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, alpha: flo
 
 
 def _set_active(model, names: tuple[str, ...]) -> None:
-    for _, m in _lora_layers(model):
+    for _, m in lora_layers(model):
         m.active = names
 
 
 def active_adapters(model) -> list[str]:
     """The adapters that currently apply (the same on every layer), [] if none or no LoRA."""
-    layers = _lora_layers(model)
+    layers = lora_layers(model)
     return list(layers[0][1].active) if layers else []
 
 
@@ -311,9 +311,9 @@ def base_state_dict(model, fold: bool = False) -> dict[str, torch.Tensor]:
     model = _unwrap(model)
     sd = {k: v.detach() for k, v in model.state_dict().items() if not _is_lora_key(k)}
     if fold:
-        _refuse_tied(model, _lora_layers(model), "folding the adapters in")
+        _refuse_tied(model, lora_layers(model), "folding the adapters in")
     with torch.no_grad():
-        for name, m in _lora_layers(model):
+        for name, m in lora_layers(model):
             inside = m.merged or ()
             wanted = m.active if fold else ()
             if set(inside) != set(wanted):
@@ -324,7 +324,7 @@ def base_state_dict(model, fold: bool = False) -> dict[str, torch.Tensor]:
 def adapter_config(model, adapter: str | None = None) -> dict:
     """What adapter_config.json holds: per adapter r, alpha, dropout, targets and wrapped modules."""
     adapters = {}
-    for name, m in _lora_layers(model):
+    for name, m in lora_layers(model):
         for a, s in m.settings.items():
             if adapter is not None and a != adapter:
                 continue
@@ -336,12 +336,12 @@ def adapter_config(model, adapter: str | None = None) -> dict:
     return {"format": FORMAT, "version": 1, "active": active, "adapters": adapters}
 
 
-def _write_adapters(model, directory: Path, adapter: str | None = None) -> None:
+def write_adapters(model, directory: Path, adapter: str | None = None) -> None:
     """Write adapter_config.json and adapters.safetensors into an existing directory (not atomic)."""
     config = adapter_config(model, adapter)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     sd = {k: v.contiguous() for k, v in lora_state_dict(model, adapter).items()}
-    _write_weights(sd, directory, stem=WEIGHTS_STEM)
+    write_weights(sd, directory, stem=WEIGHTS_STEM)
 
 
 def save_adapters(model, directory, adapter: str | None = None) -> Path:
@@ -349,7 +349,7 @@ def save_adapters(model, directory, adapter: str | None = None) -> Path:
     if adapter is not None and adapter not in adapter_names(model):
         raise MinilmError(f"unknown adapter {adapter!r}; the model has {adapter_names(model)}")
     _require_lora(model)
-    return _atomic_dir(Path(directory), lambda tmp: _write_adapters(model, tmp, adapter))
+    return atomic_dir(Path(directory), lambda tmp: write_adapters(model, tmp, adapter))
 
 
 def load_adapters(model, directory) -> list[str]:
@@ -368,18 +368,18 @@ def load_adapters(model, directory) -> list[str]:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise MinilmError(f"{path} is corrupt ({e}); save the adapters again") from e
     model = _unwrap(model)
-    if any(m.merged is not None for _, m in _lora_layers(model)):
+    if any(m.merged is not None for _, m in lora_layers(model)):
         raise MinilmError("the model's adapters are merged; call unmerge_lora(model) before load_adapters")
     for name, c in adapters.items():
-        have = {n for n, m in _lora_layers(model) if name in m.settings}
+        have = {n for n, m in lora_layers(model) if name in m.settings}
         todo = [n for n in c["modules"] if n not in have]
         if todo:  # exact names, so nothing else is wrapped
             apply_lora(model, [f"^{re.escape(n)}$" for n in todo], r=c["r"], alpha=c["alpha"],
                        dropout=c["dropout"], adapter=name)
-        for n, m in _lora_layers(model):
+        for n, m in lora_layers(model):
             if n in c["modules"]:
                 m.settings[name]["targets"] = list(c["targets"])
-    sd = _read_weights(directory, names=(f"{WEIGHTS_STEM}.safetensors", f"{WEIGHTS_STEM}.pt"))
+    sd = read_weights(directory, names=(f"{WEIGHTS_STEM}.safetensors", f"{WEIGHTS_STEM}.pt"))
     expected = {k: v for k, v in lora_state_dict(model).items() if k.rsplit(".", 1)[-1] in adapters}
     problems = sorted(set(expected) ^ set(sd)) + [
         f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()

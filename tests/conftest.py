@@ -18,8 +18,8 @@ def tiny_config(**overrides) -> ModelConfig:
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """~150 KB of stdlib docstrings, a 320-token BPE, train/val shards (takes a few seconds)."""
+    from data_prep.prepare import prepare_data
     from data_prep.stdlib_docs import stdlib_documents
-    from minilm.data import prepare_data
 
     docs = list(itertools.islice(stdlib_documents(), 60))
     return prepare_data(tmp_path_factory.mktemp("data"), vocab_size=320, documents=docs,

@@ -108,8 +108,9 @@ def test_collate_truncates_and_checks():
 
 def test_collated_loss_counts_only_assistant_tokens(tok):
     """The model's loss on a collated batch equals cross-entropy over the masked targets alone."""
-    from minilm.model import Phi3
     from conftest import tiny_config
+
+    from minilm.model import Phi3
     model = Phi3(tiny_config(vocab_size=261))
     ids, mask = render_chat(tok, CONV)
     batch = collate([(ids, mask), render_chat(tok, CONV[1:])], pad_id=EOT, max_len=64)

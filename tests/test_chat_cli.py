@@ -170,7 +170,7 @@ def test_not_chat_tuned_and_no_chat_tokens_warn_once_but_chat(tmp_path, model, t
 
 
 def test_lora_adapters_are_merged(tmp_path, tok):
-    from minilm.lora import _lora_layers, apply_lora
+    from minilm.lora import apply_lora, lora_layers
     torch.manual_seed(1)
     lora_model = Phi3(tiny_config())
     apply_lora(lora_model, r=4)
@@ -180,7 +180,7 @@ def test_lora_adapters_are_merged(tmp_path, tok):
     ids = torch.tensor([tok.encode("hello there")])
     expected = lora_model.eval()(ids)[0]
     merged, _, _ = load_chat_model(save_checkpoint(tmp_path / "lora", lora_model, tok, meta={"stage": "sft"}))
-    assert not _lora_layers(merged)
+    assert not lora_layers(merged)
     torch.testing.assert_close(merged(ids)[0], expected, atol=1e-5, rtol=1e-5)
 
 

@@ -106,7 +106,7 @@ def test_failed_save_keeps_previous_checkpoint(saved, monkeypatch):
         (directory / f"{stem}.safetensors").write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "_write_weights", broken_writer)
+    monkeypatch.setattr(checkpoint, "write_weights", broken_writer)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, Phi3(tiny_config(tie_embeddings=False, n_layer=1)))
     monkeypatch.undo()
@@ -181,7 +181,7 @@ def test_save_killed_between_renames_is_recovered(tmp_path):
     """If a save dies after moving the old checkpoint aside, the next load puts it back."""
     model = Phi3(tiny_config())
     ckpt = save_checkpoint(tmp_path / "ckpt", model)
-    ckpt.rename(tmp_path / ".ckpt.old-12345")  # the state between _atomic_dir's two renames
+    ckpt.rename(tmp_path / ".ckpt.old-12345")  # the state between atomic_dir's two renames
     loaded = load_checkpoint(tmp_path / "ckpt")
     assert torch.equal(loaded.model.lm_head.weight, model.lm_head.weight)
     assert not list(tmp_path.glob(".ckpt.*"))

@@ -7,13 +7,20 @@ import random
 
 import pytest
 import torch
+from test_reward import base_checkpoint  # noqa: F401
 
-from minilm.post.dno import (bradley_terry_fit, dno_regression_loss, expected_win_rates,
-                             preference_entropy, replay_pairs, scripted_teacher, select_pairs,
-                             tabular_dno)
+from minilm.post.dno import (
+    bradley_terry_fit,
+    dno_regression_loss,
+    expected_win_rates,
+    preference_entropy,
+    replay_pairs,
+    scripted_teacher,
+    select_pairs,
+    tabular_dno,
+)
 from minilm.post.dpo import dpo_loss
 from minilm.post.oracles import RPS_TABLE, VerifierOracle
-from test_reward import base_checkpoint  # noqa: F401
 
 pytestmark = pytest.mark.lesson_09
 
@@ -120,7 +127,7 @@ def test_dno_average_approaches_the_von_neumann_winner():
 
 
 def test_run_dno_two_iterations_keeps_every_checkpoint_and_resumes(base_checkpoint, tmp_path):  # noqa: F811
-    from minilm.post.dno_loop import dno_config, run_dno
+    from minilm.stages.dno import dno_config, run_dno
     cfg = dict(init=str(base_checkpoint), out_dir=str(tmp_path / "dno"), iterations=2, n_prompts=8,
                samples=2, n_val=4, n_test=6, batch_size=4, max_new_tokens=6, max_len=64, device="cpu",
                sources="arithmetic")
@@ -154,9 +161,10 @@ def test_loss_options_at_the_start_of_an_iteration(data_dir):
     import copy
 
     from conftest import tiny_config
+
     from minilm.model import Phi3
-    from minilm.post.dno_loop import dno_config, load_reference, make_batch_fn, make_loss_fn
     from minilm.post.preferences import encode_pairs
+    from minilm.stages.dno import dno_config, load_reference, make_batch_fn, make_loss_fn
     from minilm.tokenizer import Tokenizer
     tok = Tokenizer.load(data_dir)
     model = Phi3(tiny_config())

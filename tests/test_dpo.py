@@ -5,13 +5,13 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_config
+from test_reward import base_checkpoint, changed, planted_pairs, snapshot, stage_config  # noqa: F401
+
 from minilm.generate import token_logprobs
 from minilm.model import Phi3
 from minilm.post.dpo import dpo_batch_loss, dpo_loss, sequence_logprobs
 from minilm.post.preferences import pair_batch
-from test_reward import base_checkpoint, changed, planted_pairs, snapshot, stage_config  # noqa: F401
 
 pytestmark = pytest.mark.lesson_07
 
@@ -116,7 +116,7 @@ def test_dpo_with_lora_uses_the_base_model_as_reference():
 @pytest.mark.parametrize("lora_r,pairs", [(0, "offline"), (2, "both")])
 def test_run_dpo_end_to_end(base_checkpoint, tmp_path, lora_r, pairs):
     from minilm.checkpoint import load_checkpoint
-    from minilm.post.dpo import DPOConfig, run_dpo
+    from minilm.stages.dpo import DPOConfig, run_dpo
     cfg = stage_config(DPOConfig, base_checkpoint, tmp_path / "dpo", lora_r=lora_r, n_judge=6,
                        max_new_tokens=6, lr=1e-2, pairs=pairs, n_sample_prompts=6, n_samples=3)
     result = run_dpo(cfg)
@@ -132,7 +132,7 @@ def test_run_dpo_end_to_end(base_checkpoint, tmp_path, lora_r, pairs):
 
 def test_train_pairs_offline_sampled_and_both(base_checkpoint):
     from minilm.checkpoint import load_checkpoint
-    from minilm.post.dpo import DPOConfig, train_pairs
+    from minilm.stages.dpo import DPOConfig, train_pairs
     ck = load_checkpoint(base_checkpoint)
     kw = dict(n_pairs=30, n_sample_prompts=24, n_samples=4, max_new_tokens=6, data_seed=0)
     got = {mode: train_pairs(DPOConfig(pairs=mode, **kw), ck.model, ck.tokenizer)
@@ -154,7 +154,7 @@ def test_dpo_cli_reports_bad_input(base_checkpoint, tmp_path, capsys):
 
 def test_run_dpo_resumes_exactly(base_checkpoint, tmp_path):
     from minilm.checkpoint import load_checkpoint
-    from minilm.post.dpo import DPOConfig, run_dpo
+    from minilm.stages.dpo import DPOConfig, run_dpo
     cfg = lambda out: stage_config(DPOConfig, base_checkpoint, tmp_path / out, n_judge=4,  # noqa: E731
                                    max_new_tokens=4, lr=1e-2, sft_weight=1.0)
     whole = run_dpo(cfg("a"))

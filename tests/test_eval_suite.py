@@ -58,7 +58,7 @@ def test_keys_and_a_model_against_itself_wins_exactly_half(tok, data_dir, monkey
 def test_bpb_is_what_the_training_loop_reports(tok, data_dir):
     from minilm.data import TokenDataset
     from minilm.runtime import Runtime
-    from minilm.train import TrainConfig, evaluate
+    from minilm.stages.pretrain import TrainConfig, evaluate
     m = model()
     row = suite.evaluate_model(m, tok, small_cfg(n_bpb_batches=3, n_math=0, n_chat=0), data_dir)
     want = evaluate(m, TokenDataset(data_dir, "val"), TrainConfig(eval_batches=3, batch_size=4, seq_len=64),

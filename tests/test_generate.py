@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from minilm.generate import generate, left_pad, sample_next
 from minilm.model import Phi3
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from minilm.model import Phi3
 from minilm.post.heads import HydraModel, last_token_index
 

@@ -1,16 +1,20 @@
 """Hydra-SFT: one model, LM loss on SFT chats + Bradley-Terry on pairs; vs a separate RM (lesson 08)."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-
 from conftest import tiny_config
+from test_reward import base_checkpoint, planted_pairs  # noqa: F401
+
 from minilm.model import Phi3
 from minilm.post.chat import collate
 from minilm.post.heads import HydraModel
-from minilm.post.hydra import compare_reward_models, hydra_sft_config, hydra_sft_loss
 from minilm.post.preferences import pair_batch
-from minilm.post.reward import bradley_terry_loss, load_reward_model
-from test_reward import base_checkpoint, planted_pairs  # noqa: F401
+from minilm.post.reward import bradley_terry_loss, hydra_sft_loss, load_reward_model
+from minilm.stages.hydra_sft import hydra_sft_config
 
 pytestmark = pytest.mark.lesson_08
 
@@ -37,7 +41,7 @@ def test_compare_reward_models_end_to_end(base_checkpoint, tmp_path):  # noqa: F
                            batch_size=4, sft_batch_size=4, n_pairs=60, n_eval_pairs=40, n_train=40, n_eval=4,
                            max_len=64, max_new_tokens=6, eval_every=3, ckpt_every=3, log_every=1,
                            warmup_steps=1, device="cpu")
-    table = compare_reward_models(cfg)
+    table = _bench("hydra_vs_reward").compare_reward_models(cfg)
     for side in ("hydra_sft", "separate_rm"):
         assert 0.0 <= table[side]["eval_accuracy"] <= 1.0
     assert 0.0 <= table["hydra_chat"]["reward"] <= 1.0
@@ -50,16 +54,14 @@ def test_compare_reward_models_end_to_end(base_checkpoint, tmp_path):  # noqa: F
 
 # ---- benchmarks/hydra_memory.py: the CPU memory counter and the paper's ordering ----
 
-def _bench():
-    import importlib.util
-    import sys
-    from pathlib import Path
-    if "hydra_memory" in sys.modules:
-        return sys.modules["hydra_memory"]
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "hydra_memory.py"
-    spec = importlib.util.spec_from_file_location("hydra_memory", path)
+def _bench(name: str = "hydra_memory"):
+    """benchmarks/NAME.py as a module (benchmarks/ is a folder of scripts, not a package)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["hydra_memory"] = module          # dataclasses look their module up there
+    sys.modules[name] = module          # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

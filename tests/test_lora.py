@@ -12,11 +12,24 @@ import torch.nn as nn
 from conftest import tiny_config
 
 from minilm import MinilmError
-from minilm.checkpoint import _read_weights, export_hf, import_hf, load_checkpoint, save_checkpoint
-from minilm.lora import (LoRALinear, active_adapters, apply_lora, load_adapters, lora_disabled,
-                         lora_parameters, lora_state_dict, merge_and_unload, merge_lora,
-                         save_adapters, set_active_adapters, unmerge_lora, use_adapters)
+from minilm.checkpoint import export_hf, import_hf, load_checkpoint, save_checkpoint
+from minilm.lora import (
+    LoRALinear,
+    active_adapters,
+    apply_lora,
+    load_adapters,
+    lora_disabled,
+    lora_parameters,
+    lora_state_dict,
+    merge_and_unload,
+    merge_lora,
+    save_adapters,
+    set_active_adapters,
+    unmerge_lora,
+    use_adapters,
+)
 from minilm.model import Phi3
+from minilm.weights import read_weights
 
 pytestmark = pytest.mark.lesson_06
 
@@ -181,7 +194,7 @@ def test_checkpoint_of_a_merged_lora_model_saves_the_base_and_round_trips(base, 
     heads = {"reward.weight": torch.randn(1, 64), "reward.bias": torch.zeros(1)}
     merge_lora(base)  # saving must still write the unmerged base
     path = save_checkpoint(tmp_path / "ck", base, meta={"stage": "sft"}, extra={"heads": heads})
-    weights = _read_weights(path)
+    weights = read_weights(path)
     assert set(weights) == set(base_weights) and not any("lora_" in k for k in weights)
     for k, v in weights.items():
         assert torch.allclose(v, base_weights[k], atol=1e-6, rtol=0), k

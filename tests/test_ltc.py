@@ -1,15 +1,15 @@
-"""The LTC loss and loop (minilm/agents/ltc_data.py, minilm/agents/ltc.py, lessons/10_ltc.md)."""
+"""The LTC loss and loop (minilm/agents/ltc_data.py, minilm/stages/ltc.py, lessons/10_ltc.md)."""
 
 import json
 import math
 
 import pytest
 import torch
-
 from conftest import tiny_config
+from test_patterns import CountEnv, hydra, tok  # noqa: F401
+
 from minilm.agents.ltc_data import LossWeights, collate_episodes, ltc_loss, monte_carlo_returns
 from minilm.agents.patterns import Episode, RolloutConfig, make_pattern, run_episodes
-from test_patterns import CountEnv, hydra, tok  # noqa: F401
 
 pytestmark = pytest.mark.lesson_10
 
@@ -93,9 +93,9 @@ def test_no_policy_or_value_gradient_reaches_teacher_or_environment_tokens():
 def test_a_few_ltc_steps_change_exactly_the_trainable_params(tok, hydra, loss):  # noqa: F811
     import copy
 
-    from minilm.agents.ltc import ltc_config, update
+    from minilm.loop import make_optimizer
     from minilm.runtime import setup_runtime
-    from minilm.train import make_optimizer
+    from minilm.stages.ltc import ltc_config, update
     model = copy.deepcopy(hydra)
     model.lm.model.layers[0].input_layernorm.weight.requires_grad_(False)          # a frozen parameter
     cfg = ltc_config(loss=loss, batch_size=2, lr=1e-2)
@@ -121,12 +121,12 @@ def test_a_few_ltc_steps_change_exactly_the_trainable_params(tok, hydra, loss): 
 def fake_run(tok, tmp_path, monkeypatch, plots=False, **overrides):
     """run_ltc's keyword arguments for a seconds-long run on CountEnv from a random tiny model
     (matplotlib, ~1.5 s a figure, is stubbed out unless `plots`)."""
-    from minilm.agents import ltc
     from minilm.checkpoint import save_checkpoint
     from minilm.model import Phi3
+    from minilm.stages import ltc
     if not plots:
         monkeypatch.setattr(ltc, "plot_curves", lambda *args, **kwargs: False)
-        monkeypatch.setattr("minilm.post.loop.plot_losses", lambda *args, **kwargs: None)
+        monkeypatch.setattr("minilm.loop.plot_losses", lambda *args, **kwargs: None)
     if not (tmp_path / "init").exists():
         torch.manual_seed(0)
         save_checkpoint(tmp_path / "init", Phi3(tiny_config(max_seq_len=256)), tok)
@@ -148,7 +148,7 @@ def checkpoint_tensors(path) -> dict:
 def test_run_ltc_end_to_end_and_a_killed_run_resumes_bit_identically(tok, tmp_path, monkeypatch):  # noqa: F811
     """Kill after iteration 1 of 2 (an exception right after its checkpoint), rerun the same
     command: weights, value head, Adam moments, metrics and buffer equal the uninterrupted run's."""
-    from minilm.agents import ltc
+    from minilm.stages import ltc
     kw = fake_run(tok, tmp_path, monkeypatch, plots=True, iterations=2)
     whole = ltc.run_ltc(ltc.ltc_config(**{**kw, "out_dir": str(tmp_path / "whole")}))
     assert [r["iteration"] for r in whole["rows"]] == [1, 2] and whole["rows"][1]["buffer"] == 8
@@ -180,10 +180,10 @@ def test_run_ltc_end_to_end_and_a_killed_run_resumes_bit_identically(tok, tmp_pa
 def test_run_ltc_with_lora_trains_only_the_adapters_and_the_value_head(tok, tmp_path, monkeypatch):  # noqa: F811
     """cfg.lora_r > 0: instruction tuning and the LTC updates move the LoRA adapters and the value
     head only; the base weights stay bit-identical to the init checkpoint, also once saved."""
-    from minilm.agents import ltc
     from minilm.checkpoint import load_checkpoint
     from minilm.lora import base_state_dict
     from minilm.post.heads import HydraModel
+    from minilm.stages import ltc
     made = []
 
     def recording_hydra(lm, heads):      # snapshot the parameters as the LTC phase starts

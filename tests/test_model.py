@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from minilm.config import ConfigError, ModelConfig, get_preset
 from minilm.model import KVCache, Phi3, RMSNorm, apply_rope, rope_tables
 

@@ -5,11 +5,10 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from minilm.model import Phi3
-from minilm.post.oracles import (AnswerOracle, CyclicOracle, JudgeOracle, RewardModelOracle,
-                                 VerifierOracle)
+from minilm.post.oracles import AnswerOracle, CyclicOracle, JudgeOracle, RewardModelOracle, VerifierOracle
 
 pytestmark = pytest.mark.lesson_09
 

@@ -6,10 +6,18 @@ real ones, so these tests pin down the patterns whatever the environments do.
 
 import pytest
 import torch
-
 from conftest import tiny_config
-from minilm.agents.patterns import (Analogue, Dialogue, Episode, Monologue, RolloutConfig,
-                                    ScriptedTeacher, make_pattern, run_episodes)
+
+from minilm.agents.patterns import (
+    Analogue,
+    Dialogue,
+    Episode,
+    Monologue,
+    RolloutConfig,
+    ScriptedTeacher,
+    make_pattern,
+    run_episodes,
+)
 from minilm.generate import token_logprobs
 
 pytestmark = pytest.mark.lesson_10
@@ -210,10 +218,10 @@ def test_a_model_teacher_speaks_in_the_episode_as_non_agent_tokens(tok, hydra, t
 
 def test_a_bad_teacher_checkpoint_is_a_clear_error(tok, tmp_path):
     from minilm import MinilmError
-    from minilm.agents.ltc import ltc_config, run_ltc
     from minilm.agents.patterns import ModelTeacher
     from minilm.checkpoint import save_checkpoint
     from minilm.model import Phi3
+    from minilm.stages.ltc import ltc_config, run_ltc
     with pytest.raises(MinilmError, match="cannot load the teacher checkpoint .*nowhere"):
         ModelTeacher.from_checkpoint(tmp_path / "nowhere")
     save_checkpoint(tmp_path / "no-tok", Phi3(tiny_config(max_seq_len=256)))           # weights only

@@ -17,7 +17,7 @@ from data_prep import pipeline
 from data_prep.document import Document
 from data_prep.sources import iter_documents
 from minilm.data import TokenDataset
-from minilm.train import TrainConfig, train
+from minilm.stages.pretrain import TrainConfig, train
 
 pytestmark = pytest.mark.lesson_05
 

@@ -5,19 +5,30 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_config
+from test_reward import base_checkpoint  # noqa: F401
+
 from minilm import MinilmError
 from minilm.generate import token_logprobs
+from minilm.loop import make_optimizer
 from minilm.model import Phi3
 from minilm.post.heads import HydraModel
-from minilm.post.ppo import (AdaptiveKLController, FixedKLController, action_values, entropy_from_logits,
-                             gae, kl_penalty, logprobs_from_logits, masked_mean, masked_whiten,
-                             ppo_policy_loss, shape_rewards, value_loss)
-from minilm.post.ppo_loop import PPOConfig, make_kl_controller, ppo_step
+from minilm.post.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    action_values,
+    entropy_from_logits,
+    gae,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    shape_rewards,
+    value_loss,
+)
 from minilm.post.ppo_models import build_models
-from minilm.train import make_optimizer
-from test_reward import base_checkpoint  # noqa: F401
+from minilm.stages.ppo import PPOConfig, make_kl_controller, ppo_step
 
 pytestmark = pytest.mark.lesson_08
 
@@ -307,7 +318,7 @@ def test_every_variant_raises_a_planted_reward(variant):
 @pytest.mark.parametrize("variant", ["lora", "hydra", "jhydra"])
 def test_rollouts_are_sampled_from_the_actor_adapters(variant):
     """Sampling log-probs (KV cache, inside models.sampler()) equal the actor's recomputed ones."""
-    from minilm.post.ppo_loop import rollout_and_score
+    from minilm.stages.ppo import rollout_and_score
     cfg, models = tiny_models(variant)
     for name, p in models.named_parameters():          # adapters that change the model
         if "lora_B" in name:
@@ -347,7 +358,7 @@ def test_run_ppo_end_to_end(base_checkpoint, reward_checkpoint, tmp_path, varian
     import json
 
     from minilm.checkpoint import load_checkpoint
-    from minilm.post.ppo_loop import ppo_config, run_ppo
+    from minilm.stages.ppo import ppo_config, run_ppo
     init = reward_checkpoint if variant == "hydra" else base_checkpoint
     cfg = ppo_config("tiny", variant=variant, reward=reward, init=str(init),
                      reward_init=str(reward_checkpoint),

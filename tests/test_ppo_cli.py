@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from test_ppo import reward_checkpoint  # noqa: F401
+from test_reward import base_checkpoint  # noqa: F401
 
 from minilm.checkpoint import load_checkpoint
 from minilm.cli import main
-from minilm.post.ppo_loop import ppo_config, run_ppo
-from test_ppo import reward_checkpoint  # noqa: F401
-from test_reward import base_checkpoint  # noqa: F401
+from minilm.stages.ppo import ppo_config, run_ppo
 
 pytestmark = pytest.mark.lesson_08
 

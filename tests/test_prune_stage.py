@@ -9,9 +9,9 @@ from conftest import tiny_config
 
 from minilm.checkpoint import load_checkpoint, save_checkpoint
 from minilm.model import Phi3
-from minilm.prune.apply import PruneConfig, run_prune
 from minilm.prune.redundancy import NeuronMasker
 from minilm.prune.scores import neuron_slices
+from minilm.stages.prune import PruneConfig, run_prune
 from minilm.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.lesson_11

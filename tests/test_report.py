@@ -7,7 +7,10 @@ import sys
 import pytest
 
 from minilm import MinilmError
-from minilm.eval.report import write_report
+from minilm.speedrun.report import write_report
+from minilm.speedrun.stages import STAGES
+
+ORDER = tuple(STAGES)  # the speedrun's stage order, which the report follows
 
 pytestmark = pytest.mark.lesson_12
 
@@ -79,7 +82,7 @@ def _rows(text):
 
 
 def test_tables_hold_exactly_the_run_numbers(run_dir, text_only):
-    text = write_report(run_dir).read_text()
+    text = write_report(run_dir, ORDER).read_text()
     rows = _rows(text)
     assert "| data | data pipeline | 12.5 s | 0 | 0 | 0 | phase 1 train tokens 90,000 |" in rows
     assert "| eval | evaluation suite | 9.0 s | 0 | 0 | 0 | n 3 |" in rows     # no HEADLINES: numbers found
@@ -102,7 +105,7 @@ def test_tables_hold_exactly_the_run_numbers(run_dir, text_only):
 
 
 def test_partial_and_broken_runs_are_reported_not_fatal(run_dir, text_only):
-    text = write_report(run_dir).read_text()
+    text = write_report(run_dir, ORDER).read_text()
     assert "Missing stages (not run, not finished or no readable stage.json): dpo, hydra-sft, ltc." in text
     problems = text.split("## Problems")[1]
     assert "`dpo/stage.json`: not readable JSON" in problems
@@ -111,17 +114,17 @@ def test_partial_and_broken_runs_are_reported_not_fatal(run_dir, text_only):
     # an empty folder: every stage missing, no evaluation, still a report
     empty = run_dir.parent / "empty"
     empty.mkdir()
-    text = write_report(empty).read_text()
+    text = write_report(empty, ORDER).read_text()
     assert "over 0 of 10 stages" in text and "No evaluation results" in text
     assert "Missing stages (not run, not finished or no readable stage.json): data, pretrain," in text
     with pytest.raises(MinilmError, match="not a run folder"):
-        write_report(run_dir.parent / "nowhere")
+        write_report(run_dir.parent / "nowhere", ORDER)
 
 
 def test_wrong_types_become_dashes_and_problems(run_dir, text_only):
     _stage(run_dir, "ltc", "LTC", "fast", None, 1000, 1000, ["not", "a", "dict"])
     (run_dir / "eval.json").write_text(json.dumps({"sft": [1, 2]}))
-    text = write_report(run_dir).read_text()
+    text = write_report(run_dir, ORDER).read_text()
     assert "| ltc | LTC | - | - | 1,000 | 1,000 | - |" in _rows(text)
     assert "`ltc/stage.json`: seconds is 'fast', not a number" in text
     assert "`ltc/stage.json`: result is not an object" in text
@@ -130,7 +133,7 @@ def test_wrong_types_become_dashes_and_problems(run_dir, text_only):
 
 def test_plots_written_and_embedded(run_dir):
     pytest.importorskip("matplotlib")
-    text = write_report(run_dir).read_text()
+    text = write_report(run_dir, ORDER).read_text()
     expected = ["stages.png", "pretrain_loss.png", "post_losses.png", "ppo.png", "dno_winrate.png", "prune.png"]
     for name in expected:
         assert (run_dir / "report" / name).stat().st_size > 1000, name
@@ -139,7 +142,7 @@ def test_plots_written_and_embedded(run_dir):
 
 
 def test_text_only_without_matplotlib(run_dir, text_only):
-    text = write_report(run_dir).read_text()
+    text = write_report(run_dir, ORDER).read_text()
     assert "matplotlib is not installed, so this report is text only" in text
     assert "![" not in text and not (run_dir / "report").exists()
 
@@ -147,8 +150,8 @@ def test_text_only_without_matplotlib(run_dir, text_only):
 def test_report_is_deterministic_apart_from_the_date(run_dir):
     def without_date(text):
         return [line for line in text.splitlines() if not line.startswith("- date: ")]
-    first = write_report(run_dir, title="ci run").read_text()
-    second = write_report(run_dir, title="ci run").read_text()
+    first = write_report(run_dir, ORDER, title="ci run").read_text()
+    second = write_report(run_dir, ORDER, title="ci run").read_text()
     assert first.startswith("# ci run\n")
     assert without_date(first) == without_date(second)
     assert len(without_date(first)) == len(first.splitlines()) - 1
@@ -159,7 +162,7 @@ def test_a_plot_that_fails_is_a_problem_line(run_dir):
     _jsonl(run_dir / "pretrain" / "metrics.jsonl", [{"step": 1, "loss": {"not": "a number"}}])
     (run_dir / "sft" / "metrics.jsonl").unlink()
     (run_dir / "eval.json").unlink()
-    text = write_report(run_dir).read_text()
+    text = write_report(run_dir, ORDER).read_text()
     assert "- `report/pretrain_loss.png`: not drawn (" in text
     assert "- `sft/metrics.jsonl`: missing" in text
     assert "- `eval.json`: missing" in text                  # the eval stage ran, so its output is expected
@@ -168,11 +171,11 @@ def test_a_plot_that_fails_is_a_problem_line(run_dir):
 
 def test_figures_say_what_they_show(run_dir, monkeypatch):
     plt = pytest.importorskip("matplotlib.pyplot")
-    from minilm.eval.report import load_run
-    from minilm.eval.report_plots import plot_post_losses, plot_pretrain, plot_stages
+    from minilm.speedrun.report_plots import plot_post_losses, plot_pretrain, plot_stages
+    from minilm.speedrun.run_folder import load_run
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)     # keep each figure to read it back
-    run = load_run(run_dir)
+    run = load_run(run_dir, ORDER)
     out = run_dir / "figs"
     out.mkdir()
     assert plot_pretrain(run, out / "a.png") and plot_stages(run, out / "b.png")

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from minilm.model import Phi3
 from minilm.post.heads import HydraModel
 from minilm.post.preferences import pair_batch
@@ -142,7 +142,8 @@ def stage_config(cls, init, out_dir, **kw):
 
 
 def test_run_reward_resumes_exactly_and_saves_its_heads(base_checkpoint, tmp_path):
-    from minilm.post.reward import RewardConfig, load_reward_model, run_reward
+    from minilm.post.reward import load_reward_model
+    from minilm.stages.reward import RewardConfig, run_reward
     cfg = lambda out: stage_config(RewardConfig, base_checkpoint, tmp_path / out, lm_weight=1.0)  # noqa: E731
     whole = run_reward(cfg("a"))
 
@@ -164,7 +165,8 @@ def test_run_reward_resumes_exactly_and_saves_its_heads(base_checkpoint, tmp_pat
 
 def test_run_reward_with_lora_trains_adapters_and_head_only(base_checkpoint, tmp_path):
     from minilm.checkpoint import load_checkpoint
-    from minilm.post.reward import RewardConfig, load_reward_model, run_reward
+    from minilm.post.reward import load_reward_model
+    from minilm.stages.reward import RewardConfig, run_reward
     run_reward(stage_config(RewardConfig, base_checkpoint, tmp_path / "r", lora_r=2, max_steps=2))
     base = load_checkpoint(base_checkpoint).model
     ck = load_checkpoint(tmp_path / "r" / "checkpoint")

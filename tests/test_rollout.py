@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from minilm.generate import generate, token_logprobs
 from minilm.model import Phi3
 

@@ -9,9 +9,11 @@ import torch
 from conftest import tiny_config
 
 from minilm.checkpoint import load_checkpoint, save_checkpoint
+from minilm.loop import run_loop
 from minilm.model import Phi3
-from minilm.post.loop import PostConfig, add_lora, run_loop
-from minilm.post.sft import SFTConfig, find_text_data, make_batch_fn, render_examples, run_sft, sft_loss
+from minilm.post.base_model import PostConfig, add_lora
+from minilm.post.sft import make_batch_fn, render_examples, sft_loss
+from minilm.stages.sft import SFTConfig, find_text_data, run_sft
 from minilm.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.lesson_06
@@ -144,7 +146,7 @@ def test_a_lora_checkpoint_is_folded_in_when_a_stage_starts_from_it(tmp_path, da
     """DPO or PPO starting from an SFT-with-LoRA checkpoint: the SFT adapters become part of the
     starting weights, so `lora_disabled()` (the reference) is the SFT model, not the pretrained one."""
     from minilm.lora import lora_disabled
-    from minilm.post.loop import init_model
+    from minilm.post.base_model import init_model
     tok = Tokenizer.load(data_dir)
     sft = fresh_model(lora_r=4)
     with torch.no_grad():
@@ -164,7 +166,7 @@ def test_a_lora_checkpoint_is_folded_in_when_a_stage_starts_from_it(tmp_path, da
 
 def test_epoch_batches_cover_every_example_once_per_epoch_and_depend_only_on_the_step():
     from minilm import MinilmError
-    from minilm.post.loop import epoch_batches
+    from minilm.loop import epoch_batches
     picks = epoch_batches(10, 5, seed=3)
     assert sorted(picks(0) + picks(1)) == list(range(10))      # epoch 0: each example once
     assert sorted(picks(2) + picks(3)) == list(range(10))      # epoch 1: a new permutation

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from minilm import MinilmError
-from minilm import speedrun as sr
+from minilm.speedrun import run as sr
+from minilm.speedrun import stages as table
 
 pytestmark = pytest.mark.lesson_12
 
@@ -22,21 +23,21 @@ def fake_stages(calls: list, fail_at: str | None = None) -> dict:
             run.dir(name).mkdir(parents=True, exist_ok=True)
             (run.dir(name) / "out.txt").write_text(cfg)
             return {"value": len(calls)}, None
-        return sr.Stage(name, tuple(sr.STAGES[name].needs), lambda run: f"config of {name}", execute)
+        return table.Stage(name, tuple(sr.STAGES[name].needs), lambda run: f"config of {name}", execute)
     return {name: make(name) for name in sr.STAGES}
 
 
 def test_bad_preset_and_stage_names_are_clear_errors():
     with pytest.raises(MinilmError, match="unknown speedrun preset 'fast'.*ci, laptop, gpu"):
-        sr.SpeedrunConfig(preset="fast")
+        table.SpeedrunConfig(preset="fast")
     with pytest.raises(MinilmError, match="unknown stage.*pretrian"):
-        sr.SpeedrunConfig(preset="ci", only="data,pretrian")
+        table.SpeedrunConfig(preset="ci", only="data,pretrian")
 
 
 def test_runs_every_stage_in_order_then_skips_finished_ones(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(sr, "STAGES", fake_stages(calls))
-    cfg = sr.SpeedrunConfig(preset="ci", out_dir=str(tmp_path))
+    cfg = table.SpeedrunConfig(preset="ci", out_dir=str(tmp_path))
     records = sr.run_speedrun(cfg)
     assert calls == list(sr.STAGES) and list(records) == list(sr.STAGES)
     rec = json.loads((tmp_path / "sft" / "stage.json").read_text())
@@ -49,7 +50,7 @@ def test_runs_every_stage_in_order_then_skips_finished_ones(tmp_path, monkeypatc
 def test_a_killed_run_continues_at_the_stage_it_was_in(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(sr, "STAGES", fake_stages(calls, fail_at="dpo"))
-    cfg = sr.SpeedrunConfig(preset="ci", out_dir=str(tmp_path))
+    cfg = table.SpeedrunConfig(preset="ci", out_dir=str(tmp_path))
     with pytest.raises(KeyboardInterrupt):
         sr.run_speedrun(cfg)
     assert calls == ["data", "pretrain", "sft", "dpo"] and not (tmp_path / "dpo" / "stage.json").exists()
@@ -62,10 +63,10 @@ def test_a_killed_run_continues_at_the_stage_it_was_in(tmp_path, monkeypatch):
 def test_only_reruns_a_stage_from_scratch_and_keeps_the_old_folder(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(sr, "STAGES", fake_stages(calls))
-    sr.run_speedrun(sr.SpeedrunConfig(preset="ci", out_dir=str(tmp_path)))
+    sr.run_speedrun(table.SpeedrunConfig(preset="ci", out_dir=str(tmp_path)))
     (tmp_path / "sft" / "mine.txt").write_text("keep me")
     calls.clear()
-    sr.run_speedrun(sr.SpeedrunConfig(preset="ci", out_dir=str(tmp_path), only="sft,report"))
+    sr.run_speedrun(table.SpeedrunConfig(preset="ci", out_dir=str(tmp_path), only="sft,report"))
     assert calls == ["sft", "report"]
     assert (tmp_path / "sft.prev" / "mine.txt").read_text() == "keep me"
     assert (tmp_path / "sft" / "stage.json").exists() and not (tmp_path / "sft" / "mine.txt").exists()
@@ -74,7 +75,7 @@ def test_only_reruns_a_stage_from_scratch_and_keeps_the_old_folder(tmp_path, mon
 def test_only_without_its_prerequisites_says_what_to_run(tmp_path, monkeypatch):
     monkeypatch.setattr(sr, "STAGES", fake_stages([]))
     with pytest.raises(MinilmError, match="'dpo' needs sft, which has not finished.*minilm speedrun --preset ci"):
-        sr.run_speedrun(sr.SpeedrunConfig(preset="ci", out_dir=str(tmp_path), only="dpo"))
+        sr.run_speedrun(table.SpeedrunConfig(preset="ci", out_dir=str(tmp_path), only="dpo"))
 
 
 def test_under_torchrun_other_ranks_join_pretraining_only(tmp_path, monkeypatch):
@@ -84,7 +85,7 @@ def test_under_torchrun_other_ranks_join_pretraining_only(tmp_path, monkeypatch)
     (tmp_path / "data" / "stage.json").write_text("{}")  # rank 0 finished the data
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    sr.run_speedrun(sr.SpeedrunConfig(preset="ci", out_dir=str(tmp_path)))
+    sr.run_speedrun(table.SpeedrunConfig(preset="ci", out_dir=str(tmp_path)))
     assert calls == ["pretrain"] and not (tmp_path / "pretrain" / "stage.json").exists()
 
 
@@ -106,17 +107,17 @@ def test_rank0_runs_post_training_as_a_single_process(tmp_path, monkeypatch):
     def execute(run, cfg):
         seen["world"] = os.environ.get("WORLD_SIZE")
         return {}, None
-    stages["sft"] = sr.Stage("sft", ("pretrain",), lambda run: "", execute)
+    stages["sft"] = table.Stage("sft", ("pretrain",), lambda run: "", execute)
     monkeypatch.setattr(sr, "STAGES", stages)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    sr.run_speedrun(sr.SpeedrunConfig(preset="ci", out_dir=str(tmp_path)))
+    sr.run_speedrun(table.SpeedrunConfig(preset="ci", out_dir=str(tmp_path)))
     assert seen["world"] is None and os.environ["WORLD_SIZE"] == "2"  # hidden during sft only
 
 
-@pytest.mark.parametrize("preset", list(sr.SPEEDRUN_PRESETS))
+@pytest.mark.parametrize("preset", list(table.SPEEDRUN_PRESETS))
 def test_every_preset_plans_valid_stage_configs(tmp_path, preset):
-    plan = dict(sr.plan(sr.SpeedrunConfig(preset=preset, out_dir=str(tmp_path))))
+    plan = dict(sr.plan(table.SpeedrunConfig(preset=preset, out_dir=str(tmp_path))))
     assert list(plan) == list(sr.STAGES)
     assert plan["sft"].init == str(tmp_path / "pretrain" / "checkpoint")
     assert plan["ppo"].init == str(tmp_path / "hydra-sft" / "checkpoint") and plan["ppo"].variant == "hydra"
@@ -126,17 +127,17 @@ def test_every_preset_plans_valid_stage_configs(tmp_path, preset):
 
 
 def test_overrides_reach_the_stage_config(tmp_path):
-    cfg = sr.SpeedrunConfig(preset="ci", out_dir=str(tmp_path), overrides={"sft": {"max_steps": 7}})
+    cfg = table.SpeedrunConfig(preset="ci", out_dir=str(tmp_path), overrides={"sft": {"max_steps": 7}})
     assert dict(sr.plan(cfg))["sft"].max_steps == 7
 
 
 @pytest.mark.slow
 def test_ci_preset_from_nothing_to_a_report(tmp_path):
-    cfg = sr.SpeedrunConfig(preset="ci", out_dir=str(tmp_path / "run"), device="cpu")
+    cfg = table.SpeedrunConfig(preset="ci", out_dir=str(tmp_path / "run"), device="cpu")
     records = sr.run_speedrun(cfg)
     assert list(records) == list(sr.STAGES)
     rows = json.loads((tmp_path / "run" / "eval.json").read_text())
-    assert set(rows) == set(sr.EVALUATED)
+    assert set(rows) == set(table.EVALUATED)
     assert rows["sft"]["winrate"] == pytest.approx(0.5)  # the SFT model against itself
     assert rows["pretrain"]["bpb"] > 0 and rows["sft"]["end_rate"] >= rows["pretrain"]["end_rate"]
     assert records["prune"]["params"] < records["sft"]["params"]  # the compacted model is smaller

@@ -13,12 +13,13 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from minilm import MinilmError
 from minilm.checkpoint import load_checkpoint
+from minilm.loop import lr_at, make_optimizer
 from minilm.model import Phi3
-from minilm.train import TrainConfig, lr_at, make_optimizer, train
+from minilm.stages.pretrain import TrainConfig, train
 
 pytestmark = pytest.mark.lesson_03
 
@@ -93,7 +94,7 @@ def test_short_run_learns_and_changes_every_parameter(data_dir, tmp_path, monkey
             super().__init__(cfg)
             initial.update({k: v.clone() for k, v in self.named_parameters()})
 
-    monkeypatch.setattr("minilm.train.Phi3", RecordedPhi3)
+    monkeypatch.setattr("minilm.stages.pretrain.Phi3", RecordedPhi3)
     out = tmp_path / "run"
     summary = train(run_config(out, data_dir, max_steps=20, eval_every=20, ckpt_every=20))
     losses = [m["loss"] for m in read_metrics(out)]

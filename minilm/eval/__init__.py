@@ -1,2 +1,1 @@
-"""Evaluation (lesson 12): win-rates with confidence intervals (winrate.py), the evaluation suite
-every speedrun stage's model goes through (suite.py), and the report card (report.py, report_plots.py)."""
+"""Evaluation (lesson 12): the held-out measurements every speedrun stage's model goes through (suite.py)."""

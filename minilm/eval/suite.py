@@ -70,8 +70,8 @@ from pathlib import Path
 import torch
 
 from minilm import MinilmError
+from minilm.post.base_model import from_preset
 from minilm.post.chat import render_prompt
-from minilm.post.loop import from_preset
 from minilm.post.oracles import AnswerOracle, ScoreOracle, split_reply, token_f1
 from minilm.post.sft import greedy_judgements
 
@@ -136,7 +136,7 @@ def text_metrics(model, tokenizer, cfg: SuiteConfig, data_dir) -> dict:
     """{"bpb", "loss"} from minilm.train.evaluate over the val split's fixed windows."""
     from minilm.data import TokenDataset
     from minilm.runtime import Runtime
-    from minilm.train import TrainConfig, evaluate
+    from minilm.stages.pretrain import TrainConfig, evaluate
     data = TokenDataset(resolve_data_dir(data_dir), "val")
     want = data.meta.get("tokenizer", {}).get("fingerprint")
     if want and want != tokenizer.fingerprint():
@@ -232,7 +232,7 @@ def reference_replies(reference, tokenizer, conversations, cfg: SuiteConfig, cac
 
 
 def winrate_metrics(mine: list[str], theirs: list[str], conversations) -> dict:
-    from minilm.eval.winrate import head_to_head, win_rate
+    from minilm.post.winrate import head_to_head, win_rate
     prompts = [c["messages"][:-1] for c in conversations]
     row = win_rate(head_to_head(ReferenceF1Judge(conversations), prompts, mine, theirs))
     return {"winrate": row["win_rate"], "winrate_lo": row["lo"], "winrate_hi": row["hi"]}
@@ -264,7 +264,7 @@ def chat_metrics(model, tokenizer, cfg: SuiteConfig, reference=None, cache: dict
 
 def env_success(model, tokenizer, cfg: SuiteConfig) -> float:
     """Success on cfg.n_env held-out seeds of cfg.env: LTC's own evaluation (Monologue, greedy)."""
-    from minilm.agents.ltc import evaluate, ltc_config, make_envs
+    from minilm.stages.ltc import evaluate, ltc_config, make_envs
     ltc = ltc_config("tiny", env=cfg.env, n_test=cfg.n_env, eval_temperature=0.0)
     envs = make_envs(ltc, "test", min(cfg.n_env, cfg.batch_size))
     return evaluate(model, tokenizer, envs, ltc)["success"]

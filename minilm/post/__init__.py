@@ -1,22 +1,17 @@
-"""Post-training: chat format, SFT, reward models, DPO, PPO and Hydra-RLHF, DNO (lessons 06-09).
+"""Post-training pieces: losses, models, oracles and data for the stages in minilm/stages/ (lessons 06-09).
 
     chat.py        Phi-3 chat rendering with a loss mask, reply parsing, padding collate
-    loop.py        the one training loop every post-training stage shares (PostConfig, run_loop)
-    sft.py         supervised fine-tuning on chat data, with before/after format measurements
+    base_model.py  the checkpoint a post-training stage starts from, with LoRA when asked
+    sft.py         the SFT loss, chat batches, greedy replies judged by an oracle
     oracles.py     preference oracles: reference answers, verifier, reward model, judge, cyclic
     heads.py       HydraModel: one trunk with the LM head and scalar heads (reward, value)
     preferences.py preference pairs and their batches
-    reward.py      reward model (Bradley-Terry); lm_weight > 0 keeps the LM loss too
-    dpo.py         direct preference optimization against a frozen (or LoRA-off) reference
-    hydra.py       Hydra-SFT: one model trained on SFT chats and preference pairs together
+    reward.py      Bradley-Terry loss, pair scores, Hydra-SFT's loss, loading a reward model
+    dpo.py         the DPO loss, sequence log-probabilities, implicit-reward metrics
     ppo.py         PPO's math as pure functions: KL estimators, reward shaping, GAE, clipped losses
     ppo_models.py  PPO's four roles held four ways: ppo, lora, hydra, jhydra (Hydra-RLHF)
-    ppo_loop.py    one PPO step (roll out, score, advantages, update) and run_ppo with exact resume
     dno.py         Direct Nash Optimization's math: both losses, large-margin pairs, replay, tabular demo
-    dno_loop.py    DNO-Prct iterations: sample, add the teacher, ask the oracle, train pi_{t+1} from pi_t
+    winrate.py     win-rates with Wilson and bootstrap intervals, head-to-head judging, the plot
 
-Every stage reads a checkpoint (usually `minilm train`'s) and writes one in the same format,
-with `meta["stage"]` saying which stage made it. `minilm ppo --variant {ppo,lora,hydra,jhydra}`
-and `minilm hydra-sft` run the Hydra stages; benchmarks/hydra_memory.py measures their memory;
-`minilm dno` runs DNO and benchmarks/dno_baselines.py compares it with its baselines.
+Nothing here is a stage: the stages (minilm/stages/) compose these pieces, and no piece imports a stage.
 """

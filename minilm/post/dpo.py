@@ -28,63 +28,11 @@ the start model's own samples labelled by AnswerOracle (`build_preference_pairs`
 
 from __future__ import annotations
 
-import copy
-import json
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-from minilm import MinilmError
-from minilm.checkpoint import load_checkpoint, save_checkpoint
 from minilm.generate import token_logprobs
-from minilm.lora import adapter_names, merge_and_unload
-from minilm.post.chat import render_prompt
-from minilm.post.loop import add_lora, from_preset, PostConfig, run_loop
-from minilm.post.preferences import encode_pairs, make_pair_batch_fn, pair_batches
-from minilm.post.sft import greedy_judgements
-from minilm.runtime import setup_runtime
-
-
-@dataclass
-class DPOConfig(PostConfig):
-    out_dir: str = "runs/dpo-tiny"
-    init: str = "runs/sft-tiny/checkpoint"
-    max_steps: int = 100
-    batch_size: int = 16            # pairs per step (32 sequences)
-    lr: float = 3e-4
-    warmup_steps: int = 10
-    eval_every: int = 50
-    ckpt_every: int = 50
-    beta: float = 0.1               # strength of the pull towards the reference (KL weight)
-    sft_weight: float = 0.0         # > 0: + sft_weight * NLL per token of chosen replies
-    pairs: str = "offline"          # offline: data_prep/instructions.py pairs; sampled: the start
-                                    # model's own replies judged by AnswerOracle; both: the union
-    n_pairs: int = 3000             # requested offline train pairs
-    n_sample_prompts: int = 500     # train prompts to sample replies for ("sampled"/"both")
-    n_samples: int = 4              # replies sampled per prompt
-    tie_margin: float = 0.25        # sampled pairs with |P(a beats b) - 0.5| <= this are ties, dropped
-    n_eval_pairs: int = 200         # held-out pairs for the implicit-reward metrics
-    n_judge: int = 200              # held-out prompts for the greedy-reply judgement
-    data_seed: int = 0
-    max_len: int = 160              # longer pairs are dropped, not cut
-    max_new_tokens: int = 100       # reply budget of the judgement (worked solutions are ~60-90 tokens)
-
-
-JUDGE_SOURCES = ("man", "stdlib", "arithmetic", "units", "word_problem")
-DPO_PRESETS = {
-    # ~1M-param SFT model, 2 CPU cores, ~3 minutes. Plain DPO (sft_weight 0) at this lr pushes the
-    # chosen AND rejected replies down; greedy replies turn to babble (form rate 0.80 -> 0.43);
-    # the NLL term keeps the chosen replies likely (lesson 07, "What the metrics mean").
-    "tiny": dict(lr=2e-3, sft_weight=1.0),
-    "small": dict(out_dir="runs/dpo-small", init="runs/sft-small/checkpoint", max_steps=800,
-                  batch_size=32, lr=1e-4, n_pairs=20000, eval_every=200, ckpt_every=200),
-}
-
-
-def dpo_config(preset: str = "tiny", **overrides) -> DPOConfig:
-    return from_preset(DPOConfig, DPO_PRESETS, preset, "dpo", **overrides)
+from minilm.post.preferences import pair_batches
 
 
 def sequence_logprobs(model, tokens: torch.Tensor, attention_mask: torch.Tensor,
@@ -186,94 +134,3 @@ def summarize(judged: list[dict], conversations: list[dict] | None = None) -> di
         out[f"reward_{kind}"] = sum(rewards) / len(rewards)
     return out
 
-
-def load_policy(cfg: DPOConfig, device):
-    """(policy, reference or None, tokenizer): the reference is a frozen copy of the start model,
-    or None under LoRA, where the policy with its adapters off IS the start model."""
-    ck = load_checkpoint(cfg.init, device=device)
-    if ck.tokenizer is None:
-        raise MinilmError(f"{cfg.init} has no tokenizer; DPO needs one to render chats")
-    model = ck.model
-    if adapter_names(model):  # an SFT-with-LoRA checkpoint: fold it, so "LoRA off" means the SFT model
-        merge_and_unload(model).requires_grad_(True)
-    if cfg.lora_r > 0:
-        add_lora(cfg, model)
-        return model, None, ck.tokenizer
-    return model, copy.deepcopy(model).requires_grad_(False).eval(), ck.tokenizer
-
-
-def train_pairs(cfg: DPOConfig, model, tokenizer) -> list[dict]:
-    """The training pairs cfg.pairs asks for: offline, sampled from `model` (on-policy), or both."""
-    from data_prep.instructions import instruction_examples, preference_pairs
-    from minilm.post.oracles import AnswerOracle
-    from minilm.post.preferences import build_preference_pairs
-    if cfg.pairs not in ("offline", "sampled", "both"):
-        raise MinilmError(f"pairs must be offline, sampled or both, not {cfg.pairs!r}")
-    pairs = preference_pairs(cfg.n_pairs, cfg.data_seed, split="train") if cfg.pairs != "sampled" else []
-    if cfg.pairs != "offline":
-        convs = instruction_examples(cfg.n_sample_prompts, cfg.data_seed, JUDGE_SOURCES, split="train")
-        room = model.config.max_seq_len - cfg.max_new_tokens
-        prompts = [c["messages"][:-1] for c in convs
-                   if len(render_prompt(tokenizer, c["messages"][:-1])) <= room]
-        model.eval()
-        pairs += build_preference_pairs(model, tokenizer, prompts, AnswerOracle(convs), cfg.n_samples,
-                                        cfg.max_new_tokens, temperature=1.0, tie_margin=cfg.tie_margin,
-                                        seed=cfg.data_seed)
-    if not pairs:
-        raise MinilmError("no training pairs: every sampled pair was a tie; raise --n-samples or use "
-                          "offline pairs")
-    return pairs
-
-
-def dpo_data(cfg: DPOConfig, model, tokenizer):
-    """(train encoded pairs, held-out encoded pairs, held-out judgement conversations, oracle)."""
-    from data_prep.instructions import instruction_examples, preference_pairs
-    from minilm.post.oracles import AnswerOracle
-    train, _ = encode_pairs(tokenizer, train_pairs(cfg, model, tokenizer), cfg.max_len)
-    heldout_pairs = preference_pairs(cfg.n_eval_pairs, cfg.data_seed + 1, split="heldout")
-    heldout, _ = encode_pairs(tokenizer, heldout_pairs, cfg.max_len)
-    judge = instruction_examples(cfg.n_judge, cfg.data_seed + 2, JUDGE_SOURCES, split="heldout")
-    room = model.config.max_seq_len - cfg.max_new_tokens  # prompts that leave room for a full reply
-    judge = [c for c in judge if len(render_prompt(tokenizer, c["messages"][:-1])) <= room]
-    if not judge:
-        raise MinilmError(f"no held-out prompt fits in max_seq_len - max_new_tokens = {room} tokens")
-    return train, heldout, judge, AnswerOracle(judge)
-
-
-def run_dpo(cfg: DPOConfig, on_step=None) -> dict:
-    """DPO from cfg.init; returns implicit-reward metrics and the held-out judgement before/after."""
-    if cfg.beta <= 0 or cfg.sft_weight < 0:
-        raise MinilmError(f"beta must be > 0 and sft_weight >= 0 (got {cfg.beta}, {cfg.sft_weight})")
-    if cfg.pairs not in ("offline", "sampled", "both"):
-        raise MinilmError(f"pairs must be offline, sampled or both, not {cfg.pairs!r}")
-    rt = setup_runtime(cfg.device)
-    torch.manual_seed(cfg.seed)     # LoRA's A matrices start the same on every run and resume
-    policy, reference, tokenizer = load_policy(cfg, rt.device)
-    if cfg.max_len > policy.config.max_seq_len:
-        raise MinilmError(f"max_len {cfg.max_len} exceeds the model's max_seq_len "
-                          f"{policy.config.max_seq_len}")
-    train, heldout, judge, oracle = dpo_data(cfg, reference if reference is not None else policy, tokenizer)
-    pad = tokenizer.eot_id
-    batch_fn = make_pair_batch_fn(train, cfg.batch_size, cfg.seed, pad, cfg.max_len)
-    sft_model = reference if reference is not None else policy
-    sft_model.eval()
-    sft_judged = greedy_judgements(sft_model, tokenizer, judge, oracle, cfg.max_new_tokens)  # the SFT model
-
-    def loss_fn(model, batch):
-        return dpo_batch_loss(model, batch, cfg.beta, reference, cfg.sft_weight)
-
-    def eval_fn(model):
-        return evaluate_dpo(model, heldout, pad, cfg.max_len, cfg.beta, reference)
-
-    def save_fn(ckpt_dir, train_state, meta):
-        save_checkpoint(ckpt_dir, policy, tokenizer, train_state, {**meta, "beta": cfg.beta})
-
-    summary = run_loop(cfg, policy, batch_fn, loss_fn, eval_fn, save_fn, tokenizer,
-                       stage="dpo", rt=rt, on_step=on_step)
-    policy.eval()
-    dpo_judged = greedy_judgements(policy, tokenizer, judge, oracle, cfg.max_new_tokens)
-    result = {**summary, "sft": summarize(sft_judged, judge), "dpo": summarize(dpo_judged, judge),
-              "dpo_vs_sft": preferred_rate(dpo_judged, sft_judged), "n_train_pairs": len(train),
-              "n_heldout_pairs": len(heldout), "n_judge": len(judge)}
-    Path(cfg.out_dir, "eval.json").write_text(json.dumps(result, indent=2))
-    return result

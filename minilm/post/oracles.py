@@ -49,8 +49,8 @@ from __future__ import annotations
 
 import math
 import re
-from abc import ABC, abstractmethod
 import string
+from abc import ABC, abstractmethod
 from collections import Counter
 
 import torch

@@ -43,7 +43,7 @@ import torch.nn as nn
 
 from minilm import MinilmError
 from minilm.lora import lora_disabled, use_adapters
-from minilm.post.loop import PostConfig, add_lora
+from minilm.post.base_model import PostConfig, add_lora
 from minilm.post.ppo import action_values
 
 VARIANTS = ("ppo", "lora", "hydra", "jhydra")

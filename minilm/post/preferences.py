@@ -14,12 +14,11 @@ reward model, a person at a keyboard.
 
 from __future__ import annotations
 
-
 import torch
 
 from minilm.generate import generate
+from minilm.loop import epoch_batches
 from minilm.post.chat import collate, parse_reply, render_chat, render_prompt
-from minilm.post.loop import epoch_batches
 
 
 def as_messages(prompt) -> list[dict]:

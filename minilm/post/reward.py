@@ -3,7 +3,8 @@
     minilm reward --init runs/sft-tiny/checkpoint --out-dir runs/reward-tiny          # CPU, ~3 min
     minilm reward --init runs/sft-tiny/checkpoint --lm-weight 1.0 --out-dir runs/hydra-sft
 
-    from minilm.post.reward import reward_config, run_reward, load_reward_model
+    from minilm.stages.reward import reward_config, run_reward
+    from minilm.post.reward import load_reward_model
     summary = run_reward(reward_config("tiny", init="runs/sft-tiny/checkpoint"))
     hydra, tok = load_reward_model("runs/reward-tiny/checkpoint")      # HydraModel + tokenizer
 
@@ -31,50 +32,15 @@ Deviation: InstructGPT compares K=4..9 replies per prompt; we use one pair per p
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from minilm import MinilmError
-from minilm.checkpoint import load_checkpoint, save_checkpoint
+from minilm.checkpoint import load_checkpoint
 from minilm.lora import adapter_names, merge_and_unload
 from minilm.post.heads import HydraModel, last_token_index
-from minilm.post.loop import add_lora, from_preset, PostConfig, run_loop
-from minilm.post.preferences import encode_pairs, make_pair_batch_fn, pair_batches
-from minilm.runtime import setup_runtime
-
-
-@dataclass
-class RewardConfig(PostConfig):
-    out_dir: str = "runs/reward-tiny"
-    init: str = "runs/sft-tiny/checkpoint"
-    max_steps: int = 100
-    batch_size: int = 32            # pairs per step (64 sequences)
-    lr: float = 2e-3
-    warmup_steps: int = 10
-    eval_every: int = 50
-    ckpt_every: int = 50
-    lm_weight: float = 0.0          # > 0: Hydra-SFT, loss = BT + lm_weight * LM loss on chosen replies
-    head: str = "reward"
-    n_pairs: int = 3000             # requested train pairs (see data_prep/instructions.py)
-    n_eval_pairs: int = 300         # held-out pairs
-    data_seed: int = 0
-    max_len: int = 160              # longer pairs are dropped, not cut
-
-
-REWARD_PRESETS = {
-    "tiny": dict(),  # ~1M-param SFT model, 2 CPU cores, ~3 minutes; held-out accuracy ~0.7
-    "small": dict(out_dir="runs/reward-small", init="runs/sft-small/checkpoint", max_steps=1500,
-                  batch_size=64, lr=3e-4, n_pairs=20000, eval_every=250, ckpt_every=250),
-}
-
-
-def reward_config(preset: str = "tiny", **overrides) -> RewardConfig:
-    return from_preset(RewardConfig, REWARD_PRESETS, preset, "reward", **overrides)
+from minilm.post.preferences import encode_pairs, pair_batches
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +124,7 @@ def load_reward_model(directory, heads=("reward",), device="cpu"):
     return hydra, ck.tokenizer
 
 
-def reward_data(cfg: RewardConfig, tokenizer) -> tuple[list, list, list[str]]:
+def reward_data(cfg, tokenizer) -> tuple[list, list, list[str]]:
     """(train encoded pairs, held-out encoded pairs, held-out rejection reasons)."""
     from data_prep.instructions import preference_pairs
     train, _ = encode_pairs(tokenizer, preference_pairs(cfg.n_pairs, cfg.data_seed, split="train"),
@@ -168,40 +134,10 @@ def reward_data(cfg: RewardConfig, tokenizer) -> tuple[list, list, list[str]]:
     return train, heldout, [p["reason"] for p in kept]
 
 
-def run_reward(cfg: RewardConfig, on_step=None) -> dict:
-    """Train a reward head (Hydra-SFT when cfg.lm_weight > 0); returns held-out accuracy before/after."""
-    if cfg.lm_weight < 0:
-        raise MinilmError(f"lm_weight must be >= 0 (0: reward loss only), got {cfg.lm_weight}")
-    rt = setup_runtime(cfg.device)
-    torch.manual_seed(cfg.seed)     # the fresh head (and LoRA) start the same on every run and resume
-    hydra, tokenizer = load_reward_model(cfg.init, heads=(cfg.head,), device=rt.device)   # 1.
-    if cfg.max_len > hydra.config.max_seq_len:
-        raise MinilmError(f"max_len {cfg.max_len} exceeds the model's max_seq_len {hydra.config.max_seq_len}")
-    if cfg.lora_r > 0:
-        add_lora(cfg, hydra.lm)     # freezes the trunk and LM head; the new head stays trainable
-    train, heldout, reasons = reward_data(cfg, tokenizer)                                     # 2.
-    pad = tokenizer.eot_id
-    batch_fn = make_pair_batch_fn(train, cfg.batch_size, cfg.seed, pad, cfg.max_len)
-
-    def eval_fn(model) -> dict:
-        return evaluate_pairs(model, heldout, pad, cfg.max_len, cfg.head)
-
-    hydra.eval()
-    before = evaluate_pairs(hydra, heldout, pad, cfg.max_len, cfg.head, reasons)             # 3.
-
-    def loss_fn(model, batch):
-        return reward_loss(model, batch, cfg.lm_weight, cfg.head)
-
-    def save_fn(ckpt_dir, train_state, meta):
-        save_checkpoint(ckpt_dir, hydra.lm, tokenizer, train_state,
-                        {**meta, "heads": list(hydra.heads), "lm_weight": cfg.lm_weight, "before": before},
-                        extra={"heads": hydra.heads.state_dict()})
-
-    summary = run_loop(cfg, hydra, batch_fn, loss_fn, eval_fn, save_fn, tokenizer,            # 4.
-                       stage="reward", rt=rt, on_step=on_step)
-    hydra.eval()
-    after = evaluate_pairs(hydra, heldout, pad, cfg.max_len, cfg.head, reasons)              # 5.
-    result = {**summary, "before": before, "after": after, "n_train_pairs": len(train),
-              "n_heldout_pairs": len(heldout)}
-    Path(cfg.out_dir, "eval.json").write_text(json.dumps(result, indent=2))
-    return result
+def hydra_sft_loss(hydra, batch: dict, lm_weight: float = 1.0, head: str = "reward"):
+    """BT loss on batch["pairs"] + lm_weight * LM loss on batch["sft"] (a `collate` batch), and metrics."""
+    sft = batch["sft"]
+    _, lm_loss, _ = hydra(sft["tokens"], sft["attention_mask"], sft["targets"])
+    bt, metrics = reward_loss(hydra, batch["pairs"], lm_weight=0.0, head=head)
+    metrics["lm_loss"] = lm_loss.item()
+    return bt + lm_weight * lm_loss, metrics

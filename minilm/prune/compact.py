@@ -50,9 +50,9 @@ def compacted_widths(model: Phi3, masks: list | None = None) -> tuple[int, ...]:
 def compact_model(model: Phi3, masks: list[torch.Tensor | None] | None = None) -> Phi3:
     """A new Phi3 whose layer l holds only the kept neurons of masks[l] (default: the model's own
     neuron masks); same device and dtype, no masks, config.d_ff_per_layer set. `model` is unchanged."""
-    from minilm.lora import _lora_layers, base_state_dict  # lora imports the checkpoint code
+    from minilm.lora import base_state_dict, lora_layers  # lora imports the checkpoint code
     model = getattr(model, "module", model)  # unwrap DDP
-    if _lora_layers(model):
+    if lora_layers(model):
         raise MinilmError("compact_model: the model carries LoRA adapters; merge them into the weights "
                           "first (minilm.lora) so that compaction keeps what the model computes")
     masks = _prunable_masks(model, masks)

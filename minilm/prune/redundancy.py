@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 class NeuronMasker:
     """Forward pre-hooks on every layer's down_proj: multiply its input (the FFN activations
     silu(gate) * up, (B, T, F)) by `masks[layer]` and, with `record`, keep the unmasked activations.

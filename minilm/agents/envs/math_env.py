@@ -22,8 +22,8 @@ from __future__ import annotations
 import random
 import re
 
-from minilm.agents.envs.base import TextEnv, content_split
 from data_prep.synthetic import word_problem_steps
+from minilm.agents.envs.base import TextEnv, content_split
 
 
 class WordMath(TextEnv):

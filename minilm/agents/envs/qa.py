@@ -35,9 +35,9 @@ import re
 import string
 from functools import lru_cache
 
-from minilm.agents.envs.base import TextEnv, content_split
 from data_prep.instructions import first_sentence, stdlib_qa
 from data_prep.stdlib_docs import stdlib_dir
+from minilm.agents.envs.base import TextEnv, content_split
 
 N_DISTRACTORS = 8
 MAX_SUMMARY_WORDS = 8

@@ -1,7 +1,7 @@
 """The speedrun's report card: report.md and report/*.png from a run folder (issue 10, lesson 12).
 
     python -m minilm.eval.report runs/speedrun-ci          # (re)writes runs/speedrun-ci/report.md
-    from minilm.eval.report import write_report
+    from minilm.speedrun.report import write_report
     write_report("runs/speedrun-ci", title="ci preset")    # -> Path("runs/speedrun-ci/report.md")
 
 What it reads (the run folder of `minilm speedrun`, see lessons/12_speedrun.md):
@@ -24,22 +24,18 @@ matplotlib is optional: without it the report is text only and says so.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
 import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from minilm import MinilmError
-from minilm.eval.report_plots import PLOT_TEXT, SUITE, is_number, write_plots
-from minilm.stages import STAGES as SPEEDRUN_STAGES
+from minilm.speedrun.report_plots import PLOT_TEXT, write_plots
+from minilm.speedrun.run_folder import SUITE, RunFolder, is_number, load_run
+from minilm.weights import write_text
 
-STAGES = tuple(SPEEDRUN_STAGES)  # the speedrun's order: data, pretrain, sft, ..., eval, report
-LOGGED = ("pretrain", "sft", "hydra-sft", "dpo", "ppo", "ltc", "prune")   # stages with a metrics.jsonl
 # (label, dotted path into stage.json's "result"): the one or two numbers that say how a stage went
 HEADLINES = {
     "data": [("phase 1 train tokens", "phases.phase1.train.tokens"),
@@ -53,103 +49,6 @@ HEADLINES = {
     "ltc": [("success", "ltc.success"), ("IL success", "baseline.success")],
     "prune": [("held-out loss", "after.heldout_loss"), ("compact params", "compact.params")],
 }
-
-
-@dataclass
-class Run:
-    """What the report knows about a run folder; `problems` collects every file that could not be read."""
-    root: Path
-    stages: dict[str, dict] = field(default_factory=dict)     # stage -> stage.json, in STAGES order
-    missing: list[str] = field(default_factory=list)
-    evals: dict[str, dict] = field(default_factory=dict)
-    logs: dict[str, list[dict]] = field(default_factory=dict)  # stage -> its per-step/iteration rows
-    ltc_baseline: dict = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-
-    def read_json(self, rel: str, expect=dict, quiet_missing: bool = False):
-        """The JSON in root/rel if it is an `expect`, else None and a line in `problems`."""
-        path = self.root / rel
-        if not path.exists():
-            if not quiet_missing:
-                self.problems.append(f"`{rel}`: missing")
-            return None
-        try:
-            value = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            self.problems.append(f"`{rel}`: not readable JSON ({type(e).__name__}: {e})")
-            return None
-        if not isinstance(value, expect):
-            self.problems.append(f"`{rel}`: a JSON {type(value).__name__}, expected a {expect.__name__}")
-            return None
-        return value
-
-    def read_jsonl(self, rel: str) -> list[dict]:
-        """The JSON objects of root/rel, one per line; bad lines are skipped and counted in `problems`."""
-        path = self.root / rel
-        try:
-            lines = path.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            self.problems.append(f"`{rel}`: not readable ({type(e).__name__})" if path.exists()
-                                 else f"`{rel}`: missing")
-            return []
-        rows, bad = [], []
-        for i, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line) if line.strip() else {}
-            except ValueError:
-                row = None
-            if not isinstance(row, dict):
-                bad.append(i)
-            elif row:
-                rows.append(row)
-        if bad:
-            self.problems.append(f"`{rel}`: skipped {len(bad)} line(s) that are not JSON objects "
-                                 f"(first: line {bad[0]})")
-        return rows
-
-
-def load_run(run_dir) -> Run:
-    """Read every stage.json (in stage order) and eval.json; never raises on a bad file."""
-    run = Run(Path(run_dir))
-    for stage in STAGES[:-1]:             # the report stage finishes after this report is written
-        record = run.read_json(f"{stage}/stage.json", quiet_missing=True)
-        if record is None:
-            run.missing.append(stage)
-            continue
-        for key in ("seconds", "tokens", "params", "trainable_params"):
-            if key in record and record[key] is not None and not is_number(record[key]):
-                run.problems.append(f"`{stage}/stage.json`: {key} is {record[key]!r}, not a number")
-                record[key] = None
-        if not isinstance(record.get("result", {}), dict):
-            run.problems.append(f"`{stage}/stage.json`: result is not an object")
-            record["result"] = {}
-        run.stages[stage] = record
-    evals = run.read_json("eval.json", quiet_missing="eval" not in run.stages) or {}
-    order = [s for s in STAGES if s in evals] + [s for s in evals if s not in STAGES]
-    for name in order:
-        if isinstance(evals[name], dict):
-            run.evals[name] = evals[name]
-        else:
-            run.problems.append(f"`eval.json`: the entry {name!r} is not an object of metrics")
-    _load_logs(run)
-    return run
-
-
-def _load_logs(run: Run) -> None:
-    """The finished stages' own logs, which the plots draw (a finished stage without one: a problem)."""
-    for stage in LOGGED:
-        if stage in run.stages:
-            run.logs[stage] = run.read_jsonl(f"{stage}/metrics.jsonl")
-    if "dno" in run.stages:   # DNO logs one row per iteration in summary.json (also its stage result)
-        result = run.stages["dno"]["result"]
-        summary = run.read_json("dno/summary.json", quiet_missing="rows" in result) or {}
-        rows = summary.get("rows", result.get("rows"))
-        if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
-            run.logs["dno"] = rows
-    if "ltc" in run.stages:
-        base = run.stages["ltc"]["result"].get("baseline")
-        base = base if isinstance(base, dict) else run.read_json("ltc/baseline.json")
-        run.ltc_baseline = base or {}
 
 
 def _dig(obj, path: str):
@@ -182,7 +81,7 @@ def headline(stage: str, result: dict) -> str:
                      for label, v in picks) or "-"
 
 
-def stage_table(run: Run) -> list[str]:
+def stage_table(run: RunFolder) -> list[str]:
     lines = ["| stage | title | time | tokens trained | parameters | trainable | headline |",
              "|---|---|---:|---:|---:|---:|---|"]
     for stage, r in run.stages.items():
@@ -202,7 +101,7 @@ def _winrate_cell(m: dict) -> str:
     return f"{m['winrate']:.3f}{interval}"
 
 
-def eval_table(run: Run) -> list[str]:
+def eval_table(run: RunFolder) -> list[str]:
     header = [c if c != "winrate" else "winrate [lo, hi]" for c in SUITE]
     lines = ["| model after | " + " | ".join(header) + " |", "|---|" + "---:|" * len(SUITE)]
     for name, m in run.evals.items():
@@ -233,7 +132,7 @@ def machine() -> str:
             f"{os.cpu_count()} CPU cores ({platform.system()} {platform.machine()})")
 
 
-def _header(run: Run, title: str | None) -> list[str]:
+def _header(run: RunFolder, title: str | None) -> list[str]:
     presets = [r.get("preset", r["result"].get("preset")) for r in run.stages.values()]
     preset = next((p for p in presets if isinstance(p, str)), None)
     title = title or f"minilm speedrun{f' ({preset} preset)' if preset else ''}: {run.root.name}"
@@ -245,10 +144,10 @@ def _header(run: Run, title: str | None) -> list[str]:
             f"- machine: {machine()}",
             f"- git commit: {_git_commit()}",
             f"- total time: {seconds:.1f} s ({seconds / 60:.1f} min) over {len(run.stages)} of "
-            f"{len(STAGES) - 1} stages; {_count(tokens)} tokens trained", ""]
+            f"{len(run.order) - 1} stages; {_count(tokens)} tokens trained", ""]
 
 
-def render(run: Run, plots: list[str] | None, title: str | None = None) -> str:
+def render(run: RunFolder, plots: list[str] | None, title: str | None = None) -> str:
     """report.md's text; plots None means matplotlib is missing."""
     lines = _header(run, title) + ["## Stages", "", *stage_table(run), ""]
     if any(r.get("resumed") is True for r in run.stages.values()):
@@ -265,7 +164,7 @@ def render(run: Run, plots: list[str] | None, title: str | None = None) -> str:
     lines += ["## Plots", ""]
     if plots is None:
         lines += ["matplotlib is not installed, so this report is text only "
-                  "(`pip install matplotlib`, then `python -m minilm.eval.report RUN_DIR`).", ""]
+                  "(`pip install matplotlib`, then `minilm speedrun --only report`).", ""]
     for name in plots or []:
         lines += [f"![{name}](report/{name})", "", PLOT_TEXT[name], ""]
     if plots == []:
@@ -275,21 +174,12 @@ def render(run: Run, plots: list[str] | None, title: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir, title: str | None = None) -> Path:
-    """Write run_dir/report.md (and run_dir/report/*.png when matplotlib is there); returns its path."""
+def write_report(run_dir, order: tuple[str, ...], title: str | None = None) -> Path:
+    """Write run_dir/report.md (and run_dir/report/*.png when matplotlib is there); returns its path.
+    `order` is the speedrun's stage order (tuple(minilm.speedrun.stages.STAGES))."""
     root = Path(run_dir)
     if not root.is_dir():
         raise MinilmError(f"{root} is not a run folder; run `minilm speedrun --out-dir {root}` first")
-    run = load_run(root)
+    run = load_run(root, order)
     plots = write_plots(run, root / "report")
-    path = root / "report.md"
-    tmp = root / "report.md.tmp"
-    tmp.write_text(render(run, plots, title))
-    tmp.replace(path)
-    return path
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m minilm.eval.report RUN_DIR")
-    print(write_report(sys.argv[1]))
+    return write_text(root / "report.md", render(run, plots, title))

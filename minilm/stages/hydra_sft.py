@@ -1,6 +1,7 @@
 """Hydra-SFT: one model trained on SFT data and comparison data together (LM head + reward head).
 
-    from minilm.post.hydra import hydra_sft_config, run_hydra_sft, compare_reward_models
+    from minilm.stages.hydra_sft import hydra_sft_config, run_hydra_sft
+
     result = run_hydra_sft(hydra_sft_config("tiny", init="runs/base-tiny/checkpoint"))
     table = compare_reward_models(hydra_sft_config("tiny", init="runs/sft-tiny/checkpoint"))
 
@@ -32,20 +33,31 @@ from pathlib import Path
 
 from minilm import MinilmError
 from minilm.checkpoint import save_checkpoint
-from minilm.post.loop import add_lora, from_preset, run_loop
+from minilm.loop import run_loop
+from minilm.post.base_model import PostConfig, add_lora, from_preset
 from minilm.post.oracles import AnswerOracle
 from minilm.post.preferences import make_pair_batch_fn
-from minilm.post.reward import (RewardConfig, evaluate_pairs, load_reward_model, reward_config, reward_data,
-                                reward_loss, run_reward)
+from minilm.post.reward import evaluate_pairs, hydra_sft_loss, load_reward_model, reward_data
 from minilm.post.sft import evaluate_chat, make_batch_fn, render_examples
 from minilm.runtime import setup_runtime
 
 
 @dataclass
-class HydraSFTConfig(RewardConfig):
+class HydraSFTConfig(PostConfig):
     out_dir: str = "runs/hydra-sft-tiny"
     init: str = "runs/sft-tiny/checkpoint"
+    max_steps: int = 100
+    batch_size: int = 32            # preference pairs per step (64 sequences)
+    lr: float = 2e-3
+    warmup_steps: int = 10
+    eval_every: int = 50
+    ckpt_every: int = 50
     lm_weight: float = 1.0          # loss = BT + lm_weight * LM (SFT batch)
+    head: str = "reward"
+    n_pairs: int = 3000             # requested train pairs (see data_prep/instructions.py)
+    n_eval_pairs: int = 300         # held-out pairs
+    data_seed: int = 0
+    max_len: int = 160              # longer pairs and conversations are dropped, not cut
     sft_batch_size: int = 16        # conversations per step, besides batch_size pairs
     sources: str = "man,stdlib,arithmetic,units"  # the SFT conversations (data_prep/instructions.py)
     n_train: int = 4000
@@ -55,20 +67,19 @@ class HydraSFTConfig(RewardConfig):
 
 HYDRA_SFT_PRESETS = {
     "tiny": dict(),  # ~1M-param model, 2 CPU cores, a few minutes
+    "ci": dict(max_steps=12, batch_size=8, sft_batch_size=8, n_pairs=200, n_train=400, n_eval_pairs=24,
+               n_eval=16, eval_every=12, ckpt_every=12),
+    "gpu": dict(max_steps=1000, batch_size=64, n_pairs=20000, n_train=20000),
 }
+HYDRA_SFT_PRESETS["laptop"] = HYDRA_SFT_PRESETS["tiny"]
+# the fields `minilm hydra-sft --help` shows; every other field is set with --set FIELD=VALUE
+FLAGS = ("init", "out_dir", "max_steps", "batch_size", "sft_batch_size", "lr", "warmup_steps",
+         "eval_every", "ckpt_every", "seed", "device", "resume", "lora_r", "lora_alpha", "lm_weight",
+         "n_pairs", "n_train", "n_eval_pairs", "n_eval", "max_len")
 
 
 def hydra_sft_config(preset: str = "tiny", **overrides) -> HydraSFTConfig:
     return from_preset(HydraSFTConfig, HYDRA_SFT_PRESETS, preset, "hydra-sft", **overrides)
-
-
-def hydra_sft_loss(hydra, batch: dict, lm_weight: float = 1.0, head: str = "reward"):
-    """BT loss on batch["pairs"] + lm_weight * LM loss on batch["sft"] (a `collate` batch), and metrics."""
-    sft = batch["sft"]
-    _, lm_loss, _ = hydra(sft["tokens"], sft["attention_mask"], sft["targets"])
-    bt, metrics = reward_loss(hydra, batch["pairs"], lm_weight=0.0, head=head)
-    metrics["lm_loss"] = lm_loss.item()
-    return bt + lm_weight * lm_loss, metrics
 
 
 def _sft_conversations(cfg: HydraSFTConfig):
@@ -115,17 +126,3 @@ def run_hydra_sft(cfg: HydraSFTConfig, on_step=None) -> dict:
     Path(cfg.out_dir, "eval.json").write_text(json.dumps(result, indent=2))
     return result
 
-
-def compare_reward_models(cfg: HydraSFTConfig) -> dict:
-    """Hydra-SFT vs a separate reward model (same init, pairs, steps, lr): held-out accuracy and LM loss."""
-    hydra = run_hydra_sft(cfg)
-    shared = {k: v for k, v in vars(cfg).items() if k in RewardConfig.__dataclass_fields__}
-    separate_cfg = reward_config(**shared)
-    separate_cfg.lm_weight, separate_cfg.out_dir = 0.0, str(Path(cfg.out_dir) / "separate-rm")
-    separate = run_reward(separate_cfg)
-    keys = ("eval_accuracy", "eval_bt_loss", "eval_lm_loss")
-    table = {"hydra_sft": {k: hydra["after"][k] for k in keys},
-             "separate_rm": {k: separate["after"][k] for k in keys},
-             "hydra_chat": {k: hydra["after"][k] for k in ("reward", "correct_rate", "end_rate")}}
-    Path(cfg.out_dir, "comparison.json").write_text(json.dumps(table, indent=2))
-    return table

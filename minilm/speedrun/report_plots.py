@@ -1,18 +1,17 @@
-"""The speedrun report's figures: report/*.png from a run folder's logs (issue 10, lesson 12).
+"""The speedrun report's figures: report/*.png from a run folder's logs (lesson 12).
 
-    from minilm.eval.report import load_run
-    from minilm.eval.report_plots import write_plots
-    write_plots(load_run("runs/speedrun-ci"), Path("runs/speedrun-ci/report"))   # -> names drawn
+    from minilm.speedrun.run_folder import load_run
+    write_plots(load_run("runs/speedrun-ci", order), Path("runs/speedrun-ci/report"))  # -> names drawn
 
-minilm/eval/report.py reads the run folder into a `Run` and calls `write_plots`; this module only
-draws. Each figure, and what it reads (paths relative to the run folder):
+minilm/speedrun/report.py reads the run folder (run_folder.py) and calls `write_plots`; this module
+only draws. Each figure, and what it reads (paths relative to the run folder):
   stages.png         eval.json: one panel per suite metric (SUITE), one bar per model evaluated
   pretrain_loss.png  pretrain/metrics.jsonl (step, loss, val_loss, phase) and the unigram_entropy
-                     of pretrain/stage.json's result; drawn by minilm.train.plot_losses
+                     of pretrain/stage.json's result; drawn by minilm.plots.plot_losses
   post_losses.png    sft|hydra-sft|dpo/metrics.jsonl: step, loss and, where logged, eval_loss
-  ppo.png            ppo/metrics.jsonl: step, score, kl, vf_loss; drawn by post.ppo_loop.plot_ppo
-  dno_winrate.png    dno/summary.json rows (vs_sft/vs_prev/vs_teacher); eval.winrate.plot_winrates
-  ltc_curves.png     ltc/metrics.jsonl + ltc/baseline.json; drawn by agents.ltc.plot_curves
+  ppo.png            ppo/metrics.jsonl: step, score, kl, vf_loss; drawn by stages.ppo.plot_ppo
+  dno_winrate.png    dno/summary.json rows (vs_sft/vs_prev/vs_teacher); post.winrate.plot_winrates
+  ltc_curves.png     ltc/metrics.jsonl + ltc/baseline.json; drawn by stages.ltc.plot_curves
   prune.png          prune/metrics.jsonl: density, task_loss, heldout_loss, and the dense model's
                      held-out loss (result.before.heldout_loss of prune/stage.json) at density 1
 A figure is drawn only when its data exist; matplotlib is optional (no matplotlib: no figures).
@@ -22,13 +21,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from minilm.eval.report import Run
+from minilm.plots import plot_losses
+from minilm.post.winrate import plot_winrates
+from minilm.speedrun.run_folder import SUITE, RunFolder, is_number
+from minilm.stages.ltc import plot_curves
+from minilm.stages.ppo import plot_ppo as draw_ppo
 
-# the suite metrics the report shows, in its column order (minilm/eval/suite.py measures them)
-SUITE = ("bpb", "math_acc", "end_rate", "form_rate", "correct", "winrate", "env_success")
 POST_STAGES = ("sft", "hydra-sft", "dpo")
 PLOT_TEXT = {
     "stages.png": "What each stage bought: one panel per suite metric, one bar per model evaluated after "
@@ -51,11 +50,6 @@ PLOT_TEXT = {
     "prune.png": "Pruning: held-out loss against the fraction of FFN neurons kept, read left to right as "
                  "the run goes on (density falls); the gap to the dense start is what pruning cost.",
 }
-
-
-def is_number(v) -> bool:
-    """An int or float that came from JSON as a number (True/False are not numbers here)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def pyplot():
@@ -82,7 +76,7 @@ def _integer_steps(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
 
 
-def plot_stages(run: Run, path: Path) -> bool:
+def plot_stages(run: RunFolder, path: Path) -> bool:
     """Small multiples, four to a row: one panel per suite metric, one labelled bar per model."""
     names, values = list(run.evals), list(run.evals.values())
     metrics = [c for c in SUITE if any(is_number(m.get(c)) for m in values)]
@@ -123,7 +117,7 @@ def _post_labels(stage: str, rows: list[dict]) -> dict[str, str]:
     return {"loss": "train", "eval_loss": "held-out"}
 
 
-def plot_post_losses(run: Run, path: Path) -> bool:
+def plot_post_losses(run: RunFolder, path: Path) -> bool:
     """Train loss (and held-out eval_loss) per step for SFT, Hydra-SFT and DPO, a panel each."""
     series = {s: [r for r in run.logs.get(s, []) if is_number(r.get("step"))] for s in POST_STAGES}
     series = {s: rows for s, rows in series.items() if any(is_number(r.get("loss")) for r in rows)}
@@ -144,7 +138,7 @@ def plot_post_losses(run: Run, path: Path) -> bool:
     return _save(fig, plt, path)
 
 
-def plot_prune(run: Run, path: Path) -> bool:
+def plot_prune(run: RunFolder, path: Path) -> bool:
     """Held-out (and training) loss against FFN density over the pruning run, dense start to the end."""
     rows = [r for r in run.logs.get("prune", []) if is_number(r.get("density"))]
     held = [(r["density"], r["heldout_loss"]) for r in rows if is_number(r.get("heldout_loss"))]
@@ -166,29 +160,25 @@ def plot_prune(run: Run, path: Path) -> bool:
     return _save(fig, plt, path)
 
 
-def plot_pretrain(run: Run, path: Path) -> bool:
-    from minilm.train import plot_losses
+def plot_pretrain(run: RunFolder, path: Path) -> bool:
     rows = [r for r in run.logs.get("pretrain", []) if is_number(r.get("step"))]
     entropy = run.stages.get("pretrain", {}).get("result", {}).get("unigram_entropy")
     return bool(rows) and plot_losses(rows, path, entropy if is_number(entropy) else None,
                                       title="pretraining loss")
 
 
-def plot_ppo(run: Run, path: Path) -> bool:
-    from minilm.post.ppo_loop import plot_ppo as draw
+def plot_ppo(run: RunFolder, path: Path) -> bool:
     keys = ("step", "score", "kl", "vf_loss")
     rows = [r for r in run.logs.get("ppo", []) if all(is_number(r.get(k)) for k in keys)]
-    return bool(rows) and draw(rows, path)
+    return bool(rows) and draw_ppo(rows, path)
 
 
-def plot_dno(run: Run, path: Path) -> bool:
-    from minilm.eval.winrate import plot_winrates
+def plot_dno(run: RunFolder, path: Path) -> bool:
     rows = run.logs.get("dno")
     return bool(rows) and plot_winrates(rows, path, series=["vs_sft", "vs_prev", "vs_teacher"]) is not None
 
 
-def plot_ltc(run: Run, path: Path) -> bool:
-    from minilm.agents.ltc import plot_curves
+def plot_ltc(run: RunFolder, path: Path) -> bool:
     rows = [r for r in run.logs.get("ltc", []) if is_number(r.get("iteration"))]
     base = run.ltc_baseline
     return bool(rows) and is_number(base.get("success")) and plot_curves(rows, base, path, "LTC")
@@ -199,7 +189,7 @@ DRAWERS = {"stages.png": plot_stages, "pretrain_loss.png": plot_pretrain,
            "ltc_curves.png": plot_ltc, "prune.png": plot_prune}   # PLOT_TEXT's names, report order
 
 
-def write_plots(run: Run, out: Path) -> list[str] | None:
+def write_plots(run: RunFolder, out: Path) -> list[str] | None:
     """Every plot whose data exist, as out/<name>; the names written, or None without matplotlib.
 
     A plot that fails on odd values becomes a line in run.problems, never a lost report."""

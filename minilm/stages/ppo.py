@@ -1,7 +1,7 @@
 """The PPO stage: one readable PPO step (1. roll out, 2. score, 3. advantages, 4. update) and run_ppo.
 
     minilm ppo --variant hydra --init runs/hydra-sft-tiny/checkpoint   # CPU, a few minutes (resumes)
-    from minilm.post.ppo_loop import ppo_config, run_ppo
+    from minilm.stages.ppo import ppo_config, run_ppo
     run_ppo(ppo_config("tiny", variant="lora", init="runs/sft-tiny/checkpoint",
                        reward_init="runs/reward-tiny/checkpoint"))
 
@@ -42,18 +42,28 @@ from tqdm import tqdm
 from minilm import MinilmError
 from minilm.checkpoint import load_checkpoint, save_checkpoint
 from minilm.generate import generate
+from minilm.loop import _read_metrics, _resume, _rng_state, lr_at, make_optimizer, trainable_state
 from minilm.lora import adapter_names, merge_and_unload
+from minilm.post.base_model import PostConfig, from_preset
 from minilm.post.chat import parse_reply, render_prompt
 from minilm.post.dpo import summarize
-from minilm.post.loop import from_preset, PostConfig, trainable_state, _read_metrics, _resume, _rng_state
 from minilm.post.oracles import AnswerOracle
-from minilm.post.ppo import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_penalty,
-                             logprobs_from_logits, masked_mean, masked_whiten, ppo_policy_loss, shape_rewards,
-                             value_loss)
+from minilm.post.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_from_logits,
+    gae,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    shape_rewards,
+    value_loss,
+)
 from minilm.post.ppo_models import VARIANTS, HydraModels, build_models
 from minilm.post.reward import load_reward_model
 from minilm.runtime import setup_runtime
-from minilm.train import lr_at, make_optimizer
 
 
 @dataclass
@@ -94,7 +104,16 @@ class PPOConfig(PostConfig):
 
 PPO_PRESETS = {
     "tiny": dict(),  # ~1M-param models, 2 CPU cores, a few minutes per variant
+    "ci": dict(max_steps=3, batch_size=8, minibatch_size=4, n_prompts=200, n_eval=8, max_new_tokens=16,
+               eval_every=3, ckpt_every=3),
+    "gpu": dict(max_steps=200, batch_size=64, minibatch_size=16, n_prompts=20000, n_eval=256),
 }
+PPO_PRESETS["laptop"] = PPO_PRESETS["tiny"]
+# the fields `minilm ppo --help` shows; every other field is set with --set FIELD=VALUE
+FLAGS = ("init", "reward_init", "variant", "out_dir", "max_steps", "batch_size", "minibatch_size",
+         "ppo_epochs", "lr", "eval_every", "ckpt_every", "seed", "device", "resume", "lora_r",
+         "max_new_tokens", "temperature", "clip", "kl_coef", "reward", "n_prompts",
+         "n_eval")
 
 
 def ppo_config(preset: str = "tiny", **overrides) -> PPOConfig:

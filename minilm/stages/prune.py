@@ -3,7 +3,7 @@
     minilm prune --init runs/sft-tiny/checkpoint --method gum --sparsity 0.5 --out-dir runs/prune-gum
     minilm prune --init runs/sft-tiny/checkpoint --method random --sparsity 0.5 --distill
 
-    from minilm.prune.apply import prune_config, run_prune
+    from minilm.stages.prune import prune_config, run_prune
     result = run_prune(prune_config(method="movement", sparsity=0.5, out_dir="runs/prune-mvp"))
     result["after"]["heldout_loss"], result["redundancy_after"]["redundancy"]
 
@@ -44,9 +44,10 @@ from torch import nn
 
 from minilm import MinilmError
 from minilm.checkpoint import save_checkpoint
+from minilm.loop import run_loop
 from minilm.model import set_neuron_masks
+from minilm.post.base_model import PostConfig, from_preset, init_model
 from minilm.post.chat import collate
-from minilm.post.loop import PostConfig, init_model, run_loop
 from minilm.post.sft import make_batch_fn, render_examples, sft_data
 from minilm.prune import scores as S
 from minilm.prune.compact import compact_model
@@ -88,8 +89,21 @@ class PruneConfig(PostConfig):
     max_new_tokens: int = 32
 
 
-def prune_config(**overrides) -> PruneConfig:
-    return PruneConfig(**overrides)
+PRUNE_PRESETS = {
+    "tiny": dict(),  # ~1M-param SFT model, 2 CPU cores, ~1 minute
+    "ci": dict(max_steps=30, prune_warmup=5, prune_final=10, n_train=400, n_eval=32, eval_every=30,
+               ckpt_every=30),
+    "gpu": dict(max_steps=600, n_train=20000),
+}
+PRUNE_PRESETS["laptop"] = PRUNE_PRESETS["tiny"]
+# the fields `minilm prune --help` shows; every other field is set with --set FIELD=VALUE
+FLAGS = ("init", "out_dir", "method", "sparsity", "ranking", "max_steps", "batch_size", "lr",
+         "prune_warmup", "prune_final", "mask_every", "distill", "gum_weight", "n_train", "n_eval",
+         "eval_every", "ckpt_every", "chat_eval", "seed", "device", "resume")
+
+
+def prune_config(preset: str = "tiny", **overrides) -> PruneConfig:
+    return from_preset(PruneConfig, PRUNE_PRESETS, preset, "prune", **overrides)
 
 
 def _check(cfg: PruneConfig) -> None:

@@ -1,7 +1,7 @@
 """DNO-Prct, iterated (Rosset et al. 2024, arXiv 2404.03715, Algorithm 2; lesson 09).
 
     minilm dno --init runs/sft-tiny/checkpoint --iterations 3 --samples 5 --oracle verifier
-    from minilm.post.dno_loop import dno_config, run_dno
+    from minilm.stages.dno import dno_config, run_dno
     summary = run_dno(dno_config("tiny", out_dir="runs/dno-tiny"))
 
 For t = 1..T, on a fresh split of train prompts (`run_iteration`):
@@ -44,12 +44,13 @@ import torch
 
 from minilm import MinilmError
 from minilm.checkpoint import load_checkpoint
-from minilm.eval.winrate import head_to_head, plot_winrates, win_rate, winrate_table
+from minilm.loop import run_loop
+from minilm.post.base_model import PostConfig, from_preset, init_model
 from minilm.post.dno import PAIR_KINDS, dno_regression_loss, replay_pairs, scripted_teacher, select_pairs
 from minilm.post.dpo import dpo_batch_loss, reference_logprobs, sequence_logprobs
-from minilm.post.loop import PostConfig, from_preset, init_model, run_loop
 from minilm.post.oracles import VerifierOracle
 from minilm.post.preferences import encode_pairs, pair_batch, sample_replies
+from minilm.post.winrate import head_to_head, plot_winrates, win_rate, winrate_table
 from minilm.runtime import setup_runtime
 
 
@@ -97,6 +98,14 @@ DNO_PRESETS = {  # ~1M-param SFT model, 2 CPU cores, ~1 minute per iteration. Pl
     # one; at 1e-3 and 2e-3 iterations 1-2 lost to their predecessors (lesson 09).
     "tiny": dict(sft_weight=1.0, lr=5e-4),
 }
+DNO_PRESETS["ci"] = dict(DNO_PRESETS["tiny"], iterations=2, n_prompts=24, samples=3, n_val=16, n_test=24)
+DNO_PRESETS["laptop"] = DNO_PRESETS["tiny"]
+DNO_PRESETS["gpu"] = dict(DNO_PRESETS["tiny"], iterations=3, n_prompts=2000, n_val=500, n_test=1000)
+# the fields `minilm dno --help` shows; every other field is set with --set FIELD=VALUE
+FLAGS = ("init", "out_dir", "iterations", "n_prompts", "samples", "oracle", "oracle_checkpoint",
+         "pairs_mode", "loss", "reference", "beta", "sft_weight", "lr", "batch_size",
+         "temperature", "max_new_tokens", "sources", "n_val", "n_test", "seed", "device",
+         "resume")
 
 
 def dno_config(preset: str = "tiny", **overrides) -> DNOConfig:

@@ -1,6 +1,6 @@
 """Win-rates with confidence intervals, and the length next to them (DNO's evaluation; lesson 09).
 
-    from minilm.eval.winrate import win_rate, head_to_head, winrate_table, plot_winrates
+    from minilm.post.winrate import win_rate, head_to_head, winrate_table, plot_winrates
     prefs = head_to_head(oracle, prompts, replies_new, replies_old)   # P(new beats old) per prompt
     row = win_rate(prefs)          # {"win_rate", "lo", "hi", "wins", "ties", "losses", "n"}
     print(winrate_table(rows))     # markdown

@@ -2,7 +2,7 @@
 
     minilm ltc --env household --pattern monologue --init runs/sft-tiny/checkpoint --out-dir runs/ltc-hh
 
-    from minilm.agents.ltc import ltc_config, run_ltc
+    from minilm.stages.ltc import ltc_config, run_ltc
     result = run_ltc(ltc_config("tiny", env="math", pattern="analogue", out_dir="runs/ltc-math"))
     result["baseline"], result["ltc"]            # held-out metrics of the IL model and of LTC
     run_ltc(ltc_config("ci", env="math", init="runs/sft-tiny/checkpoint", out_dir="runs/ltc-ci"))  # ~10 s
@@ -41,11 +41,11 @@ from minilm import MinilmError
 from minilm.agents.ltc_data import LossWeights, collate_episodes, expert_demos, ltc_loss
 from minilm.agents.patterns import ModelTeacher, RolloutConfig, make_pattern, run_episodes
 from minilm.checkpoint import load_checkpoint, save_checkpoint
+from minilm.loop import make_optimizer, run_loop
+from minilm.post.base_model import PostConfig, from_preset, init_model
 from minilm.post.heads import HydraModel
-from minilm.post.loop import PostConfig, from_preset, init_model, run_loop
 from minilm.post.sft import make_batch_fn, sft_loss
 from minilm.runtime import setup_runtime
-from minilm.train import make_optimizer
 
 LOSSES = ("full", "lm", "ppo")
 EXPLORE_SEED_BASE = 100_000        # demos use train seeds [0, n_demos); exploration starts here
@@ -79,10 +79,16 @@ class LTCConfig(PostConfig):
 
 LTC_PRESETS = {
     "tiny": dict(),
-    "laptop": dict(iterations=8, episodes_per_iter=128),
-    "ci": dict(n_demos=32, il_steps=10, iterations=1, episodes_per_iter=16, rollout_batch=16,
-               batch_size=8, n_test=16),
+    # the speedrun's presets: LTC's Analogue pattern on the math environment
+    "laptop": dict(env="math", pattern="analogue", iterations=8, episodes_per_iter=128),
+    "ci": dict(env="math", pattern="analogue", n_demos=32, il_steps=10, iterations=1, episodes_per_iter=16,
+               rollout_batch=16, batch_size=8, n_test=16),
+    "gpu": dict(env="math", pattern="analogue", iterations=6, episodes_per_iter=256, n_test=200),
 }
+# the fields `minilm ltc --help` shows; every other field is set with --set FIELD=VALUE
+FLAGS = ("init", "out_dir", "env", "pattern", "loss", "n_demos", "il_steps", "il_lr", "iterations",
+         "episodes_per_iter", "batch_size", "lr", "n_test", "temperature", "max_hints", "ppo_coef",
+         "teacher", "seed", "device", "resume")
 
 
 def ltc_config(preset: str = "tiny", **overrides) -> LTCConfig:

@@ -3,7 +3,7 @@
     minilm train --preset tiny                       # CPU, a few minutes
     torchrun --nproc_per_node 4 -m minilm train --preset small --device cuda
 
-    from minilm.train import TrainConfig, train
+    from minilm.stages.pretrain import TrainConfig, train
     summary = train(TrainConfig(preset="tiny", max_steps=50))
 
 One step (phi-3 and nanoGPT follow the same recipe):
@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,11 +38,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from data_prep.pipeline import default_data
 from minilm import MinilmError
 from minilm.checkpoint import load_checkpoint, save_checkpoint
 from minilm.config import ConfigError, get_preset
 from minilm.data import TokenDataset, bits_per_byte
+from minilm.loop import lr_at, make_optimizer
 from minilm.model import Phi3
+from minilm.plots import plot_losses
 from minilm.runtime import setup_runtime, teardown_runtime
 from minilm.tokenizer import Tokenizer
 
@@ -83,32 +85,19 @@ TRAIN_PRESETS = {
     "small": dict(out_dir="runs/small", batch_size=32, grad_accum=2, max_steps=5000, lr=1e-3,
                   warmup_steps=200, eval_every=250, ckpt_every=250, pipeline_docs_per_source=0),
 }
+# the fields `minilm train --help` shows; every other field is set with --set FIELD=VALUE
+FLAGS = ("out_dir", "data_dir", "phase2_dir", "batch_size", "grad_accum", "max_steps", "lr", "warmup_steps",
+         "eval_every", "ckpt_every", "seed", "device", "compile", "resume")
+# the speedrun's presets: `preset` names the model preset they train
+TRAIN_PRESETS["ci"] = dict(TRAIN_PRESETS["tiny"], preset="tiny", max_steps=120, batch_size=8, warmup_steps=10,
+                           eval_every=60, ckpt_every=60, eval_batches=4)
+TRAIN_PRESETS["laptop"] = dict(TRAIN_PRESETS["tiny"], preset="tiny")
+TRAIN_PRESETS["gpu"] = dict(TRAIN_PRESETS["small"], preset="small")
 
 
 def train_config(preset: str = "tiny", **overrides) -> TrainConfig:
     """A TrainConfig for `preset` (stage defaults for tiny/small), with fields overridden."""
     return TrainConfig(**{"preset": preset, **TRAIN_PRESETS.get(preset, {}), **overrides})
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with decay on weight matrices only; norms and the (tied) embedding are not decayed."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
 @torch.no_grad()
@@ -129,52 +118,6 @@ def _load_metrics(path: Path, upto: int) -> list[dict]:
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if r["step"] <= upto]  # drop lines a killed run wrote after its checkpoint
-
-
-def plot_losses(metrics: list[dict], path: Path, baseline: float | None = None,
-                title: str | None = None) -> bool:
-    """Write the loss curve as PNG if matplotlib is installed; returns whether it did.
-
-    `baseline` (the unigram entropy of the data) is drawn as a dashed line: the loss to beat.
-    `title` defaults to the name of the folder the PNG goes into (the run's out_dir).
-    """
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "train"), ("val_loss", "validation")):
-        pts = [(m["step"], m[key]) for m in metrics if key in m]
-        if pts:
-            ax.plot(*zip(*pts), label=label, marker="o" if key == "val_loss" else None)
-    if baseline is not None:
-        ax.axhline(baseline, linestyle="--", color="gray", label="unigram entropy")
-    phase2 = [m["step"] for m in metrics if m.get("phase") == 2]
-    if phase2:
-        ax.axvline(phase2[0], linestyle=":", color="black", label="phase 2 starts")
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title=title or path.parent.name)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def default_data(vocab_size: int, docs_per_source: int, build: bool = True) -> tuple[Path, Path]:
-    """(phase 1, phase 2) of the data pipeline on this machine's text, built once per vocab size.
-
-    Phi-3's two phases (lesson 05): filtered real text, then its most educational part plus
-    synthetic textbook data. `phase2/meta.json` is the pipeline's last shard write, so its
-    presence means a complete run."""
-    from data_prep.pipeline import PipelineConfig, run_pipeline
-    root = Path(f"runs/data/pipeline-{vocab_size}" + (f"-{docs_per_source}" if docs_per_source else ""))
-    if build and not (root / "phase2" / "meta.json").exists():
-        tqdm.write(f"building the training data in {root} (data_prep/pipeline.py; once per vocab size)")
-        run_pipeline(PipelineConfig(out=str(root), vocab_size=vocab_size,
-                                    limit_per_source=docs_per_source or None))
-    return root / "phase1", root / "phase2"
 
 
 def _setup(cfg: TrainConfig, rt):

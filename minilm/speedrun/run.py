@@ -1,4 +1,4 @@
-"""`minilm speedrun`: one command from an empty folder to a report card of every stage (issue 10).
+"""`minilm speedrun`: one command from an empty folder to a report card of every stage (lesson 12).
 
     minilm speedrun --preset ci                  # every stage at toy sizes, a few minutes on 2 CPU cores
     minilm speedrun                              # --preset laptop: results worth reading, ~15 min on 2 cores
@@ -18,7 +18,7 @@ The pipeline; each step is a library function that this file only calls with siz
     ltc        LTC on the math environment (lesson 10)              from sft
     prune      GUM pruning of half the FFN neurons (lesson 11)      from sft
     eval       one evaluation suite on every stage's model (minilm/eval/suite.py)
-    report     OUT/report.md and its plots (minilm/eval/report.py)
+    report     OUT/report.md and its plots (minilm/speedrun/report.py)
 
 Post-training branches from the SFT model instead of chaining DPO -> PPO -> DNO, so every method
 starts from the same model and the report's table says what each one bought on its own.
@@ -28,7 +28,7 @@ time, tokens, parameters and result. A stage with a stage.json is skipped, so ru
 speedrun again continues where it stopped; the interrupted stage resumes from its own last
 checkpoint, as every loop in minilm does.
 
-Under torchrun, pretraining runs data-parallel on every process (minilm/train.py). The
+Under torchrun, pretraining runs data-parallel on every process (minilm/stages/pretrain.py). The
 post-training loops have no DDP (lesson 06 says why), so rank 0 runs them alone and the other
 ranks exit after pretraining.
 """
@@ -40,110 +40,13 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from minilm import MinilmError
-from minilm.stages import EVALUATED, STAGES, Stage, stage_record, write_json  # noqa: F401 (re-exported)
-
-# Per preset: the model preset, the stage presets to start from (a stage's own preset of the same
-# name first, e.g. LTC's "ci"; then "stage_preset"; then "tiny"), and the sizes each stage's config
-# gets on top. "ci" only proves that every stage runs; "laptop" keeps each stage's own defaults,
-# the sizes lessons 03-11 measured.
-SPEEDRUN_PRESETS: dict[str, dict] = {
-    "ci": {
-        "model": "tiny", "stage_preset": "tiny",
-        "data": dict(limit_per_source=40, synthetic=300, annotate_sample=120),
-        "pretrain": dict(max_steps=120, batch_size=8, warmup_steps=10, eval_every=60, ckpt_every=60,
-                         eval_batches=4),
-        "sft": dict(max_steps=60, batch_size=16, n_train=800, n_eval=24, eval_every=60, ckpt_every=60),
-        "dpo": dict(max_steps=12, batch_size=8, n_pairs=200, n_eval_pairs=24, n_judge=16,
-                    max_new_tokens=32, eval_every=12, ckpt_every=12),
-        "hydra-sft": dict(max_steps=12, batch_size=8, sft_batch_size=8, n_pairs=200, n_train=400,
-                          n_eval_pairs=24, n_eval=16, eval_every=12, ckpt_every=12),
-        "ppo": dict(max_steps=3, batch_size=8, minibatch_size=4, n_prompts=200, n_eval=8,
-                    max_new_tokens=16, eval_every=3, ckpt_every=3),
-        "dno": dict(iterations=2, n_prompts=24, samples=3, n_val=16, n_test=24),
-        "prune": dict(max_steps=30, prune_warmup=5, prune_final=10, n_train=400, n_eval=32,
-                      eval_every=30, ckpt_every=30),
-    },
-    "laptop": {
-        "model": "tiny", "stage_preset": "tiny",
-        "data": dict(limit_per_source=400),
-    },
-    "gpu": {  # never run by us: no GPU was lent to this project (lesson 12, "Where we simplified")
-        "model": "small", "stage_preset": "small",
-        "data": dict(limit_per_source=None),
-        "hydra-sft": dict(max_steps=1000, batch_size=64, n_pairs=20000, n_train=20000),
-        "ppo": dict(max_steps=200, batch_size=64, minibatch_size=16, n_prompts=20000, n_eval=256),
-        "dno": dict(iterations=3, n_prompts=2000, n_val=500, n_test=1000),
-        "ltc": dict(iterations=6, episodes_per_iter=256, n_test=200),
-        "prune": dict(max_steps=600, n_train=20000),
-    },
-}
-# What the speedrun fixes whatever the preset: which variant, method, environment it runs.
-FIXED = {"ppo": dict(variant="hydra"), "ltc": dict(env="math", pattern="analogue"),
-         "prune": dict(method="gum", sparsity=0.5)}
-
-
-@dataclass
-class SpeedrunConfig:
-    preset: str = "laptop"
-    out_dir: str = ""               # "": runs/speedrun-<preset>
-    only: str = ""                  # comma-separated stages to (re-)run alone; "": the whole pipeline
-    device: str = "auto"
-    dry_run: bool = False           # print each stage's config and stop
-    overrides: dict = field(default_factory=dict)  # {stage: {field: value}} on top of the preset
-
-    def __post_init__(self):
-        if self.preset not in SPEEDRUN_PRESETS:
-            raise MinilmError(f"unknown speedrun preset {self.preset!r}; choose one of "
-                              f"{', '.join(SPEEDRUN_PRESETS)}")
-        self.out_dir = self.out_dir or f"runs/speedrun-{self.preset}"
-        bad = [s for s in self.only_stages() if s not in STAGES]
-        if bad:
-            raise MinilmError(f"unknown stage(s) {', '.join(bad)} in --only; the stages are {', '.join(STAGES)}")
-
-    def only_stages(self) -> list[str]:
-        return [s.strip() for s in self.only.split(",") if s.strip()]
-
-    def sizes(self, stage: str) -> dict:
-        return {**SPEEDRUN_PRESETS[self.preset].get(stage, {}), **FIXED.get(stage, {}),
-                **self.overrides.get(stage, {})}
-
-
-class Run:
-    """One speedrun folder: where each stage writes, and what its finished stages recorded."""
-
-    def __init__(self, cfg: SpeedrunConfig):
-        self.cfg, self.root = cfg, Path(cfg.out_dir)
-        self.model_preset = SPEEDRUN_PRESETS[cfg.preset]["model"]
-
-    def dir(self, stage: str) -> Path:
-        return self.root / stage
-
-    def record(self, stage: str) -> dict | None:
-        path = self.dir(stage) / "stage.json"
-        return json.loads(path.read_text()) if path.exists() else None
-
-    def checkpoint(self, stage: str) -> str:
-        """The checkpoint a finished stage left (its planned path when planning a dry run)."""
-        rec = self.record(stage)
-        if rec is not None and rec.get("checkpoint"):
-            return rec["checkpoint"]
-        return str(self.dir(stage) / "checkpoint")
-
-    def post(self, stage: str, init: str, make_config, presets: dict):
-        """A post-training stage's config: its named preset, this preset's sizes, its folder, and the
-        checkpoint of `init`. The named preset is the first the stage has of: the speedrun preset's
-        own name (LTC has "ci" and "laptop"), the speedrun's stage preset, "tiny"."""
-        names = (self.cfg.preset, SPEEDRUN_PRESETS[self.cfg.preset]["stage_preset"], "tiny")
-        preset = next((n for n in names if n in presets), "tiny")
-        return make_config(preset, out_dir=str(self.dir(stage)), init=self.checkpoint(init),
-                           device=self.cfg.device, **self.cfg.sizes(stage))
-
+from minilm.speedrun.stages import STAGES, Run, SpeedrunConfig, stage_record
+from minilm.weights import write_json
 
 # ---- the driver ----------------------------------------------------------------------------------
 

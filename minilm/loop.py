@@ -1,6 +1,7 @@
 """The training loop shared by every post-training stage (SFT, reward, DPO, ...).
 
-    from minilm.post.loop import PostConfig, init_model, run_loop
+    from minilm.post.base_model import PostConfig, init_model
+    from minilm.loop import run_loop
     model, tok = init_model(cfg)                     # cfg.init checkpoint (+ LoRA if cfg.lora_r > 0)
     summary = run_loop(cfg, model, batch_fn, loss_fn, eval_fn, save_fn=None, tokenizer=tok)
 
@@ -29,9 +30,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import time
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -39,36 +40,10 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from minilm import MinilmError, lora
-from minilm.checkpoint import load_checkpoint, read_config, save_checkpoint
+from minilm import MinilmError
+from minilm.checkpoint import read_config, save_checkpoint
+from minilm.plots import plot_losses
 from minilm.runtime import setup_runtime
-from minilm.train import lr_at, make_optimizer, plot_losses
-
-DEFAULT_LORA_TARGETS = "qkv_proj,o_proj,gate_up_proj,down_proj"
-
-
-@dataclass
-class PostConfig:
-    out_dir: str = "runs/post"      # checkpoint/, metrics.jsonl, loss.png
-    init: str = ""                  # the checkpoint to start from (e.g. runs/base-tiny/checkpoint)
-    max_steps: int = 200
-    batch_size: int = 16
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1       # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    betas: tuple = (0.9, 0.95)
-    grad_clip: float = 1.0
-    eval_every: int = 50
-    ckpt_every: int = 50
-    log_every: int = 10
-    seed: int = 1337
-    device: str = "auto"
-    resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
-    lora_r: int = 0                 # 0: full fine-tune; > 0: LoRA of this rank, base frozen
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = DEFAULT_LORA_TARGETS  # comma-separated regexes over nn.Linear names
 
 
 def epoch_batches(n: int, batch_size: int, seed: int):
@@ -89,50 +64,26 @@ def epoch_batches(n: int, batch_size: int, seed: int):
     return picks
 
 
-def from_preset(cls, presets: dict, preset: str, stage: str, **overrides):
-    """`cls(**presets[preset], **overrides)`: a stage's config from its named CPU/GPU preset."""
-    if preset not in presets:
-        raise MinilmError(f"unknown {stage} preset {preset!r}; choose one of {', '.join(presets)}")
-    return cls(**{**presets[preset], **overrides})
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
-def lora_targets(cfg: PostConfig) -> tuple[str, ...]:
-    """cfg.lora_targets as a tuple of regexes (a comma-separated string or a sequence)."""
-    targets = cfg.lora_targets
-    if isinstance(targets, str):
-        targets = [t.strip() for t in targets.split(",")]
-    targets = tuple(t for t in targets if t)
-    if not targets:
-        raise MinilmError("lora_targets is empty; name the layers to adapt, e.g. 'qkv_proj,o_proj'")
-    return targets
+def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+    """AdamW with decay on weight matrices only; norms and the (tied) embedding are not decayed."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
-
-def add_lora(cfg: PostConfig, model, adapter: str = "default") -> list[str]:
-    """Wrap cfg's target layers with LoRA (rank cfg.lora_r) and freeze the rest of `model`."""
-    if cfg.lora_r <= 0:
-        raise MinilmError(f"lora_r must be > 0 to add LoRA adapters, got {cfg.lora_r}")
-    wrapped = lora.apply_lora(model, targets=lora_targets(cfg), r=cfg.lora_r, alpha=cfg.lora_alpha,
-                              dropout=cfg.lora_dropout, adapter=adapter, freeze_base=True)
-    if not wrapped:
-        raise MinilmError(f"lora_targets {cfg.lora_targets!r} matched no nn.Linear layer of the model")
-    return wrapped
-
-
-def init_model(cfg: PostConfig, device="cpu", adapter: str = "default"):
-    """(model, tokenizer) from the cfg.init checkpoint, with LoRA added when cfg.lora_r > 0."""
-    if not cfg.init:
-        raise MinilmError("no starting checkpoint: pass --init DIR (e.g. runs/base-tiny/checkpoint)")
-    ck = load_checkpoint(cfg.init, device=device)
-    if ck.tokenizer is None:
-        raise MinilmError(f"{cfg.init} has no tokenizer; post-training needs one to render chats")
-    if lora.adapter_names(ck.model):
-        # a LoRA stage's output (e.g. SFT with --lora-r): its adapters are part of the model this
-        # stage starts from, so fold them in for good; "LoRA off" must then mean that model, and
-        # a full fine-tune must find every weight trainable again
-        lora.merge_and_unload(ck.model)
-    if cfg.lora_r > 0:
-        add_lora(cfg, ck.model, adapter)
-    return ck.model, ck.tokenizer
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -205,7 +156,7 @@ def _read_metrics(path: Path, upto: int) -> list[dict]:
     return [r for r in rows if r["step"] <= upto]  # rows a killed run logged after its checkpoint
 
 
-def train_step(model, optimizer, batch, loss_fn, cfg: PostConfig, rt, step: int) -> dict:
+def train_step(model, optimizer, batch, loss_fn, cfg, rt, step: int) -> dict:
     """One optimizer step on one batch; returns its metrics row (with the batch's real tokens)."""
     lr = lr_at(step, cfg)
     for group in optimizer.param_groups:
@@ -225,7 +176,7 @@ def train_step(model, optimizer, batch, loss_fn, cfg: PostConfig, rt, step: int)
     return row
 
 
-def run_loop(cfg: PostConfig, model, batch_fn: Callable, loss_fn: Callable, eval_fn: Callable | None,
+def run_loop(cfg, model, batch_fn: Callable, loss_fn: Callable, eval_fn: Callable | None,
              save_fn: Callable | None = None, tokenizer=None, stage: str = "post", rt=None,
              on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Train `model` for cfg.max_steps (resuming from cfg.out_dir/checkpoint); returns a summary.
