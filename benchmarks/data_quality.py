@@ -46,6 +46,7 @@ from data_prep.pipeline import PipelineConfig, normalise, run_pipeline, write_ph
 from data_prep.sources import iter_documents
 from data_prep.synthetic import word_problem
 from minilm.checkpoint import load_checkpoint, read_config
+from minilm.config import build
 from minilm.data import is_validation
 from minilm.stages.pretrain import TrainConfig, train
 from minilm.tokenizer import Tokenizer
@@ -128,7 +129,7 @@ def run(name: str, phases: list[tuple[str, int]], steps: int, args) -> Path:
     for data_dir, end in phases:
         if (out / "checkpoint" / "config.json").exists() and read_config(out / "checkpoint")["meta"]["step"] >= end:
             continue  # this phase finished in an earlier run
-        cfg = TrainConfig(preset="tiny", model=dict(args.model), out_dir=str(out), data_dir=str(data_dir),
+        cfg = build(TrainConfig, preset="tiny", model=dict(args.model), out_dir=str(out), data_dir=str(data_dir),
                           batch_size=args.batch_size, seq_len=args.seq_len, max_steps=steps, lr=3e-3,
                           warmup_steps=max(1, steps // 20), eval_every=10**9, eval_batches=4,
                           ckpt_every=end, seed=1337, device="cpu")

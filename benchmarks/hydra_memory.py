@@ -39,7 +39,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-from minilm.config import get_preset
+from minilm.config import build, get_preset
 from minilm.loop import make_optimizer
 from minilm.model import Phi3
 from minilm.post.heads import HydraModel
@@ -106,16 +106,16 @@ class LiveBytes(TorchDispatchMode):
 def make_variant(variant: str, cfg: BenchConfig, model_cfg):
     """(models, PPOConfig): random weights, the same for every variant (seeded)."""
     torch.manual_seed(0)
-    ppo_cfg = PPOConfig(batch_size=cfg.batch_size, minibatch_size=cfg.minibatch_size, ppo_epochs=cfg.ppo_epochs,
+    ppo_cfg = build(PPOConfig, batch_size=cfg.batch_size, minibatch_size=cfg.minibatch_size, ppo_epochs=cfg.ppo_epochs,
                         max_new_tokens=cfg.new_tokens, lora_r=cfg.lora_r, lr=1e-4, warmup_steps=0)
     reward = HydraModel(Phi3(model_cfg), heads=("reward",))
     sft = Phi3(model_cfg) if variant in ("ppo", "lora") else None
-    return build_models(variant, ppo_cfg, reward, sft).to(cfg.device), ppo_cfg
+    return build_models(variant, ppo_cfg.lora, reward, sft).to(cfg.device), ppo_cfg
 
 
 def ppo_runner(variant, cfg, model_cfg, prompts):
     models, ppo_cfg = make_variant(variant, cfg, model_cfg)
-    optimizer, kl_ctl = make_optimizer(models, ppo_cfg), make_kl_controller(ppo_cfg)
+    optimizer, kl_ctl = make_optimizer(models, ppo_cfg.optim), make_kl_controller(ppo_cfg)
     return models, lambda: ppo_step(models, prompts, ppo_cfg, optimizer, kl_ctl, pad_id=0)
 
 
@@ -123,7 +123,7 @@ def sft_runner(cfg, model_cfg, prompts):
     """Full fine-tuning of one model on the same B sequences of P + N tokens, same minibatches."""
     torch.manual_seed(0)
     model = Phi3(model_cfg).to(cfg.device)
-    optimizer = make_optimizer(model, PPOConfig(lr=1e-4))
+    optimizer = make_optimizer(model, build(PPOConfig, lr=1e-4).optim)
     n = len(prompts)
     tokens = torch.randint(1, model_cfg.vocab_size, (n, cfg.prompt_len + cfg.new_tokens), device=cfg.device)
 
@@ -176,14 +176,14 @@ def measure(cfg: BenchConfig, model_cfg) -> list[dict]:
     prompts = torch.randint(1, model_cfg.vocab_size, (cfg.batch_size, cfg.prompt_len), generator=gen).tolist()
     rows = []
     for name in ("sft", *VARIANTS):
-        def build():
+        def make_runner():
             return sft_runner(cfg, model_cfg, prompts) if name == "sft" else \
                 ppo_runner(name, cfg, model_cfg, prompts)
-        model, step = build()
+        model, step = make_runner()
         weights, trainable = static_bytes(model)
         peak = peak_bytes(model, step, cfg.device)
         del model, step
-        model, step = build()                               # fresh, uninstrumented, for timing
+        model, step = make_runner()                               # fresh, uninstrumented, for timing
         sec = seconds_per_sample(step, cfg.batch_size, cfg.repeats, cfg.device)
         rows.append({"name": name, "weights_mb": weights / 1e6, "trainable_mb": trainable / 1e6,
                      "peak_mb": peak / 1e6, "sec_per_sample": sec})

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from minilm.checkpoint import load_checkpoint
+from minilm.config import build
 from minilm.prune.scores import magnitude_scores, masks_from_scores
 from minilm.stages.prune import PruneConfig, run_prune
 
@@ -39,7 +40,7 @@ def run_one(name: str, overrides: dict, density: float, args, out: Path) -> dict
                   eval_every=args.steps, ckpt_every=args.steps, distill=args.distill, resume=False,
                   seed=args.seed, **{k: v for k, v in overrides.items() if k != "method"})
     t0 = time.time()
-    r = run_prune(PruneConfig(**fields))
+    r = run_prune(build(PruneConfig, **fields))
     red, sens = r["redundancy_after"]["redundancy"], r["redundancy_after"]["sensitivity"]
     return {"method": name, "density": density, "heldout_loss": r["after"]["heldout_loss"],
             "heldout_ppl": r["after"]["heldout_ppl"], "redundancy": sum(red) / len(red),

@@ -60,7 +60,7 @@ def matmul_flops(rt, n: int, steps: int = 10) -> float:
 
 def train_step_seconds(model: Phi3, batch_size: int, seq_len: int, steps: int, warmup: int, rt) -> float:
     """Seconds of one forward + backward + clip + AdamW step on a (batch_size, seq_len) batch."""
-    optimizer = make_optimizer(model, TrainConfig())
+    optimizer = make_optimizer(model, TrainConfig().optim)
     tokens = torch.randint(model.config.vocab_size, (batch_size, seq_len + 1), device=rt.device)
     x, y = tokens[:, :-1], tokens[:, 1:]
 

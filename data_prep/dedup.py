@@ -1,47 +1,27 @@
-"""Deduplication: drop exact copies, then near-copies found with MinHash + LSH.
+"""Deduplication: drop exact copies, then near-copies found with MinHash + LSH (lesson 05).
 
     from data_prep.dedup import DedupConfig, deduplicate
     result = deduplicate(docs, DedupConfig(threshold=0.8))
     result.kept, result.dropped, result.counts      # counts == {"exact": n, "near": n}
 
-Web-scale corpora repeat themselves (mirrors, boilerplate, templated pages); training on repeats
-wastes compute and encourages memorisation. Dedup is a standard early step of web-data
-pipelines like the heavily filtered web data Phi-3 trains on (the Phi-3 report does not detail
-its dedup); this module is a laptop-scale version of that step, in two passes:
+Web-scale corpora repeat themselves; training on repeats wastes compute and encourages
+memorisation. Dedup is a standard early step of web-data pipelines like the one behind Phi-3's
+data (its report does not detail its dedup); this is a laptop-scale version, in two passes:
 
-1. Exact. `normalize` lowercases, deletes every character that is neither a word character
-   nor whitespace (regex `[^\\w\\s]`, Unicode-aware: punctuation and symbols go; letters,
-   digits and `_` stay), collapses runs of whitespace to one space and strips the ends. The
-   blake2b digest of that string is the key; the first document (in input order) with each
-   key is kept.
-2. Near. Each document becomes the set of its word 5-gram shingles (over the normalised words).
-   Two documents are near-duplicates when the Jaccard similarity |A & B| / |A | B| of their
-   shingle sets is >= `threshold`. Comparing all pairs is quadratic, so (Broder 1997; Leskovec
-   et al., Mining of Massive Datasets, ch. 3):
-   - MinHash: for a random hash function h, P[min h(A) == min h(B)] = J(A, B). With `num_perm`
-     hash functions the signature is `num_perm` minima, and the fraction of equal entries
-     estimates J with standard error sqrt(J (1 - J) / num_perm) <= 0.5 / sqrt(num_perm).
-   - LSH: cut the signature into `bands` bands of `rows` rows. Two documents become a candidate
-     pair when all rows of at least one band agree, which happens with probability
-     `lsh_probability(s) = 1 - (1 - s**rows)**bands`: an S-curve in the similarity s.
-   - Candidates are verified (estimated J >= threshold), joined with union-find, and each
-     cluster keeps its first document in input order (deterministic, and the same rule as the
-     exact pass); the others are dropped with `meta["duplicate_of"]` naming the kept one.
-
-Hash functions. Each shingle is hashed once with blake2b to 64 bits, then reduced modulo the
-Mersenne prime p = 2^31 - 1. The `num_perm` "permutations" are universal hashes
-h_i(x) = (a_i x + b_i) mod p with 1 <= a_i < p, 0 <= b_i < p. We use 2^31 - 1 rather than
-the 2^61 - 1 of some libraries because numpy has no 128-bit integers: with x, a < 2^31 the
-product a x < 2^62 fits in uint64 without overflow, so the whole (num_perm, n_shingles) table
-is one vectorised expression. The price: distinct shingles collide with probability ~2^-31,
-negligible for documents of thousands of shingles.
-
-Speed: 10k documents of 300 words take ~7 s on one CPU core (blake2b shingle hashing ~4.4 s,
-MinHash ~1.2 s, exact pass ~0.8 s, LSH buckets ~0.1 s).
+1. Exact. `normalize` lowercases, deletes every character that is neither a word character nor
+   whitespace, and collapses whitespace; the blake2b digest of that is the key, and the first
+   document (in input order) with each key is kept.
+2. Near. Each document becomes the set of its word 5-gram shingles; two documents are
+   near-duplicates when the Jaccard similarity of their sets is >= `threshold` (Broder 1997;
+   Leskovec et al., Mining of Massive Datasets, ch. 3). MinHash signatures of `num_perm` universal
+   hashes (a x + b) mod (2^31 - 1) estimate it; LSH with `bands` x `rows` finds candidate pairs with
+   probability `lsh_probability(s) = 1 - (1 - s**rows)**bands`. Candidates are verified, joined
+   with union-find, and each cluster keeps its first document; the others are dropped with
+   `meta["duplicate_of"]` naming the kept one.
 
 Simplifications vs. production dedup (e.g. datatrove's MinHash stage): everything is in memory,
-one process; union-find clustering is transitive, so a chain A~B~C drops C even if J(A, C) is
-below the threshold (a known, usually accepted effect of clustering by connected components).
+one process; clustering is transitive, so a chain A~B~C drops C even if J(A, C) is below the
+threshold.
 """
 
 from __future__ import annotations

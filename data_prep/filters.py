@@ -11,11 +11,10 @@ filters). Each rule is a small function `(text, cfg) -> reason | None`; `apply_f
 cheapest first and records the FIRST failing reason in `doc.meta["drop_reason"]`.
 
 Deviations from Gopher: we add two rules of our own for the boilerplate our local sources are full
-of (licence texts and Debian changelogs, see `../shared/papers/data_sources.md`); words are
-`text.split()` (no tokenizer); lines and paragraphs are compared after stripping whitespace; the
-duplicated n-gram fractions count only the repeats of an n-gram, not its first occurrence (Gopher's
-wording leaves this open; counting first occurrences too dropped half the stdlib docstrings, whose
-long modules reuse phrases like "will be called with the").
+of (licence texts and Debian changelogs); words are `text.split()` (no tokenizer); lines and
+paragraphs are compared after stripping whitespace; the duplicated n-gram fractions count only the
+repeats of an n-gram, not its first occurrence (Gopher's wording leaves this open; lesson 05 says
+why we chose this reading).
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@
     held = instruction_examples(300, seed=1, split="heldout")
     pairs = preference_pairs(1000, seed=0, split="train")
 
-No instruction-tuning set ships offline (see ../shared/papers/data_sources.md), but real text
-yields question-answer pairs whose answers PEOPLE wrote, plus synthetic ones whose answers are
-computed. Every answer is short enough for a ~1M-parameter model to produce:
+No instruction-tuning set ships offline, but real text yields question-answer pairs whose answers
+PEOPLE wrote, plus synthetic ones whose answers are computed, each short enough for a ~1M-parameter
+model to produce:
 
     man          "What does the command `ls` do?"    -> the man page's NAME line: "list directory contents"
     stdlib       "What does `textwrap.fill` do?"     -> the docstring's first sentence
@@ -16,17 +16,13 @@ computed. Every answer is short enough for a ~1M-parameter model to produce:
     word_problem a GSM8K-shaped problem -> worked steps ending "The answer is N." (data_prep.synthetic)
 
 A Conversation is {"id", "kind", "messages": [user, assistant], "answer"}: `answer` is the
-reference the oracle (minilm/post/oracles.py) judges against; the assistant message is the
-target reply (equal to the answer except for word problems, whose reply shows the work).
+reference the oracle (minilm/post/oracles.py) judges against. An example is held out iff a hash
+of its content-derived id falls under HELDOUT_FRACTION, so train and held-out never share a
+question, whatever n and seed are.
 
-Split: an example belongs to the held-out set iff a hash of its id falls under HELDOUT_FRACTION,
-so train and held-out never share a question, whatever n and seed are. Ids come from the content
-("man/ls", "arith/17+25", "units/<question>"), so regenerated examples keep their side.
-
-Preference pairs (Phi-3's DPO stage used chat-format and reasoning pairs; ours are checkable):
-the chosen reply is the reference; the rejected one is another entry's answer (a near miss), a
-truncated answer, a wrong number, a worked solution whose last step is wrong, or a reply that
-keeps going after the answer. The `reason` field says which.
+Preference pairs (Phi-3's DPO used chat-format and reasoning pairs; ours are checkable): the
+chosen reply is the reference; the rejected one is a near miss, a truncated answer, a wrong
+number, a wrong last step, or a reply that keeps going. The `reason` field says which.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
         --sources stdlib doc pypi --limit-per-source 400 --synthetic 2000
     minilm train --data-dir runs/data/pipeline/phase1      # then continue on .../phase2
 
-Phi-3 (Abdin et al. 2024, section 2, "Training Methodology") pretrains in two disjoint phases:
+Phi-3 (Abdin et al. 2024, arXiv 2404.14219, section 2) pretrains in two disjoint phases:
 phase 1 is mostly filtered web data (general knowledge and language), phase 2 merges a more
 heavily filtered subset of that web data (the "educational" part) with synthetic data that
 teaches reasoning. Here phase 1 is every document that survives the heuristic filters and
@@ -320,17 +320,22 @@ def config_from_args(a: argparse.Namespace) -> PipelineConfig:
                           passages_per_topic=a.passages_per_topic)
 
 
-def default_data(vocab_size: int, docs_per_source: int, build: bool = True) -> tuple[Path, Path]:
+def default_data(vocab_size: int, docs_per_source: int, build: bool = True, wait: bool = False,
+                 poll_s: float = 5.0) -> tuple[Path, Path]:
     """(phase 1, phase 2) of the data pipeline on this machine's text, built once per vocab size.
 
     Phi-3's two phases (lesson 05): filtered real text, then its most educational part plus
     synthetic textbook data. `phase2/meta.json` is the pipeline's last shard write, so its
-    presence means a complete run."""
+    presence means a complete run: with `wait` (torchrun ranks > 0) this polls for it while rank 0
+    builds. A file, not a collective: building can take longer than a barrier's timeout."""
     root = Path(f"runs/data/pipeline-{vocab_size}" + (f"-{docs_per_source}" if docs_per_source else ""))
-    if build and not (root / "phase2" / "meta.json").exists():
+    done = root / "phase2" / "meta.json"
+    if build and not done.exists():
         tqdm.write(f"building the training data in {root} (data_prep/pipeline.py; once per vocab size)")
         run_pipeline(PipelineConfig(out=str(root), vocab_size=vocab_size,
                                     limit_per_source=docs_per_source or None))
+    while wait and not done.exists():
+        time.sleep(poll_s)
     return root / "phase1", root / "phase2"
 
 

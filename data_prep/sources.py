@@ -5,7 +5,7 @@
         print(doc.id, len(doc.text))
 
 One generator per source, each yielding Documents lazily in sorted-path order, so the raw pool is
-the same on every run of the same machine. See `../shared/papers/data_sources.md` for what exists:
+the same on every run of the same machine. What exists (lesson 05 measures each):
 
     stdlib  Python standard library docstrings (always there; the embedded default)
     man     /usr/share/man/man1 and man8: gzip-compressed roff, stripped to plain text here

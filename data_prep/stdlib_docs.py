@@ -2,7 +2,7 @@
 
 Every Python installation carries a few megabytes of English prose written by people: the
 docstrings of the standard library. It is technical, mostly well written, and needs no download,
-which makes it minilm's default pretraining text (see `../shared/papers/data_sources.md`).
+which makes it minilm's default pretraining text (lesson 05 compares it with the other sources).
 
     from data_prep.stdlib_docs import stdlib_documents
     docs = list(stdlib_documents())        # [(doc_id, text), ...], one per module

@@ -1,29 +1,22 @@
 """`minilm chat CHECKPOINT`: a terminal chat with any checkpoint, its reply streamed token by token.
 
     minilm chat runs/sft-tiny/checkpoint --system "Answer briefly." --temperature 0.7
-    printf 'What is 2 + 3?\\nAnd 4 + 4?\\n' | minilm chat runs/sft-tiny/checkpoint   # one message a line
+    printf 'What is 2 + 3?\nAnd 4 + 4?\n' | minilm chat runs/sft-tiny/checkpoint   # one message a line
 
     from minilm.chat_cli import run_chat
-    turns = run_chat("runs/sft-tiny/checkpoint", stdin=io.StringIO("hi\\n/reset\\nhello\\n"))
+    turns = run_chat("runs/sft-tiny/checkpoint", stdin=io.StringIO("hi\n/reset\nhello\n"))
 
-Each turn renders the whole conversation with Phi-3's chat template (minilm/post/chat.py, the
-format SFT trained on), then `minilm.generate.stream` samples the reply one token at a time with
-the KV cache and we print each piece as soon as it is a complete character (`decode_stream`).
-The reply ends at the first special token (<|end|> when the model closes its turn properly), as
-`parse_reply` reads replies everywhere else in minilm.
-
-The model has a fixed context (max_seq_len). When the conversation plus `max_new_tokens` for the
-reply no longer fits, the oldest user/assistant exchange is dropped (the system message stays),
-again until it fits; we say so once per conversation. LoRA adapters saved with a checkpoint are
-merged into the weights for good (inference only needs W + s B A).
+Each turn renders the whole conversation with Phi-3's chat template (minilm/post/chat.py), then
+`minilm.generate.stream` samples the reply with the KV cache and `decode_stream` prints each piece
+as soon as it is a complete character. The reply ends at the first special token, and
+`parse_reply` reads it as everywhere else in minilm. When the conversation plus `max_new_tokens`
+no longer fits the context, the oldest exchange is dropped (the system message stays). LoRA
+adapters are merged into the weights (inference only needs W + s B A). Lesson 06 walks through it.
 
 Commands: /reset (a new conversation), /system TEXT (set the system message; /system alone clears
-it), /quit. Ctrl-D (end of input) and Ctrl-C at the prompt leave; Ctrl-C during a reply stops that
-reply and forgets the question. Notes and warnings go to stderr, the conversation to stdout.
-
-A checkpoint that was never chat-tuned (meta stage "pretrain" or "import-hf", or none) still chats
-with a one-line warning: it will continue text, not answer. A tokenizer without the chat tokens
-gets a plain "User: ... / Assistant:" transcript instead of the template, also with a warning.
+it), /quit. Ctrl-D and Ctrl-C at the prompt leave; Ctrl-C during a reply stops it and forgets the
+question. Notes and warnings go to stderr, the conversation to stdout. A checkpoint that was never
+chat-tuned, or a tokenizer without the chat tokens, still chats, with a one-line warning.
 """
 
 from __future__ import annotations
@@ -36,8 +29,11 @@ from dataclasses import dataclass
 import torch
 
 from minilm import MinilmError
+from minilm.checkpoint import load_checkpoint
 from minilm.generate import stream
+from minilm.lora import adapter_names, merge_and_unload
 from minilm.post.chat import parse_reply, render_prompt
+from minilm.runtime import setup_runtime
 
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 NOT_CHAT_STAGES = (None, "pretrain", "import-hf")
@@ -92,8 +88,6 @@ def decode_stream(tokenizer, ids: Iterable[int]) -> Iterator[str]:
 
 def load_chat_model(checkpoint, device: str = "cpu") -> tuple[object, object, list[str]]:
     """(model, tokenizer, warnings) of a checkpoint on `device`, LoRA adapters merged, in eval mode."""
-    from minilm.checkpoint import load_checkpoint
-    from minilm.lora import adapter_names, merge_and_unload
     ck = load_checkpoint(checkpoint, device=device)
     if ck.tokenizer is None:
         raise MinilmError(f"{checkpoint} has no tokenizer; chat needs one to turn text into tokens")
@@ -206,7 +200,6 @@ def run_chat(checkpoint, system: str | None = None, temperature: float = 0.7, to
              stdin=None, stdout=None, stderr=None, device: str = "auto") -> list[Turn]:
     """Chat with `checkpoint` until /quit or end of input; returns every completed turn.
     device: auto (a GPU when torch sees one), cpu or cuda[:N]."""
-    from minilm.runtime import setup_runtime
     stdin, out, err = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     cfg = ChatConfig(system, temperature, top_k, top_p, max_new_tokens, seed)
     cfg.check()
@@ -220,7 +213,8 @@ def run_chat(checkpoint, system: str | None = None, temperature: float = 0.7, to
     interactive = stdin is sys.stdin and stdin.isatty()
     if interactive:
         try:
-            import readline  # noqa: F401  (importing it gives input() line editing and history)
+            # optional, and local: importing it gives input() line editing and history (not on every OS)
+            import readline  # noqa: F401
         except ImportError:
             pass
         print(f"minilm chat with {checkpoint} ({session.context}-token context). {HELP}", file=err)

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +36,13 @@ from typing import Callable
 
 import torch
 
-from data_prep.pipeline import add_pipeline_args, config_from_args, run_pipeline
+from data_prep.pipeline import add_pipeline_args, config_from_args, default_data, run_pipeline
 from data_prep.prepare import prepare_data
 from minilm import MinilmError
 from minilm.agents.patterns import PATTERNS
 from minilm.chat_cli import run_chat
 from minilm.checkpoint import export_hf, import_hf, load_checkpoint, save_checkpoint
+from minilm.cli_flags import add_config_flags, parse_set, set_fields
 from minilm.cli_results import (
     show_cyclic_demo,
     show_dno,
@@ -53,7 +54,7 @@ from minilm.cli_results import (
     show_reward,
     show_sft,
 )
-from minilm.config import PRESETS, ConfigError, ModelConfig
+from minilm.config import PRESETS, ConfigError, ModelConfig, get_preset
 from minilm.generate import generate_text
 from minilm.post.ppo_models import VARIANTS
 from minilm.speedrun.run import parse_overrides, plan, run_speedrun
@@ -61,52 +62,8 @@ from minilm.speedrun.stages import SPEEDRUN_PRESETS, SpeedrunConfig
 from minilm.stages import dno, dpo, hydra_sft, ltc, ppo, pretrain, prune, reward, sft
 from minilm.tokenizer import Tokenizer, TokenizerError
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "tuple": tuple}
 SAMPLE_PROMPTS = ["Return the", "This module provides", "If the file"]
 MODEL_FLAGS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "max_seq_len")
-
-
-# ---- flags from dataclasses ----------------------------------------------------------------------
-
-def add_config_flags(parser: argparse.ArgumentParser, cls, shown, skip=(), choices=None) -> None:
-    """One `--field-name` flag per field of `cls`; fields not in `shown` are accepted but left out of
-    --help. Defaults are None, so that a flag the user did not give leaves the preset's value."""
-    choices = choices or {}
-    for f in dataclasses.fields(cls):
-        kind = _TYPES.get(f.type if isinstance(f.type, str) else f.type.__name__)  # "int" -> int
-        if f.name in skip or kind is None:
-            continue
-        flag, help_ = "--" + f.name.replace("_", "-"), (None if f.name in shown else argparse.SUPPRESS)
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        elif kind is tuple:
-            parser.add_argument(flag, type=float, nargs="+", default=None, help=help_)
-        else:
-            parser.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
-                                choices=choices.get(f.name), help=help_)
-
-
-def set_fields(args, cls, skip=()) -> dict:
-    """{field: value} of every flag of `cls` the user gave."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-            if f.name not in skip and getattr(args, f.name, None) is not None}
-
-
-def parse_set(items: list[str], *classes) -> dict:
-    """["n_val=50", "replay=0.5,0.2"] -> {"n_val": 50, "replay": "0.5,0.2"}: values read as JSON when
-    they parse, else kept as text; a name that is no field of `classes` is an error naming the fields."""
-    names = sorted({f.name for cls in classes for f in dataclasses.fields(cls)})
-    out = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq or key not in names:
-            raise MinilmError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(names)}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 @dataclass(frozen=True)
@@ -167,6 +124,12 @@ def cmd_train(args) -> None:
     model = {**set_fields(args, ModelConfig), **{k: v for k, v in overrides.items() if k in model_fields}}
     cfg = pretrain.train_config(args.preset, **{k: v for k, v in overrides.items() if k not in model_fields},
                                 model=model)
+    if not cfg.data_dir:  # the default data: the pipeline's two phases, built once (by rank 0 under torchrun)
+        rank = int(os.environ.get("RANK", "0"))
+        vocab_size = get_preset(cfg.preset, **cfg.model).vocab_size
+        phase1, phase2 = default_data(vocab_size, cfg.pipeline_docs_per_source, build=rank == 0 and not args.dry_run,
+                                      wait=rank != 0)
+        cfg.data_dir, cfg.phase2_dir = str(phase1), cfg.phase2_dir or str(phase2)
     if args.dry_run:
         print(cfg)
         return

@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from minilm import MinilmError
+
 
 class ConfigError(ValueError):
     """A configuration that cannot describe a model; the message says which field and why."""
@@ -119,3 +121,85 @@ def get_preset(name: str, **overrides) -> ModelConfig:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     fields, _ = PRESETS[name]
     return ModelConfig(**{**fields, **overrides})
+
+
+# ---- stage configs: presets, and nested configs set by flat names --------------------------------
+# A stage's config composes small dataclasses (minilm.loop.OptimConfig, minilm.lora.LoRAConfig,
+# minilm.generate.SampleConfig). Presets, flags and --set name their fields flat: `lr` is
+# cfg.optim.lr, `lora_r` is cfg.lora.r (a nested class's PREFIX comes first), so `--lr 3e-4` and
+# `--lora-r 8` read as they always did.
+
+def _nested(cls) -> dict[str, type]:
+    """{field name: its dataclass type} for the fields of `cls` that are configs themselves."""
+    hints = {f.name: f.default_factory for f in dataclasses.fields(cls)
+             if f.default_factory is not dataclasses.MISSING}
+    out = {}
+    for name, factory in hints.items():
+        value = factory()
+        if dataclasses.is_dataclass(value):
+            out[name] = type(value)
+    return out
+
+
+def flat_fields(cls) -> list[tuple[str, dataclasses.Field]]:
+    """(flat name, field) of every leaf field of a stage config, nested configs' fields included."""
+    nested = _nested(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.name in nested:
+            prefix = getattr(nested[f.name], "PREFIX", "")
+            out += [(prefix + g.name, g) for g in dataclasses.fields(nested[f.name])]
+        else:
+            out.append((f.name, f))
+    return out
+
+
+def build(cls, **flat):
+    """`cls` with its fields set from flat names: build(SFTConfig, lr=3e-4, lora_r=8, max_steps=10)
+    sets cfg.optim.lr, cfg.lora.r and cfg.max_steps; every other field keeps its default. A nested
+    config may also be passed whole (optim=OptimConfig(...)). An unknown name is a TypeError that
+    lists the fields."""
+    own = {f.name for f in dataclasses.fields(cls)}
+    leaf_of = {}  # flat name of a nested field -> (the nested config's field, its own name)
+    for name, kind in _nested(cls).items():
+        prefix = getattr(kind, "PREFIX", "")
+        leaf_of.update({prefix + g.name: (name, g.name) for g in dataclasses.fields(kind)})
+    top, parts = {}, {}
+    for key, value in flat.items():
+        if key in own:
+            top[key] = value
+        elif key in leaf_of:
+            name, leaf = leaf_of[key]
+            parts.setdefault(name, {})[leaf] = value
+        else:
+            names = ", ".join(sorted(name for name, _ in flat_fields(cls)))
+            raise TypeError(f"{cls.__name__} has no field {key!r}; its fields: {names}")
+    cfg = cls(**top)
+    for name, values in parts.items():  # on top of the stage's own defaults for that config
+        setattr(cfg, name, dataclasses.replace(getattr(cfg, name), **values))
+    return cfg
+
+
+def flatten(cfg) -> dict:
+    """The flat view of a stage config: {flat name: value}, the names presets and flags use."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            prefix = getattr(type(value), "PREFIX", "")
+            out.update({prefix + k: v for k, v in dataclasses.asdict(value).items()})
+        else:
+            out[f.name] = value
+    return out
+
+
+def from_preset(cls, presets: dict, preset: str, stage: str, **overrides):
+    """A stage's config from its named preset, then `overrides` (flat names, see `build`)."""
+    if preset not in presets:
+        raise MinilmError(f"unknown {stage} preset {preset!r}; choose one of {', '.join(presets)}")
+    return build(cls, **{**presets[preset], **overrides})
+
+
+def override(cfg, **flat):
+    """A copy of the stage config `cfg` with fields changed by their flat names (lr=, lora_r=, ...)."""
+    return build(type(cfg), **{**flatten(cfg), **flat})

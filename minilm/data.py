@@ -37,7 +37,7 @@ def token_dtype(vocab_size: int):
 def write_shard(path, tokens: np.ndarray) -> None:
     """Write one shard atomically (temporary file, then rename)."""
     path = Path(path)
-    header = np.zeros(HEADER_INTS, dtype=np.int64)
+    header = np.zeros(HEADER_INTS, dtype=np.int64)      # 256 bytes; unused slots stay 0
     header[:4] = [MAGIC, VERSION, tokens.itemsize, len(tokens)]
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -63,6 +63,7 @@ def read_shard(path) -> np.ndarray:
 
 
 def is_validation(doc_id: str, val_fraction: float) -> bool:
+    # a hash of the id, not a random draw: a document keeps its split however the corpus changes
     digest = hashlib.sha256(doc_id.encode()).digest()
     return int.from_bytes(digest[:4], "little") < val_fraction * 2**32
 
@@ -93,7 +94,7 @@ def build_shards(documents: list[tuple[str, str]], tokenizer, out_dir, split: st
         texts = [text for _, text in documents[i:i + batch]]
         for ids in tokenizer.encode_batch(texts):
             arr = np.asarray(ids + [tokenizer.eot_id], dtype=np.int64)
-            np.add.at(counts, arr, 1)
+            np.add.at(counts, arr, 1)              # unbuffered: repeated ids all count
             buf.append(arr)
             n_tokens += len(arr)
         n_bytes += sum(len(t.encode("utf-8")) for t in texts)
@@ -137,7 +138,8 @@ class TokenDataset:
         if room.sum() == 0:
             raise MinilmError(f"{self.directory}: every shard is shorter than seq_len + 1 = {seq_len + 1} "
                               f"tokens; use a shorter --seq-len or more data")
-        rng = np.random.default_rng([seed, step, micro])
+        rng = np.random.default_rng([seed, step, micro])   # no state to save: resume is exact
+        # a shard is picked in proportion to its room, so every start position is equally likely
         shard_ids = rng.choice(len(self.shards), size=batch_size, p=room / room.sum())
         starts = [(int(s), int(rng.integers(0, room[s] + 1))) for s in shard_ids]
         return self._windows(starts, seq_len)
@@ -148,7 +150,7 @@ class TokenDataset:
                 for o in range(0, len(shard) - seq_len - 1, seq_len)]
         if not flat:
             raise MinilmError(f"{self.directory}: the split has fewer than seq_len + 1 = {seq_len + 1} tokens")
-        stride = max(1, len(flat) // max(1, n_batches * batch_size))
+        stride = max(1, len(flat) // max(1, n_batches * batch_size))   # spread the windows over the split
         chosen = flat[::stride][:n_batches * batch_size]
         for i in range(0, len(chosen), batch_size):
             yield self._windows(chosen[i:i + batch_size], seq_len)

@@ -29,6 +29,14 @@ from minilm.model import KVCache
 
 
 @dataclass
+class SampleConfig:
+    """How a stage samples replies: the token budget and the sampling distribution."""
+    max_new_tokens: int = 32
+    temperature: float = 1.0        # 0: greedy
+    top_p: float = 1.0              # nucleus sampling; 1: the whole distribution
+
+
+@dataclass
 class Rollout:
     tokens: torch.Tensor          # (B, P + N) int64: left-padded prompts, then generated tokens
     attention_mask: torch.Tensor  # (B, P + N) 1 on real tokens (prompt and generated), 0 on padding

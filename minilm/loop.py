@@ -1,29 +1,21 @@
-"""The training loop shared by every post-training stage (SFT, reward, DPO, ...).
+"""The pieces every training loop shares: optimizer and schedule, one optimizer step, resume, logs.
 
-    from minilm.post.base_model import PostConfig, init_model
-    from minilm.loop import run_loop
-    model, tok = init_model(cfg)                     # cfg.init checkpoint (+ LoRA if cfg.lora_r > 0)
-    summary = run_loop(cfg, model, batch_fn, loss_fn, eval_fn, save_fn=None, tokenizer=tok)
+    optim = OptimConfig(lr=3e-3, warmup_steps=30)
+    optimizer = make_optimizer(model, optim)            # AdamW, decay on matrices only
+    lr = set_lr(optimizer, lr_at(step, optim, max_steps))
+    loss.backward(); grad_norm = optimizer_step(optimizer, params, optim.grad_clip)
+    state = load_train_state(ckpt_dir); restore(state, optimizer, model)   # exact resume
 
-A stage supplies four small functions and the loop does the rest:
+Every loop in minilm (pretraining in stages/pretrain.py, PPO, LTC, and `run_loop` below, which the
+other post-training stages share) calls these, so the optimizer step, resume and the metrics log
+exist once. A batch is always a pure function of (seed, step) (`epoch_batches`, TokenDataset), so
+a resumed run needs no data-loader position: it restores parameters, optimizer and RNG states and
+continues bit-identical to an uninterrupted run.
 
-    batch_fn(step) -> batch           a PURE function of (cfg.seed, step): this is what makes
-                                      resume exact without saving a data-loader position
-    loss_fn(model, batch) -> (loss, metrics dict)
-    eval_fn(model) -> metrics dict    called every eval_every steps and at the end (no_grad, eval mode)
-    save_fn(ckpt_dir, train_state, meta)   writes the stage's checkpoint; default: save_checkpoint
-
-One step: lr from warmup + cosine (minilm.train.lr_at), forward/backward under autocast, clip the
-global grad norm, AdamW over the parameters with requires_grad only (minilm.train.make_optimizer:
-frozen base weights under LoRA get no optimizer state at all). Every ckpt_every steps an atomic
-checkpoint whose train_state.pt holds the optimizer, the step, the RNG states and a copy of every
-trainable parameter. Resume rebuilds the model from cfg.init exactly as the first run did (frozen
-weights come from there), then restores the trainable parameters, optimizer and RNG, so a run
-killed at any point (Ctrl-C included) and restarted ends bit-identical to an uninterrupted one.
-
-Simplifications against a full trainer: no gradient accumulation and no DDP (post-training
-batches of the CPU presets are small); stages that need them can loop over micro-batches inside
-loss_fn.
+`run_loop(cfg, model, batch_fn, loss_fn, eval_fn, save_fn)` is the post-training loop: a stage
+gives it how to draw a batch, compute the loss and evaluate, and it runs steps, evals, atomic
+checkpoints (with every trainable parameter, so LoRA runs save only what changed) and metrics.jsonl.
+It has no gradient accumulation and no DDP: post-training batches of the CPU presets are small.
 """
 
 from __future__ import annotations
@@ -33,6 +25,7 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -44,7 +37,80 @@ from minilm import MinilmError
 from minilm.checkpoint import read_config, save_checkpoint
 from minilm.plots import plot_losses
 from minilm.runtime import setup_runtime
+from minilm.weights import write_text
 
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule: linear warmup to lr, then cosine decay to lr * min_lr_ratio."""
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1       # cosine decays to lr * min_lr_ratio at max_steps
+    warmup_steps: int = 10
+    weight_decay: float = 0.0       # on weight matrices only
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0          # max global gradient norm
+
+
+@dataclass
+class LoopConfig:
+    """What `run_loop` reads. The stage configs that call run_loop have these fields themselves; this
+    class serves loops that are a part of a stage (LTC's imitation phase, each DNO iteration)."""
+    out_dir: str
+    init: str = ""                  # the checkpoint the model came from (recorded in its meta)
+    max_steps: int = 100
+    eval_every: int = 50
+    ckpt_every: int = 50
+    log_every: int = 10
+    device: str = "auto"
+    resume: bool = True
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+# ---- optimizer and schedule ----------------------------------------------------------------------
+
+def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """Linear warmup to optim.lr, then cosine decay to optim.lr * optim.min_lr_ratio at max_steps."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    progress = (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cosine)
+
+
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the parameters with requires_grad (frozen LoRA bases get no state at all), with
+    weight decay on matrices only: norms and the (tied) embedding are not decayed."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def trained_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    """Every parameter the optimizer updates, in its group order."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, params, grad_clip: float) -> float:
+    """After backward: clip the global gradient norm of `params`, step, zero the gradients.
+    Returns the norm before clipping (the number to watch for divergence)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+# ---- batches -------------------------------------------------------------------------------------
 
 def epoch_batches(n: int, batch_size: int, seed: int):
     """picks(step) -> the `batch_size` example indices of step `step`: shuffled passes over n examples,
@@ -60,51 +126,19 @@ def epoch_batches(n: int, batch_size: int, seed: int):
         return order
 
     def picks(step: int) -> list[int]:
+        # global example positions step*B .. (step+1)*B - 1, each mapped through its epoch's shuffle
         return [permutation(i // n)[i % n] for i in range(step * batch_size, (step + 1) * batch_size)]
     return picks
 
 
-def lr_at(step: int, cfg) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
-
-
-def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
-    """AdamW with decay on weight matrices only; norms and the (tied) embedding are not decayed."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
-
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """A copy of every parameter with requires_grad, by name: what resume must restore."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _to_device(batch, device):
+def to_device(batch, device):
+    """A batch (tensor, or dicts/lists/tuples of them, nested) moved to `device`."""
     if torch.is_tensor(batch):
         return batch.to(device)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
+        return type(batch)(to_device(v, device) for v in batch)
     return batch
 
 
@@ -119,57 +153,73 @@ def count_tokens(batch) -> int:
     return 0
 
 
-def _resume(ckpt_dir: Path, model, optimizer) -> tuple[int, dict]:
-    """Restore trainable parameters, optimizer and RNG from ckpt_dir; returns (step, train_state)."""
-    read_config(ckpt_dir)  # finishes a save that was killed between its renames
-    state = torch.load(ckpt_dir / "train_state.pt", map_location="cpu", weights_only=False)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    saved = state.get("trainable", {})
-    if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items()):
-        raise MinilmError(f"{ckpt_dir} was written by a run with other trainable parameters "
-                          f"({len(saved)} saved vs {len(params)} now; LoRA settings differ?); use "
-                          f"another --out-dir or --no-resume to start over")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(saved[n])
+# ---- resume and logs -----------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """The RNG states a resumed run must restore (CPU, and every GPU's when there are GPUs)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """A copy of every parameter with requires_grad, by name: what resume must restore."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_train_state(ckpt_dir: Path) -> dict:
+    """ckpt_dir/train_state.pt, after finishing any save that was killed between its renames."""
+    read_config(ckpt_dir)
+    return torch.load(Path(ckpt_dir) / "train_state.pt", map_location="cpu", weights_only=False)
+
+
+def restore(state: dict, optimizer, model=None, source: str = "the checkpoint") -> int:
+    """Put a run back where `state` (a train_state.pt) left it: the trainable parameters of `model`
+    (when given; the names and shapes must match), the optimizer and the RNG. Returns the step."""
+    if model is not None:
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        saved = state.get("trainable", {})
+        if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items()):
+            raise MinilmError(f"{source} was written by a run with other trainable parameters "
+                              f"({len(saved)} saved vs {len(params)} now; LoRA settings differ?); use "
+                              f"another --out-dir or --no-resume to start over")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    tqdm.write(f"resuming from {ckpt_dir} at step {state['step']}")
-    return state["step"], state
+    return state["step"]
 
 
-def _write_metrics(metrics: list[dict], out_dir: Path) -> None:
-    """metrics.jsonl atomically (temp file + rename), then loss.png."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    tmp.replace(out_dir / "metrics.jsonl")
-    plot_losses(metrics, out_dir / "loss.png")
-
-
-def _read_metrics(path: Path, upto: int) -> list[dict]:
+def read_metrics(path: Path, upto: int) -> list[dict]:
+    """The rows of a metrics.jsonl up to step `upto` (a killed run may have logged past its checkpoint)."""
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["step"] <= upto]  # rows a killed run logged after its checkpoint
+    return [r for r in rows if r["step"] <= upto]
 
+
+def write_metrics(metrics: list[dict], out_dir: Path, baseline: float | None = None, plot: bool = True) -> None:
+    """out_dir/metrics.jsonl, atomically, and its loss curve out_dir/loss.png."""
+    write_text(Path(out_dir) / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+    if plot:
+        plot_losses(metrics, Path(out_dir) / "loss.png", baseline)
+
+
+# ---- the post-training loop ----------------------------------------------------------------------
 
 def train_step(model, optimizer, batch, loss_fn, cfg, rt, step: int) -> dict:
     """One optimizer step on one batch; returns its metrics row (with the batch's real tokens)."""
-    lr = lr_at(step, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    lr = set_lr(optimizer, lr_at(step, cfg.optim, cfg.max_steps))
     with rt.autocast():
-        loss, metrics = loss_fn(model, _to_device(batch, rt.device))
+        loss, metrics = loss_fn(model, to_device(batch, rt.device))
     if not torch.isfinite(loss):
         raise MinilmError(f"loss became {loss.item()} at step {step + 1}; lower --lr or check the data")
     loss.backward()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = optimizer_step(optimizer, trained_params(optimizer), cfg.optim.grad_clip)
     row = {"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm,
            "batch_tokens": count_tokens(batch)}
     row.update({k: float(v) for k, v in metrics.items()})
@@ -190,14 +240,15 @@ def run_loop(cfg, model, batch_fn: Callable, loss_fn: Callable, eval_fn: Callabl
     if save_fn is None:
         def save_fn(directory, train_state, meta):
             save_checkpoint(directory, model, tokenizer, train_state, meta)
-    optimizer = make_optimizer(model, cfg)
-    if not optimizer.param_groups[0]["params"] and not optimizer.param_groups[1]["params"]:
+    optimizer = make_optimizer(model, cfg.optim)
+    if not trained_params(optimizer):
         raise MinilmError("the model has no trainable parameters (every requires_grad is False)")
     start, tokens = 0, 0
     if cfg.resume and (ckpt_dir / "train_state.pt").exists():
-        start, state = _resume(ckpt_dir, model, optimizer)
-        tokens = state.get("tokens", 0)
-    metrics = _read_metrics(out_dir / "metrics.jsonl", start)
+        state = load_train_state(ckpt_dir)
+        start, tokens = restore(state, optimizer, model, source=str(ckpt_dir)), state.get("tokens", 0)
+        tqdm.write(f"resuming from {ckpt_dir} at step {start}")
+    metrics = read_metrics(out_dir / "metrics.jsonl", start)
     last_eval = next((m for m in reversed(metrics) if "eval" in m), {}).get("eval", {})
 
     def evaluate() -> dict:
@@ -223,11 +274,11 @@ def run_loop(cfg, model, batch_fn: Callable, loss_fn: Callable, eval_fn: Callabl
                 metrics.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
             if row["step"] % cfg.ckpt_every == 0 or done:
-                state = {"optimizer": optimizer.state_dict(), "step": row["step"], "rng": _rng_state(),
+                state = {"optimizer": optimizer.state_dict(), "step": row["step"], "rng": rng_state(),
                          "trainable": trainable_state(model), "config": dataclasses.asdict(cfg), "tokens": tokens}
                 meta = {"stage": stage, "step": row["step"], "init": cfg.init, **last_eval}
                 save_fn(ckpt_dir, state, meta)
-                _write_metrics(metrics, out_dir)
+                write_metrics(metrics, out_dir)
             if on_step is not None:
                 on_step(row["step"], row)
     losses = [m["loss"] for m in metrics]

@@ -44,8 +44,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)   # unit rms per vector
+        return self.weight * x32.to(x.dtype)     # back to the input dtype before the gain, as HF does
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +59,7 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each (x[i], x[i + D/2]) pair by its angle. x: (B, H, T, D); cos, sin: (B, 1, T, D)."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)   # "rotate half": (x1, x2) -> (-x2, x1)
     return (x * cos + rotated * sin).to(x.dtype)
 
 
@@ -85,6 +85,7 @@ class KVCache:
             raise ValueError(f"KV cache full: {end} positions needed, {self.k.shape[3]} allocated")
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
+        # `length` advances once per forward, after the last layer (Phi3Model.forward)
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
@@ -103,9 +104,10 @@ class Attention(nn.Module):
         q = q.view(b, t, self.n_head, self.head_dim).transpose(1, 2)      # (B, H, T, D)
         k = k.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, H_kv, T, D)
         v = v.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)            # keys are cached rotated
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)                        # (B, H_kv, S, D)
+        # each k/v head serves H / H_kv query heads (GQA); the causal mask is bottom-right aligned
         y = ops.attention(q, k, v, causal=True, key_mask=key_mask)         # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, q_size))
 
@@ -114,7 +116,7 @@ class MLP(nn.Module):
     """Gated SiLU (SwiGLU): down(silu(gate(x)) * up(x)), with gate and up fused in one matmul.
 
     `neuron_mask` (None or a float (width,) tensor of 0/1, set with `set_neuron_masks`) prunes
-    neurons (structured pruning, lessons/11_pruning.md): a mask that requires grad (straight-through
+    neurons (structured pruning, lesson 11): a mask that requires grad (straight-through
     pruning scores) multiplies the activations, so gradients reach it; any other mask goes to
     `ops.masked_ffn`, which skips the pruned neurons instead of multiplying them by zero (unless
     LoRA wraps the projections: then the activations are multiplied too).
@@ -135,8 +137,8 @@ class MLP(nn.Module):
         plain = type(self.gate_up_proj) is nn.Linear and type(self.down_proj) is nn.Linear
         if mask is not None and not mask.requires_grad and plain:
             return ops.masked_ffn(x, self.gate_up_proj.weight, self.down_proj.weight, mask)
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        act = F.silu(gate) * up
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)                  # (B, T, width) each
+        act = F.silu(gate) * up                                           # a neuron's activation
         return self.down_proj(act if mask is None else act * mask.to(act.dtype))
 
 
@@ -201,7 +203,7 @@ class Phi3Model(nn.Module):
                              f"{self.rope_cos.shape[0]}; crop the input or raise max_seq_len")
         cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, D): broadcast over heads
         sin = self.rope_sin[positions].unsqueeze(1)
-        x = self.embed_tokens(idx)
+        x = self.embed_tokens(idx)                   # (B, T, d_model): the residual stream
         for layer in self.layers:
             x = layer(x, cos, sin, kv_cache, attention_mask)
         if kv_cache is not None:
@@ -239,7 +241,7 @@ class Phi3(nn.Module):
         """Logits (B, T, vocab) and, given targets (B, T) with -100 for ignored tokens, the mean loss."""
         logits = self.lm_head(self.hidden(idx, kv_cache, attention_mask))
         loss = None
-        if targets is not None:
+        if targets is not None:   # targets are already shifted: logits[:, t] predicts targets[:, t]
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
 

@@ -15,9 +15,9 @@ def plot_losses(metrics: list[dict], path: Path, baseline: float | None = None,
     `baseline` (the unigram entropy of the data) is drawn as a dashed line: the loss to beat.
     `title` defaults to the name of the folder the PNG goes into (the run's out_dir).
     """
-    try:
+    try:   # optional: matplotlib is only needed to draw
         import matplotlib
-        matplotlib.use("Agg")
+        matplotlib.use("Agg")            # file-only backend: no display needed
         import matplotlib.pyplot as plt
     except ImportError:
         return False
@@ -28,7 +28,7 @@ def plot_losses(metrics: list[dict], path: Path, baseline: float | None = None,
             ax.plot(*zip(*pts), label=label, marker="o" if key == "val_loss" else None)
     if baseline is not None:
         ax.axhline(baseline, linestyle="--", color="gray", label="unigram entropy")
-    phase2 = [m["step"] for m in metrics if m.get("phase") == 2]
+    phase2 = [m["step"] for m in metrics if m.get("phase") == 2]   # pretraining's switch to phase-2 data
     if phase2:
         ax.axvline(phase2[0], linestyle=":", color="black", label="phase 2 starts")
     ax.set(xlabel="step", ylabel="loss (nats/token)", title=title or path.parent.name)

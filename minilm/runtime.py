@@ -52,10 +52,12 @@ def setup_runtime(device: str = "auto") -> Runtime:
         raise MinilmError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MinilmError(f"device {device!r} requested but this torch sees no CUDA GPU; use --device cpu")
+    # torchrun sets these; a plain `python` run is rank 0 of 1
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
+        # under DDP each process takes the GPU of its local rank; an explicit cuda:N is honoured alone
         dev = torch.device(f"cuda:{local_rank}" if world > 1 or device in ("auto", "cuda") else device)
         torch.cuda.set_device(dev)
         bf16 = torch.cuda.is_bf16_supported()

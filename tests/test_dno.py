@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_reward import base_checkpoint  # noqa: F401
 
+from minilm.config import override
 from minilm.post.dno import (
     bradley_terry_fit,
     dno_regression_loss,
@@ -178,15 +179,10 @@ def test_loss_options_at_the_start_of_an_iteration(data_dir):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
     assert not any(p.requires_grad for p in reference.parameters())
     for loss in ("dpo", "regression"):
-        value, _ = make_loss_fn(dataclasses_replace(cfg, loss=loss), reference)(model, batch)
+        value, _ = make_loss_fn(override(cfg, loss=loss), reference)(model, batch)
         assert value.item() == pytest.approx(math.log(2), abs=1e-5)
-    nll, _ = make_loss_fn(dataclasses_replace(cfg, loss="sft"), reference)(model, batch)
+    nll, _ = make_loss_fn(override(cfg, loss="sft"), reference)(model, batch)
     assert nll.item() > 1.0
-    assert load_reference(dataclasses_replace(cfg, lora_r=4), model, None) is None      # LoRA off
+    assert load_reference(override(cfg, lora_r=4), model, None) is None      # LoRA off
     sft = copy.deepcopy(model)
-    assert load_reference(dataclasses_replace(cfg, reference="sft"), model, sft) is sft
-
-
-def dataclasses_replace(cfg, **kw):
-    import dataclasses
-    return dataclasses.replace(cfg, **kw)
+    assert load_reference(override(cfg, reference="sft"), model, sft) is sft

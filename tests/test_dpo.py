@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_config
 from test_reward import base_checkpoint, changed, planted_pairs, snapshot, stage_config  # noqa: F401
 
+from minilm.config import build
 from minilm.generate import token_logprobs
 from minilm.model import Phi3
 from minilm.post.dpo import dpo_batch_loss, dpo_loss, sequence_logprobs
@@ -135,13 +136,13 @@ def test_train_pairs_offline_sampled_and_both(base_checkpoint):
     from minilm.stages.dpo import DPOConfig, train_pairs
     ck = load_checkpoint(base_checkpoint)
     kw = dict(n_pairs=30, n_sample_prompts=24, n_samples=4, max_new_tokens=6, data_seed=0)
-    got = {mode: train_pairs(DPOConfig(pairs=mode, **kw), ck.model, ck.tokenizer)
+    got = {mode: train_pairs(build(DPOConfig, pairs=mode, **kw), ck.model, ck.tokenizer)
            for mode in ("offline", "sampled", "both")}
     assert got["sampled"] and all(p["reason"] == "sampled" and p["p"] > 0.5 for p in got["sampled"])
     assert got["both"] == got["offline"] + got["sampled"]
     assert not any(p["reason"] == "sampled" for p in got["offline"])
     with pytest.raises(Exception, match="offline, sampled or both"):
-        train_pairs(DPOConfig(pairs="mine", **kw), ck.model, ck.tokenizer)
+        train_pairs(build(DPOConfig, pairs="mine", **kw), ck.model, ck.tokenizer)
 
 
 def test_dpo_cli_reports_bad_input(base_checkpoint, tmp_path, capsys):

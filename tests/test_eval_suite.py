@@ -12,6 +12,7 @@ from conftest import tiny_config
 import minilm.eval.suite as suite
 from minilm import MinilmError
 from minilm.checkpoint import save_checkpoint
+from minilm.config import build
 from minilm.generate import Rollout
 from minilm.lora import apply_lora, merge_and_unload
 from minilm.model import Phi3
@@ -61,7 +62,7 @@ def test_bpb_is_what_the_training_loop_reports(tok, data_dir):
     from minilm.stages.pretrain import TrainConfig, evaluate
     m = model()
     row = suite.evaluate_model(m, tok, small_cfg(n_bpb_batches=3, n_math=0, n_chat=0), data_dir)
-    want = evaluate(m, TokenDataset(data_dir, "val"), TrainConfig(eval_batches=3, batch_size=4, seq_len=64),
+    want = evaluate(m, TokenDataset(data_dir, "val"), build(TrainConfig, eval_batches=3, batch_size=4, seq_len=64),
                     Runtime(torch.device("cpu"), None))
     assert (row["bpb"], row["loss"]) == (want["val_bpb"], want["val_loss"])
     assert row["loss"] == pytest.approx(torch.log(torch.tensor(320.0)).item(), abs=0.5)  # untrained: ~uniform

@@ -104,11 +104,11 @@ def test_a_few_ltc_steps_change_exactly_the_trainable_params(tok, hydra, loss): 
                             make_pattern("dialogue"), RolloutConfig(max_reply_tokens=6))
     episodes[0].success, episodes[0].reward = True, 1.0    # one success so the LM term has weight
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg.optim)
     if loss == "lm":        # LM loss alone, no success in the batch: skipped, nothing moves
-        assert update(model, optimizer, episodes[1:], cfg, cfg.lr, setup_runtime("cpu"), 0, tok.eot_id) == []
+        assert update(model, optimizer, episodes[1:], cfg, cfg.optim.lr, setup_runtime("cpu"), 0, tok.eot_id) == []
         assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
-    rows = update(model, optimizer, episodes, cfg, cfg.lr, setup_runtime("cpu"), 0, tok.eot_id)
+    rows = update(model, optimizer, episodes, cfg, cfg.optim.lr, setup_runtime("cpu"), 0, tok.eot_id)
     # minibatches {2, 0} and {1, 3} (seed 0): "lm" skips the one without a success
     assert len(rows) == (1 if loss == "lm" else 2) and all(math.isfinite(r["loss"]) for r in rows)
     for n, p in model.named_parameters():

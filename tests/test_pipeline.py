@@ -16,6 +16,7 @@ from conftest import tiny_config
 from data_prep import pipeline
 from data_prep.document import Document
 from data_prep.sources import iter_documents
+from minilm.config import build
 from minilm.data import TokenDataset
 from minilm.stages.pretrain import TrainConfig, train
 
@@ -105,7 +106,7 @@ def test_three_training_steps_on_phase1(run, tmp_path):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = TrainConfig(preset="tiny", model=tiny_config(n_layer=1, d_model=32, n_head=2, n_kv_head=1).to_dict(),
+        cfg = build(TrainConfig, preset="tiny", model=tiny_config(n_layer=1, d_model=32, n_head=2, n_kv_head=1).to_dict(),
                           out_dir=str(tmp_path / "train"), data_dir=str(out / "phase1"), batch_size=4,
                           seq_len=32, max_steps=3, lr=1e-2, warmup_steps=1, eval_every=3, eval_batches=1,
                           ckpt_every=3, log_every=1, device="cpu")

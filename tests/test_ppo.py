@@ -9,9 +9,11 @@ from conftest import tiny_config
 from test_reward import base_checkpoint  # noqa: F401
 
 from minilm import MinilmError
+from minilm.config import build
 from minilm.generate import token_logprobs
 from minilm.loop import make_optimizer
 from minilm.model import Phi3
+from minilm.post.base_model import LoRAConfig
 from minilm.post.heads import HydraModel
 from minilm.post.ppo import (
     AdaptiveKLController,
@@ -242,11 +244,11 @@ def peaked_lm():
 def tiny_models(variant, head_std=0.5, **cfg_overrides):
     torch.manual_seed(0)
     fields = dict(batch_size=4, minibatch_size=2, ppo_epochs=2, max_new_tokens=6, lr=1e-2, lora_r=4)
-    cfg = PPOConfig(**{**fields, **cfg_overrides})
+    cfg = build(PPOConfig, **{**fields, **cfg_overrides})
     reward = HydraModel(peaked_lm(), heads=("reward",))
     torch.nn.init.normal_(reward.heads["reward"].weight, std=head_std)   # a reward that varies
     sft = peaked_lm() if variant in ("ppo", "lora") else None
-    return cfg, build_models(variant, cfg, reward, sft)
+    return cfg, build_models(variant, cfg.lora, reward, sft)
 
 
 PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
@@ -257,7 +259,7 @@ def test_ppo_step_trains_exactly_the_trainable_parameters(variant):
     cfg, models = tiny_models(variant)
     before = {n: p.detach().clone() for n, p in models.named_parameters()}
     trainable = {n for n, p in models.named_parameters() if p.requires_grad}
-    optimizer = make_optimizer(models, cfg)
+    optimizer = make_optimizer(models, cfg.optim)
     row = ppo_step(models, PROMPTS, cfg, optimizer, make_kl_controller(cfg), pad_id=0)
     # the first minibatch sees the policy that sampled: ratio 1, nothing clipped
     assert row["first_ratio"] == pytest.approx(1.0, abs=1e-5) and row["first_clipfrac"] == 0.0
@@ -281,7 +283,7 @@ def test_hydra_reference_and_reward_are_the_base_model_with_lora_off():
     torch.manual_seed(0)
     base = HydraModel(Phi3(tiny_config()), heads=("reward",))
     original = copy.deepcopy(base)
-    models = build_models("hydra", PPOConfig(lora_r=4), base)
+    models = build_models("hydra", LoRAConfig(r=4), base)
     for p in models.parameters():                       # pretend the adapters were trained
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.1)
@@ -303,7 +305,7 @@ def test_every_variant_raises_a_planted_reward(variant):
     """
     cfg, models = tiny_models(variant, head_std=0.01, kl_coef=0.01, max_new_tokens=4, max_steps=16,
                               min_lr_ratio=1.0, batch_size=16, minibatch_size=8)
-    optimizer, kl_ctl = make_optimizer(models, cfg), make_kl_controller(cfg)
+    optimizer, kl_ctl = make_optimizer(models, cfg.optim), make_kl_controller(cfg)
 
     def low_id_share(rollout):
         gen = rollout.gen_mask
@@ -333,7 +335,7 @@ def test_hydra_raises_the_score_of_its_own_reward_head():
     """The reward is the Hydra model's reward head with LoRA off (dynamic LoRA), as in the paper."""
     cfg, models = tiny_models("hydra", head_std=0.05, kl_coef=0.01, max_new_tokens=4, max_steps=10,
                               batch_size=16, minibatch_size=8, min_lr_ratio=1.0)
-    optimizer, kl_ctl = make_optimizer(models, cfg), make_kl_controller(cfg)
+    optimizer, kl_ctl = make_optimizer(models, cfg.optim), make_kl_controller(cfg)
     prompts = [[300 + t for t in p] for p in PROMPTS] * 4
     scores = [ppo_step(models, prompts, cfg, optimizer, kl_ctl, step=s)["score"]
               for s in range(cfg.max_steps)]

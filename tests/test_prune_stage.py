@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_config
 
 from minilm.checkpoint import load_checkpoint, save_checkpoint
+from minilm.config import build
 from minilm.model import Phi3
 from minilm.prune.redundancy import NeuronMasker
 from minilm.prune.scores import neuron_slices
@@ -29,7 +30,7 @@ def prune_cfg(base, out, **kw) -> PruneConfig:
     fields = dict(init=str(base), out_dir=str(out), max_steps=12, batch_size=4, lr=3e-3, warmup_steps=2,
                   prune_warmup=2, prune_final=4, mask_every=2, n_train=40, n_eval=6, max_len=48,
                   eval_every=6, ckpt_every=6, log_every=1, device="cpu", resume=True)
-    return PruneConfig(**{**fields, **kw})
+    return build(PruneConfig, **{**fields, **kw})
 
 
 @pytest.mark.parametrize("method", ["magnitude", "random", "movement", "gum"])

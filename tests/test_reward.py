@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from minilm.config import build
 from minilm.model import Phi3
 from minilm.post.heads import HydraModel
 from minilm.post.preferences import pair_batch
@@ -138,7 +139,7 @@ def stage_config(cls, init, out_dir, **kw):
     fields = dict(init=str(init), out_dir=str(out_dir), max_steps=4, batch_size=4, n_pairs=60,
                   n_eval_pairs=40, max_len=64, eval_every=2, ckpt_every=2, log_every=1, device="cpu",
                   warmup_steps=1)
-    return cls(**{**fields, **kw})
+    return build(cls, **{**fields, **kw})
 
 
 def test_run_reward_resumes_exactly_and_saves_its_heads(base_checkpoint, tmp_path):

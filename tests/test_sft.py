@@ -9,9 +9,10 @@ import torch
 from conftest import tiny_config
 
 from minilm.checkpoint import load_checkpoint, save_checkpoint
-from minilm.loop import run_loop
+from minilm.config import build
+from minilm.loop import LoopConfig, OptimConfig, run_loop
 from minilm.model import Phi3
-from minilm.post.base_model import PostConfig, add_lora
+from minilm.post.base_model import LoRAConfig, add_lora
 from minilm.post.sft import make_batch_fn, render_examples, sft_loss
 from minilm.stages.sft import SFTConfig, find_text_data, run_sft
 from minilm.tokenizer import Tokenizer
@@ -33,14 +34,15 @@ def fresh_model(lora_r: int = 0, dropout: float = 0.0) -> Phi3:
     torch.manual_seed(0)
     model = Phi3(tiny_config())
     if lora_r:
-        add_lora(PostConfig(lora_r=lora_r, lora_dropout=dropout), model)
+        add_lora(LoRAConfig(r=lora_r, dropout=dropout), model)
     return model
 
 
-def post_config(out_dir, lora_r=0, **kw) -> PostConfig:
-    fields = dict(out_dir=str(out_dir), max_steps=6, ckpt_every=3, eval_every=3, log_every=1,
-                  warmup_steps=2, lr=1e-2, device="cpu", lora_r=lora_r, lora_dropout=0.1)
-    return PostConfig(**{**fields, **kw})
+def post_config(out_dir, lora_r=0, lr=1e-2, warmup_steps=2, **kw) -> LoopConfig:
+    """The loop's settings; `lora_r` only names the case (the model's adapters come from fresh_model)."""
+    fields = dict(out_dir=str(out_dir), max_steps=6, ckpt_every=3, eval_every=3, log_every=1, device="cpu",
+                  optim=OptimConfig(lr=lr, warmup_steps=warmup_steps))
+    return LoopConfig(**{**fields, **kw})
 
 
 @pytest.mark.parametrize("lora_r", [0, 4])
@@ -125,7 +127,7 @@ def test_run_sft_end_to_end(data_dir, tmp_path, lora_r):
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "base", Phi3(tiny_config()), Tokenizer.load(data_dir),
                     meta={"stage": "pretrain"})
-    cfg = SFTConfig(init=str(tmp_path / "base"), out_dir=str(tmp_path / "sft"), max_steps=4,
+    cfg = build(SFTConfig, init=str(tmp_path / "base"), out_dir=str(tmp_path / "sft"), max_steps=4,
                     batch_size=4, n_train=40, n_eval=6, max_len=48, max_new_tokens=8, eval_every=2,
                     ckpt_every=2, device="cpu", lora_r=lora_r, text_data=str(data_dir),
                     text_batch_size=2)  # default text_mix 1.0; text_seq_len 128 cut to max_seq_len 64
@@ -156,10 +158,10 @@ def test_a_lora_checkpoint_is_folded_in_when_a_stage_starts_from_it(tmp_path, da
     x = torch.randint(0, 320, (2, 12))
     sft_logits = sft(x)[0]
     save_checkpoint(tmp_path / "sft", sft, tok)
-    full, _ = init_model(PostConfig(init=str(tmp_path / "sft")))
+    full, _ = init_model(str(tmp_path / "sft"))
     assert all(p.requires_grad for p in full.parameters())          # full fine-tune: all trainable
     assert torch.allclose(full(x)[0], sft_logits, atol=1e-5)
-    policy, _ = init_model(PostConfig(init=str(tmp_path / "sft"), lora_r=4))
+    policy, _ = init_model(str(tmp_path / "sft"), LoRAConfig(r=4))
     with lora_disabled(policy):
         assert torch.allclose(policy(x)[0], sft_logits, atol=1e-5)  # the reference is the SFT model
 
@@ -241,25 +243,25 @@ def test_find_text_data_uses_what_the_init_was_pretrained_on(data_dir, tmp_path)
     from minilm import MinilmError
     tok = Tokenizer.load(data_dir)
     save_checkpoint(tmp_path / "base", fresh_model(), tok, {"train_config": {"data_dir": str(data_dir)}})
-    assert find_text_data(SFTConfig(init=str(tmp_path / "base")), tok) == data_dir
+    assert find_text_data(build(SFTConfig, init=str(tmp_path / "base")), tok) == data_dir
     save_checkpoint(tmp_path / "bare", fresh_model(), tok)          # no record of its data: off
-    assert find_text_data(SFTConfig(init=str(tmp_path / "bare")), tok) is None
-    assert find_text_data(SFTConfig(init=str(tmp_path / "bare"), text_data=str(data_dir)), tok) == data_dir
+    assert find_text_data(build(SFTConfig, init=str(tmp_path / "bare")), tok) is None
+    assert find_text_data(build(SFTConfig, init=str(tmp_path / "bare"), text_data=str(data_dir)), tok) == data_dir
     with pytest.raises(MinilmError, match="no prepared shards"):
-        find_text_data(SFTConfig(init=str(tmp_path / "bare"), text_data=str(tmp_path)), tok)
+        find_text_data(build(SFTConfig, init=str(tmp_path / "bare"), text_data=str(tmp_path)), tok)
     other = tmp_path / "other"                                      # shards of another tokenizer
     other.mkdir()
     meta = json.loads((data_dir / "meta.json").read_text())
     meta["tokenizer"]["fingerprint"] = "0" * 16
     (other / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(MinilmError, match="another tokenizer"):
-        find_text_data(SFTConfig(init=str(tmp_path / "bare"), text_data=str(other)), tok)
+        find_text_data(build(SFTConfig, init=str(tmp_path / "bare"), text_data=str(other)), tok)
 
 
 def test_without_findable_text_the_replay_is_off_and_reported(data_dir, tmp_path):
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "bare", Phi3(tiny_config()), Tokenizer.load(data_dir))
-    cfg = SFTConfig(init=str(tmp_path / "bare"), out_dir=str(tmp_path / "sft"), text_mix=1.0, device="cpu",
+    cfg = build(SFTConfig, init=str(tmp_path / "bare"), out_dir=str(tmp_path / "sft"), text_mix=1.0, device="cpu",
                     max_steps=1, batch_size=2, n_train=8, n_eval=2, max_len=48, max_new_tokens=2)
     result = run_sft(cfg)
     assert result["text_mix"] == 0.0 and result["text_data"] is None

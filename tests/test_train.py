@@ -17,6 +17,7 @@ from conftest import tiny_config
 
 from minilm import MinilmError
 from minilm.checkpoint import load_checkpoint
+from minilm.config import build
 from minilm.loop import lr_at, make_optimizer
 from minilm.model import Phi3
 from minilm.stages.pretrain import TrainConfig, train
@@ -40,7 +41,7 @@ def run_config(out_dir, data_dir, **overrides) -> TrainConfig:
                   out_dir=str(out_dir), data_dir=str(data_dir), batch_size=8, seq_len=32,
                   max_steps=N_STEPS, lr=1e-2, warmup_steps=2, eval_every=N_STEPS, eval_batches=2,
                   ckpt_every=N_STEPS // 2, log_every=1, device="cpu")
-    return TrainConfig(**{**fields, **overrides})
+    return build(TrainConfig, **{**fields, **overrides})
 
 
 def read_metrics(out_dir) -> list[dict]:
@@ -54,24 +55,24 @@ def final_weights(out_dir) -> dict[str, torch.Tensor]:
 # ---- pure pieces ---------------------------------------------------------------------------------
 
 def test_lr_schedule_at_hand_computed_points():
-    cfg = TrainConfig(lr=2.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110)
-    assert lr_at(0, cfg) == pytest.approx(2.0 * 1 / 10)      # warmup starts at lr / warmup_steps
-    assert lr_at(4, cfg) == pytest.approx(2.0 * 5 / 10)
-    assert lr_at(9, cfg) == pytest.approx(2.0)               # last warmup step reaches lr
-    assert lr_at(10, cfg) == pytest.approx(2.0)              # cosine starts at its top
+    cfg = build(TrainConfig, lr=2.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg.optim, cfg.max_steps) == pytest.approx(2.0 * 1 / 10)      # warmup starts at lr / warmup_steps
+    assert lr_at(4, cfg.optim, cfg.max_steps) == pytest.approx(2.0 * 5 / 10)
+    assert lr_at(9, cfg.optim, cfg.max_steps) == pytest.approx(2.0)               # last warmup step reaches lr
+    assert lr_at(10, cfg.optim, cfg.max_steps) == pytest.approx(2.0)              # cosine starts at its top
     # halfway through the cosine, cos(pi/2) = 0: the midpoint of lr and lr * min_lr_ratio
-    assert lr_at(60, cfg) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))
+    assert lr_at(60, cfg.optim, cfg.max_steps) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))
     # a quarter of the way: 0.5 * (1 + cos(pi/4))
-    assert lr_at(35, cfg) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5 * (1 + math.sqrt(0.5))))
-    assert lr_at(110, cfg) == pytest.approx(2.0 * 0.1)       # the end: lr * min_lr_ratio
-    assert lr_at(500, cfg) == pytest.approx(2.0 * 0.1)       # and it stays there
-    assert lr_at(0, TrainConfig(lr=2.0, warmup_steps=0, max_steps=10)) == pytest.approx(2.0)
+    assert lr_at(35, cfg.optim, cfg.max_steps) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5 * (1 + math.sqrt(0.5))))
+    assert lr_at(110, cfg.optim, cfg.max_steps) == pytest.approx(2.0 * 0.1)       # the end: lr * min_lr_ratio
+    assert lr_at(500, cfg.optim, cfg.max_steps) == pytest.approx(2.0 * 0.1)       # and it stays there
+    assert lr_at(0, build(TrainConfig, lr=2.0, warmup_steps=0, max_steps=10).optim, 10) == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_optimizer_decays_matrices_only(tie):
     model = Phi3(tiny_config(tie_embeddings=tie))
-    decay, no_decay = make_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    decay, no_decay = make_optimizer(model, build(TrainConfig, weight_decay=0.1).optim).param_groups
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
     group_of = {id(p): "decay" for p in decay["params"]} | {id(p): "no_decay" for p in no_decay["params"]}
     names = dict(model.named_parameters())  # a tied weight is listed once

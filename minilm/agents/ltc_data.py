@@ -5,7 +5,7 @@
     batch = collate_episodes(episodes, pad_id=tok.eot_id, failed_lm_weight=1e-5)
     loss, metrics = ltc_loss(logits, head_values, batch, LossWeights())
 
-Follows the reference code of Learning through Communication (../shared/papers/ltc.md, "The loss"):
+Follows the reference code of Learning through Communication (Wang et al., arXiv 2310.01444):
 returns are Monte-Carlo with gamma = 1 over agent tokens (all rewards are 0 except the terminal
 +-1 on the last agent token, so every agent token's return is that reward); A_t = G_t - V_old(s_t),
 whitened over the batch's agent tokens; the clipped policy loss, a 0.5 * MSE value loss (no value
@@ -62,7 +62,7 @@ def expert_demos(tok, env, seeds, max_len: int) -> list[tuple[list[int], list[in
     for seed in seeds:
         messages, success = expert_messages(env, seed)
         ids, mask = render_chat(tok, messages)
-        if success and len(ids) <= max_len:
+        if success and len(ids) <= max_len:     # never cut a demonstration: drop it
             demos.append((ids, mask))
     if not demos:
         raise ValueError(f"no expert episode of {getattr(env, 'name', env)} succeeded within {max_len} "
@@ -80,6 +80,7 @@ def monte_carlo_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float 
     out = torch.zeros_like(rewards)
     running = rewards.new_zeros(rewards.shape[0])
     for t in reversed(range(rewards.shape[1])):
+        # an agent token adds its reward and discounts; any other token passes the return through
         running = torch.where(m[:, t] > 0, rewards[:, t] + gamma * running, running)
         out[:, t] = running * m[:, t]
     return out
@@ -120,13 +121,14 @@ def ltc_loss(logits: torch.Tensor, head_values: torch.Tensor, batch: dict, w: Lo
     lm_mask = (attn.long().cumsum(-1) > 1) & attn.bool()
     if w.lm_agent_only:
         lm_mask = lm_mask & agent.bool()
-    lm_w = batch["lm_weight"][:, None].expand_as(logp)
+    lm_w = batch["lm_weight"][:, None].expand_as(logp)                           # (B, T)
     lm = masked_mean(-logp * lm_w, lm_mask)
     loss, metrics = w.lm_coef * lm, {"lm_loss": lm.item()}
     if w.ppo_coef > 0:
+        # V(state before token t) = head at t - 1, as `action_values` shifts it
         values = torch.cat([head_values.new_zeros(head_values.shape[0], 1), head_values[:, :-1]], 1)
-        returns = monte_carlo_returns(batch["rewards"], agent, gamma=1.0)
-        adv = masked_whiten(returns - batch["old_values"], agent)
+        returns = monte_carlo_returns(batch["rewards"], agent, gamma=1.0)       # (B, T): +-1 on agent tokens
+        adv = masked_whiten(returns - batch["old_values"], agent)                # A = G - V_old, whitened
         pg, m_pg = ppo_policy_loss(logp, batch["old_logprobs"], adv, agent, clip=w.clip)
         vf, m_vf = value_loss(values, batch["old_values"], returns, agent, clip=None)
         # the distribution that produced token t is logits[:, t - 1]: shift like the values

@@ -5,28 +5,22 @@
     episodes = run_episodes(hydra, tok, [env_a, env_b], seeds=[3, 4], pattern=pattern, cfg=RolloutConfig())
     ep = episodes[0]; ep.tokens, ep.who, ep.logprobs, ep.values, ep.reward, ep.success
 
-Learning through Communication (Wang et al., arXiv 2310.01444; ../shared/papers/ltc.md, "Patterns
-and rewards"). An episode is ONE chat in Phi-3's format (minilm/post/chat.py): the first user
-message is the environment's first observation (it states the task), each assistant turn is one
-action the agent SAMPLED, each later user message is what came back: an observation, or a teacher's
-words ("Teacher: ..."). Per token we keep `who` (1 = the agent sampled it, 0 = environment,
-teacher, role tags), the behaviour log-prob of every agent token, the old value V(state before
-the token) and the terminal reward: +1 success / -1 failure, written on the last agent token.
+Learning through Communication (Wang et al., arXiv 2310.01444, "Patterns and rewards"). An
+episode is ONE chat in Phi-3's format (minilm/post/chat.py): the first user message is the
+environment's first observation, each assistant turn is one action the agent SAMPLED, each later
+user message is an observation or a teacher's words ("Teacher: ..."). Per token we keep `who`
+(1 = sampled by the agent), the behaviour log-prob, the old value V(state before the token), and
+the terminal reward +1 / -1 on the last agent token.
 
 - Monologue: the agent alone; the environment answers every action.
-- Dialogue: a teacher that sees the gold plan (env.expert_actions() right after reset, env.task)
-  reviews each action; a wrong one (not in the rest of the expert's plan) is NOT executed and the
-  teacher answers "Teacher: not that. Try: <the expert's next action>", at most max_hints times
-  per episode; a wrong final answer (finish[...]/answer[...]) is caught the same way.
-- Analogue: the teacher first shows a solved analogous example (the expert's actions on another
-  seed of the same task type) and, at the end, gives the reward in words ("Teacher: correct").
+- Dialogue: a teacher that knows the expert's plan replaces a wrong action (not executed) by
+  "Teacher: not that. Try: <the expert's next action>", at most max_hints times per episode.
+- Analogue: the teacher first shows a solved example of another seed, then gives the reward in words.
 
-Deviations from the paper: the teacher is scripted by default (the paper's is GPT-4) and its
-corrections are the expert's next action, not free text; `ModelTeacher` lets a minilm model word
-the correction instead. Analogue's example is one compact line of actions (a whole second episode
-does not fit the tiny model's 256-token context), and the student does not also solve the
-teacher's problem in the same episode. The ALFWorld thought turns ("think: ... -> OK.") are left
-to the environment's own action formats (math's think[...]).
+Deviations from the paper: the teacher is scripted (the paper's is GPT-4) and corrects with the
+expert's next action, not free text (`ModelTeacher` lets a minilm model word it). Analogue's
+example is one compact line of actions, and the student does not also solve the teacher's problem.
+Lesson 10 walks through an episode token by token.
 """
 
 from __future__ import annotations
@@ -35,8 +29,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minilm import MinilmError
+from minilm.checkpoint import load_checkpoint
 from minilm.generate import generate
-from minilm.post.chat import parse_reply
+from minilm.post.chat import parse_reply, render_prompt
 
 FINAL_ACTIONS = ("finish[", "answer[")
 
@@ -85,17 +81,18 @@ class ScriptedTeacher:
     """Sees the gold plan; corrects wrong steps with the expert's next action; shows examples."""
 
     def start(self, env, ep: Episode) -> None:
+        # the plan must be read right after reset; plan_pos is how much of it the agent has done
         ep.plan, ep.plan_pos = list(env.expert_actions()), 0
 
     def review(self, env, ep: Episode, action: str) -> str | None:
         """None if `action` is on the expert's remaining plan (it advances), else a correction."""
         rest = ep.plan[ep.plan_pos:]
         norm = action.strip().lower()
-        for j, step in enumerate(rest):
+        for j, step in enumerate(rest):     # a later step counts too: the agent may skip ahead
             if norm == step.strip().lower():
                 ep.plan_pos += j + 1
                 return None
-        if not rest:
+        if not rest:                        # the plan is done: nothing to correct, the env judges
             return None
         return f"not that. Try: {rest[0]}"
 
@@ -126,8 +123,6 @@ class ModelTeacher(ScriptedTeacher):
     @classmethod
     def from_checkpoint(cls, path, device="cpu", max_new_tokens: int = 24) -> "ModelTeacher":
         """A frozen teacher from a chat model checkpoint (e.g. a larger SFT model)."""
-        from minilm import MinilmError
-        from minilm.checkpoint import load_checkpoint
         try:
             ck = load_checkpoint(path, device=device)
         except (MinilmError, OSError) as e:
@@ -147,7 +142,6 @@ class ModelTeacher(ScriptedTeacher):
         scripted = super().review(env, ep, action)
         if scripted is None:
             return None
-        from minilm.post.chat import render_prompt
         gold = ep.plan[ep.plan_pos]
         prompt = render_prompt(self.tok, self.request(action, gold))
         out = generate(self.model, [prompt], self.max_new_tokens, temperature=0.0,
@@ -252,7 +246,7 @@ def episode_values(model, episodes: list[Episode], pad_id: int) -> None:
     model.eval()
     head = model(tokens.to(device), attn.to(device))[2]["value"].tanh().cpu()     # (B, T)
     model.train(was)
-    for b, ep in enumerate(episodes):
+    for b, ep in enumerate(episodes):      # shift right by one: token 0 has no state before it
         ep.values = [0.0] + head[b, :len(ep.tokens) - 1].tolist()
 
 
@@ -265,7 +259,7 @@ def run_episodes(model, tok, envs: list, seeds: list[int], pattern, cfg: Rollout
     episodes = [Episode(seed=s) for s in seeds]
     for env, ep in zip(envs, episodes):
         pattern.begin(env, ep, tok, cfg)
-    prefix = [tok.special_id("<|assistant|>")] + tok.encode("\n")
+    prefix = [tok.special_id("<|assistant|>")] + tok.encode("\n")   # opens every agent turn (who = 0)
     stops = sorted(tok.special_tokens.values())
     limit = lm.config.max_seq_len
     while True:
@@ -276,12 +270,12 @@ def run_episodes(model, tok, envs: list, seeds: list[int], pattern, cfg: Rollout
         live = [i for i, ep in enumerate(episodes) if not ep.done]
         if not live:
             break
-        prompts = [episodes[i].tokens + prefix for i in live]
-        budget = min(cfg.max_reply_tokens, limit - max(len(p) for p in prompts))
+        prompts = [episodes[i].tokens + prefix for i in live]      # the episode so far IS the prompt
+        budget = min(cfg.max_reply_tokens, limit - max(len(p) for p in prompts))   # one budget per batch
         out = generate(lm, prompts, budget, temperature=cfg.temperature, stop_tokens=stops,
                        pad_id=tok.eot_id)
         for row, i in enumerate(live):
-            ep, keep = episodes[i], out.gen_mask[row].bool()
+            ep, keep = episodes[i], out.gen_mask[row].bool()   # keep: this row's sampled tokens, no padding
             ep.add(prefix, 0)
             action = _agent_turn(tok, ep, out.tokens[row][keep].tolist(), out.logprobs[row][keep].tolist())
             ep.turns += 1

@@ -1,63 +1,26 @@
 """The evaluation suite: one fixed set of measurements for every stage's model (lesson 12).
 
-    from minilm.eval.suite import suite_config, evaluate_model, evaluate_checkpoint
-    cfg = suite_config("ci")                       # sizes only; presets ci / laptop / gpu
-    cache = {}                                     # keeps the reference's replies between calls
-    row = evaluate_checkpoint("runs/dpo-tiny/checkpoint", cfg, "runs/data/pipeline-2048-400",
-                              reference_path="runs/sft-tiny/checkpoint", cache=cache)
+    from minilm.eval.suite import suite_config, evaluate_checkpoint
+    row = evaluate_checkpoint("runs/dpo-tiny/checkpoint", suite_config("ci"), "runs/data/pipeline-2048-400",
+                              reference_path="runs/sft-tiny/checkpoint", cache={})
     row["bpb"], row["math_acc"], row["winrate"]    # a flat dict of floats (None: not measured)
-    pytest -m lesson_12                            # tests/test_eval_suite.py
 
-The same suite runs on the pretrained model, SFT, DPO, PPO, DNO, LTC and the pruned model, so the
-report can show what each stage bought (nanochat's report card does this for its stages). Every
-prompt is held out from training; every reply is greedy; so the same model and config always give
-the same dict. Each metric, what it measures, and its weakness for a ~1M-parameter model:
+The same suite runs on the pretrained, SFT, DPO, PPO, DNO, LTC and pruned models, so the report
+can show what each stage bought (nanochat's report card does this for its stages). Every prompt is
+held out from training and every reply is greedy, so one model and config always give one dict:
 
-  bpb, loss     bits per UTF-8 byte and nats per token on the data directory's "val" split (phase 1
-                clean text), over n_bpb_batches fixed windows: `minilm.train.evaluate` itself, so it is
-                the number pretraining logs. It measures language modelling, and chat tuning makes
-                it slightly worse (the model's mass moves to chat replies). Weakness: windows are cut
-                from documents at fixed strides, so at 1M parameters it is dominated by the model's
-                local statistics (~unigram/bigram), not by knowledge.
-  math_acc      greedy single-turn replies to held-out GSM8K-shaped word problems (data_prep's
-                `word_problem`, the very generator behind the LTC math environment); a reply is
-                correct when its LAST integer equals the answer (GSM8K's rule, AnswerOracle's
-                word_problem judgement). We chose word problems over the held-out arithmetic
-                questions because "math accuracy" means GSM8K in the Phi-3 report, because it
-                measures the same skill as env_success on the math environment through the plain
-                chat interface, and because arithmetic already counts in `correct` below. A problem
-                is used only if it is held out by BOTH splits that could train on it: the
-                instruction split (`split_of`, DPO's word-problem pairs) and the environment's
-                content split (LTC's math episodes). Weakness: a 1M-parameter model solves almost
-                none; the chance of a guessed last number (answers are often small) is ~1-3%, so
-                differences below ~0.05 on 64 problems are noise.
-  end_rate      held-out chat prompts (SFT's sources: man, stdlib, arithmetic, units), greedy
-  form_rate     replies judged as the SFT stage judges them (`greedy_judgements` + AnswerOracle):
-  correct       replies closed with <|end|>; in the expected form (a bare number, a one-line
-                phrase); exactly correct. Weakness: at 1M parameters `correct` is a few percent
-                (small numbers and unit conversions); end/form rates mostly show whether chat
-                tuning happened at all.
-  winrate       head-to-head against the reference model's greedy replies (the SFT model) on the
-  winrate_lo/hi same held-out chat prompts, ties = 1/2, 95% Wilson interval (minilm/eval/winrate.py).
-                The judge is HELD OUT: `ReferenceF1Judge`, the token F1 of each reply with the
-                reference answer (SQuAD's free-text score; for numbers it is exactness), the
-                higher F1 wins. No stage trains against it: SFT imitates the references, DPO trains
-                on offline pairs or on AnswerOracle's preferences (its 0.6 exact correctness +
-                0.2 form + 0.2 <|end|> reward), PPO on the learned reward model (or AnswerOracle's
-                reward), DNO on VerifierOracle's 0-6 points, LTC on environment success. Weakness:
-                the judge ignores format and prefers short replies that repeat reference words; at
-                1M parameters most pairs tie (both F1 0), so the interval is wide and a win-rate
-                near 0.5 says "no measurable difference", not "as good".
-  env_success   success rate of n_env single episodes of cfg.env on the environment's held-out
-                test seeds, the agent alone (Monologue), greedy: `minilm.agents.ltc.evaluate`.
-                Weakness: a model never trained on the environment's action format scores 0, so
-                before the LTC stage this is 0 for every model.
+  bpb, loss       bits per UTF-8 byte and nats per token on the data's "val" split, through
+                  `minilm.stages.pretrain.evaluate` itself (the number pretraining logs)
+  math_acc        held-out GSM8K-shaped word problems; correct when the LAST integer is the answer
+  end_rate, form_rate, correct   held-out chat prompts, judged as the SFT stage judges them
+  winrate, _lo, _hi   head-to-head against the reference (SFT) model's replies under
+                  `ReferenceF1Judge`, a judge no stage trains against; ties 1/2, 95% Wilson interval
+  env_success     held-out episodes of cfg.env, the agent alone, greedy (LTC's own evaluation)
 
-Short contexts: a prompt that leaves no room for the reply budget (prompt + max_new_tokens >
-max_seq_len) is not asked; it counts as a failed reply (not ended, not in form, wrong, F1 0).
-Environment episodes that run out of context end as failures (minilm/agents/patterns.py).
+A prompt that leaves no room for its reply budget is not asked and counts as a failed reply.
 Deviation from nanochat's report card: no external benchmark (none ships offline); the held-out
-sets are built from the same generators and man/stdlib pages the training data come from.
+sets come from the generators and pages the training data come from. Lesson 12 says what each
+metric misses at 1M parameters.
 """
 
 from __future__ import annotations
@@ -69,11 +32,23 @@ from pathlib import Path
 
 import torch
 
+from data_prep.instructions import SYNTHETIC, instruction_examples, split_of
 from minilm import MinilmError
-from minilm.post.base_model import from_preset
+from minilm.agents.envs import ENVS
+from minilm.agents.envs.base import content_split
+from minilm.checkpoint import load_checkpoint
+from minilm.config import from_preset
+from minilm.data import TokenDataset
+from minilm.lora import adapter_names, merge_and_unload
 from minilm.post.chat import render_prompt
 from minilm.post.oracles import AnswerOracle, ScoreOracle, split_reply, token_f1
 from minilm.post.sft import greedy_judgements
+from minilm.post.winrate import head_to_head, win_rate
+from minilm.runtime import Runtime
+from minilm.stages.ltc import evaluate as evaluate_agent
+from minilm.stages.ltc import ltc_config, make_envs
+from minilm.stages.pretrain import TrainConfig
+from minilm.stages.pretrain import evaluate as evaluate_text
 
 METRICS = ("bpb", "loss", "math_acc", "end_rate", "form_rate", "correct",
            "winrate", "winrate_lo", "winrate_hi", "env_success")
@@ -110,7 +85,6 @@ def suite_config(preset: str = "laptop", **overrides) -> SuiteConfig:
 
 
 def _check(cfg: SuiteConfig) -> None:
-    from minilm.agents.envs import ENVS
     sizes = ("n_bpb_batches", "n_math", "n_chat", "n_winrate", "n_env", "seq_len")
     bad = [f"{k}={getattr(cfg, k)}" for k in sizes if getattr(cfg, k) < 0]
     bad += [f"{k}={getattr(cfg, k)}" for k in ("batch_size", "max_new_tokens", "math_new_tokens")
@@ -133,10 +107,7 @@ def resolve_data_dir(data_dir) -> Path:
 
 
 def text_metrics(model, tokenizer, cfg: SuiteConfig, data_dir) -> dict:
-    """{"bpb", "loss"} from minilm.train.evaluate over the val split's fixed windows."""
-    from minilm.data import TokenDataset
-    from minilm.runtime import Runtime
-    from minilm.stages.pretrain import TrainConfig, evaluate
+    """{"bpb", "loss"} from minilm.stages.pretrain.evaluate over the val split's fixed windows."""
     data = TokenDataset(resolve_data_dir(data_dir), "val")
     want = data.meta.get("tokenizer", {}).get("fingerprint")
     if want and want != tokenizer.fingerprint():
@@ -145,7 +116,7 @@ def text_metrics(model, tokenizer, cfg: SuiteConfig, data_dir) -> dict:
     seq_len = min(cfg.seq_len or model.config.max_seq_len, model.config.max_seq_len)
     train_cfg = TrainConfig(eval_batches=cfg.n_bpb_batches, batch_size=cfg.batch_size, seq_len=seq_len)
     rt = Runtime(next(model.parameters()).device, None)   # float32: the same number on any device
-    out = evaluate(model, data, train_cfg, rt)
+    out = evaluate_text(model, data, train_cfg, rt)
     model.eval()                                          # evaluate leaves the model in train mode
     return {"bpb": out["val_bpb"], "loss": out["val_loss"]}
 
@@ -154,8 +125,6 @@ def text_metrics(model, tokenizer, cfg: SuiteConfig, data_dir) -> dict:
 
 def math_problems(n: int, seed: int) -> list[dict]:
     """n word-problem conversations held out by the instruction split AND the math env's split."""
-    from data_prep.instructions import SYNTHETIC, split_of
-    from minilm.agents.envs.base import content_split
     rng, out, seen = random.Random(seed), [], set()
     for _ in range(n * 1000):      # ~2% of problems are held out by both (10% x 20%)
         if len(out) == n:
@@ -172,7 +141,6 @@ def math_problems(n: int, seed: int) -> list[dict]:
 
 def chat_conversations(n: int, seed: int, sources: str) -> list[dict]:
     """n held-out chat conversations (data_prep.instructions, split "heldout")."""
-    from data_prep.instructions import instruction_examples
     kinds = tuple(s.strip() for s in sources.split(",") if s.strip())
     return instruction_examples(n, seed, kinds, split="heldout") if n else []
 
@@ -232,7 +200,6 @@ def reference_replies(reference, tokenizer, conversations, cfg: SuiteConfig, cac
 
 
 def winrate_metrics(mine: list[str], theirs: list[str], conversations) -> dict:
-    from minilm.post.winrate import head_to_head, win_rate
     prompts = [c["messages"][:-1] for c in conversations]
     row = win_rate(head_to_head(ReferenceF1Judge(conversations), prompts, mine, theirs))
     return {"winrate": row["win_rate"], "winrate_lo": row["lo"], "winrate_hi": row["hi"]}
@@ -264,10 +231,9 @@ def chat_metrics(model, tokenizer, cfg: SuiteConfig, reference=None, cache: dict
 
 def env_success(model, tokenizer, cfg: SuiteConfig) -> float:
     """Success on cfg.n_env held-out seeds of cfg.env: LTC's own evaluation (Monologue, greedy)."""
-    from minilm.stages.ltc import evaluate, ltc_config, make_envs
     ltc = ltc_config("tiny", env=cfg.env, n_test=cfg.n_env, eval_temperature=0.0)
     envs = make_envs(ltc, "test", min(cfg.n_env, cfg.batch_size))
-    return evaluate(model, tokenizer, envs, ltc)["success"]
+    return evaluate_agent(model, tokenizer, envs, ltc)["success"]
 
 
 # ---- the suite
@@ -311,8 +277,6 @@ def _device(name: str) -> str:
 
 def load_for_eval(path, device: str = "cpu"):
     """(model, tokenizer) of a checkpoint, LoRA adapters merged in, in eval mode."""
-    from minilm.checkpoint import load_checkpoint
-    from minilm.lora import adapter_names, merge_and_unload
     if not Path(path).is_dir():
         raise MinilmError(f"cannot evaluate {path}: no such checkpoint directory (a stage's "
                           f"checkpoint is OUT_DIR/checkpoint)")

@@ -1,55 +1,34 @@
 """The model a post-training stage starts from: a checkpoint, with LoRA adapters when asked.
 
-    model, tokenizer = init_model(cfg, device)      # cfg.init (+ LoRA of rank cfg.lora_r > 0)
-    add_lora(cfg, hydra.lm)                          # adapters on a model already loaded
+    model, tokenizer = init_model(cfg.init, cfg.lora, device)   # + LoRA when cfg.lora.r > 0
+    add_lora(cfg.lora, hydra.lm)                                # adapters on a model already loaded
 
-`PostConfig` holds the fields every post-training stage shares.
+A stage config holds a `LoRAConfig` as `cfg.lora`; its flags are --lora-r, --lora-alpha, ...
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from minilm import MinilmError, lora
 from minilm.checkpoint import load_checkpoint
 
-DEFAULT_LORA_TARGETS = "qkv_proj,o_proj,gate_up_proj,down_proj"
-
 
 @dataclass
-class PostConfig:
-    out_dir: str = "runs/post"      # checkpoint/, metrics.jsonl, loss.png
-    init: str = ""                  # the checkpoint to start from (e.g. runs/base-tiny/checkpoint)
-    max_steps: int = 200
-    batch_size: int = 16
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1       # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    betas: tuple = (0.9, 0.95)
-    grad_clip: float = 1.0
-    eval_every: int = 50
-    ckpt_every: int = 50
-    log_every: int = 10
-    seed: int = 1337
-    device: str = "auto"
-    resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
-    lora_r: int = 0                 # 0: full fine-tune; > 0: LoRA of this rank, base frozen
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = DEFAULT_LORA_TARGETS  # comma-separated regexes over nn.Linear names
+class LoRAConfig:
+    """LoRA adapters of a stage (Hu et al. 2021, arXiv 2106.09685); flags and presets name the fields
+    lora_r, lora_alpha, lora_dropout, lora_targets."""
+    PREFIX: ClassVar[str] = "lora_"
+    r: int = 0                      # 0: no adapters (full fine-tune); > 0: rank, base frozen
+    alpha: float = 16.0             # the update is scaled by alpha / r
+    dropout: float = 0.0
+    targets: str = "qkv_proj,o_proj,gate_up_proj,down_proj"  # comma-separated regexes over nn.Linear names
 
 
-def from_preset(cls, presets: dict, preset: str, stage: str, **overrides):
-    """`cls(**presets[preset], **overrides)`: a stage's config from its named CPU/GPU preset."""
-    if preset not in presets:
-        raise MinilmError(f"unknown {stage} preset {preset!r}; choose one of {', '.join(presets)}")
-    return cls(**{**presets[preset], **overrides})
-
-
-def lora_targets(cfg: PostConfig) -> tuple[str, ...]:
-    """cfg.lora_targets as a tuple of regexes (a comma-separated string or a sequence)."""
-    targets = cfg.lora_targets
+def lora_targets(cfg: LoRAConfig) -> tuple[str, ...]:
+    """cfg.targets as a tuple of regexes (a comma-separated string or a sequence)."""
+    targets = cfg.targets
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",")]
     targets = tuple(t for t in targets if t)
@@ -58,29 +37,29 @@ def lora_targets(cfg: PostConfig) -> tuple[str, ...]:
     return targets
 
 
-def add_lora(cfg: PostConfig, model, adapter: str = "default") -> list[str]:
-    """Wrap cfg's target layers with LoRA (rank cfg.lora_r) and freeze the rest of `model`."""
-    if cfg.lora_r <= 0:
-        raise MinilmError(f"lora_r must be > 0 to add LoRA adapters, got {cfg.lora_r}")
-    wrapped = lora.apply_lora(model, targets=lora_targets(cfg), r=cfg.lora_r, alpha=cfg.lora_alpha,
-                              dropout=cfg.lora_dropout, adapter=adapter, freeze_base=True)
+def add_lora(cfg: LoRAConfig, model, adapter: str = "default") -> list[str]:
+    """Wrap cfg's target layers of `model` with LoRA (rank cfg.r) and freeze the rest of it."""
+    if cfg.r <= 0:
+        raise MinilmError(f"lora_r must be > 0 to add LoRA adapters, got {cfg.r}")
+    wrapped = lora.apply_lora(model, targets=lora_targets(cfg), r=cfg.r, alpha=cfg.alpha,
+                              dropout=cfg.dropout, adapter=adapter, freeze_base=True)
     if not wrapped:
-        raise MinilmError(f"lora_targets {cfg.lora_targets!r} matched no nn.Linear layer of the model")
+        raise MinilmError(f"lora_targets {cfg.targets!r} matched no nn.Linear layer of the model")
     return wrapped
 
 
-def init_model(cfg: PostConfig, device="cpu", adapter: str = "default"):
-    """(model, tokenizer) from the cfg.init checkpoint, with LoRA added when cfg.lora_r > 0."""
-    if not cfg.init:
+def init_model(init: str, lora_cfg: LoRAConfig | None = None, device="cpu", adapter: str = "default"):
+    """(model, tokenizer) from the checkpoint `init`, with LoRA added when lora_cfg.r > 0."""
+    if not init:
         raise MinilmError("no starting checkpoint: pass --init DIR (e.g. runs/base-tiny/checkpoint)")
-    ck = load_checkpoint(cfg.init, device=device)
+    ck = load_checkpoint(init, device=device)
     if ck.tokenizer is None:
-        raise MinilmError(f"{cfg.init} has no tokenizer; post-training needs one to render chats")
+        raise MinilmError(f"{init} has no tokenizer; post-training needs one to render chats")
     if lora.adapter_names(ck.model):
         # a LoRA stage's output (e.g. SFT with --lora-r): its adapters are part of the model this
         # stage starts from, so fold them in for good; "LoRA off" must then mean that model, and
         # a full fine-tune must find every weight trainable again
         lora.merge_and_unload(ck.model)
-    if cfg.lora_r > 0:
-        add_lora(cfg, ck.model, adapter)
+    if lora_cfg is not None and lora_cfg.r > 0:
+        add_lora(lora_cfg, ck.model, adapter)
     return ck.model, ck.tokenizer

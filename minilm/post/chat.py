@@ -51,11 +51,11 @@ def render_chat(tokenizer, messages, add_generation_prompt: bool = False) -> tup
         ids.extend(tokens)
         mask.extend([learn] * len(tokens))
 
-    for m in messages:
+    for m in messages:    # each piece encoded alone, so a prompt is token for token a training prefix
         learn = int(m["role"] == "assistant")
         add([tokenizer.special_id(f"<|{m['role']}|>")] + newline, 0)
         add(tokenizer.encode(m["content"]), learn)
-        add([end], learn)
+        add([end], learn)                 # learning <|end|> teaches the model to stop
         add(newline, 0)
     if add_generation_prompt:
         add([tokenizer.special_id("<|assistant|>")] + newline, 0)
@@ -78,7 +78,7 @@ def parse_reply(tokenizer, ids) -> tuple[str, bool]:
     """
     ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
     specials = set(tokenizer.special_tokens.values())
-    stop = next((i for i, t in enumerate(ids) if t in specials), len(ids))
+    stop = next((i for i, t in enumerate(ids) if t in specials), len(ids))   # len(ids): ran out of budget
     ended = stop < len(ids) and ids[stop] == tokenizer.special_id("<|end|>")
     return tokenizer.decode(ids[:stop]).strip(), ended
 
@@ -94,7 +94,7 @@ def collate(examples, pad_id: int, max_len: int) -> dict[str, torch.Tensor]:
         raise ValueError("collate needs at least one example")
     if max_len < 2:
         raise ValueError(f"max_len must be at least 2, got {max_len}")
-    width = min(max(len(ids) for ids, _ in examples), max_len)
+    width = min(max(len(ids) for ids, _ in examples), max_len)    # T: pad to the longest row only
     tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), width), -100, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)
@@ -105,7 +105,7 @@ def collate(examples, pad_id: int, max_len: int) -> dict[str, torch.Tensor]:
         n = len(ids)
         tokens[b, :n] = torch.tensor(ids, dtype=torch.long)
         attention[b, :n] = 1
-        nxt = torch.tensor(ids[1:], dtype=torch.long)
-        learn = torch.tensor(mask[1:], dtype=torch.bool)
+        nxt = torch.tensor(ids[1:], dtype=torch.long)          # (n - 1,) the token each position predicts
+        learn = torch.tensor(mask[1:], dtype=torch.bool)       # is that next token one to learn?
         targets[b, :n - 1] = torch.where(learn, nxt, torch.full_like(nxt, -100))
     return {"tokens": tokens, "targets": targets, "attention_mask": attention}

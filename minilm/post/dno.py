@@ -5,7 +5,7 @@
     pairs = select_pairs(scores, teacher_index=5)                                     # Algorithm 2, 2c
     old = replay_pairs([pairs_t1, pairs_t2], shares=(0.3, 0.15), seed=0)              # Algorithm 2, 2d
 
-The loop that uses them is minilm/post/dno_loop.py (`minilm dno`); the tabular demo with an
+The stage that uses them is minilm/stages/dno.py (`minilm dno`); the tabular demo with an
 intransitive oracle is `tabular_dno` below.
 
 DNO aims at the Nash equilibrium (von Neumann winner) of the game whose payoff is a general
@@ -31,6 +31,8 @@ import re
 import torch
 import torch.nn.functional as F
 
+from minilm.post.oracles import RPS, RPS_TABLE
+
 PAIR_KINDS = ("teacher>student", "student>teacher", "student>student")
 
 
@@ -46,7 +48,7 @@ def dno_regression_loss(pi_1: torch.Tensor, pi_2: torch.Tensor, ref_1: torch.Ten
     if eta <= 0:
         raise ValueError(f"eta must be > 0 (it scales the log-ratio), got {eta}")
     delta = eta * ((pi_1 - ref_1.detach()) - (pi_2 - ref_2.detach()))   # (B,)
-    label = torch.sigmoid(r_1.float() - r_2.float()).to(delta.dtype)
+    label = torch.sigmoid(r_1.float() - r_2.float()).to(delta.dtype)   # (B,) soft label in (0, 1)
     loss = F.binary_cross_entropy_with_logits(delta, label)
     with torch.no_grad():
         metrics = {"delta": delta.mean().item(), "label": label.mean().item(),
@@ -61,7 +63,7 @@ def expected_win_rates(prefer: torch.Tensor, students: torch.Tensor) -> torch.Te
     candidates that were sampled from pi_t (the teacher is not a sample of pi_t).
     """
     n = prefer.shape[0]
-    others = students[None, :].expand(n, n) & ~torch.eye(n, dtype=torch.bool)
+    others = students[None, :].expand(n, n) & ~torch.eye(n, dtype=torch.bool)   # (N, N): j a student, j != i
     return (prefer * others).sum(1) / others.sum(1).clamp(min=1)
 
 
@@ -78,7 +80,7 @@ def select_pairs(scores: list[float], teacher_index: int | None = None, positive
     for i, si in enumerate(scores):
         if large_margin and si < positive_min:
             continue
-        margin = teacher_margin if i == teacher_index else student_margin
+        margin = teacher_margin if i == teacher_index else student_margin   # a teacher positive needs a wider gap
         for j, sj in enumerate(scores):
             ok = si - sj >= margin if large_margin else si > sj
             if i == j or not ok or (texts is not None and texts[i] == texts[j]):
@@ -117,7 +119,8 @@ def scripted_teacher(conversation: dict, rng: random.Random, error_rate: float =
     if re.fullmatch(r"-?\d+", answer):
         value = int(answer)
         wrong = rng.choice([value + rng.choice([-2, -1, 1, 2]), value * 10, value // 10 or value + 3])
-        wrong = wrong if wrong != value else value + 1
+        wrong = wrong if wrong != value else value + 1     # e.g. 0 * 10: still a miss
+        # replace the LAST occurrence of the answer, so a worked solution keeps its steps
         head, sep, _ = reply.rpartition(answer)
         return f"{head}{wrong}" + reply[len(head) + len(answer):] if sep else str(wrong)
     words = reply.split()
@@ -131,10 +134,10 @@ def bradley_terry_fit(prefer: torch.Tensor, steps: int = 2000, lr: float = 0.1) 
     P_BT(i > j) = sigmoid(s_i - s_j), by gradient descent on every ordered pair i != j."""
     n = prefer.shape[0]
     s = torch.zeros(n, requires_grad=True)
-    off = ~torch.eye(n, dtype=torch.bool)
+    off = ~torch.eye(n, dtype=torch.bool)                # every ordered pair i != j
     opt = torch.optim.Adam([s], lr=lr)
     for _ in range(steps):
-        logits = (s[:, None] - s[None, :])[off]
+        logits = (s[:, None] - s[None, :])[off]          # (N(N-1),) s_i - s_j
         loss = F.binary_cross_entropy_with_logits(logits, prefer[off].float())
         opt.zero_grad()
         loss.backward()
@@ -163,7 +166,7 @@ def tabular_dno(prefer: torch.Tensor, iterations: int = 200, eta: float = 0.5, f
     for _ in range(iterations):
         pi_t = logits.softmax(0)
         r = prefer.float() @ pi_t                       # r_t(y) = E_{y'~pi_t} P(y > y')
-        if fit_steps == 0:
+        if fit_steps == 0:                              # the exact soft policy iteration step
             logits = pi_t.log() + r / eta
         else:
             logits = _fit_regression(logits, r, eta, fit_steps, lr)
@@ -191,7 +194,6 @@ def cyclic_demo(iterations: int = 300, eta: float = 2.0) -> dict:
     """The intransitive-oracle demo on rock-paper-scissors (oracles.RPS_TABLE): the best
     Bradley-Terry fit's cross-entropy against P's own, and DNO's averaged vs last iterate
     against the von Neumann winner p ∝ (1, 1.5, 2) (solves M p = 0, M = P - 1/2)."""
-    from minilm.post.oracles import RPS, RPS_TABLE
     prefer = torch.tensor(RPS_TABLE)
     scores, bt_loss = bradley_terry_fit(prefer)
     out = tabular_dno(prefer, iterations, eta)

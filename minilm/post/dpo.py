@@ -1,29 +1,21 @@
-"""Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290, eq. 7), as Phi-3 used it.
+"""Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290, eq. 7): the loss and its pieces.
 
-    minilm dpo --init runs/sft-tiny/checkpoint --out-dir runs/dpo-tiny          # CPU, ~3 minutes
-    minilm dpo --init runs/sft-tiny/checkpoint --lora-r 8                        # reference = LoRA off
+    loss, metrics = dpo_batch_loss(model, batch, beta=0.1)      # batch from pair_batch(); ref = LoRA off
+    minilm dpo --init runs/sft-tiny/checkpoint --out-dir runs/dpo-tiny   # the stage: minilm/stages/dpo.py
 
     loss = -log sigmoid(beta * ((log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x))))
 
-DPO fits the policy directly to preference pairs: beta * log(pi / ref) plays the part of the reward
-of RLHF (the "implicit reward"), so no reward model and no sampling are needed during training.
+DPO fits the policy directly to preference pairs: beta * log(pi / ref) plays the part of RLHF's
+reward (the "implicit reward"), so no reward model and no sampling are needed during training.
 The reference is the SFT model, frozen: a deep copy for a full fine-tune, or, with LoRA, the very
 same weights with the adapters switched off (`minilm.lora.lora_disabled`), which costs no memory.
+`preferred_rate` and `summarize` turn AnswerOracle's judgements of greedy replies into the
+stage's held-out numbers.
 
-One step (run_dpo):
-  1. a batch of pairs, chosen and rejected rows in one (2B, T) tensor;
-  2. policy log-probs of each reply (`sequence_logprobs`), reference log-probs under no_grad;
-  3. `dpo_loss`, backward, AdamW (minilm/post/loop.py).
-Held-out judgement: greedy replies of the DPO model and of the SFT (reference) model on held-out
-prompts, scored by `AnswerOracle` (reward and head-to-head preference).
-
-Deviations: the paper's reference log-probs may be precomputed once; we recompute them each step
-(same numbers, simpler). No label smoothing / conservative DPO; replies are summed over tokens as
-in the paper (no length normalisation). The tiny preset adds sft_weight * NLL of the chosen
-replies (the DPO + NLL loss of Iterative RPO, Pang et al. 2024, arXiv 2404.19733), which the DPO
-paper does not have; --sft-weight 0 is plain DPO.
-Training pairs: offline checkable pairs (data_prep/instructions.py) or, with --pairs sampled,
-the start model's own samples labelled by AnswerOracle (`build_preference_pairs`).
+Deviations: the reference log-probs are recomputed each step rather than precomputed once (same
+numbers, simpler). No label smoothing / conservative DPO; replies are summed over tokens as in
+the paper (no length normalisation). sft_weight > 0 adds the NLL of the chosen replies (the DPO +
+NLL loss of Iterative RPO, Pang et al. 2024, arXiv 2404.19733), which the DPO paper does not have.
 """
 
 from __future__ import annotations
@@ -32,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from minilm.generate import token_logprobs
+from minilm.lora import lora_disabled
 from minilm.post.preferences import pair_batches
 
 
@@ -54,8 +47,8 @@ def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: tor
         raise ValueError(f"beta must be > 0 (it scales the implicit reward), got {beta}")
     chosen_reward = beta * (pi_chosen - ref_chosen.detach())          # (B,)
     rejected_reward = beta * (pi_rejected - ref_rejected.detach())
-    margin = chosen_reward - rejected_reward
-    loss = -F.logsigmoid(margin).mean()
+    margin = chosen_reward - rejected_reward                          # (B,) 0 while pi == ref
+    loss = -F.logsigmoid(margin).mean()                               # log 2 at the start
     with torch.no_grad():
         accuracy = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
         metrics = {"chosen_reward": chosen_reward.mean().item(),
@@ -66,7 +59,6 @@ def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: tor
 
 def reference_logprobs(model, batch: dict, reference=None) -> torch.Tensor:
     """Reference sequence log-probs (2B,), no grad: `reference` if given, else `model` with LoRA off."""
-    from minilm.lora import lora_disabled
     args = (batch["tokens"], batch["attention_mask"], batch["loss_mask"])
     with torch.no_grad():
         if reference is not None:
@@ -83,14 +75,14 @@ def dpo_batch_loss(model, batch: dict, beta: float = 0.1, reference=None,
     Iterative RPO, Pang et al. 2024, arXiv 2404.19733): it keeps the chosen replies likely while
     DPO widens the gap.
     """
-    b = batch["tokens"].shape[0] // 2
-    policy = sequence_logprobs(model, batch["tokens"], batch["attention_mask"], batch["loss_mask"])
+    b = batch["tokens"].shape[0] // 2        # rows [:b] are chosen, [b:] their rejected twins
+    policy = sequence_logprobs(model, batch["tokens"], batch["attention_mask"], batch["loss_mask"])  # (2B,)
     ref = reference_logprobs(model, batch, reference)
     loss, metrics = dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], beta)
     metrics["logp_chosen"] = policy[:b].mean().item()     # watch: DPO can lower both sides
     metrics["logp_rejected"] = policy[b:].mean().item()
     if sft_weight > 0:
-        nll = -policy[:b].sum() / batch["loss_mask"][:b].sum()
+        nll = -policy[:b].sum() / batch["loss_mask"][:b].sum()   # per reply token, not per reply
         metrics["chosen_nll"] = nll.item()
         loss = loss + sft_weight * nll
     return loss, metrics

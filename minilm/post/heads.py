@@ -5,7 +5,7 @@
     values["reward"]                                                  # (B, T): a scalar per position
     scores = hydra.score(idx, attention_mask)                         # (B,): at each last real token
 
-Hydra-RLHF (arXiv 2309.00754, "Hydra-SFT"; see ../shared/papers/hydra_rlhf.md) trains a causal-LM
+Hydra-RLHF (Chaudhari et al. 2023, arXiv 2309.00754, "Hydra-SFT") trains a causal-LM
 head and a reward head on the same trunk at once, so later stages need one base model where
 plain RLHF holds separate policy and reward models. A scalar head is `Linear(d_model, 1)` on
 the trunk's final-norm hidden state (`Phi3.hidden`); a sequence's score is the head's value at its

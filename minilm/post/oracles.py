@@ -1,4 +1,4 @@
-"""AnswerOracle: judge a reply against the known reference answer and the chat format.
+"""Oracles: judge replies against known reference answers (AnswerOracle) or compare two (DNO's).
 
     from minilm.post.oracles import AnswerOracle
     oracle = AnswerOracle(instruction_examples(500, seed=1, split="heldout"))
@@ -6,43 +6,22 @@
     oracle.prefer(prompt, reply_a, reply_b)                    # P(a beats b)
     oracle.judge(prompt, reply)                                # the parts: correct, in_form, ended
 
-An oracle is a plain object (DESIGN.md: "never require a model where a function serves"): DPO's
-held-out judgement, the preference builder and later RL stages all call `reward`/`prefer`.
+An oracle is a plain object, not a model: SFT's and DPO's held-out judgements, the preference
+builder and the RL stages all call `reward`/`prefer`. AnswerOracle (lesson 06):
 
-General preference oracles for DNO (Rosset et al. 2024, arXiv 2404.03715; lesson 09), all with
-`prefer(prompt, a, b)`, batched `prefer_many(triples)`, a cache (the same question and replies
-get the same answer without a second call) and a counter `calls` of the evaluations actually made:
-  VerifierOracle    checkable answers on a 0..6 scale shaped like the paper's 6-point rubric:
-                    correctness first (it alone reaches 5-6), then brevity/format
-  RewardModelOracle a Bradley-Terry reward model (minilm/post/reward.py): P = sigmoid(r_a - r_b)
-  JudgeOracle       prompts a minilm model "which answer is better, A or B?" in both orders
-  CyclicOracle      a fixed preference table with a cycle (rock < paper < scissors < rock):
-                    what no point-wise reward can express
+    reward = 0.6 * correctness + 0.2 * in_form + 0.2 * ended          in [0, 1]
+    prefer(a, b) = sigmoid((reward(a) - reward(b)) / temperature)     Bradley-Terry on the reward
 
-What a reply is. A string: the assistant's text. If it contains "<|end|>" it is cut there and
-counts as ended. If another special-token string comes first ("<|user|>", "<|endoftext|>", ...)
-it is cut there and counts as NOT ended (the model ran on into a new turn). A string with no
-special token is a complete message content, ended (the convention of chat data, where
-render_chat appends <|end|>); for a sampled reply that stopped at max_new_tokens, pass
-`ended=False`, or pass parse_reply's (text, ended).
+correctness is exact for numbers, the last integer for word problems (GSM8K's rule), and for
+phrases exact match after `normalise`, else half the token F1 (SQuAD's free-text score).
 
-What "correct" means, and why:
-  numbers (arithmetic, units): the reply, normalised, is exactly the integer. A near number is
-      wrong: partial credit would reward guessing digits.
-  word_problem: the LAST integer in the reply equals the answer (GSM8K's rule), and the
-      expected form is a reply that ends "The answer is N."
-  phrases (man, stdlib): exact match after normalisation (lowercase, strip punctuation and
-      backticks, collapse spaces) is correct; otherwise the token F1 with the reference earns
-      half credit, as SQuAD/HotpotQA score free text. Exact match alone would give a small model
-      no signal for "list the directory contents" vs "list directory contents".
-
-reward = 0.6 * correctness + 0.2 * in_form + 0.2 * ended, in [0, 1]:
-  correctness  1 if correct, else 0.5 * F1 for phrases, else 0
-  in_form      the reply looks like the expected kind of answer: a bare integer for numbers;
-               one line of 1..MAX_FORM_WORDS words for phrases; "...The answer is N." for word problems
-  ended        the reply closed its turn with <|end|>
-prefer(a, b) = sigmoid((reward(a) - reward(b)) / temperature): Bradley-Terry on the reward,
-0.5 on ties, ~0.88 for a 0.2 difference at temperature 0.1.
+General preference oracles for DNO (Rosset et al. 2024, arXiv 2404.03715; lesson 09), each with
+`prefer(prompt, a, b)`, batched `prefer_many(triples)`, a cache and a counter `calls`:
+  VerifierOracle     checkable answers on a 0..6 scale shaped like the paper's 6-point rubric
+  RewardModelOracle  a Bradley-Terry reward model (minilm/post/reward.py): P = sigmoid(r_a - r_b)
+  JudgeOracle        asks a minilm model "which answer is better, A or B?" in both orders
+  CyclicOracle       a preference table with a cycle (rock < paper < scissors < rock)
+Deviation: the paper's oracle is GPT-4-Turbo with a rubric; ours checks reference answers.
 """
 
 from __future__ import annotations
@@ -54,6 +33,9 @@ from abc import ABC, abstractmethod
 from collections import Counter
 
 import torch
+
+from minilm.generate import left_pad
+from minilm.post.chat import collate, render_chat, render_prompt
 
 SPECIAL_STRINGS = ("<|end|>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>")
 NUMERIC_KINDS = ("arithmetic", "units")
@@ -78,7 +60,14 @@ def token_f1(prediction: str, reference: str) -> float:
 
 
 def split_reply(response: str, ended: bool | None = None) -> tuple[str, bool]:
-    """(text, ended) of a reply string under the rules in the module docstring."""
+    """(text, ended) of a reply string: the assistant's text and whether it closed its turn.
+
+    A reply containing "<|end|>" is cut there and counts as ended. If another special-token string
+    comes first ("<|user|>", "<|endoftext|>", ...) it is cut there and counts as NOT ended (the
+    model ran on into a new turn). A string with no special token is complete message content,
+    ended (the convention of chat data, where render_chat appends <|end|>); for a sampled reply that
+    stopped at max_new_tokens, pass `ended=False`, or pass parse_reply's (text, ended).
+    """
     cuts = [(response.find(s), s) for s in SPECIAL_STRINGS if s in response]
     if cuts:
         pos, token = min(cuts)
@@ -118,16 +107,16 @@ class AnswerOracle:
         answer, kind = self.reference(prompt)
         text, ended = split_reply(response, ended)
         f1 = token_f1(text, answer)
-        if kind in NUMERIC_KINDS:
+        if kind in NUMERIC_KINDS:       # exact integers: a near number is wrong (no credit for guessing digits)
             in_form = re.fullmatch(r"-?\d+", normalise(text)) is not None
             correct = in_form and int(normalise(text)) == int(answer)
             credit = float(correct)
-        elif kind == "word_problem":
+        elif kind == "word_problem":    # GSM8K's rule: the LAST integer of the reply is the answer
             numbers = re.findall(r"-?\d+", text)
             in_form = re.search(r"The answer is -?\d+\.?$", text) is not None
             correct = bool(numbers) and int(numbers[-1]) == int(answer)
             credit = float(correct)
-        else:
+        else:                           # phrases: exact after normalise, else half the F1 as credit
             in_form = "\n" not in text and 1 <= len(text.split()) <= MAX_FORM_WORDS
             correct = normalise(text) == normalise(answer)
             credit = 1.0 if correct else 0.5 * f1
@@ -163,7 +152,7 @@ class CachedOracle(ABC):
     def prefer_many(self, triples) -> list[float]:
         keys = [(_question(p), a, b) for p, a, b in triples]
         self.requests += len(keys)
-        missing = list(dict.fromkeys(k for k in keys if k not in self._pref_cache))
+        missing = list(dict.fromkeys(k for k in keys if k not in self._pref_cache))   # unique, in order
         if missing:
             self.calls += len(missing) if self.count_comparisons else 0
             for k, v in zip(missing, self._compare(missing)):
@@ -244,7 +233,7 @@ class VerifierOracle(ScoreOracle):
             got, want = (int(numbers[-1]) if numbers else None), int(answer)
             ballpark = got is not None and len(str(abs(got))) == len(str(abs(want)))
             near = got is not None and abs(got - want) <= 0.1 * max(1, abs(want))
-            limit = 1 if kind in NUMERIC_KINDS else 2 * len(answer.split()) + 40
+            limit = 1 if kind in NUMERIC_KINDS else 2 * len(answer.split()) + 40   # "brief": max words
         else:
             ballpark, near, limit = j["f1"] > 0, j["f1"] >= 0.5, MAX_FORM_WORDS
         brief = j["correct"] and len(text.split()) <= limit
@@ -266,7 +255,6 @@ class RewardModelOracle(ScoreOracle):
 
     @torch.no_grad()
     def _score(self, items):
-        from minilm.post.chat import collate, render_chat
         device = next(self.hydra.parameters()).device
         scores = []
         for i in range(0, len(items), self.batch_size):
@@ -296,14 +284,12 @@ class JudgeOracle(CachedOracle):
         self.ids = [tokenizer.encode(x)[0] for x in ("A", "B")]
 
     def _prompt(self, q: str, a: str, b: str) -> list[int]:
-        from minilm.post.chat import render_prompt
         text = (f"Question: {q}\nAnswer A: {split_reply(a)[0]}\nAnswer B: {split_reply(b)[0]}\n"
                 f"Which answer is better? Reply A or B.")
         return render_prompt(self.tokenizer, [{"role": "user", "content": text}])
 
     @torch.no_grad()
     def _p_first(self, pairs: list[tuple[str, str, str]]) -> list[float]:
-        from minilm.generate import left_pad
         device = next(self.model.parameters()).device
         out = []
         for i in range(0, len(pairs), self.batch_size):

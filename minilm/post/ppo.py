@@ -1,39 +1,26 @@
 """PPO for RLHF, the math: per-token KL penalty, reward shaping, GAE, clipped losses, KL control.
 
-    from minilm.post.ppo import kl_penalty, shape_rewards, gae, masked_whiten, ppo_policy_loss, value_loss
     kl = kl_penalty(logprobs, ref_logprobs, gen_mask)                     # (B, T), k1 per token
     rewards = shape_rewards(scores, kl, gen_mask, beta=kl_ctl.value)      # (B, T)
     adv, returns = gae(rewards, values, gen_mask, gamma=1.0, lam=0.95)    # (B, T), (B, T)
-    adv = masked_whiten(adv, gen_mask)
-    pg_loss, m = ppo_policy_loss(new_logprobs, logprobs, adv, gen_mask, clip=0.2)
-    vf_loss, m = value_loss(new_values, values, returns, gen_mask, clip=0.2)
+    pg_loss, m = ppo_policy_loss(new_logprobs, logprobs, masked_whiten(adv, gen_mask), gen_mask, clip=0.2)
 
-Every function here is pure (tensors in, tensors out) and is what tests/test_ppo.py and
-lessons/08_ppo_and_hydra.md point at; the loop that calls them is minilm/post/ppo_loop.py.
+Every function is pure (tensors in, tensors out); the stage that calls them is minilm/stages/ppo.py.
+All per-token tensors are (B, T), aligned with a `minilm.generate.Rollout`: column t is the t-th
+token of prompt + response, `mask` is its `gen_mask` (1 on generated tokens, the stop token
+included). logprobs[:, t] = log pi(token t | tokens before t); values[:, t] = V(state before
+token t), the value head read at column t - 1 (`action_values`), so both belong to one action.
 
-Conventions. All per-token tensors are (B, T) and aligned with a `minilm.generate.Rollout`:
-column t is the t-th token of prompt + response, `mask` is the rollout's `gen_mask` (1 on
-generated tokens, the stop token included; 0 on the left-padded prompt and on the right padding
-after a row stopped). logprobs[:, t] = log pi(token t | tokens before t), as `token_logprobs`
-returns them. values[:, t] = V(state before token t), i.e. the value head read at column t - 1
-(`action_values` does that shift), so values[:, t] and logprobs[:, t] belong to the same action.
-
-The algorithm is the standard RLHF PPO of Ziegler et al. 2019 (arXiv 1909.08593) / InstructGPT
-(Ouyang et al. 2022) as DeepSpeed-Chat implements it, which Hydra-RLHF (arXiv 2309.00754) builds
-on: r_t = -beta * KL_t on every generated token plus the sequence score on the last one; GAE
-(Schulman et al. 2016, arXiv 1506.02438) with gamma, lambda; advantages whitened over the batch;
-the clipped surrogate and a PPO2-style clipped value loss (Schulman et al. 2017, arXiv 1707.06347).
-Choices and deviations, stated rather than hidden:
-- KL estimator: k1 = log pi - log pi_ref per token by default (InstructGPT, DeepSpeed-Chat); it is
-  unbiased for KL(pi || pi_ref) but single samples can be negative. k2 = (k1)^2 / 2 and
-  k3 = (r - 1) - log r with r = pi_ref / pi (Schulman, "Approximating KL divergence", 2020) are
-  available; k3 is never negative and unbiased, k2 is biased but low-variance.
+The standard RLHF PPO of Ziegler et al. 2019 (arXiv 1909.08593) / InstructGPT (arXiv 2203.02155)
+as DeepSpeed-Chat implements it, which Hydra-RLHF (arXiv 2309.00754) builds on: r_t = -beta *
+KL_t on every generated token plus the sequence score on the last; GAE (arXiv 1506.02438);
+whitened advantages; the clipped surrogate and PPO2's clipped value loss (arXiv 1707.06347).
+Choices and deviations:
+- KL estimator k1 = log pi - log pi_ref by default (unbiased, can be negative); k2 and k3 on request.
 - Losses average over every generated token of the minibatch (token-level mean, as DeepSpeed-Chat),
-  not per sequence first; long responses therefore weigh more.
-- Whitening divides by the population std over the masked tokens (TRL applies Bessel's
-  correction; the two differ by a factor sqrt(n / (n - 1))).
-- The adaptive KL controller is Ziegler et al.'s proportional controller with the error clipped
-  to +-0.2; `update` takes the batch's mean sequence KL and its number of samples.
+  not per sequence first, so long responses weigh more.
+- Whitening divides by the population std (TRL applies Bessel's correction).
+- The adaptive KL controller is Ziegler et al.'s, with the error clipped to +-0.2.
 """
 
 from __future__ import annotations
@@ -108,7 +95,7 @@ def last_generated_index(mask: torch.Tensor) -> torch.Tensor:
     m = mask.bool()
     if not m.any(dim=1).all():
         raise ValueError("a row of the generation mask is empty; every response needs at least one token")
-    return m.shape[1] - 1 - m.flip(1).long().argmax(dim=1)
+    return m.shape[1] - 1 - m.flip(1).long().argmax(dim=1)     # argmax finds the first 1 of the flipped row
 
 
 def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float,
@@ -123,9 +110,9 @@ def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, be
         raise ValueError(f"scores must be (B,) = ({kl.shape[0]},), got {tuple(scores.shape)}")
     if score_clip is not None:
         scores = scores.clamp(-score_clip, score_clip)
-    rewards = -beta * kl * mask.to(kl.dtype)
-    last = last_generated_index(mask)
-    rewards[torch.arange(kl.shape[0]), last] += scores.to(rewards.dtype)
+    rewards = -beta * kl * mask.to(kl.dtype)                               # (B, T)
+    last = last_generated_index(mask)                                      # (B,)
+    rewards[torch.arange(kl.shape[0]), last] += scores.to(rewards.dtype)   # the score lands once per row
     return rewards
 
 
@@ -144,7 +131,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     """
     _check_same_shape(rewards=rewards, values=values, mask=mask)
     m = mask.to(values.dtype)
-    values = values.detach() * m
+    values = values.detach() * m             # V = 0 on the prompt and after the stop: nothing to bootstrap
     b, t_len = rewards.shape
     advantages = torch.zeros_like(values)
     running = values.new_zeros(b)            # A_{t+1}
@@ -152,7 +139,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     next_mask = values.new_zeros(b)          # m_{t+1}
     for t in reversed(range(t_len)):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = (delta + gamma * lam * next_mask * running) * m[:, t]
+        running = (delta + gamma * lam * next_mask * running) * m[:, t]   # reset to 0 outside the reply
         advantages[:, t] = running
         next_value, next_mask = values[:, t], m[:, t]
     return advantages, (advantages + values) * m
@@ -173,11 +160,11 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     if not clip > 0:
         raise ValueError(f"clip must be > 0 (PPO's epsilon, typically 0.2), got {clip}")
     log_ratio = logprobs - old_logprobs.detach()
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(log_ratio)             # exactly 1 on the first minibatch after the rollout
     advantages = advantages.detach()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)   # max of the negated = min of the surrogates
     with torch.no_grad():
         metrics = {"clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
                    "approx_kl": masked_mean(0.5 * log_ratio ** 2, mask).item(),
@@ -233,8 +220,8 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor,
     """
     logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     picked = logprobs.gather(-1, tokens[:, 1:, None]).squeeze(-1)          # predicts t + 1
-    picked = torch.cat([picked.new_zeros(tokens.shape[0], 1), picked], dim=1)
-    has_context = attention_mask.long().cumsum(-1) > 1
+    picked = torch.cat([picked.new_zeros(tokens.shape[0], 1), picked], dim=1)   # (B, T): column 0 has no context
+    has_context = attention_mask.long().cumsum(-1) > 1     # a row's first real token has nothing before it
     return picked * (has_context & attention_mask.bool())
 
 

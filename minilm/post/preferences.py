@@ -44,7 +44,7 @@ def encode_pairs(tokenizer, pairs: list[dict], max_len: int) -> tuple[list[tuple
     Cutting a too-long pair would cut the end of the replies, exactly where chosen and rejected
     differ, so such pairs are dropped rather than truncated.
     """
-    kept = [(e, p) for p in pairs
+    kept = [(e, p) for p in pairs      # e: (chosen (ids, mask), rejected (ids, mask))
             for e in [encode_pair(tokenizer, p)] if max(len(e[0][0]), len(e[1][0])) <= max_len]
     if not kept:
         raise ValueError(f"no preference pair fits in max_len={max_len} tokens; raise max_len")
@@ -59,7 +59,7 @@ def pair_batch(encoded: list[tuple], pad_id: int, max_len: int) -> dict[str, tor
     targets), the mask `sequence_logprobs` sums over. One batch holds both sides of every pair,
     so one forward pass scores them all.
     """
-    rows = [e[0] for e in encoded] + [e[1] for e in encoded]
+    rows = [e[0] for e in encoded] + [e[1] for e in encoded]     # B chosen, then B rejected
     batch = collate(rows, pad_id, max_len)
     loss_mask = torch.zeros_like(batch["tokens"])
     loss_mask[:, 1:] = (batch["targets"][:, :-1] != -100).long()  # target t is token t + 1
@@ -136,7 +136,7 @@ def build_preference_pairs(model, tokenizer, prompts: list, oracle, n_samples: i
                 if a == b:
                     continue  # identical texts: nothing to prefer, nothing to learn
                 p = float(oracle.prefer(prompt, judged_a, judged_b))
-                if abs(p - 0.5) <= tie_margin:
+                if abs(p - 0.5) <= tie_margin:      # a tie carries no preference
                     continue
                 chosen, rejected = (a, b) if p > 0.5 else (b, a)
                 pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,

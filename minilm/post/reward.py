@@ -1,33 +1,21 @@
 """Reward models: a scalar head trained on preference pairs with the Bradley-Terry loss.
 
-    minilm reward --init runs/sft-tiny/checkpoint --out-dir runs/reward-tiny          # CPU, ~3 min
-    minilm reward --init runs/sft-tiny/checkpoint --lm-weight 1.0 --out-dir runs/hydra-sft
-
-    from minilm.stages.reward import reward_config, run_reward
-    from minilm.post.reward import load_reward_model
-    summary = run_reward(reward_config("tiny", init="runs/sft-tiny/checkpoint"))
+    from minilm.post.reward import load_reward_model, reward_loss
+    loss, metrics = reward_loss(hydra, batch, lm_weight=1.0)           # batch from pair_batch()
     hydra, tok = load_reward_model("runs/reward-tiny/checkpoint")      # HydraModel + tokenizer
+    minilm reward --init runs/sft-tiny/checkpoint --out-dir runs/reward-tiny   # the stage: minilm/stages/reward.py
 
-Bradley-Terry (InstructGPT, Ouyang et al. 2022, eq. 1; the reward model Hydra-RLHF builds on):
-P(chosen beats rejected) = sigmoid(r(x, y_c) - r(x, y_r)), so the loss is -log sigmoid(r_c - r_r),
-where r is the "reward" head's value at the reply's last token (minilm/post/heads.py).
+Bradley-Terry (InstructGPT, Ouyang et al. 2022, arXiv 2203.02155, eq. 1; the reward model
+Hydra-RLHF builds on): P(chosen beats rejected) = sigmoid(r(x, y_c) - r(x, y_r)), so the loss is
+-log sigmoid(r_c - r_r), where r is the "reward" head's value at the reply's last token
+(minilm/post/heads.py).
 
-Hydra-SFT (Hydra-RLHF, arXiv 2309.00754; ../shared/papers/hydra_rlhf.md): with lm_weight > 0
-the same model also keeps its LM head trained, loss = BT + lm_weight * LM loss, both from ONE
-trunk pass over the pair batch. The LM loss is on the chosen replies only (the SFT data of a
-comparison set is its preferred answers). Our note on the paper leaves the exact weighting and
-batch composition "to check", so we do not claim the paper's numbers: we use the plain sum
-(lm_weight = 1.0) and expose the weight, because both losses are per-pair/per-token means
-of similar size (0.69 nats for BT at the start, a few nats per token for the LM loss). With
-lm_weight = 0 the trunk is free to forget language modelling; `eval_lm_loss` shows how much.
-
-  1. load cfg.init (an SFT or pretrained checkpoint) into a HydraModel; LoRA when cfg.lora_r > 0
-     (adapters + head trained, base frozen);
-  2. encode the offline pairs of data_prep/instructions.py (train and held-out never overlap);
-  3. measure held-out pair accuracy BEFORE training (a fresh head: ~chance);
-  4. train with `reward_loss` in the shared loop (minilm/post/loop.py);
-  5. measure AFTER, per rejection reason too; the heads go to heads.safetensors in the checkpoint.
-Deviation: InstructGPT compares K=4..9 replies per prompt; we use one pair per prompt.
+Hydra-SFT (Hydra-RLHF, arXiv 2309.00754): with lm_weight > 0 the same model also keeps its LM
+head trained, loss = BT + lm_weight * LM loss, both from ONE trunk pass over the pair batch; the
+LM loss is on the chosen replies only. `hydra_sft_loss` is the variant with a separate SFT batch.
+Deviations: the paper's weighting of the two losses is not reproduced; we take the plain sum
+(lm_weight = 1.0, lesson 07 says why). InstructGPT compares K=4..9 replies per prompt; we use
+one pair per prompt.
 """
 
 from __future__ import annotations
@@ -37,6 +25,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from data_prep.instructions import preference_pairs
 from minilm.checkpoint import load_checkpoint
 from minilm.lora import adapter_names, merge_and_unload
 from minilm.post.heads import HydraModel, last_token_index
@@ -51,7 +40,7 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[to
     if chosen.shape != rejected.shape:
         raise ValueError(f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} scores "
                          f"must have the same shape (one score per pair side)")
-    diff = chosen.float() - rejected.float()
+    diff = chosen.float() - rejected.float()          # (B,) r_c - r_r, in fp32 for logsigmoid
     loss = -F.logsigmoid(diff).mean()
     with torch.no_grad():
         accuracy = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean()
@@ -66,12 +55,12 @@ def pair_scores(hydra, batch: dict, head: str = "reward", lm_weight: float = 0.0
     the model to learn to write them.
     """
     tokens, mask = batch["tokens"], batch["attention_mask"]
-    b = tokens.shape[0] // 2
+    b = tokens.shape[0] // 2                 # rows [:b] chosen, [b:] rejected
     if lm_weight > 0:
         targets = batch["targets"].clone()
-        targets[b:] = -100
+        targets[b:] = -100                   # ignore_index: no LM loss on the rejected replies
         _, lm_loss, values = hydra(tokens, mask, targets)
-        scores = values[head].gather(1, last_token_index(mask)[:, None]).squeeze(1)
+        scores = values[head].gather(1, last_token_index(mask)[:, None]).squeeze(1)   # (2B,) at the last real token
     else:
         lm_loss, scores = None, hydra.score(tokens, mask, head)
     return scores[:b], scores[b:], lm_loss
@@ -117,7 +106,7 @@ def load_reward_model(directory, heads=("reward",), device="cpu"):
     if adapter_names(ck.model):  # e.g. an SFT-with-LoRA checkpoint: its adapters become the base
         merge_and_unload(ck.model).requires_grad_(True)
     saved = ck.extra.get("heads", {})
-    names = tuple(dict.fromkeys([*heads, *(k.split(".")[0] for k in saved)]))
+    names = tuple(dict.fromkeys([*heads, *(k.split(".")[0] for k in saved)]))   # asked + saved, in order
     hydra = HydraModel(ck.model, heads=names)
     if saved:
         hydra.heads.load_state_dict(saved, strict=False)
@@ -126,7 +115,6 @@ def load_reward_model(directory, heads=("reward",), device="cpu"):
 
 def reward_data(cfg, tokenizer) -> tuple[list, list, list[str]]:
     """(train encoded pairs, held-out encoded pairs, held-out rejection reasons)."""
-    from data_prep.instructions import preference_pairs
     train, _ = encode_pairs(tokenizer, preference_pairs(cfg.n_pairs, cfg.data_seed, split="train"),
                             cfg.max_len)
     heldout, kept = encode_pairs(tokenizer, preference_pairs(cfg.n_eval_pairs, cfg.data_seed + 1,

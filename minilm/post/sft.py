@@ -1,47 +1,22 @@
-"""Supervised fine-tuning (SFT) on chat data, measured before and after (lesson 06).
+"""Supervised fine-tuning (SFT) on chat data: the loss, the batches and the held-out judgement (lesson 06).
 
-    minilm sft --init runs/base-tiny/checkpoint --out-dir runs/sft-tiny-v2       # CPU, ~4 minutes
-    minilm sft --init runs/base-tiny/checkpoint --text-mix 0    # pure SFT: no clean-text replay
-    minilm sft --init runs/base-tiny/checkpoint --out-dir runs/sft-lora --lora-r 8 --lr 3e-3
-
-    from minilm.stages.sft import sft_config, run_sft
-    summary = run_sft(sft_config("tiny", init="runs/base-tiny/checkpoint"))
-    summary["before"]["end_rate"], summary["after"]["end_rate"]
+    loss, metrics = sft_loss(model, batch_fn(step), text_mix=1.0)     # batch_fn = make_batch_fn(...)
+    rates = evaluate_chat(model, tok, heldout, AnswerOracle(heldout))  # end_rate, form_rate, correct_rate
+    minilm sft --init runs/base-tiny/checkpoint --out-dir runs/sft-tiny-v2   # the stage: minilm/stages/sft.py
 
 Phi-3's post-training begins with SFT on chat-formatted data (math, coding, reasoning,
-conversation; Phi-3 report, section 3). Ours: the instruction conversations of
+conversation; Phi-3 report, arXiv 2404.14219, section 3). Ours: the instruction conversations of
 data_prep/instructions.py (real man-page and docstring answers, computed arithmetic and unit
 answers), rendered in Phi-3's format by minilm/post/chat.py, trained with next-token loss on the
-assistant tokens only (the loss mask), through the shared loop of minilm/post/loop.py.
+assistant tokens only (the loss mask). Batches are padded to their longest row, not packed.
 
-  1. load the pretrained checkpoint (cfg.init); with cfg.lora_r > 0 wrap its linear layers with
-     LoRA adapters and freeze the rest (minilm/lora.py);
-  2. render the train conversations to (ids, loss_mask); a batch is a pure function of
-     (seed, step): one shuffled permutation per epoch, cut into batches, right-padded;
-  3. measure the held-out prompts BEFORE training: greedy replies, judged by AnswerOracle;
-  4. train with `sft_loss` (mean cross-entropy over the masked assistant tokens, plus text_mix
-     times the next-token loss on a few windows of clean pretraining text);
-  5. measure again AFTER; save the checkpoint with meta stage "sft" and both measurements.
-  Every measurement includes `text_val_loss`, the held-out clean-text loss, when the text is known.
-
-Replay. Pure SFT (600 steps at the pretraining lr on ~3.5k short answers) wrecks the language
-model: the tiny base scores 4.42 nats/token on held-out clean text, after pure SFT 8.18, worse
-than uniform (ln 2048 = 7.62), confidently predicting digits and <|end|> in running prose (lesson
-06, "SFT forgets text"). So each step also draws text_batch_size windows of text_seq_len tokens
-from the train split of the shards cfg.init was pretrained on (recorded in its train_state.pt;
-or cfg.text_data) and adds text_mix * their mean next-token loss: the "pretraining mix" of
-InstructGPT (Ouyang et al. 2022, PPO-ptx, where it is added to the RL objective, not to SFT).
-The Phi-3 report does not say its SFT mixes in pretraining text; this is our choice. The windows
-are a pure function of (seed, step), like the chat batches, so resume stays exact. When no
-pretraining data can be found the replay is switched off with a notice, not an error.
-
-Batching: padding, not packing. Our conversations are 15-60 tokens and we pad each batch only
-to its longest row, so about 40% of the positions are padding (logged as `pad_fraction`).
-Packing several conversations into one row would need a block-diagonal attention mask and
-per-conversation positions, which the fused attention kernel (causal + key padding mask only)
-does not take; at this length the compute it would save does not pay for that complexity.
-Deviations from the paper: no multi-turn data, no safety/identity data, far smaller data;
-the clean-text replay above.
+Replay: each step may also draw clean pretraining-text windows and add text_mix * their mean
+next-token loss, since pure SFT on short answers wrecks the tiny model's language modelling
+(lesson 06, "SFT forgets text"). This is the "pretraining mix" of InstructGPT (arXiv 2203.02155,
+PPO-ptx, where it is added to the RL objective, not to SFT); the Phi-3 report does not say its
+SFT mixes in pretraining text. The windows are a pure function of (seed, step), so resume is exact.
+Deviations from the paper: no multi-turn data, no safety/identity data, far smaller data; the
+clean-text replay above.
 """
 
 from __future__ import annotations
@@ -50,6 +25,7 @@ import random
 
 import torch
 
+from data_prep.instructions import instruction_examples
 from minilm import MinilmError
 from minilm.data import TokenDataset
 from minilm.generate import generate
@@ -62,8 +38,8 @@ def sft_loss(model, batch: dict, text_mix: float = 0.0) -> tuple[torch.Tensor, d
     """Mean next-token cross-entropy over the target tokens (assistant content + <|end|>),
     plus text_mix * the mean next-token loss on the clean-text windows batch["text"], if any."""
     _, loss = model(batch["tokens"], batch["targets"], attention_mask=batch["attention_mask"])
-    n_targets = (batch["targets"] != -100).sum()
-    pad = 1 - batch["attention_mask"].float().mean()
+    n_targets = (batch["targets"] != -100).sum()       # -100: prompt, role tags and padding (no loss)
+    pad = 1 - batch["attention_mask"].float().mean()   # what packing could save
     metrics = {"target_tokens": n_targets.item(), "pad_fraction": pad.item(), "chat_loss": loss.item()}
     if text_mix > 0 and "text" in batch:
         _, text_loss = model(batch["text"]["tokens"], batch["text"]["targets"])  # (B, T) windows, no padding
@@ -113,11 +89,11 @@ def make_batch_fn(examples, batch_size: int, seed: int, pad_id: int, max_len: in
 def greedy_judgements(model, tokenizer, conversations: list[dict], oracle, max_new_tokens: int = 48,
                       batch_size: int = 64) -> list[dict]:
     """oracle.judge of the greedy reply to each conversation's prompt, with the reply and its kind."""
-    stops = [tokenizer.special_id("<|end|>"), tokenizer.eot_id]
+    stops = [tokenizer.special_id("<|end|>"), tokenizer.eot_id]   # a reply ends at either
     judged = []
     for i in range(0, len(conversations), batch_size):
         chunk = conversations[i:i + batch_size]
-        prompts = [render_prompt(tokenizer, c["messages"][:-1]) for c in chunk]
+        prompts = [render_prompt(tokenizer, c["messages"][:-1]) for c in chunk]   # all but the answer
         rollout = generate(model, prompts, max_new_tokens, temperature=0.0, stop_tokens=stops,
                            pad_id=tokenizer.eot_id)
         for c, ids in zip(chunk, rollout.responses()):
@@ -151,7 +127,6 @@ def evaluate_chat(model, tokenizer, conversations, oracle: AnswerOracle, max_new
 
 def sft_data(cfg) -> tuple[list[dict], list[dict], list[dict]]:
     """(train, held-out, train sample for eval) conversations, as cfg says."""
-    from data_prep.instructions import instruction_examples
     sources = tuple(s.strip() for s in cfg.sources.split(",") if s.strip())
     train = instruction_examples(cfg.n_train, cfg.data_seed, sources, split="train")
     heldout = instruction_examples(cfg.n_eval, cfg.data_seed + 1, sources, split="heldout")

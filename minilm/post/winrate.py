@@ -29,6 +29,7 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     if not 0 <= successes <= n:
         raise ValueError(f"successes must lie in [0, n], got {successes} of {n}")
     p = successes / n
+    # the score interval: centre pulled towards 1/2, half-width that stays > 0 at p = 0 or 1
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return max(0.0, centre - half), min(1.0, centre + half)
@@ -46,7 +47,7 @@ def bootstrap_interval(prefs, n_boot: int = 1000, level: float = 0.95, seed: int
         raise ValueError("a win-rate needs at least one comparison")
     rng = random.Random(seed)
     means = sorted(sum(rng.choices(scores, k=len(scores))) / len(scores) for _ in range(n_boot))
-    cut = int((1 - level) / 2 * n_boot)
+    cut = int((1 - level) / 2 * n_boot)      # drop this many means from each tail
     return means[cut], means[n_boot - 1 - cut]
 
 
@@ -100,7 +101,7 @@ def plot_winrates(rows: list[dict], path, series=None, length_key: str | None = 
     series: the win-rate columns to draw (default: every column holding win_rate dicts).
     Returns the path, or None when matplotlib is missing.
     """
-    try:
+    try:   # optional: matplotlib is only needed to draw
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

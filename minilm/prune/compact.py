@@ -25,6 +25,7 @@ import dataclasses
 import torch
 
 from minilm import MinilmError
+from minilm.lora import base_state_dict, lora_layers
 from minilm.model import Phi3, get_neuron_masks
 from minilm.ops import compact_ffn
 
@@ -50,7 +51,6 @@ def compacted_widths(model: Phi3, masks: list | None = None) -> tuple[int, ...]:
 def compact_model(model: Phi3, masks: list[torch.Tensor | None] | None = None) -> Phi3:
     """A new Phi3 whose layer l holds only the kept neurons of masks[l] (default: the model's own
     neuron masks); same device and dtype, no masks, config.d_ff_per_layer set. `model` is unchanged."""
-    from minilm.lora import base_state_dict, lora_layers  # lora imports the checkpoint code
     model = getattr(model, "module", model)  # unwrap DDP
     if lora_layers(model):
         raise MinilmError("compact_model: the model carries LoRA adapters; merge them into the weights "
@@ -63,6 +63,7 @@ def compact_model(model: Phi3, masks: list[torch.Tensor | None] | None = None) -
         if mask is None:
             continue
         prefix = f"model.layers.{i}.mlp."
+        # gate_up (2F, D) -> (2K, D) and down (D, F) -> (D, K): only the kept neurons' slices
         state[prefix + "gate_up_proj.weight"], state[prefix + "down_proj.weight"] = compact_ffn(
             state[prefix + "gate_up_proj.weight"], state[prefix + "down_proj.weight"], mask)
     weight = model.model.embed_tokens.weight

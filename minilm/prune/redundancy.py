@@ -15,18 +15,19 @@ two neuron-level views of the kept neurons: how *sensitive* the loss is to each 
                because down_proj can absorb a sign.
   sensitivity  mean over kept neurons of |sum_t h_tj * dL/dh_tj|, the first-order change of the
                loss if neuron j were removed (Taylor / the gradient of the mask; Molchanov et al.
-               2017). Large: the loss depends on the neuron.
+               2017, arXiv 1611.06440). Large: the loss depends on the neuron.
 
-The paper's exact definitions (and whether they aggregate by mean or max, or use running
-averages over training) could not be retrieved from its text; these are our readings of
-"uniqueness" and "sensitivity" and are stated here so the numbers can be compared across our
-methods, not with the paper's tables.
+Deviation: these are our readings of the paper's "uniqueness" and "sensitivity" (its exact
+definitions and aggregation are not reproduced), so the numbers compare our methods with each
+other, not with the paper's tables (lesson 11).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from minilm.model import get_neuron_masks, set_neuron_masks
 
 
 class NeuronMasker:
@@ -36,7 +37,7 @@ class NeuronMasker:
     This is the pure-PyTorch "act * mask" path: differentiable in the mask (the straight-through
     scores of movement and GUM train through it) and it exposes the activations that GUM's
     regulariser and the redundancy measures need, whatever path MLP.forward takes. (The stage itself
-    masks with minilm.model.set_neuron_masks; see minilm/prune/apply.py.)
+    masks with minilm.model.set_neuron_masks; see minilm/stages/prune.py.)
     """
 
     def __init__(self, model, record: bool = False):
@@ -49,11 +50,11 @@ class NeuronMasker:
 
     def _hook(self, layer: int):
         def hook(module, inputs):
-            (h,) = inputs
+            (h,) = inputs                       # (B, T, F): the FFN activations down_proj is about to read
             if self.record:
                 self.acts[layer] = h
             mask = self.masks[layer]
-            return None if mask is None else (h * mask.to(h.dtype),)
+            return None if mask is None else (h * mask.to(h.dtype),)   # None: the input goes on unchanged
         return hook
 
     def remove(self) -> None:
@@ -69,8 +70,8 @@ def max_cosine_similarity(acts: torch.Tensor, keep: torch.Tensor | None = None) 
     """
     n = acts.shape[1]
     keep = torch.ones(n, dtype=torch.bool) if keep is None else keep.bool().cpu()
-    a = F.normalize(acts.detach().float().cpu(), dim=0)
-    sim = (a.T @ a).abs()
+    a = F.normalize(acts.detach().float().cpu(), dim=0)    # unit columns (N, F)
+    sim = (a.T @ a).abs()                                  # (F, F) |cosine|: down_proj can absorb a sign
     sim[~keep[None, :].expand(n, n)] = 0.0          # only kept partners count
     sim.fill_diagonal_(0.0)
     nearest = sim.max(dim=1).values
@@ -93,7 +94,6 @@ def redundancy_report(model, batch: dict, masks: list | None = None, max_tokens:
     batch: {"tokens", "targets", "attention_mask"} (as minilm.post.chat.collate makes). The
     activations are read at the input of each down_proj (where the mask applies).
     """
-    from minilm.model import get_neuron_masks, set_neuron_masks
     own = get_neuron_masks(model)            # measured through the hooks' act * mask path instead,
     set_neuron_masks(model, [None] * len(own))   # which exposes activations and their gradients
     masker = NeuronMasker(model, record=True)
@@ -107,7 +107,7 @@ def redundancy_report(model, batch: dict, masks: list | None = None, max_tokens:
         with torch.enable_grad():
             _, loss = model(batch["tokens"], batch["targets"], attention_mask=batch.get("attention_mask"))
             for h in masker.acts:
-                h.retain_grad()
+                h.retain_grad()          # non-leaf tensors: keep dL/dh for the sensitivity
             loss.backward()
         valid = (batch["attention_mask"] if batch.get("attention_mask") is not None
                  else torch.ones_like(batch["tokens"])).bool().flatten()

@@ -1,11 +1,13 @@
 """The sparsity schedule of gradual pruning, and distillation from the unpruned model (lesson 11).
 
     from minilm.prune.schedule import SparsitySchedule, distill_loss
-    sched = SparsitySchedule(final_density=0.5, total_steps=200, warmup_steps=20, final_steps=40, every=10)
+    sched = SparsitySchedule(final_density=0.5, total_steps=200, warmup_steps=20, final_steps=40,
+                             every=10)
     sched.density(0), sched.density(100), sched.density(199)     # 1.0, ~0.58, 0.5
 
-Cubic schedule of Zhu & Gupta 2017 ("To prune, or not to prune"), in the form movement pruning
-uses (Sanh et al. 2020, section 4): dense for `warmup_steps`, then the kept fraction falls as
+Cubic schedule of Zhu & Gupta 2017 ("To prune, or not to prune", arXiv 1710.01878), in the form
+movement pruning uses (Sanh et al. 2020, arXiv 2005.07683, section 4): dense for `warmup_steps`,
+then the kept fraction falls as
 
     density(t) = d_f + (1 - d_f) * (1 - (t_q - t_w) / n)^3        t_w <= t < t_w + n
 
@@ -15,9 +17,9 @@ so the model recovers at the final sparsity. The ramp removes many neurons early
 network is still redundant, and few at the end.
 
 Santacroce et al. 2023 (arXiv 2302.03773) report that the gaps between methods narrow with
-knowledge distillation from the unpruned model; we could not retrieve their exact distillation
-loss, so `distill_loss` is the standard one of Hinton et al. 2015 (temperature-T KL on logits,
-scaled by T^2, mixed with the task loss by PruneConfig.distill_alpha).
+knowledge distillation from the unpruned model. Deviation: their exact distillation loss is not
+reproduced; `distill_loss` is the standard one of Hinton et al. 2015 (arXiv 1503.02531:
+temperature-T KL on logits, scaled by T^2, mixed with the task loss by PruneConfig.distill_alpha).
 """
 
 from __future__ import annotations

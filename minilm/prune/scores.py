@@ -12,23 +12,15 @@ Models?" (arXiv 2302.03773):
 
   magnitude   ||(gate_j, up_j, down_j)||_2 of the current weights: keep the largest
   random      seeded uniform scores (fixed for the run, so masks are nested as density falls)
-  movement    the paper's movement baseline is movement pruning in the block/structured form of
-              Lagunas et al. 2021: a learned score per neuron, trained by the task loss through a
-              straight-through Top-v mask (`straight_through`). Its gradient at mask = 1 equals
-              the classic first-order movement -sum W * dL/dW over the neuron's down-projection
-              column (see `movement_step`, which computes the first-order form for all three
-              weight slices and which tests use as the hand-checked definition).
-  gum         Globally Unique Movement: the learned movement scores, Top-v taken GLOBALLY over
-              all layers, plus a cosine-similarity regulariser that pushes the kept neurons to
-              be unique (`uniqueness_penalty`).
+  movement    a learned score per neuron (Lagunas et al. 2021, arXiv 2109.04838), trained by the
+              task loss through a straight-through Top-v mask (`straight_through`); its gradient
+              at mask = 1 is the first-order movement -sum W * dL/dW (`movement_step`)
+  gum         Globally Unique Movement: the learned scores, Top-v taken GLOBALLY over all layers,
+              plus a cosine-similarity regulariser for unique kept neurons (`uniqueness_penalty`)
 
-What we could and could not check in the paper's text: the abstract and introduction (reached
-through the search tool) confirm the baselines "magnitude, random, and movement (Lagunas et al.,
-2021)" on the MLP layers, and a secondary summary says GUM "combines global Top_v pruning with a
-cosine-similarity regularizer". The method section itself (the exact regulariser, its weight,
-whether it uses running averages of activations) was NOT retrievable, so `uniqueness_penalty`
-is our own formulation of "penalise kept neurons whose activations are nearly parallel to
-another kept neuron's", and its weight (PruneConfig.gum_weight) is our choice, not the paper's.
+Deviation: the paper's exact GUM regulariser and its weight are not reproduced; `uniqueness_penalty`
+is our formulation ("penalise kept neurons whose activations are nearly parallel to another kept
+neuron's") and PruneConfig.gum_weight is our choice (lesson 11, "What we could check in the paper").
 """
 
 from __future__ import annotations
@@ -51,7 +43,7 @@ def magnitude_scores(mlp) -> torch.Tensor:
 
 def random_scores(n_neurons: int, seed: int, layer: int) -> torch.Tensor:
     """(F,) uniform scores from a generator seeded by (seed, layer): the same on every call."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + layer)   # a distinct stream per (seed, layer)
     return torch.rand(n_neurons, generator=g)
 
 
@@ -64,8 +56,8 @@ def movement_step(gate_up_w: torch.Tensor, gate_up_grad: torch.Tensor,
     when gradient descent pushes a weight away from zero.
     """
     prod = -(gate_up_w * gate_up_grad).float()          # (2F, D)
-    gate, up = prod.chunk(2, dim=0)
-    return gate.sum(1) + up.sum(1) - (down_w * down_grad).float().sum(0)
+    gate, up = prod.chunk(2, dim=0)                     # (F, D) each
+    return gate.sum(1) + up.sum(1) - (down_w * down_grad).float().sum(0)   # rows of gate/up, columns of down
 
 
 def straight_through(scores: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
@@ -97,9 +89,9 @@ def masks_from_scores(scores: list[torch.Tensor], density: float, global_rank: b
     sizes = [s.numel() for s in scores]
     if not global_rank:
         return [_top_mask(s, k) for s, k in zip(scores, _keep_counts(sizes, density))]
-    flat = torch.cat(scores)
+    flat = torch.cat(scores)                            # (sum F_l,): one ranking over every layer
     keep = _top_mask(flat, max(1, round(density * flat.numel())))
-    masks = list(keep.split(sizes))
+    masks = list(keep.split(sizes))                     # back to one (F_l,) mask per layer
     for i, (m, s) in enumerate(zip(masks, scores)):
         if m.sum() == 0:  # global ranking emptied this layer: keep its best neuron
             masks[i] = _top_mask(s, 1)

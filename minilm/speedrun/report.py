@@ -1,25 +1,24 @@
-"""The speedrun's report card: report.md and report/*.png from a run folder (issue 10, lesson 12).
+"""The speedrun's report card: report.md and report/*.png from a run folder (lesson 12).
 
-    python -m minilm.eval.report runs/speedrun-ci          # (re)writes runs/speedrun-ci/report.md
+    minilm speedrun --only report --out-dir runs/speedrun-ci --preset ci   # (re)writes the report alone
     from minilm.speedrun.report import write_report
-    write_report("runs/speedrun-ci", title="ci preset")    # -> Path("runs/speedrun-ci/report.md")
+    write_report("runs/speedrun-ci", tuple(STAGES), title="ci preset")   # -> Path(".../report.md")
 
-What it reads (the run folder of `minilm speedrun`, see lessons/12_speedrun.md):
+What it reads (the run folder of `minilm speedrun`, through minilm/speedrun/run_folder.py):
   <stage>/stage.json   one per finished stage: seconds, tokens, params, trainable_params, result
   eval.json            {stage: the evaluation suite's metrics of the model after that stage}
-  and, for the plots, what the stages already log (read here into Run.logs):
-  pretrain/metrics.jsonl  step, loss, val_loss, phase                      (minilm/train.py)
-  sft|dpo|hydra-sft/metrics.jsonl  step, loss, eval_loss                  (minilm/post/loop.py)
-  ppo/metrics.jsonl    step, score (the reward), kl, vf_loss               (minilm/post/ppo_loop.py)
-  dno/summary.json     rows: per iteration vs_sft/vs_prev/vs_teacher win-rates (minilm/post/dno_loop.py)
-  ltc/metrics.jsonl + ltc/baseline.json  iteration, test_success, ...      (minilm/agents/ltc.py)
-  prune/metrics.jsonl  step, density, task_loss, heldout_loss              (minilm/prune/apply.py)
-The figures are drawn by minilm/eval/report_plots.py, whose docstring says what each one shows.
+  and, for the plots, what the stages already log:
+  pretrain/metrics.jsonl  step, loss, val_loss, phase                      (minilm/stages/pretrain.py)
+  sft|dpo|hydra-sft/metrics.jsonl  step, loss, eval_loss                  (minilm/loop.py)
+  ppo/metrics.jsonl    step, score (the reward), kl, vf_loss               (minilm/stages/ppo.py)
+  dno/summary.json     rows: per iteration vs_sft/vs_prev/vs_teacher win-rates (minilm/stages/dno.py)
+  ltc/metrics.jsonl + ltc/baseline.json  iteration, test_success, ...      (minilm/stages/ltc.py)
+  prune/metrics.jsonl  step, density, task_loss, heldout_loss              (minilm/stages/prune.py)
+The figures are drawn by minilm/speedrun/report_plots.py, whose docstring says what each one shows.
 The report is modelled on nanochat's report card: one table of what every stage cost (time,
 tokens, parameters) and what it bought (the same evaluation suite after each stage), then plots.
-Every file goes through a tolerant reader: a missing or malformed file becomes a line under
-"Problems" naming the file and the reason, never a traceback, so a partial run still gets a report.
-matplotlib is optional: without it the report is text only and says so.
+A missing or malformed file becomes a line under "Problems" naming the file and the reason,
+never a traceback, so a partial run still gets a report. Without matplotlib it is text only.
 """
 
 from __future__ import annotations
@@ -30,6 +29,8 @@ import platform
 import subprocess
 import time
 from pathlib import Path
+
+import torch
 
 from minilm import MinilmError
 from minilm.speedrun.report_plots import PLOT_TEXT, write_plots
@@ -74,7 +75,7 @@ def _count(v) -> str:
 def headline(stage: str, result: dict) -> str:
     """One or two numbers from a stage's result (HEADLINES, else its first two numeric fields)."""
     picks = [(label, _dig(result, path)) for label, path in HEADLINES.get(stage, [])]
-    picks = [(label, v) for label, v in picks if is_number(v)]
+    picks = [(label, v) for label, v in picks if is_number(v)]   # a stage may not log every field
     if not picks:
         picks = [(k, v) for k, v in result.items() if is_number(v)][:2]
     return ", ".join(f"{label} {v:,}" if isinstance(v, int) else f"{label} {v:.4g}"
@@ -86,7 +87,7 @@ def stage_table(run: RunFolder) -> list[str]:
              "|---|---|---:|---:|---:|---:|---|"]
     for stage, r in run.stages.items():
         seconds = f"{r['seconds']:.1f} s" if is_number(r.get("seconds")) else "-"
-        seconds += " *" if r.get("resumed") is True else ""
+        seconds += " *" if r.get("resumed") is True else ""     # footnoted in render()
         lines.append(f"| {stage} | {r.get('title') or '-'} | {seconds} | {_count(r.get('tokens'))} | "
                      f"{_count(r.get('params'))} | {_count(r.get('trainable_params'))} | "
                      f"{headline(stage, r.get('result') or {})} |")
@@ -126,7 +127,6 @@ def _git_commit() -> str:
 
 
 def machine() -> str:
-    import torch
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
     return (f"Python {platform.python_version()}, torch {torch.__version__}, {device}, "
             f"{os.cpu_count()} CPU cores ({platform.system()} {platform.machine()})")
@@ -143,6 +143,7 @@ def _header(run: RunFolder, title: str | None) -> list[str]:
             *([f"- preset: {preset}"] if preset else []),
             f"- machine: {machine()}",
             f"- git commit: {_git_commit()}",
+            # order - 1: the report stage is still running while it writes this, so it has no record
             f"- total time: {seconds:.1f} s ({seconds / 60:.1f} min) over {len(run.stages)} of "
             f"{len(run.order) - 1} stages; {_count(tokens)} tokens trained", ""]
 

@@ -54,7 +54,7 @@ PLOT_TEXT = {
 
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
-    try:
+    try:   # optional: matplotlib is only needed to draw
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -72,6 +72,7 @@ def _save(fig, plt, path: Path) -> bool:
 
 def _integer_steps(ax) -> None:
     """Steps and iterations are whole numbers: no 10.5 tick when a stage logged two points."""
+    # optional dependency, imported here: only reached once pyplot() found matplotlib
     from matplotlib.ticker import MaxNLocator
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
 

@@ -4,24 +4,11 @@
     minilm speedrun                              # --preset laptop: results worth reading, ~15 min on 2 cores
     torchrun --nproc_per_node 8 -m minilm speedrun --preset gpu    # the same pipeline sized for GPUs
     minilm speedrun --only sft,eval,report       # re-run stages alone (the old folders are kept as .prev)
-    minilm speedrun --dry-run                    # print every stage's config and stop
 
-The pipeline; each step is a library function that this file only calls with sizes and paths:
-
-    data       the data pipeline of lesson 05 (filtered real text; its best part + synthetic)
-    pretrain   Phi-3-style two-phase pretraining (lesson 03)
-    sft        chat SFT (lesson 06)                                 from pretrain
-    dpo        DPO + NLL (lesson 07)                                from sft
-    hydra-sft  one model with an LM head and a reward head (lesson 08)   from sft
-    ppo        Hydra-PPO against its own reward head (lesson 08)    from hydra-sft
-    dno        DNO iterations against the verifier (lesson 09)      from sft
-    ltc        LTC on the math environment (lesson 10)              from sft
-    prune      GUM pruning of half the FFN neurons (lesson 11)      from sft
-    eval       one evaluation suite on every stage's model (minilm/eval/suite.py)
-    report     OUT/report.md and its plots (minilm/speedrun/report.py)
-
-Post-training branches from the SFT model instead of chaining DPO -> PPO -> DNO, so every method
-starts from the same model and the report's table says what each one bought on its own.
+The driver: it runs the stage table of minilm/speedrun/stages.py in order (data, pretrain, sft,
+dpo, hydra-sft, ppo, dno, ltc, prune, eval, report). Each stage is a library function called with
+sizes and paths; post-training branches from the SFT model instead of chaining DPO -> PPO -> DNO,
+so the report says what each method bought on its own.
 
 Each stage writes into OUT/<stage>/ and, once it finishes, OUT/<stage>/stage.json (atomically): its
 time, tokens, parameters and result. A stage with a stage.json is skipped, so running a killed

@@ -1,33 +1,24 @@
-"""DNO-Prct, iterated (Rosset et al. 2024, arXiv 2404.03715, Algorithm 2; lesson 09).
+"""The DNO stage: DNO-Prct iterations (Rosset et al. 2024, arXiv 2404.03715, Algorithm 2; lesson 09).
 
     minilm dno --init runs/sft-tiny/checkpoint --iterations 3 --samples 5 --oracle verifier
-    from minilm.stages.dno import dno_config, run_dno
     summary = run_dno(dno_config("tiny", out_dir="runs/dno-tiny"))
 
 For t = 1..T, on a fresh split of train prompts (`run_iteration`):
-  1. sample K replies per prompt from pi_t (temperature 0.7, top-p 0.95) and add the teacher's
-     (`scripted_teacher`: correct except on a seeded error_rate share);
+  1. sample K replies per prompt from pi_t (cfg.sample) and add the scripted teacher's;
   2. the oracle scores all K + 1 candidates (`score_candidates`);
   3. large-margin pairs (`select_pairs`): teacher > student, student > teacher, student > student;
-  4. replay 30% of iteration t-1's pairs, 15% of t-2's (`replay_pairs`);
-  5. train pi_{t+1} from pi_t for <= 1 epoch with the DPO loss whose reference is pi_t (a frozen
-     copy, or the same weights with LoRA off when --lora-r > 0);
-  6. judge pi_{t+1} (`evaluate_policy`): greedy replies on held-out validation and test prompts;
-     win-rates against SFT, the previous iterate and the teacher under a SEPARATE verifier on
-     the test prompts, with Wilson intervals and mean length (minilm/eval/winrate.py).
-Every iterate's checkpoint is kept (out_dir/iter_t/checkpoint); the best on validation is named
-in summary.json. Resumable per iteration: a finished iteration is read back from state.json, an
-unfinished one reuses its saved pairs and resumes its training steps (minilm/post/loop.py).
+  4. replay shares of iterations t-1's and t-2's pairs (`replay_pairs`);
+  5. train pi_{t+1} from pi_t for <= 1 epoch with the DPO loss, reference pi_t (a frozen copy,
+     or the same weights with LoRA off when lora_r > 0);
+  6. judge pi_{t+1} (`evaluate_policy`): greedy replies on held-out prompts, win-rates against
+     SFT, pi_t and the teacher under a separate verifier, with Wilson intervals.
+Every iterate is kept (out_dir/iter_t/checkpoint); summary.json names the best on validation. A
+finished iteration is read back from state.json; an unfinished one reuses its pairs and resumes.
+Variants (benchmarks/dno_baselines.py): pairs_mode restrictive | spin, loss regression | sft,
+reference sft, large_margin false, one iteration of several epochs (offline DPO).
 
-Variants (the paper's comparisons, benchmarks/dno_baselines.py): pairs_mode "restrictive"
-(teacher > student only), "spin" (teacher always chosen over every sample, no oracle);
-loss "regression" (Algorithm 1's soft labels sigmoid(r_t(y1) - r_t(y2))), "sft" (NLL on the
-positives); reference "sft" (a fixed SFT reference); large_margin False (all decided pairs);
-iterations 1 with epochs > 1 on all prompts = offline DPO on one fixed pair set.
-
-Deviations: the oracle is a verifier on checkable answers (not GPT-4), the teacher a script;
-non-verifier oracles score a candidate by 6 x its mean preference over the other candidates, so
-the same thresholds apply; no repeated-n-gram negatives (our replies are a few tokens); the
+Deviations: a verifier on checkable answers instead of GPT-4, a scripted teacher; non-verifier
+oracles score a candidate by 6 x its mean preference over the others; no n-gram negatives; the
 learning rate decays by lr_decay per iteration (the paper lowered it by hand).
 """
 
@@ -37,33 +28,52 @@ import copy
 import dataclasses
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from data_prep.instructions import instruction_examples
 from minilm import MinilmError
 from minilm.checkpoint import load_checkpoint
-from minilm.loop import run_loop
-from minilm.post.base_model import PostConfig, from_preset, init_model
-from minilm.post.dno import PAIR_KINDS, dno_regression_loss, replay_pairs, scripted_teacher, select_pairs
+from minilm.config import from_preset
+from minilm.generate import SampleConfig
+from minilm.loop import LoopConfig, OptimConfig, run_loop
+from minilm.post.base_model import LoRAConfig, init_model
+from minilm.post.dno import (
+    PAIR_KINDS,
+    dno_regression_loss,
+    expected_win_rates,
+    replay_pairs,
+    scripted_teacher,
+    select_pairs,
+)
 from minilm.post.dpo import dpo_batch_loss, reference_logprobs, sequence_logprobs
-from minilm.post.oracles import VerifierOracle
+from minilm.post.oracles import JudgeOracle, RewardModelOracle, VerifierOracle
 from minilm.post.preferences import encode_pairs, pair_batch, sample_replies
+from minilm.post.reward import load_reward_model
 from minilm.post.winrate import head_to_head, plot_winrates, win_rate, winrate_table
 from minilm.runtime import setup_runtime
+from minilm.weights import write_json
 
 
 @dataclass
-class DNOConfig(PostConfig):
+class DNOConfig:
     out_dir: str = "runs/dno-tiny"
     init: str = "runs/sft-tiny/checkpoint"
+    batch_size: int = 32
+    eval_every: int = 10_000        # the loop's eval is off; each iteration is judged after training
+    ckpt_every: int = 25
+    log_every: int = 5
+    seed: int = 1337
+    device: str = "auto"
+    resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=3))
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # r > 0: each iteration trains LoRA adapters
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig(max_new_tokens=16, temperature=0.7, top_p=0.95))
     iterations: int = 3
     n_prompts: int = 300            # fresh train prompts per iteration
     samples: int = 5                # K replies per prompt from pi_t (+ 1 teacher reply)
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_new_tokens: int = 16
     oracle: str = "verifier"        # verifier, reward, judge (cyclic: the tabular demo, dno.py)
     oracle_checkpoint: str = ""     # the reward model (reward) or judge model (judge)
     teacher_error: float = 0.25     # share of prompts where the scripted teacher is wrong
@@ -84,12 +94,6 @@ class DNOConfig(PostConfig):
     n_test: int = 300
     data_seed: int = 0
     max_len: int = 64
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup_steps: int = 3
-    eval_every: int = 10_000        # the loop's eval is off; each iteration is judged after training
-    ckpt_every: int = 25
-    log_every: int = 5
 
 
 DNO_PRESETS = {  # ~1M-param SFT model, 2 CPU cores, ~1 minute per iteration. Plain DPO at lr 1e-3
@@ -128,7 +132,6 @@ def check_config(cfg: DNOConfig) -> None:
 
 def dno_data(cfg: DNOConfig) -> dict:
     """Train prompts in T non-overlapping chunks, validation and test prompts (held-out split)."""
-    from data_prep.instructions import instruction_examples
     sources = tuple(s.strip() for s in cfg.sources.split(",") if s.strip())
     train = instruction_examples(cfg.iterations * cfg.n_prompts, cfg.data_seed, sources, split="train")
     if len(train) < cfg.iterations * cfg.n_prompts:
@@ -139,11 +142,9 @@ def dno_data(cfg: DNOConfig) -> dict:
 
 
 def make_oracle(cfg: DNOConfig, conversations: list[dict]):
-    from minilm.post.oracles import JudgeOracle, RewardModelOracle
     if cfg.oracle == "verifier":
         return VerifierOracle(conversations)
     if cfg.oracle == "reward":
-        from minilm.post.reward import load_reward_model
         return RewardModelOracle(*load_reward_model(cfg.oracle_checkpoint))
     ck = load_checkpoint(cfg.oracle_checkpoint)
     return JudgeOracle(ck.model, ck.tokenizer)
@@ -167,7 +168,6 @@ def score_candidates(oracle, prompt, candidates: list[str]) -> tuple[list[float]
 def build_pairs(cfg: DNOConfig, oracle, monitor, prompts, students, teachers) -> tuple[list[dict], dict]:
     """Steps 2-3 for one iteration: the pairs and what they say (shares of each pair kind,
     best-of-K student vs teacher under the uncounted `monitor` verifier)."""
-    from minilm.post.dno import expected_win_rates
     pairs, beats_teacher = [], 0
     for prompt, samples, teacher in zip(prompts, students, teachers):
         texts = [t for t, _ in samples] + [teacher]
@@ -259,7 +259,7 @@ def load_reference(cfg: DNOConfig, model, sft_model):
     """pi_t frozen: None under LoRA (adapters off = pi_t), else a copy; or the fixed SFT model."""
     if cfg.reference == "sft":
         return sft_model
-    return None if cfg.lora_r > 0 else copy.deepcopy(model).requires_grad_(False).eval()
+    return None if cfg.lora.r > 0 else copy.deepcopy(model).requires_grad_(False).eval()
 
 
 def _read_pairs(path: Path) -> list[dict]:
@@ -270,9 +270,11 @@ def run_iteration(cfg: DNOConfig, t: int, data: dict, oracle, monitor, sft_model
     """Steps 1-5 for iteration t (1-based): pi_t = iter_{t-1}'s checkpoint -> iter_t's."""
     it_dir = Path(cfg.out_dir, f"iter_{t}")
     prev = cfg.init if t == 1 else str(Path(cfg.out_dir, f"iter_{t - 1}", "checkpoint"))
-    it_cfg = dataclasses.replace(cfg, out_dir=str(it_dir), init=prev, lr=cfg.lr * cfg.lr_decay ** (t - 1))
+    it_cfg = LoopConfig(out_dir=str(it_dir), init=prev, eval_every=cfg.eval_every, ckpt_every=cfg.ckpt_every,
+                        log_every=cfg.log_every, device=cfg.device, resume=cfg.resume,
+                        optim=dataclasses.replace(cfg.optim, lr=cfg.optim.lr * cfg.lr_decay ** (t - 1)))
     torch.manual_seed(cfg.seed + t)
-    model, _ = init_model(it_cfg, rt.device)
+    model, _ = init_model(prev, cfg.lora, rt.device)
     stats_path = it_dir / "pairs_stats.json"
     if not (it_dir / "pairs.json").exists():                                              # 1.-3.
         convs = data["chunks"][t - 1]
@@ -280,15 +282,15 @@ def run_iteration(cfg: DNOConfig, t: int, data: dict, oracle, monitor, sft_model
         g = torch.Generator().manual_seed(cfg.data_seed * 1000 + t)
         model.eval()
         before = oracle.calls
-        students = sample_replies(model, tokenizer, prompts, cfg.samples, cfg.max_new_tokens,
-                                  cfg.temperature, cfg.top_p, generator=g)
+        students = sample_replies(model, tokenizer, prompts, cfg.samples, cfg.sample.max_new_tokens,
+                                  cfg.sample.temperature, cfg.sample.top_p, generator=g)
         rng = random.Random(cfg.data_seed * 1000 + t)
         teachers = [scripted_teacher(c, rng, cfg.teacher_error) for c in convs]
         pairs, stats = build_pairs(cfg, oracle, monitor, prompts, students, teachers)
         stats["oracle_calls"] = oracle.calls - before   # this iteration's budget
         it_dir.mkdir(parents=True, exist_ok=True)
-        stats_path.write_text(json.dumps(stats))
-        (it_dir / "pairs.json").write_text(json.dumps(pairs))
+        write_json(stats_path, stats, indent=None)
+        write_json(it_dir / "pairs.json", pairs, indent=None)   # written last: the check above reads it
     pairs, stats = _read_pairs(it_dir / "pairs.json"), json.loads(stats_path.read_text())
     earlier = [_read_pairs(Path(cfg.out_dir, f"iter_{s}", "pairs.json")) for s in range(t - 1, 0, -1)]
     shares = tuple(float(x) for x in cfg.replay.split(",") if x.strip()) or (0.0,)
@@ -332,20 +334,18 @@ def run_dno(cfg: DNOConfig) -> dict:
     if not replies:
         rng = random.Random(cfg.data_seed + 99)
         replies["teacher"] = [scripted_teacher(c, rng, cfg.teacher_error) + "<|end|>" for c in data["test"]]
-        replies[0] = {s: greedy_replies(sft_model, tokenizer, data[s], cfg.max_new_tokens) for s in ("val", "test")}
+        replies[0] = {s: greedy_replies(sft_model, tokenizer, data[s], cfg.sample.max_new_tokens) for s in ("val", "test")}
         state["rows"] = [evaluate_policy(replies, data, judge, tokenizer, 0)]
     calls = state.get("oracle_calls", 0)
     for t in range(len(state["rows"]), cfg.iterations + 1):
         result = run_iteration(cfg, t, data, oracle, monitor, sft_model, tokenizer, rt)
-        replies[t] = {s: greedy_replies(result["model"], tokenizer, data[s], cfg.max_new_tokens)
+        replies[t] = {s: greedy_replies(result["model"], tokenizer, data[s], cfg.sample.max_new_tokens)
                       for s in ("val", "test")}                                            # 6.
         calls += result["stats"]["oracle_calls"]
         row = {**evaluate_policy(replies, data, judge, tokenizer, t), **result["stats"], "oracle_calls": calls}
         state["rows"].append(row)
         state.update(replies={str(k): v for k, v in replies.items()}, oracle_calls=calls)
-        tmp = out / "state.json.tmp"
-        tmp.write_text(json.dumps(state))
-        tmp.replace(state_path)
+        write_json(state_path, state, indent=None)
     return finish(cfg, state["rows"])
 
 
@@ -360,5 +360,5 @@ def finish(cfg: DNOConfig, rows: list[dict]) -> dict:
     plot_winrates(rows, out / "winrate.png", series=["vs_sft", "vs_prev", "vs_teacher"])
     summary = {"rows": rows, "best_iteration": best, "table": table,
                "best_checkpoint": str(out / f"iter_{best}" / "checkpoint"), "config": dataclasses.asdict(cfg)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     return summary

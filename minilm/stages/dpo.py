@@ -1,62 +1,64 @@
-"""Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290, eq. 7), as Phi-3 used it.
+"""The DPO stage (Rafailov et al. 2023, arXiv 2305.18290, eq. 7), as Phi-3 used it (lesson 07).
 
     minilm dpo --init runs/sft-tiny/checkpoint --out-dir runs/dpo-tiny          # CPU, ~3 minutes
     minilm dpo --init runs/sft-tiny/checkpoint --lora-r 8                        # reference = LoRA off
+    result = run_dpo(dpo_config("tiny", init="runs/sft-tiny/checkpoint"))
 
-    loss = -log sigmoid(beta * ((log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x))))
-
-DPO fits the policy directly to preference pairs: beta * log(pi / ref) plays the part of the reward
-of RLHF (the "implicit reward"), so no reward model and no sampling are needed during training.
-The reference is the SFT model, frozen: a deep copy for a full fine-tune, or, with LoRA, the very
-same weights with the adapters switched off (`minilm.lora.lora_disabled`), which costs no memory.
-
-One step (run_dpo):
+DPO fits the policy directly to preference pairs; beta * log(pi / ref) is the implicit reward. The
+reference is the SFT model, frozen: a deep copy, or with LoRA the same weights with the adapters
+switched off (`minilm.lora.lora_disabled`), which costs no memory. The losses are in
+minilm/post/dpo.py. One step:
   1. a batch of pairs, chosen and rejected rows in one (2B, T) tensor;
-  2. policy log-probs of each reply (`sequence_logprobs`), reference log-probs under no_grad;
-  3. `dpo_loss`, backward, AdamW (minilm/post/loop.py).
-Held-out judgement: greedy replies of the DPO model and of the SFT (reference) model on held-out
-prompts, scored by `AnswerOracle` (reward and head-to-head preference).
+  2. policy log-probs of each reply, reference log-probs under no_grad;
+  3. `dpo_batch_loss`, backward, AdamW (minilm/loop.py's run_loop).
+Held-out judgement: greedy replies of the DPO model and of the SFT model on held-out prompts,
+scored by AnswerOracle (rates and head-to-head preference).
+Training pairs: offline checkable pairs (data_prep/instructions.py) or, with --pairs sampled, the
+start model's own samples labelled by AnswerOracle (`build_preference_pairs`).
 
-Deviations: the paper's reference log-probs may be precomputed once; we recompute them each step
-(same numbers, simpler). No label smoothing / conservative DPO; replies are summed over tokens as
-in the paper (no length normalisation). The tiny preset adds sft_weight * NLL of the chosen
-replies (the DPO + NLL loss of Iterative RPO, Pang et al. 2024, arXiv 2404.19733), which the DPO
-paper does not have; --sft-weight 0 is plain DPO.
-Training pairs: offline checkable pairs (data_prep/instructions.py) or, with --pairs sampled,
-the start model's own samples labelled by AnswerOracle (`build_preference_pairs`).
+Deviations: reference log-probs recomputed each step (same numbers, simpler); no label smoothing;
+no length normalisation, as the paper. The tiny preset adds sft_weight x the NLL of the chosen
+replies (DPO + NLL, Iterative RPO, arXiv 2404.19733); --sft-weight 0 is plain DPO.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from data_prep.instructions import instruction_examples, preference_pairs
 from minilm import MinilmError
 from minilm.checkpoint import load_checkpoint, save_checkpoint
-from minilm.loop import run_loop
+from minilm.config import from_preset
+from minilm.loop import OptimConfig, run_loop
 from minilm.lora import adapter_names, merge_and_unload
-from minilm.post.base_model import PostConfig, add_lora, from_preset
+from minilm.post.base_model import LoRAConfig, add_lora
 from minilm.post.chat import render_prompt
 from minilm.post.dpo import dpo_batch_loss, evaluate_dpo, preferred_rate, summarize
-from minilm.post.preferences import encode_pairs, make_pair_batch_fn
+from minilm.post.oracles import AnswerOracle
+from minilm.post.preferences import build_preference_pairs, encode_pairs, make_pair_batch_fn
 from minilm.post.sft import greedy_judgements
 from minilm.runtime import setup_runtime
+from minilm.weights import write_json
 
 
 @dataclass
-class DPOConfig(PostConfig):
+class DPOConfig:
     out_dir: str = "runs/dpo-tiny"
     init: str = "runs/sft-tiny/checkpoint"
     max_steps: int = 100
     batch_size: int = 16            # pairs per step (32 sequences)
-    lr: float = 3e-4
-    warmup_steps: int = 10
     eval_every: int = 50
     ckpt_every: int = 50
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"
+    resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=10))
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # r = 0: full fine-tune; r > 0: LoRA, base frozen
     beta: float = 0.1               # strength of the pull towards the reference (KL weight)
     sft_weight: float = 0.0         # > 0: + sft_weight * NLL per token of chosen replies
     pairs: str = "offline"          # offline: data_prep/instructions.py pairs; sampled: the start
@@ -103,17 +105,14 @@ def load_policy(cfg: DPOConfig, device):
     model = ck.model
     if adapter_names(model):  # an SFT-with-LoRA checkpoint: fold it, so "LoRA off" means the SFT model
         merge_and_unload(model).requires_grad_(True)
-    if cfg.lora_r > 0:
-        add_lora(cfg, model)
+    if cfg.lora.r > 0:
+        add_lora(cfg.lora, model)
         return model, None, ck.tokenizer
     return model, copy.deepcopy(model).requires_grad_(False).eval(), ck.tokenizer
 
 
 def train_pairs(cfg: DPOConfig, model, tokenizer) -> list[dict]:
     """The training pairs cfg.pairs asks for: offline, sampled from `model` (on-policy), or both."""
-    from data_prep.instructions import instruction_examples, preference_pairs
-    from minilm.post.oracles import AnswerOracle
-    from minilm.post.preferences import build_preference_pairs
     if cfg.pairs not in ("offline", "sampled", "both"):
         raise MinilmError(f"pairs must be offline, sampled or both, not {cfg.pairs!r}")
     pairs = preference_pairs(cfg.n_pairs, cfg.data_seed, split="train") if cfg.pairs != "sampled" else []
@@ -134,8 +133,6 @@ def train_pairs(cfg: DPOConfig, model, tokenizer) -> list[dict]:
 
 def dpo_data(cfg: DPOConfig, model, tokenizer):
     """(train encoded pairs, held-out encoded pairs, held-out judgement conversations, oracle)."""
-    from data_prep.instructions import instruction_examples, preference_pairs
-    from minilm.post.oracles import AnswerOracle
     train, _ = encode_pairs(tokenizer, train_pairs(cfg, model, tokenizer), cfg.max_len)
     heldout_pairs = preference_pairs(cfg.n_eval_pairs, cfg.data_seed + 1, split="heldout")
     heldout, _ = encode_pairs(tokenizer, heldout_pairs, cfg.max_len)
@@ -182,5 +179,5 @@ def run_dpo(cfg: DPOConfig, on_step=None) -> dict:
     result = {**summary, "sft": summarize(sft_judged, judge), "dpo": summarize(dpo_judged, judge),
               "dpo_vs_sft": preferred_rate(dpo_judged, sft_judged), "n_train_pairs": len(train),
               "n_heldout_pairs": len(heldout), "n_judge": len(judge)}
-    Path(cfg.out_dir, "eval.json").write_text(json.dumps(result, indent=2))
+    write_json(Path(cfg.out_dir) / "eval.json", result)
     return result

@@ -1,57 +1,56 @@
-"""Hydra-SFT: one model trained on SFT data and comparison data together (LM head + reward head).
+"""The Hydra-SFT stage: one model trained on SFT chats and comparison pairs together (lesson 08).
 
-    from minilm.stages.hydra_sft import hydra_sft_config, run_hydra_sft
+    minilm hydra-sft --init runs/sft-tiny/checkpoint --out-dir runs/hydra-sft-tiny
+    result = run_hydra_sft(hydra_sft_config("tiny", init="runs/sft-tiny/checkpoint"))
+    python benchmarks/hydra_vs_reward.py --init runs/sft-tiny/checkpoint    # vs a separate RM
 
-    result = run_hydra_sft(hydra_sft_config("tiny", init="runs/base-tiny/checkpoint"))
-    table = compare_reward_models(hydra_sft_config("tiny", init="runs/sft-tiny/checkpoint"))
+Hydra-RLHF (Santacroce et al. 2023, arXiv 2309.00754) replaces the separate SFT and reward models
+of RLHF by ONE model: a causal-LM head and a scalar reward head on the same trunk
+(minilm/post/heads.py), trained on both kinds of data at once. The PPO variants hydra and jhydra
+(minilm/post/ppo_models.py) start from it: with LoRA off it is both the reference policy and the
+reward model. One step (in minilm/loop.py's run_loop):
+  1. an SFT batch of chat conversations -> LM loss on the assistant tokens;
+  2. a batch of preference pairs -> Bradley-Terry loss on the reward head;
+  3. loss = BT + lm_weight * LM (`hydra_sft_loss`), AdamW over the model (or its LoRA + heads).
 
-Hydra-RLHF (Santacroce et al. 2023, arXiv 2309.00754; ../shared/papers/hydra_rlhf.md) replaces the
-separate SFT model and reward model of RLHF by ONE "Hydra" model: a causal-LM head and a scalar
-reward head on the same trunk (minilm/post/heads.py), trained on the SFT data and the comparison
-data at once. The PPO variants hydra and jhydra (minilm/post/ppo_models.py) start from it: with
-LoRA off it is both the reference policy and the reward model.
-
-One step (run_hydra_sft, in the shared loop of minilm/post/loop.py):
-  1. an SFT batch of chat conversations (data_prep/instructions.py) -> LM loss on assistant tokens;
-  2. a batch of preference pairs -> Bradley-Terry loss on the reward head (minilm/post/reward.py);
-  3. loss = BT + lm_weight * LM, AdamW over the whole Hydra model (or its LoRA + heads).
-`compare_reward_models` trains the separate reward model (`run_reward`, lm_weight 0) from the same
-init on the same pairs for the same steps and puts both held-out pair accuracies side by side.
-
-Deviations: the paper's loss weighting and batch composition for Hydra-SFT are in its body text,
-which we could not read (our sources: the abstract and a verified summary of its tables, where the
-paper reports Hydra-SFT's win-rate, 48.50 vs SFT's 48.55 on LLaMA-7B, but not the weighting). We use one SFT batch plus one pair batch per step and the plain sum (lm_weight = 1), two trunk
-passes per step because the two batches are different data. `minilm reward --lm-weight 1`
-(reward.py) is the one-pass variant that takes its LM loss from the chosen replies instead.
+Deviations: the text of the paper we could read does not give Hydra-SFT's loss weighting or batch
+composition; we use one batch of each per step and the plain sum (lm_weight = 1), two trunk passes
+per step. `minilm reward --lm-weight 1` is the one-pass variant on the chosen replies.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_prep.instructions import instruction_examples
 from minilm import MinilmError
 from minilm.checkpoint import save_checkpoint
-from minilm.loop import run_loop
-from minilm.post.base_model import PostConfig, add_lora, from_preset
+from minilm.config import from_preset
+from minilm.loop import OptimConfig, run_loop
+from minilm.post.base_model import LoRAConfig, add_lora
 from minilm.post.oracles import AnswerOracle
 from minilm.post.preferences import make_pair_batch_fn
 from minilm.post.reward import evaluate_pairs, hydra_sft_loss, load_reward_model, reward_data
 from minilm.post.sft import evaluate_chat, make_batch_fn, render_examples
 from minilm.runtime import setup_runtime
+from minilm.weights import write_json
 
 
 @dataclass
-class HydraSFTConfig(PostConfig):
+class HydraSFTConfig:
     out_dir: str = "runs/hydra-sft-tiny"
     init: str = "runs/sft-tiny/checkpoint"
     max_steps: int = 100
     batch_size: int = 32            # preference pairs per step (64 sequences)
-    lr: float = 2e-3
-    warmup_steps: int = 10
     eval_every: int = 50
     ckpt_every: int = 50
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"
+    resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, warmup_steps=10))
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # r = 0: full fine-tune; r > 0: LoRA, base frozen
     lm_weight: float = 1.0          # loss = BT + lm_weight * LM (SFT batch)
     head: str = "reward"
     n_pairs: int = 3000             # requested train pairs (see data_prep/instructions.py)
@@ -83,7 +82,6 @@ def hydra_sft_config(preset: str = "tiny", **overrides) -> HydraSFTConfig:
 
 
 def _sft_conversations(cfg: HydraSFTConfig):
-    from data_prep.instructions import instruction_examples
     sources = tuple(s.strip() for s in cfg.sources.split(",") if s.strip())
     train = instruction_examples(cfg.n_train, cfg.data_seed, sources, split="train")
     return train, instruction_examples(cfg.n_eval, cfg.data_seed + 1, sources, split="heldout")
@@ -95,8 +93,8 @@ def run_hydra_sft(cfg: HydraSFTConfig, on_step=None) -> dict:
     hydra, tokenizer = load_reward_model(cfg.init, heads=(cfg.head,), device=rt.device)
     if cfg.max_len > hydra.config.max_seq_len:
         raise MinilmError(f"max_len {cfg.max_len} exceeds the model's max_seq_len {hydra.config.max_seq_len}")
-    if cfg.lora_r > 0:
-        add_lora(cfg, hydra.lm)     # the heads stay trainable
+    if cfg.lora.r > 0:
+        add_lora(cfg.lora, hydra.lm)     # the heads stay trainable
     pad = tokenizer.eot_id
     pairs, heldout_pairs, _ = reward_data(cfg, tokenizer)
     chats, heldout_chats = _sft_conversations(cfg)
@@ -123,6 +121,6 @@ def run_hydra_sft(cfg: HydraSFTConfig, on_step=None) -> dict:
     hydra.eval()
     result = {**summary, "before": before, "after": evaluate(hydra), "n_pairs": len(pairs),
               "n_heldout_pairs": len(heldout_pairs)}
-    Path(cfg.out_dir, "eval.json").write_text(json.dumps(result, indent=2))
+    write_json(Path(cfg.out_dir) / "eval.json", result)
     return result
 

@@ -1,60 +1,71 @@
-"""The LTC loop: instruction-tune on expert demos, then explore -> replay buffer -> L_LM + 0.5 L_PPO.
+"""The LTC stage: instruct on expert demos, then explore -> replay buffer -> L_LM + 0.5 L_PPO (lesson 10).
 
     minilm ltc --env household --pattern monologue --init runs/sft-tiny/checkpoint --out-dir runs/ltc-hh
-
-    from minilm.stages.ltc import ltc_config, run_ltc
     result = run_ltc(ltc_config("tiny", env="math", pattern="analogue", out_dir="runs/ltc-math"))
     result["baseline"], result["ltc"]            # held-out metrics of the IL model and of LTC
-    run_ltc(ltc_config("ci", env="math", init="runs/sft-tiny/checkpoint", out_dir="runs/ltc-ci"))  # ~10 s
 
-Learning through Communication (Wang et al., arXiv 2310.01444; ../shared/papers/ltc.md, "The loop"):
-  1. instruction fine-tuning on the scripted expert's demonstrations (minilm/post/loop.py's
-     `run_loop`, loss on the assistant tokens: the baseline, saved in OUT/il/checkpoint);
+Learning through Communication (Wang et al. 2023, arXiv 2310.01444):
+  1. instruction fine-tuning on the scripted expert's demonstrations (run_loop; the baseline,
+     saved in OUT/il/checkpoint);
   2. a value head on the trunk (`HydraModel(lm, heads=("value",))`, V = tanh(head));
-  3. for each iteration: (a) explore fresh train seeds with the pattern, SAMPLING (temperature 1);
-     (b) append the episodes to the replay buffer; (c) one epoch over the newest episodes with
-     L = L_LM + 0.5 L_PPO (minilm/agents/ltc_data.py), the learning rate decaying linearly over
-     iterations; (d) evaluate on held-out test seeds (Monologue, greedy: no teacher at test time);
-     (e) checkpoint (weights + heads + optimizer + buffer + metrics): a killed run resumes there.
-Ablations (`loss`): "full", "lm" (L_LM only), "ppo" (L_PPO only); "no teacher" is pattern monologue.
-Presets (math, one quiet core, measured): "ci" ~10 s (one small iteration: a smoke test, not a
-measurement), "tiny" ~2 min (6 iterations x 64 episodes), "laptop" ~3.5 min (8 x 128); household
-takes 2-4x as long (longer episodes), and a busy shared machine 3-5x.
+  3. each iteration: (a) explore fresh train seeds with the pattern, sampling; (b) append to the
+     replay buffer; (c) one epoch over the newest episodes with L = L_LM + 0.5 L_PPO
+     (minilm/agents/ltc_data.py), lr decaying linearly over iterations; (d) evaluate on held-out
+     seeds (Monologue, greedy, no teacher); (e) checkpoint weights, heads, optimizer, buffer.
+Ablations (`loss`): full, lm, ppo; "no teacher" is pattern monologue. Presets: ci is a smoke test
+(seconds), tiny ~2 min, laptop ~3.5 min on the math environment (lesson 10 has the measurements).
+
 Deviations: full fine-tuning of a 1M-parameter model by default (--lora-r 16 gives the paper's
-LoRA, base frozen, adapters and value head trained) instead of LoRA on LLaMA-7B; far fewer tasks
-per iteration (64 instead of 256-4096); the replay buffer is kept and saved but, as in the
-reference code, each update reads only the newest iteration's episodes. The teacher is scripted
-unless --teacher names a chat checkpoint (patterns.ModelTeacher).
+LoRA); 64 tasks per iteration instead of 256-4096; as in the reference code, each update reads
+only the newest iteration's episodes; the teacher is scripted unless --teacher names a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from minilm import MinilmError
+from minilm.agents.envs import make_env
 from minilm.agents.ltc_data import LossWeights, collate_episodes, expert_demos, ltc_loss
-from minilm.agents.patterns import ModelTeacher, RolloutConfig, make_pattern, run_episodes
+from minilm.agents.patterns import PATTERNS, ModelTeacher, RolloutConfig, make_pattern, run_episodes
 from minilm.checkpoint import load_checkpoint, save_checkpoint
-from minilm.loop import make_optimizer, run_loop
-from minilm.post.base_model import PostConfig, from_preset, init_model
+from minilm.config import from_preset
+from minilm.loop import (
+    LoopConfig,
+    OptimConfig,
+    make_optimizer,
+    optimizer_step,
+    run_loop,
+    set_lr,
+    trained_params,
+    write_metrics,
+)
+from minilm.post.base_model import LoRAConfig, init_model
 from minilm.post.heads import HydraModel
 from minilm.post.sft import make_batch_fn, sft_loss
 from minilm.runtime import setup_runtime
+from minilm.weights import write_json
 
 LOSSES = ("full", "lm", "ppo")
 EXPLORE_SEED_BASE = 100_000        # demos use train seeds [0, n_demos); exploration starts here
 
 
 @dataclass
-class LTCConfig(PostConfig):
+class LTCConfig:
     out_dir: str = "runs/ltc"
     init: str = "runs/sft-tiny/checkpoint"
+    batch_size: int = 16            # episodes per update minibatch
+    seed: int = 1337
+    device: str = "auto"
+    resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4))
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # r = 0: full fine-tune; r > 0: LoRA, base frozen
     env: str = "household"
     pattern: str = "monologue"
     loss: str = "full"              # ablations: "lm" (LM loss only), "ppo" (PPO only)
@@ -63,9 +74,7 @@ class LTCConfig(PostConfig):
     il_lr: float = 3e-3
     iterations: int = 6
     episodes_per_iter: int = 64
-    batch_size: int = 16            # episodes per update minibatch
     rollout_batch: int = 32         # episodes sampled together
-    lr: float = 5e-4                # decays linearly to lr * min_lr_ratio over the iterations
     n_test: int = 100               # held-out test seeds
     eval_temperature: float = 0.0   # greedy at test time
     temperature: float = 1.0
@@ -96,7 +105,6 @@ def ltc_config(preset: str = "tiny", **overrides) -> LTCConfig:
 
 
 def _check(cfg: LTCConfig) -> None:
-    from minilm.agents.patterns import PATTERNS
     if cfg.pattern not in PATTERNS:
         raise MinilmError(f"unknown pattern {cfg.pattern!r}; choose one of {', '.join(PATTERNS)}")
     if cfg.loss not in LOSSES:
@@ -145,10 +153,10 @@ def evaluate(model, tok, test_envs, cfg: LTCConfig) -> dict:
 def instruction_tune(cfg: LTCConfig, tok, model, env, rt) -> dict:
     """The baseline: SFT on the expert's successful episodes (resumable, in OUT/il)."""
     demos = expert_demos(tok, env, range(cfg.n_demos), model.config.max_seq_len)
-    il = PostConfig(out_dir=str(Path(cfg.out_dir) / "il"), init=cfg.init, max_steps=cfg.il_steps,
-                    batch_size=cfg.batch_size, lr=cfg.il_lr, warmup_steps=10, eval_every=cfg.il_steps,
-                    ckpt_every=cfg.il_steps, seed=cfg.seed, device=cfg.device)
-    batch_fn = make_batch_fn(demos, il.batch_size, il.seed, tok.eot_id, model.config.max_seq_len)
+    il = LoopConfig(out_dir=str(Path(cfg.out_dir) / "il"), init=cfg.init, max_steps=cfg.il_steps,
+                    eval_every=cfg.il_steps, ckpt_every=cfg.il_steps, device=cfg.device,
+                    optim=OptimConfig(lr=cfg.il_lr, warmup_steps=10))
+    batch_fn = make_batch_fn(demos, cfg.batch_size, cfg.seed, tok.eot_id, model.config.max_seq_len)
     summary = run_loop(il, model, batch_fn, sft_loss, None, tokenizer=tok, stage="ltc-il", rt=rt)
     return {"n_demos": len(demos), "il_final_loss": summary["final_loss"]}
 
@@ -158,8 +166,7 @@ def update(hydra, optimizer, episodes, cfg: LTCConfig, lr: float, rt, seed: int,
     order = list(range(len(episodes)))
     random.Random(seed).shuffle(order)
     weights, rows = loss_weights(cfg), []
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(optimizer, lr)
     hydra.train()
     for i in range(0, len(order), cfg.batch_size):
         batch = collate_episodes([episodes[j] for j in order[i:i + cfg.batch_size]], pad_id,
@@ -178,10 +185,7 @@ def update(hydra, optimizer, episodes, cfg: LTCConfig, lr: float, rt, seed: int,
         if not torch.isfinite(loss):
             raise MinilmError(f"LTC loss became {loss.item()}; lower --lr")
         loss.backward()
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        metrics["grad_norm"] = optimizer_step(optimizer, trained_params(optimizer), cfg.optim.grad_clip)
         rows.append({"loss": loss.item(), **metrics, "batch_tokens": int(batch["attention_mask"].sum())})
     return rows
 
@@ -208,7 +212,6 @@ def _resume(ckpt_dir: Path, hydra, optimizer) -> dict:
 
 
 def make_envs(cfg: LTCConfig, split: str, n: int) -> list:
-    from minilm.agents.envs import make_env
     return [make_env(cfg.env, split=split) for _ in range(n)]
 
 
@@ -246,7 +249,7 @@ def instruction_tuned(cfg: LTCConfig, rt) -> tuple:
     _check(cfg)
     out = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed)
-    model, tok = init_model(cfg)
+    model, tok = init_model(cfg.init, cfg.lora)
     train_envs, test_envs = make_envs(cfg, "train", cfg.rollout_batch), make_envs(cfg, "test", cfg.rollout_batch)
     il = instruction_tune(cfg, tok, model, train_envs[0], rt) if cfg.il_steps > 0 else {}
     baseline_path = out / "baseline.json"
@@ -255,7 +258,7 @@ def instruction_tuned(cfg: LTCConfig, rt) -> tuple:
     else:
         baseline = evaluate(model.to(rt.device), tok, test_envs, cfg)
         out.mkdir(parents=True, exist_ok=True)
-        baseline_path.write_text(json.dumps(baseline))
+        write_json(baseline_path, baseline, indent=None)
     return model, tok, train_envs, test_envs, il, baseline
 
 
@@ -269,7 +272,7 @@ def run_ltc(cfg: LTCConfig) -> dict:
     model, tok, train_envs, test_envs, il, baseline = instruction_tuned(cfg, rt)
     # 2. a value head on the trunk
     hydra = HydraModel(model, heads=("value",)).to(rt.device)
-    optimizer = make_optimizer(hydra, cfg)
+    optimizer = make_optimizer(hydra, cfg.optim)
     ckpt_dir = out / "checkpoint"
     state = {"iteration": 0, "rows": [], "buffer": []}
     if cfg.resume and (ckpt_dir / "train_state.pt").exists():
@@ -285,7 +288,7 @@ def run_ltc(cfg: LTCConfig) -> dict:
         episodes = collect(hydra, tok, train_envs, seeds, pattern, rcfg)
         state["buffer"].extend(episodes)
         # 3c. one epoch over the newest episodes; lr decays linearly over the iterations
-        lr = cfg.lr * (1.0 - (1.0 - cfg.min_lr_ratio) * k / max(1, cfg.iterations - 1))
+        lr = cfg.optim.lr * (1.0 - (1.0 - cfg.optim.min_lr_ratio) * k / max(1, cfg.iterations - 1))
         rows = update(hydra, optimizer, episodes, cfg, lr, rt, cfg.seed * 1000 + k, tok.eot_id)
         explored = summarize(episodes)
         trained = sum(r.pop("batch_tokens") for r in rows)  # tokens the update trained on
@@ -301,11 +304,11 @@ def run_ltc(cfg: LTCConfig) -> dict:
                    f"(score {test['score']:.3f})  lm {row.get('lm_loss', 0):.3f}")
         # 3e. checkpoint, metrics, curves
         _save(ckpt_dir, hydra, tok, optimizer, state, cfg)
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state["rows"]))
+        write_metrics(state["rows"], out, plot=False)   # rows per iteration; curves.png below
         plot_curves(state["rows"], baseline, out / "curves.png", f"LTC {cfg.env} ({cfg.pattern}, {cfg.loss})")
     last = state["rows"][-1]
     result = {"env": cfg.env, "pattern": cfg.pattern, "loss": cfg.loss, **il, "baseline": baseline,
               "ltc": {"success": last["test_success"], "score": last["test_score"]},
               "rows": state["rows"], "checkpoint": str(ckpt_dir)}
-    (out / "result.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "result.json", result, indent=1)
     return result

@@ -1,50 +1,58 @@
 """The PPO stage: one readable PPO step (1. roll out, 2. score, 3. advantages, 4. update) and run_ppo.
 
     minilm ppo --variant hydra --init runs/hydra-sft-tiny/checkpoint   # CPU, a few minutes (resumes)
-    from minilm.stages.ppo import ppo_config, run_ppo
     run_ppo(ppo_config("tiny", variant="lora", init="runs/sft-tiny/checkpoint",
                        reward_init="runs/reward-tiny/checkpoint"))
-
-    models = build_models("hydra", cfg, reward=hydra_sft_model)        # minilm/post/ppo_models.py
     row = ppo_step(models, prompts, cfg, optimizer, kl_ctl)             # one rollout batch
 
-Standard RLHF PPO (Ziegler et al. 2019; InstructGPT; DeepSpeed-Chat, on which Hydra-RLHF,
-arXiv 2309.00754, builds). The math is in minilm/post/ppo.py, the four variants of the paper
-(ppo, lora, hydra, jhydra) in minilm/post/ppo_models.py; this file only orders the calls.
+Standard RLHF PPO (Ziegler et al. 2019, arXiv 1909.08593; InstructGPT) as Hydra-RLHF (arXiv
+2309.00754) runs it. The math is in minilm/post/ppo.py, the paper's four variants (ppo, lora,
+hydra, jhydra) in minilm/post/ppo_models.py; this file orders the calls (lesson 08).
 Choices and deviations, stated:
 - Old log-probs and values are recomputed with one forward pass right after sampling, at the
-  sampling temperature (logits / T), so the first minibatch's ratio is 1 up to float rounding.
+  sampling temperature, so the first minibatch's ratio is 1 up to rounding.
 - One AdamW over every trainable parameter (actor and critic), loss = policy + vf_coef * value
-  - ent_coef * entropy, one global grad-norm clip; DeepSpeed-Chat uses two optimizers with their
-  own learning rates. A PPO "step" here is one rollout batch (the lr schedule counts those).
-- Defaults are laptop-sized: beta = 0.05 fixed, LoRA rank 8. The paper's reported settings (from a
-  summary verified against its PDF) are beta = 0.02, GAE lambda = 0.95 (ours too), LoRA rank 128.
-- The reward is the reward head (`--reward model`, as in the paper) or, for experiments with a
-  known reward, AnswerOracle on the parsed reply (`--reward oracle`).
-- Resume as in minilm/post/loop.py: every ckpt_every rollout batches an atomic checkpoint whose
-  train_state.pt holds every trainable parameter (actor, critic, value head), the optimizer, beta
-  and the RNG states; a restarted run rebuilds the frozen roles from cfg.init / cfg.reward_init
-  and ends bit-identical to an uninterrupted one (tested). --no-resume starts over.
+  - ent_coef * entropy, one grad-norm clip (DeepSpeed-Chat uses two optimizers). A "step" is one
+  rollout batch; the lr schedule counts those.
+- Laptop-sized defaults: beta = 0.05 fixed, LoRA rank 8 (the paper: beta 0.02, rank 128).
+- The reward is the reward head (`--reward model`, as the paper) or AnswerOracle on the parsed
+  reply (`--reward oracle`), for experiments with a known reward.
+- Resume: every ckpt_every batches an atomic checkpoint with every trainable parameter, the
+  optimizer, beta and the RNG; a restarted run ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from data_prep.instructions import instruction_examples
 from minilm import MinilmError
 from minilm.checkpoint import load_checkpoint, save_checkpoint
-from minilm.generate import generate
-from minilm.loop import _read_metrics, _resume, _rng_state, lr_at, make_optimizer, trainable_state
+from minilm.config import from_preset
+from minilm.generate import SampleConfig, generate
+from minilm.loop import (
+    OptimConfig,
+    load_train_state,
+    lr_at,
+    make_optimizer,
+    optimizer_step,
+    read_metrics,
+    restore,
+    rng_state,
+    set_lr,
+    trainable_state,
+    trained_params,
+    write_metrics,
+)
 from minilm.lora import adapter_names, merge_and_unload
-from minilm.post.base_model import PostConfig, from_preset
+from minilm.post.base_model import LoRAConfig
 from minilm.post.chat import parse_reply, render_prompt
 from minilm.post.dpo import summarize
 from minilm.post.oracles import AnswerOracle
@@ -64,23 +72,27 @@ from minilm.post.ppo import (
 from minilm.post.ppo_models import VARIANTS, HydraModels, build_models
 from minilm.post.reward import load_reward_model
 from minilm.runtime import setup_runtime
+from minilm.weights import write_json
 
 
 @dataclass
-class PPOConfig(PostConfig):
+class PPOConfig:
     out_dir: str = "runs/ppo-tiny"
     init: str = "runs/sft-tiny/checkpoint"          # ppo, lora: the SFT model; hydra, jhydra: Hydra-SFT
-    reward_init: str = "runs/reward-tiny/checkpoint"  # the reward model (ppo, lora only)
-    variant: str = "hydra"
     max_steps: int = 40             # rollout batches
     batch_size: int = 16            # prompts per rollout
+    eval_every: int = 10
+    ckpt_every: int = 10
+    seed: int = 1337
+    device: str = "auto"
+    resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=0))
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=8))  # ppo trains every weight; lora, hydra, jhydra use these adapters
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig(max_new_tokens=24, temperature=1.0))
+    reward_init: str = "runs/reward-tiny/checkpoint"  # the reward model (ppo, lora only)
+    variant: str = "hydra"
     minibatch_size: int = 8
     ppo_epochs: int = 2             # passes over each rollout batch
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    lora_r: int = 8                 # used by lora, hydra, jhydra; ppo trains every weight
-    max_new_tokens: int = 24
-    temperature: float = 1.0
     gamma: float = 1.0
     lam: float = 0.95
     clip: float = 0.2               # PPO's epsilon for the policy ratio
@@ -98,8 +110,6 @@ class PPOConfig(PostConfig):
     n_prompts: int = 2000
     n_eval: int = 64                # held-out prompts judged greedily before/after and every eval_every
     data_seed: int = 0
-    eval_every: int = 10
-    ckpt_every: int = 10
 
 
 PPO_PRESETS = {
@@ -142,13 +152,13 @@ def rollout_and_score(models, prompts: list[list[int]], cfg: PPOConfig, pad_id: 
     """Steps 1-3: sample, score, and turn scores into advantages. Returns the batch for the update."""
     # 1. roll out with the current actor
     with models.sampler() as policy:
-        rollout = generate(policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature,
-                           stop_tokens=stop_tokens, pad_id=pad_id, generator=generator)
+        rollout = generate(policy, prompts, cfg.sample.max_new_tokens, temperature=cfg.sample.temperature,
+                           top_p=cfg.sample.top_p, stop_tokens=stop_tokens, pad_id=pad_id, generator=generator)
     tokens, attn, mask = rollout.tokens, rollout.attention_mask, rollout.gen_mask
     # 2. score: old log-probs and values (one pass, as the update will see them), reference, reward
     logits, values = models.policy_and_values(tokens, attn)
-    logprobs, _ = _scaled_logprobs(logits, tokens, attn, cfg.temperature)
-    ref_logprobs, _ = _scaled_logprobs(models.reference_logits(tokens, attn), tokens, attn, cfg.temperature)
+    logprobs, _ = _scaled_logprobs(logits, tokens, attn, cfg.sample.temperature)
+    ref_logprobs, _ = _scaled_logprobs(models.reference_logits(tokens, attn), tokens, attn, cfg.sample.temperature)
     scores = score_fn(rollout) if score_fn is not None else models.score(tokens, attn)
     kl = kl_penalty(logprobs, ref_logprobs, mask, cfg.kl_estimator)
     rewards = shape_rewards(scores.float(), kl, mask, kl_coef, cfg.score_clip)
@@ -168,7 +178,7 @@ def minibatch_loss(models, batch: dict, rows: torch.Tensor, cfg: PPOConfig) -> t
     """Policy + value (+ entropy) loss of the rows `rows` of a scored rollout batch."""
     tokens, attn, mask = batch["tokens"][rows], batch["attention_mask"][rows], batch["mask"][rows]
     logits, values = models.policy_and_values(tokens, attn)
-    logprobs, logits = _scaled_logprobs(logits, tokens, attn, cfg.temperature)
+    logprobs, logits = _scaled_logprobs(logits, tokens, attn, cfg.sample.temperature)
     old_logprobs, advantages = batch["logprobs"][rows], batch["advantages"][rows]
     pg_loss, pg = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cfg.clip)
     vf_loss, vf = value_loss(values, batch["values"][rows], batch["returns"][rows], mask, cfg.vf_clip or None)
@@ -187,10 +197,8 @@ def ppo_step(models, prompts: list[list[int]], cfg: PPOConfig, optimizer, kl_ctl
     means of the update metrics over all minibatches.
     """
     batch = rollout_and_score(models, prompts, cfg, pad_id, stop_tokens, kl_ctl.value, score_fn, generator)
-    lr = lr_at(step, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    lr = set_lr(optimizer, lr_at(step, cfg.optim, cfg.max_steps))
+    params = trained_params(optimizer)
     n, logged = len(prompts), []
     for _ in range(cfg.ppo_epochs):                                   # 4. update
         for rows in torch.randperm(n, generator=generator).split(cfg.minibatch_size):
@@ -198,9 +206,7 @@ def ppo_step(models, prompts: list[list[int]], cfg: PPOConfig, optimizer, kl_ctl
             if not torch.isfinite(loss):
                 raise MinilmError(f"PPO loss became {loss.item()} at step {step + 1}; lower --lr")
             loss.backward()
-            m["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            m["grad_norm"] = optimizer_step(optimizer, params, cfg.optim.grad_clip)
             logged.append(m)
     kl_ctl.update(batch["stats"]["kl"], n)
     row = {"step": step + 1, "lr": lr, **batch["stats"], "batch_tokens": int(batch["attention_mask"].sum()),
@@ -218,12 +224,12 @@ def load_models(cfg: PPOConfig, device):
     """(models, tokenizer): cfg.init (+ cfg.reward_init for ppo/lora) arranged for cfg.variant."""
     if cfg.variant in ("hydra", "jhydra"):
         hydra, tokenizer = load_reward_model(cfg.init, device=device)   # Hydra-SFT: LM head + reward head
-        return build_models(cfg.variant, cfg, hydra), tokenizer
+        return build_models(cfg.variant, cfg.lora, hydra), tokenizer
     ck = load_checkpoint(cfg.init, device=device)
     if adapter_names(ck.model):   # an SFT-with-LoRA checkpoint: its adapters become the base
         merge_and_unload(ck.model)
     reward, _ = load_reward_model(cfg.reward_init, device=device)
-    return build_models(cfg.variant, cfg, reward, ck.model), ck.tokenizer
+    return build_models(cfg.variant, cfg.lora, reward, ck.model), ck.tokenizer
 
 
 def oracle_score_fn(tokenizer, oracle, conversations):
@@ -279,7 +285,6 @@ def heldout_eval(models, tokenizer, conversations: list[dict], oracle, max_new_t
 
 def ppo_prompts(cfg: PPOConfig, tokenizer, budget: int) -> tuple[list[dict], list[dict]]:
     """(train conversations whose prompt fits in `budget` tokens, held-out conversations to judge)."""
-    from data_prep.instructions import instruction_examples
     sources = tuple(s.strip() for s in cfg.sources.split(",") if s.strip())
     train = [c for c in instruction_examples(cfg.n_prompts, cfg.data_seed, sources, split="train")
              if len(render_prompt(tokenizer, c["messages"][:-1])) <= budget]
@@ -295,13 +300,11 @@ def save_state(cfg: PPOConfig, models, tokenizer, optimizer, kl_ctl, step: int, 
     evaluation; then metrics.jsonl (temp file + rename). What run_ppo needs to resume exactly."""
     out = Path(cfg.out_dir)
     extra = {"heads": models.hydra.heads.state_dict()} if isinstance(models, HydraModels) else None
-    state = {"optimizer": optimizer.state_dict(), "step": step, "rng": _rng_state(), "kl_coef": kl_ctl.value,
+    state = {"optimizer": optimizer.state_dict(), "step": step, "rng": rng_state(), "kl_coef": kl_ctl.value,
              "trainable": trainable_state(models), "before": before, "config": dataclasses.asdict(cfg)}
     meta = {"stage": "ppo", "variant": cfg.variant, "step": step, "init": cfg.init}
     save_checkpoint(out / "checkpoint", models.policy_model(), tokenizer, state, meta=meta, extra=extra)
-    tmp = out / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    tmp.replace(out / "metrics.jsonl")
+    write_metrics(metrics, out, plot=False)   # ppo.png is drawn at the end
 
 
 def resume_state(cfg: PPOConfig, models, optimizer, kl_ctl) -> tuple[int, dict, list[dict]]:
@@ -310,12 +313,14 @@ def resume_state(cfg: PPOConfig, models, optimizer, kl_ctl) -> tuple[int, dict, 
     ckpt_dir = Path(cfg.out_dir) / "checkpoint"
     if not (cfg.resume and (ckpt_dir / "train_state.pt").exists()):
         return 0, {}, []
-    step, state = _resume(ckpt_dir, models, optimizer)   # checks that the trainable names match
+    state = load_train_state(ckpt_dir)
+    step = restore(state, optimizer, models, source=str(ckpt_dir))   # checks the trainable names
+    tqdm.write(f"resuming from {ckpt_dir} at step {step}")
     if state.get("config", {}).get("variant", cfg.variant) != cfg.variant:
         raise MinilmError(f"{ckpt_dir} holds a {state['config']['variant']!r} run, not {cfg.variant!r}; "
                           f"use another --out-dir or --no-resume")
     kl_ctl.value = state["kl_coef"]
-    return step, state["before"], _read_metrics(Path(cfg.out_dir) / "metrics.jsonl", step)
+    return step, state["before"], read_metrics(Path(cfg.out_dir) / "metrics.jsonl", step)
 
 
 def save_ppo(cfg: PPOConfig, metrics: list[dict], before: dict) -> dict:
@@ -326,7 +331,7 @@ def save_ppo(cfg: PPOConfig, metrics: list[dict], before: dict) -> dict:
               "after": {k[5:]: v for k, v in metrics[-1].items() if k.startswith("eval_")},
               "final_kl": metrics[-1]["kl"], "final_length": metrics[-1]["length"],
               "sec_per_sample": sum(m["sec_per_sample"] for m in metrics) / len(metrics)}
-    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "eval.json", result)
     return result
 
 
@@ -340,12 +345,12 @@ def run_ppo(cfg: PPOConfig, on_step=None) -> dict:
     rt = setup_runtime(cfg.device)
     torch.manual_seed(cfg.seed)
     models, tok = load_models(cfg, rt.device)
-    train, judge = ppo_prompts(cfg, tok, models.policy_model().config.max_seq_len - cfg.max_new_tokens)
+    train, judge = ppo_prompts(cfg, tok, models.policy_model().config.max_seq_len - cfg.sample.max_new_tokens)
     oracle, stops = AnswerOracle(train + judge), [tok.special_id("<|end|>"), tok.eot_id]
-    optimizer, kl_ctl = make_optimizer(models, cfg), make_kl_controller(cfg)
+    optimizer, kl_ctl = make_optimizer(models, cfg.optim), make_kl_controller(cfg)
 
     def evaluate() -> dict:
-        return heldout_eval(models, tok, judge, oracle, cfg.max_new_tokens)
+        return heldout_eval(models, tok, judge, oracle, cfg.sample.max_new_tokens)
 
     start, before, metrics = resume_state(cfg, models, optimizer, kl_ctl)
     if start == 0:

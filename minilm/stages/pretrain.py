@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 4 -m minilm train --preset small --device cuda
 
     from minilm.stages.pretrain import TrainConfig, train
-    summary = train(TrainConfig(preset="tiny", max_steps=50))
+    summary = train(train_config("tiny", data_dir="runs/data/stdlib-2048", max_steps=50))
 
 One step (phi-3 and nanoGPT follow the same recipe):
   1. for each of `grad_accum` micro-batches: forward, loss / grad_accum, backward
@@ -15,19 +15,17 @@ One step (phi-3 and nanoGPT follow the same recipe):
      resumes where it stopped and ends exactly where the uninterrupted run would.
 Weight decay applies to matrices only, not to norms or embeddings.
 
-Data: by default the two phases of the data pipeline (lesson 05, `data_prep/pipeline.py`), built
-on first use from the text installed on this machine: phase 1 (filtered, deduplicated real text)
-for the first 75% of the steps, phase 2 (its most educational part plus synthetic textbook
-exercises) for the last 25%, as Phi-3 trains (section 2). Validation is always phase 1's
-held-out documents. `--data-dir DIR` trains on any prepared shards instead (one phase unless
-`--phase2-dir` is given too).
+Data: prepared shards (cfg.data_dir), one phase, or two with cfg.phase2_dir: phase 1 (filtered,
+deduplicated real text) for the first 75% of the steps, phase 2 (its most educational part plus
+synthetic textbook exercises) for the last 25%, as Phi-3 trains (arXiv 2404.14219, section 2).
+Validation is always phase 1's held-out documents. `minilm train` without --data-dir builds the
+data pipeline's two phases first (lesson 05, data_prep/pipeline.py); train() itself builds nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,14 +36,22 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data_prep.pipeline import default_data
 from minilm import MinilmError
 from minilm.checkpoint import load_checkpoint, save_checkpoint
-from minilm.config import ConfigError, get_preset
+from minilm.config import ConfigError, build, get_preset
 from minilm.data import TokenDataset, bits_per_byte
-from minilm.loop import lr_at, make_optimizer
+from minilm.loop import (
+    OptimConfig,
+    lr_at,
+    make_optimizer,
+    optimizer_step,
+    read_metrics,
+    restore,
+    rng_state,
+    set_lr,
+    write_metrics,
+)
 from minilm.model import Phi3
-from minilm.plots import plot_losses
 from minilm.runtime import setup_runtime, teardown_runtime
 from minilm.tokenizer import Tokenizer
 
@@ -63,12 +69,7 @@ class TrainConfig:
     grad_accum: int = 1             # micro-batches per optimizer step
     seq_len: int = 0                # 0: the model's max_seq_len
     max_steps: int = 600
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1       # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    betas: tuple = (0.9, 0.95)
-    grad_clip: float = 1.0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=30, weight_decay=0.1))
     eval_every: int = 100
     eval_batches: int = 8
     ckpt_every: int = 100
@@ -97,7 +98,7 @@ TRAIN_PRESETS["gpu"] = dict(TRAIN_PRESETS["small"], preset="small")
 
 def train_config(preset: str = "tiny", **overrides) -> TrainConfig:
     """A TrainConfig for `preset` (stage defaults for tiny/small), with fields overridden."""
-    return TrainConfig(**{"preset": preset, **TRAIN_PRESETS.get(preset, {}), **overrides})
+    return build(TrainConfig, **{"preset": preset, **TRAIN_PRESETS.get(preset, {}), **overrides})
 
 
 @torch.no_grad()
@@ -113,26 +114,17 @@ def evaluate(model, data: TokenDataset, cfg: TrainConfig, rt) -> dict:
     return {"val_loss": loss, "val_bpb": bits_per_byte(loss, data.bytes_per_token)}
 
 
-def _load_metrics(path: Path, upto: int) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["step"] <= upto]  # drop lines a killed run wrote after its checkpoint
-
-
 def _setup(cfg: TrainConfig, rt):
-    """Data (one or two phases), tokenizer and model config, building the default data when needed."""
+    """Data (one or two phases), tokenizer and model config."""
     try:
         model_cfg = get_preset(cfg.preset, **cfg.model)
     except ConfigError as e:
         raise MinilmError(str(e)) from e
     data_dir, phase2_dir = cfg.data_dir, cfg.phase2_dir
     if not data_dir:
-        data_dir, default2 = default_data(model_cfg.vocab_size, cfg.pipeline_docs_per_source,
-                                          build=rt.is_main)
-        phase2_dir = phase2_dir or default2
-    if rt.distributed:
-        dist.barrier()  # other ranks wait for rank 0 to build the data
+        raise MinilmError("no training data: train() takes prepared shards (data_dir); `minilm train` "
+                          "builds the default two phases when --data-dir is not given, `minilm data` "
+                          "runs the pipeline and `minilm prepare` makes a quick one-phase corpus")
     train_data, val_data = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
     tokenizer = Tokenizer.load(data_dir)
     phase2 = TokenDataset(phase2_dir, "train") if phase2_dir and cfg.phase2_fraction > 0 else None
@@ -168,9 +160,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
 
 def train_step(model, optimizer, data: TokenDataset, cfg: TrainConfig, rt, step: int) -> dict:
     """One optimizer step: accumulate `grad_accum` micro-batches, clip, AdamW. Returns its metrics."""
-    lr = lr_at(step, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    lr = set_lr(optimizer, lr_at(step, cfg.optim, cfg.max_steps))
     loss_sum = 0.0
     for micro in range(cfg.grad_accum):
         # rank r takes global micro-batch indices r, r + W, ...: see minilm/data.py
@@ -180,21 +170,12 @@ def train_step(model, optimizer, data: TokenDataset, cfg: TrainConfig, rt, step:
             loss = model(x.to(rt.device), y.to(rt.device))[1] / cfg.grad_accum
         loss.backward()  # under DDP, the last micro-batch's backward averages gradients over ranks
         loss_sum += loss.item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = optimizer_step(optimizer, model.parameters(), cfg.optim.grad_clip)
     if rt.distributed:  # log the mean loss over all ranks
         t = torch.tensor([loss_sum], device=rt.device)
         dist.all_reduce(t)
         loss_sum = t.item() / rt.world_size
     return {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm}
-
-
-def _rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
 
 def _resume(ckpt_dir: Path, model, optimizer, model_cfg, rt) -> int:
@@ -203,23 +184,11 @@ def _resume(ckpt_dir: Path, model, optimizer, model_cfg, rt) -> int:
     if ck.config != model_cfg:
         raise MinilmError(f"{ckpt_dir} holds a different model ({ck.config}); use another "
                           f"--out-dir or --no-resume to start over")
-    model.load_state_dict(ck.model.state_dict())
-    optimizer.load_state_dict(ck.train_state["optimizer"])
-    torch.set_rng_state(ck.train_state["rng"]["cpu"])
-    if "cuda" in ck.train_state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ck.train_state["rng"]["cuda"])
+    model.load_state_dict(ck.model.state_dict())   # every weight trains: the checkpoint holds them all
+    step = restore(ck.train_state, optimizer)       # optimizer and RNG
     if rt.is_main:
-        tqdm.write(f"resuming from {ckpt_dir} at step {ck.train_state['step']}")
-    return ck.train_state["step"]
-
-
-def _write_metrics(metrics: list[dict], out_dir: Path, baseline: float | None = None) -> None:
-    """metrics.jsonl (atomically: temp file + rename) and loss.png."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    tmp.replace(out_dir / "metrics.jsonl")
-    plot_losses(metrics, out_dir / "loss.png", baseline)
+        tqdm.write(f"resuming from {ckpt_dir} at step {step}")
+    return step
 
 
 def _train(cfg: TrainConfig, rt, on_step) -> dict:
@@ -228,11 +197,11 @@ def _train(cfg: TrainConfig, rt, on_step) -> dict:
     out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoint"
     torch.manual_seed(cfg.seed)
     model = raw_model = Phi3(model_cfg).to(rt.device)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg.optim)
     start = 0
     if cfg.resume and (ckpt_dir / "train_state.pt").exists():
         start = _resume(ckpt_dir, model, optimizer, model_cfg, rt)
-    metrics = _load_metrics(out_dir / "metrics.jsonl", start) if rt.is_main else []
+    metrics = read_metrics(out_dir / "metrics.jsonl", start) if rt.is_main else []
     if cfg.compile:
         model = torch.compile(model)
     if rt.distributed:
@@ -259,10 +228,10 @@ def _train(cfg: TrainConfig, rt, on_step) -> dict:
             if row["step"] % cfg.ckpt_every == 0 or done:
                 if rt.is_main:
                     state = {"optimizer": optimizer.state_dict(), "step": row["step"],
-                             "rng": _rng_state(), "train_config": dataclasses.asdict(cfg)}
+                             "rng": rng_state(), "train_config": dataclasses.asdict(cfg)}
                     save_checkpoint(ckpt_dir, raw_model, tokenizer, state,
                                     meta={"stage": "pretrain", "step": row["step"]})
-                    _write_metrics(metrics, out_dir, train_data.info["unigram_entropy"])
+                    write_metrics(metrics, out_dir, train_data.info["unigram_entropy"])
                 if rt.distributed:
                     dist.barrier()  # no rank runs ahead of a checkpoint it might need
             if on_step is not None:

@@ -3,40 +3,28 @@
     minilm prune --init runs/sft-tiny/checkpoint --method gum --sparsity 0.5 --out-dir runs/prune-gum
     minilm prune --init runs/sft-tiny/checkpoint --method random --sparsity 0.5 --distill
 
-    from minilm.stages.prune import prune_config, run_prune
-    result = run_prune(prune_config(method="movement", sparsity=0.5, out_dir="runs/prune-mvp"))
+    result = run_prune(prune_config("tiny", method="movement", out_dir="runs/prune-mvp"))
     result["after"]["heldout_loss"], result["redundancy_after"]["redundancy"]
 
-Task: the chat SFT data of minilm/post/sft.py, starting from the SFT checkpoint, with the loss on
-the assistant tokens (the same next-token objective as SFT). Why this task: it is a real
-fine-tuning task with held-out prompts that the library already builds in seconds, the SFT
-checkpoint is its dense starting point (the paper prunes while fine-tuning on the downstream task),
-and the held-out assistant-token loss is a continuous metric that separates methods at this scale,
-where the greedy-reply correct rate of the tiny model (~2.5%) is mostly noise. Like the paper's
-Wikitext-103 column it is a likelihood; `chat_eval` adds the greedy-reply rates at the end.
-
+The task is the chat SFT data (minilm/post/sft.py) from the SFT checkpoint, its loss on the
+assistant tokens; the held-out loss separates methods at this scale (lesson 11 says why).
   1. load cfg.init (the student) and, with --distill, a frozen copy (the teacher);
   2. wrap the student in `PrunedLM`: per-layer masks on the FFN activations, recomputed before
-     every step from the method's scores at the schedule's density (`SparsitySchedule`, cubic,
-     changing every mask_every steps); movement/GUM scores are parameters trained through a
-     straight-through Top-v mask;
+     every step from the method's scores at the density of `SparsitySchedule` (cubic);
+     movement/GUM scores are parameters trained through a straight-through Top-v mask;
   3. measure held-out loss and redundancy of the dense model (before);
-  4. train through minilm/post/loop.py's run_loop (resumable, tqdm, metrics.jsonl, loss.png):
-     task loss [+ distillation] [+ GUM's uniqueness penalty];
-  5. fix the final masks, zero the pruned neurons' weights (out_dir/masked: an ordinary
-     checkpoint with the same outputs, masks saved as the `prune` extra) and write the
-     physically smaller model (minilm/prune/compact.py) to out_dir/compact;
-  6. measure held-out loss and redundancy again (after); write out_dir/prune.json.
+  4. train in run_loop: task loss [+ distillation] [+ GUM's uniqueness penalty];
+  5. fix the final masks, zero the pruned neurons (out_dir/masked, an ordinary checkpoint) and
+     write the physically smaller model (minilm/prune/compact.py) to out_dir/compact;
+  6. measure again (after); write out_dir/prune.json.
 
-Deviations from the paper (arXiv 2302.03773): tiny model and data; one seed; our own GUM
-regulariser and weight (see minilm/prune/scores.py); masks act on the FFN activations through
-the differentiable act * mask path for learned scores (the masked kernel for fixed masks).
+Deviations from the paper (arXiv 2302.03773): tiny model and data, one seed; our own GUM
+regulariser and weight (minilm/prune/scores.py); learned-score masks act through act * mask.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,32 +32,40 @@ from torch import nn
 
 from minilm import MinilmError
 from minilm.checkpoint import save_checkpoint
-from minilm.loop import run_loop
+from minilm.config import from_preset
+from minilm.loop import OptimConfig, run_loop
 from minilm.model import set_neuron_masks
-from minilm.post.base_model import PostConfig, from_preset, init_model
+from minilm.post.base_model import init_model
 from minilm.post.chat import collate
-from minilm.post.sft import make_batch_fn, render_examples, sft_data
+from minilm.post.oracles import AnswerOracle
+from minilm.post.sft import evaluate_chat, make_batch_fn, render_examples, sft_data
 from minilm.prune import scores as S
 from minilm.prune.compact import compact_model
 from minilm.prune.redundancy import NeuronMasker, redundancy_report
 from minilm.prune.schedule import SparsitySchedule, distill_loss
 from minilm.runtime import setup_runtime
+from minilm.weights import write_json
 
 METHODS = ("magnitude", "random", "movement", "gum")
 LEARNED = ("movement", "gum")
 
 
 @dataclass
-class PruneConfig(PostConfig):
+class PruneConfig:
     out_dir: str = "runs/prune-tiny"
     init: str = "runs/sft-tiny/checkpoint"
+    max_steps: int = 150
+    batch_size: int = 16
+    eval_every: int = 50
+    ckpt_every: int = 50
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"
+    resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
     method: str = "gum"             # magnitude, random, movement, gum
     sparsity: float = 0.5           # fraction of FFN neurons removed at the end (0: dense fine-tune)
     ranking: str = "auto"           # local, global, or auto (global for gum, local otherwise, as the paper)
-    max_steps: int = 150
-    batch_size: int = 16
-    lr: float = 1e-3
-    warmup_steps: int = 10          # lr warmup
     prune_warmup: int = 15          # dense steps before the cubic ramp (movement scores learn here)
     prune_final: int = 40           # steps at the final sparsity (recovery)
     mask_every: int = 5             # the density changes every mask_every steps
@@ -78,8 +74,6 @@ class PruneConfig(PostConfig):
     distill_temperature: float = 2.0
     gum_weight: float = 0.5         # weight of GUM's uniqueness penalty (our choice; see scores.py)
     gum_tokens: int = 256           # tokens per layer the penalty looks at (every k-th real token)
-    eval_every: int = 50
-    ckpt_every: int = 50
     sources: str = "man,stdlib,arithmetic,units"
     n_train: int = 4000
     n_eval: int = 200
@@ -113,8 +107,6 @@ def _check(cfg: PruneConfig) -> None:
         raise MinilmError(f"--sparsity must be in [0, 1), got {cfg.sparsity} (0.5 removes half the neurons)")
     if cfg.ranking not in ("auto", "local", "global"):
         raise MinilmError(f"--ranking must be local, global or auto, got {cfg.ranking!r}")
-    if cfg.lora_r:
-        raise MinilmError("pruning fine-tunes every weight; LoRA (--lora-r) is not supported here")
 
 
 def global_ranking(cfg: PruneConfig) -> bool:
@@ -243,10 +235,10 @@ def run_prune(cfg: PruneConfig, on_step=None) -> dict:
     """Fine-tune cfg.init while pruning cfg.sparsity of its FFN neurons with cfg.method."""
     _check(cfg)
     rt = setup_runtime(cfg.device)
-    lm, tokenizer = init_model(cfg, rt.device)                                    # 1.
+    lm, tokenizer = init_model(cfg.init, None, rt.device)                                    # 1.
     teacher = None
     if cfg.distill:
-        teacher, _ = init_model(cfg, rt.device)
+        teacher, _ = init_model(cfg.init, None, rt.device)
         teacher.eval().requires_grad_(False)
     train, heldout, _ = sft_data(cfg)
     examples = render_examples(tokenizer, train, cfg.max_len)
@@ -291,9 +283,7 @@ def run_prune(cfg: PruneConfig, on_step=None) -> dict:
               "after": after, "redundancy_before": red_before, "redundancy_after": red_after,
               "masked_checkpoint": str(masked_dir), "compact": compact}
     if cfg.chat_eval:
-        from minilm.post.oracles import AnswerOracle
-        from minilm.post.sft import evaluate_chat
         result["chat"] = evaluate_chat(lm, tokenizer, heldout, AnswerOracle(train + heldout),
                                        cfg.max_new_tokens)
-    Path(cfg.out_dir, "prune.json").write_text(json.dumps(result, indent=2))
+    write_json(Path(cfg.out_dir) / "prune.json", result)
     return result

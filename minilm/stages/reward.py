@@ -1,62 +1,57 @@
-"""Reward models: a scalar head trained on preference pairs with the Bradley-Terry loss.
+"""The reward stage: a scalar head trained on preference pairs with the Bradley-Terry loss (lesson 07).
 
     minilm reward --init runs/sft-tiny/checkpoint --out-dir runs/reward-tiny          # CPU, ~3 min
     minilm reward --init runs/sft-tiny/checkpoint --lm-weight 1.0 --out-dir runs/hydra-sft
 
-    from minilm.stages.reward import reward_config, run_reward
-    from minilm.post.reward import load_reward_model
     summary = run_reward(reward_config("tiny", init="runs/sft-tiny/checkpoint"))
-    hydra, tok = load_reward_model("runs/reward-tiny/checkpoint")      # HydraModel + tokenizer
+    hydra, tok = load_reward_model("runs/reward-tiny/checkpoint")   # minilm/post/reward.py
 
-Bradley-Terry (InstructGPT, Ouyang et al. 2022, eq. 1; the reward model Hydra-RLHF builds on):
-P(chosen beats rejected) = sigmoid(r(x, y_c) - r(x, y_r)), so the loss is -log sigmoid(r_c - r_r),
-where r is the "reward" head's value at the reply's last token (minilm/post/heads.py).
-
-Hydra-SFT (Hydra-RLHF, arXiv 2309.00754; ../shared/papers/hydra_rlhf.md): with lm_weight > 0
-the same model also keeps its LM head trained, loss = BT + lm_weight * LM loss, both from ONE
-trunk pass over the pair batch. The LM loss is on the chosen replies only (the SFT data of a
-comparison set is its preferred answers). Our note on the paper leaves the exact weighting and
-batch composition "to check", so we do not claim the paper's numbers: we use the plain sum
-(lm_weight = 1.0) and expose the weight, because both losses are per-pair/per-token means
-of similar size (0.69 nats for BT at the start, a few nats per token for the LM loss). With
-lm_weight = 0 the trunk is free to forget language modelling; `eval_lm_loss` shows how much.
-
-  1. load cfg.init (an SFT or pretrained checkpoint) into a HydraModel; LoRA when cfg.lora_r > 0
-     (adapters + head trained, base frozen);
+Bradley-Terry (InstructGPT, arXiv 2203.02155, eq. 1): P(chosen beats rejected) =
+sigmoid(r_c - r_r), loss -log sigmoid(r_c - r_r), r the "reward" head at the reply's last token.
+With lm_weight > 0 the same trunk pass also trains the LM head on the chosen replies (Hydra-SFT
+in one pass, Hydra-RLHF arXiv 2309.00754; minilm/stages/hydra_sft.py is the two-batch version).
+  1. load cfg.init into a HydraModel; LoRA when cfg.lora.r > 0 (adapters + head train);
   2. encode the offline pairs of data_prep/instructions.py (train and held-out never overlap);
-  3. measure held-out pair accuracy BEFORE training (a fresh head: ~chance);
-  4. train with `reward_loss` in the shared loop (minilm/post/loop.py);
-  5. measure AFTER, per rejection reason too; the heads go to heads.safetensors in the checkpoint.
-Deviation: InstructGPT compares K=4..9 replies per prompt; we use one pair per prompt.
+  3. held-out pair accuracy BEFORE training (a fresh head: about chance);
+  4. train with `reward_loss` in minilm/loop.py's run_loop;
+  5. measure AFTER, per rejection reason too; the heads go to heads.safetensors.
+
+Deviations: one pair per prompt (InstructGPT ranks K = 4..9 replies); the plain sum
+BT + lm_weight x LM, a weighting the Hydra-RLHF text we could read does not fix.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from minilm import MinilmError
 from minilm.checkpoint import save_checkpoint
-from minilm.loop import run_loop
-from minilm.post.base_model import PostConfig, add_lora, from_preset
+from minilm.config import from_preset
+from minilm.loop import OptimConfig, run_loop
+from minilm.post.base_model import LoRAConfig, add_lora
 from minilm.post.preferences import make_pair_batch_fn
 from minilm.post.reward import evaluate_pairs, load_reward_model, reward_data, reward_loss
 from minilm.runtime import setup_runtime
+from minilm.weights import write_json
 
 
 @dataclass
-class RewardConfig(PostConfig):
+class RewardConfig:
     out_dir: str = "runs/reward-tiny"
     init: str = "runs/sft-tiny/checkpoint"
     max_steps: int = 100
     batch_size: int = 32            # pairs per step (64 sequences)
-    lr: float = 2e-3
-    warmup_steps: int = 10
     eval_every: int = 50
     ckpt_every: int = 50
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"
+    resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, warmup_steps=10))
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # r = 0: full fine-tune; r > 0: LoRA, base frozen
     lm_weight: float = 0.0          # > 0: Hydra-SFT, loss = BT + lm_weight * LM loss on chosen replies
     head: str = "reward"
     n_pairs: int = 3000             # requested train pairs (see data_prep/instructions.py)
@@ -88,8 +83,8 @@ def run_reward(cfg: RewardConfig, on_step=None) -> dict:
     hydra, tokenizer = load_reward_model(cfg.init, heads=(cfg.head,), device=rt.device)   # 1.
     if cfg.max_len > hydra.config.max_seq_len:
         raise MinilmError(f"max_len {cfg.max_len} exceeds the model's max_seq_len {hydra.config.max_seq_len}")
-    if cfg.lora_r > 0:
-        add_lora(cfg, hydra.lm)     # freezes the trunk and LM head; the new head stays trainable
+    if cfg.lora.r > 0:
+        add_lora(cfg.lora, hydra.lm)     # freezes the trunk and LM head; the new head stays trainable
     train, heldout, reasons = reward_data(cfg, tokenizer)                                     # 2.
     pad = tokenizer.eot_id
     batch_fn = make_pair_batch_fn(train, cfg.batch_size, cfg.seed, pad, cfg.max_len)
@@ -114,5 +109,5 @@ def run_reward(cfg: RewardConfig, on_step=None) -> dict:
     after = evaluate_pairs(hydra, heldout, pad, cfg.max_len, cfg.head, reasons)              # 5.
     result = {**summary, "before": before, "after": after, "n_train_pairs": len(train),
               "n_heldout_pairs": len(heldout)}
-    Path(cfg.out_dir, "eval.json").write_text(json.dumps(result, indent=2))
+    write_json(Path(cfg.out_dir) / "eval.json", result)
     return result

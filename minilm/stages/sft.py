@@ -1,79 +1,63 @@
-"""Supervised fine-tuning (SFT) on chat data, measured before and after (lesson 06).
+"""The SFT stage: chat fine-tuning on the assistant tokens, measured before and after (lesson 06).
 
-    minilm sft --init runs/base-tiny/checkpoint --out-dir runs/sft-tiny-v2       # CPU, ~4 minutes
-    minilm sft --init runs/base-tiny/checkpoint --text-mix 0    # pure SFT: no clean-text replay
-    minilm sft --init runs/base-tiny/checkpoint --out-dir runs/sft-lora --lora-r 8 --lr 3e-3
+    minilm sft --init runs/tiny/checkpoint --out-dir runs/sft-tiny           # CPU, ~4 minutes
+    minilm sft --init runs/tiny/checkpoint --text-mix 0                      # pure SFT: no replay
+    minilm sft --init runs/tiny/checkpoint --out-dir runs/sft-lora --lora-r 8
 
-    from minilm.stages.sft import sft_config, run_sft
-    summary = run_sft(sft_config("tiny", init="runs/base-tiny/checkpoint"))
+    summary = run_sft(sft_config("tiny", init="runs/tiny/checkpoint"))
     summary["before"]["end_rate"], summary["after"]["end_rate"]
 
-Phi-3's post-training begins with SFT on chat-formatted data (math, coding, reasoning,
-conversation; Phi-3 report, section 3). Ours: the instruction conversations of
-data_prep/instructions.py (real man-page and docstring answers, computed arithmetic and unit
-answers), rendered in Phi-3's format by minilm/post/chat.py, trained with next-token loss on the
-assistant tokens only (the loss mask), through the shared loop of minilm/post/loop.py.
+Phi-3's post-training starts with SFT on chat-formatted data (arXiv 2404.14219, section 3). Ours
+is data_prep/instructions.py's conversations in Phi-3's format (minilm/post/chat.py):
+  1. load cfg.init; with cfg.lora.r > 0 wrap its linear layers with LoRA, base frozen;
+  2. render the conversations to (ids, loss_mask); a batch is a pure function of (seed, step);
+  3. judge greedy replies to the held-out prompts BEFORE training (AnswerOracle);
+  4. train with `sft_loss` in minilm/loop.py's run_loop: cross-entropy on the assistant tokens
+     plus text_mix x the next-token loss on windows of the pretraining text (replay);
+  5. judge again AFTER; save the checkpoint with both measurements and eval.json.
 
-  1. load the pretrained checkpoint (cfg.init); with cfg.lora_r > 0 wrap its linear layers with
-     LoRA adapters and freeze the rest (minilm/lora.py);
-  2. render the train conversations to (ids, loss_mask); a batch is a pure function of
-     (seed, step): one shuffled permutation per epoch, cut into batches, right-padded;
-  3. measure the held-out prompts BEFORE training: greedy replies, judged by AnswerOracle;
-  4. train with `sft_loss` (mean cross-entropy over the masked assistant tokens, plus text_mix
-     times the next-token loss on a few windows of clean pretraining text);
-  5. measure again AFTER; save the checkpoint with meta stage "sft" and both measurements.
-  Every measurement includes `text_val_loss`, the held-out clean-text loss, when the text is known.
-
-Replay. Pure SFT (600 steps at the pretraining lr on ~3.5k short answers) wrecks the language
-model: the tiny base scores 4.42 nats/token on held-out clean text, after pure SFT 8.18, worse
-than uniform (ln 2048 = 7.62), confidently predicting digits and <|end|> in running prose (lesson
-06, "SFT forgets text"). So each step also draws text_batch_size windows of text_seq_len tokens
-from the train split of the shards cfg.init was pretrained on (recorded in its train_state.pt;
-or cfg.text_data) and adds text_mix * their mean next-token loss: the "pretraining mix" of
-InstructGPT (Ouyang et al. 2022, PPO-ptx, where it is added to the RL objective, not to SFT).
-The Phi-3 report does not say its SFT mixes in pretraining text; this is our choice. The windows
-are a pure function of (seed, step), like the chat batches, so resume stays exact. When no
-pretraining data can be found the replay is switched off with a notice, not an error.
-
-Batching: padding, not packing. Our conversations are 15-60 tokens and we pad each batch only
-to its longest row, so about 40% of the positions are padding (logged as `pad_fraction`).
-Packing several conversations into one row would need a block-diagonal attention mask and
-per-conversation positions, which the fused attention kernel (causal + key padding mask only)
-does not take; at this length the compute it would save does not pay for that complexity.
-Deviations from the paper: no multi-turn data, no safety/identity data, far smaller data;
-the clean-text replay above.
+Deviations: no multi-turn, safety or identity data and far less data; the clean-text replay
+(InstructGPT's "pretraining mix", arXiv 2203.02155), which the Phi-3 report does not describe,
+keeps SFT from wrecking the language model (lesson 06, "SFT forgets text"); padding, not packing.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from data_prep.pipeline import default_data
 from minilm import MinilmError
 from minilm.checkpoint import save_checkpoint
+from minilm.config import from_preset
 from minilm.data import TokenDataset
-from minilm.loop import run_loop
-from minilm.post.base_model import PostConfig, from_preset, init_model
+from minilm.loop import OptimConfig, run_loop
+from minilm.post.base_model import LoRAConfig, init_model
 from minilm.post.oracles import AnswerOracle
 from minilm.post.sft import clean_text_loss, evaluate_chat, make_batch_fn, render_examples, sft_data, sft_loss
 from minilm.runtime import setup_runtime
+from minilm.weights import write_json
 
 
 @dataclass
-class SFTConfig(PostConfig):
+class SFTConfig:
     out_dir: str = "runs/sft-tiny"
     init: str = "runs/base-tiny/checkpoint"
     max_steps: int = 600
     batch_size: int = 32
-    lr: float = 3e-3
-    warmup_steps: int = 20
     eval_every: int = 200
     ckpt_every: int = 100
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"
+    resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=20))
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # r = 0: full fine-tune; r > 0: LoRA, base frozen
     sources: str = "man,stdlib,arithmetic,units"  # see data_prep/instructions.py
     n_train: int = 4000             # requested train conversations (fewer if sources run out)
     n_eval: int = 200               # held-out prompts judged before and after
@@ -119,7 +103,6 @@ def find_text_data(cfg: SFTConfig, tokenizer) -> Path | None:
         if isinstance(recorded, dict) and recorded.get("data_dir"):
             directory = Path(recorded["data_dir"])
         elif isinstance(recorded, dict):  # "": the default data pipeline's phase 1, never built here
-            from data_prep.pipeline import default_data
             docs = recorded.get("pipeline_docs_per_source", 400)
             directory = default_data(tokenizer.n_vocab, docs, build=False)[0]
     if directory is None or not (directory / "meta.json").exists():
@@ -138,7 +121,7 @@ def find_text_data(cfg: SFTConfig, tokenizer) -> Path | None:
 def run_sft(cfg: SFTConfig, on_step=None) -> dict:
     """Fine-tune cfg.init on chat data; returns {"before", "after", ...} measured on held-out prompts."""
     rt = setup_runtime(cfg.device)
-    model, tokenizer = init_model(cfg, rt.device)                           # 1.
+    model, tokenizer = init_model(cfg.init, cfg.lora, rt.device)                           # 1.
     if cfg.max_len > model.config.max_seq_len:
         raise MinilmError(f"max_len {cfg.max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
     train, heldout, train_sample = sft_data(cfg)
@@ -176,5 +159,5 @@ def run_sft(cfg: SFTConfig, on_step=None) -> dict:
     result = {**summary, "before": before, "after": after, "n_train": len(examples),
               "n_heldout": len(heldout), "text_data": str(text_dir) if text_dir else None,
               "text_mix": cfg.text_mix if replay is not None else 0.0}
-    Path(cfg.out_dir, "eval.json").write_text(json.dumps(result, indent=2))
+    write_json(Path(cfg.out_dir) / "eval.json", result)
     return result

@@ -37,7 +37,7 @@ def world_seed(split: str, seed: int) -> int:
 
 def content_split(key: str) -> str:
     """'test' for about TEST_FRACTION of keys, else 'train': a pure function of the text."""
-    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64   # uniform in [0, 1)
     return "test" if h < TEST_FRACTION else "train"
 
 
@@ -68,7 +68,7 @@ class TextEnv(ABC):
         if self.done:
             return "The episode is over. Call reset(seed).", 0.0, True, self._info()
         self.steps += 1
-        obs, success, finished = self._act(" ".join(str(action).split()))
+        obs, success, finished = self._act(" ".join(str(action).split()))   # whitespace collapsed
         self.success = success
         self.done = success or finished or self.steps >= self.max_steps
         if self.done and not (success or finished):
@@ -76,6 +76,7 @@ class TextEnv(ABC):
         return obs, (1.0 if success else 0.0), self.done, self._info()
 
     def _info(self) -> dict:
+        # score: the env's own (F1 for QA) when it set one, else success as 0/1
         return {"success": self.success, "score": self.score if self.score else float(self.success),
                 "steps": self.steps}
 

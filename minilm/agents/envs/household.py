@@ -6,24 +6,17 @@
     for a in env.expert_actions():
         obs, reward, done, info = env.step(a)
 
-Follows ALFWorld (Shridhar et al. 2021, as used by LTC arXiv 2310.01444 and ReAct): receptacles
-you go to, open and put things in; objects you take; the task types pick and place, examine in
-light ("look at X under the lamp"), clean (sink), heat (microwave), cool (fridge) and pick
-two. The goal names a receptacle TYPE ("in cabinet"); any instance counts, as in ALFWorld.
-Deviations, all so that a whole expert episode fits the tiny model's 256 tokens (chat template
-included; 98-99% do, mean ~190 tokens, tests/test_envs.py measures it with a 2048-token BPE):
+Follows ALFWorld (Shridhar et al., arXiv 2010.03768, as used by LTC arXiv 2310.01444 and ReAct):
+receptacles you go to, open and put things in; objects you take; the task types pick and place,
+examine in light, clean (sink), heat (microwave), cool (fridge) and pick two. The goal names a
+receptacle TYPE ("in cabinet"); any instance counts, as in ALFWorld.
+Deviations, so that a whole expert episode fits the tiny model's 256 tokens (lesson 10):
 - a world has 6-8 receptacles and a few objects, not a whole TextWorld room;
-- names are short words the BPE knows (ALFWorld's countertop, diningtable, sinkbasin, armchair,
-  desklamp, creditcard, cellphone are counter, table, sink, chair, lamp, card, phone), and a thing
-  is numbered only when there are two of its kind ("cabinet 1", "cabinet 2", "mug 1", "mug 2";
-  otherwise plain "drawer", "pencil"): " 1" costs two tokens at every mention;
-- observations never repeat what the agent just said: "go to drawer" -> "In it: pencil, lamp." /
-  "Empty." / "Closed."; "open drawer" -> "Opened. In it: cd."; "put ..." -> "Done.";
+- short names the BPE knows (counter, not countertop), numbered only when two share a kind;
+- observations never repeat what the agent just said ("go to drawer" -> "In it: pencil, lamp.");
 - heating, cooling and cleaning take one action at the appliance (ALFWorld's too);
-- the scripted expert reads the hidden state and walks straight to the objects (an oracle: its
-  demonstrations do not show how to find an object, lessons/10_ltc.md discusses what that costs),
-  and every generated task needs at most 8 expert steps (closed sources or destinations are
-  avoided where they would push a task past that).
+- the scripted expert reads the hidden state and walks straight to the objects (an oracle), and
+  every generated task needs at most 8 expert steps.
 """
 
 from __future__ import annotations
@@ -71,12 +64,13 @@ class Household(TextEnv):
         if "cabinet" in extra and rng.random() < 0.5:         # two of a kind: numbered
             extra = [n for n in extra if n != "cabinet"] + ["cabinet 1", "cabinet 2"]
         names = sorted(["sink", "microwave", "fridge", lamp_at] + extra)
-        self.contents = {r: [] for r in names}
-        self.is_open = {r: _kind(r) not in OPENABLE for r in names}
-        self.state: dict[str, set] = {}
+        self.contents = {r: [] for r in names}                         # receptacle -> objects in it
+        self.is_open = {r: _kind(r) not in OPENABLE for r in names}    # openables start closed
+        self.state: dict[str, set] = {}                                # object -> {"clean", "hot", "cool"}
         self.contents[lamp_at].append(LAMP)
         self.lamp_at, self.lamp_on, self.at, self.holding = lamp_at, False, None, None
         obj = rng.choice(TASK_OBJECTS[kind])
+        # the destination is never the lamp's place nor an appliance (sink, microwave, fridge)
         dest = rng.choice([r for r in names if r != self.lamp_at and _kind(r) not in APPLIANCE.values()])
         if kind == "two":  # both sources open and the destination open: at most 8 steps
             dest = rng.choice([r for r in names if self.is_open[r] and r != self.lamp_at and r != "sink"])
@@ -84,7 +78,7 @@ class Household(TextEnv):
                    ("microwave", "sink") and (self.is_open[r] or kind != "two")]
         for o in ([f"{obj} 1", f"{obj} 2"] if kind == "two" else [obj]):
             self._place(o, rng.choice(sources))
-        for o in rng.sample([o for o in FOOD + DISH + THING if o != obj], rng.randint(1, 2)):
+        for o in rng.sample([o for o in FOOD + DISH + THING if o != obj], rng.randint(1, 2)):   # distractors
             self._place(o, rng.choice([r for r in names if r != "microwave"]))
         self.task = {"type": kind, "object": obj, "dest": _kind(dest), "dest_name": dest,
                      "goal": GOAL[kind].format(o=obj, d=_kind(dest), a="an" if obj[0] in "aeiou" else "a",
@@ -220,7 +214,7 @@ class Household(TextEnv):
         return list(self._expert)
 
     def _plan(self) -> list[str]:
-        t, acts, opened, here = self.task, [], set(), [None]
+        t, acts, opened, here = self.task, [], set(), [None]   # here: a cell visit() can rebind
 
         def visit(r: str) -> None:
             if here[0] != r:

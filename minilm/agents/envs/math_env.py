@@ -6,9 +6,9 @@
     env.step("think[9*4=36, 36+21=57]")   # "OK." (recorded, no effect)
     env.step("answer[57]")                # "Correct." reward 1.0, done
 
-Follows GSM8K's shape (Cobbe et al. 2021; LTC arXiv 2310.01444 scores the final `#### N`): several
-arithmetic steps and one integer answer. No GSM8K ships offline (../shared/papers/data_sources.md),
-so problems come from data_prep.synthetic.word_problem_steps, whose answers are computed.
+Follows GSM8K's shape (Cobbe et al. 2021, arXiv 2110.14168; LTC arXiv 2310.01444 scores the final
+`#### N`): several arithmetic steps and one integer answer. No GSM8K ships offline, so problems
+come from data_prep.synthetic.word_problem_steps, whose answers are computed.
 The file is named math_env.py so that it can never be mistaken for the standard `math` module.
 Deviations: an episode is at most a few actions (think[...] any number of times, then one
 answer[N]); the expert's thought is the computed steps written compactly ("9*4=36, ..."). Split:
@@ -31,10 +31,11 @@ class WordMath(TextEnv):
     max_steps = 4
 
     def _new_task(self, rng: random.Random) -> str:
-        while True:
+        while True:                 # draw until a problem of this env's split comes up
             question, rows, worked, answer = word_problem_steps(rng)
             if content_split(question) == self.split:
                 break
+        # the expert's thought: every computed step, compactly ("9*4=36, 36+21=57")
         thought = ", ".join(f"{a}{op}{b}={r}" for a, op, b, r in rows)
         self.task = {"question": question, "answer": answer, "steps": rows, "worked": worked,
                      "solution": [f"think[{thought}]", f"answer[{answer}]"]}
@@ -43,10 +44,10 @@ class WordMath(TextEnv):
 
     def _act(self, action: str) -> tuple[str, bool, bool]:
         if m := re.fullmatch(r"think\[(.*)\]", action, re.S):
-            self.thoughts.append(m[1])
+            self.thoughts.append(m[1])   # recorded for inspection; it never changes the outcome
             return "OK.", False, False
         if m := re.fullmatch(r"answer\[\s*(-?[\d,]+(?:\.0+)?)\s*\]", action):
-            value = int(m[1].replace(",", "").split(".")[0])
+            value = int(m[1].replace(",", "").split(".")[0])   # "1,200" and "57.0" are accepted
             ok = value == self.task["answer"]
             return ("Correct." if ok else "Incorrect."), ok, True
         return "Nothing happens: valid actions are think[...] and answer[N], N a whole number.", False, False

@@ -7,16 +7,15 @@
     env.step("search[textwrap]")        # "textwrap: Text wrapping and filling. Functions: ..."
     env.step("finish[Text wrapping and filling]")   # reward 1.0, info["score"] = F1
 
-Follows HotpotQA (Yang et al. 2018) as driven by ReAct/LTC: actions search[entity] (the paragraph
+Follows HotpotQA (Yang et al. 2018, arXiv 1809.09600) as driven by ReAct/LTC: actions search[entity] (the paragraph
 titled entity, or "Could not find" with similar titles), lookup[keyword] (the next sentence of the
 current paragraph that has the keyword), finish[answer]; scored by exact match and token F1 with
 HotpotQA's answer normalisation (lower case, no punctuation, no articles a/an/the).
 
-Real text: no HotpotQA ships offline (../shared/papers/data_sources.md), so paragraphs are the Python
-standard library's own documentation, which exists on every machine (man pages or WordNet would
-make the tasks depend on the machine): one paragraph per public function (its docstring's first
-sentence, from data_prep.instructions.stdlib_qa, plus the module that defines it) and one per
-module (its docstring's first sentence plus its functions). Two question types, both two-hop:
+Real text: no HotpotQA ships offline, so paragraphs are the Python standard library's own
+documentation, which every machine has: one paragraph per public function (its docstring's first
+sentence, data_prep.instructions.stdlib_qa, and its module) and one per module (its summary and
+its functions). Two question types, both two-hop:
   bridge      "What is the summary of the module that defines `f`?"  f -> its module -> the answer
   comparison  "Are `f` and `g` defined in the same module?"            yes / no (two paragraphs)
 Each episode sees its two gold paragraphs plus 8 distractors (HotpotQA's distractor setting):
@@ -116,8 +115,8 @@ class MultiHopQA(TextEnv):
 
     def _new_task(self, rng: random.Random) -> str:
         paras, func_module, summary = corpus()
-        pool = sorted(f for f in func_module if content_split(f) == self.split)
-        bridge_pool = [f for f in pool if func_module[f] in summary]
+        pool = sorted(f for f in func_module if content_split(f) == self.split)   # this split's functions
+        bridge_pool = [f for f in pool if func_module[f] in summary]   # a bridge needs a module summary
         if rng.random() < 0.5:
             f = rng.choice(bridge_pool)
             m = func_module[f]
@@ -126,9 +125,11 @@ class MultiHopQA(TextEnv):
         else:
             f = rng.choice(pool)
             same = [g for g in pool if g != f and func_module[g] == func_module[f]]
+            # half the time a function of the same module, so "yes" and "no" are both common
             g = rng.choice(same if same and rng.random() < 0.5 else [g for g in pool if g != f])
             q, gold, kind = f"Are `{f}` and `{g}` defined in the same module?", [f, g], "comparison"
             answer = "yes" if func_module[f] == func_module[g] else "no"
+        # distractors: up to 3 functions of the same module (hard ones), the rest from anywhere
         near = [x for x in func_module if func_module[x] == func_module[f] and x not in gold]
         others = sorted(set(paras) - set(gold) - set(near))
         distract = rng.sample(near, min(3, len(near)))
@@ -147,7 +148,7 @@ class MultiHopQA(TextEnv):
                     "finish[answer]."), False, False
         verb, arg = m[1], m[2].strip()
         if verb == "finish":
-            self.score = f1_score(arg, self.task["answer"])
+            self.score = f1_score(arg, self.task["answer"])      # reported as info["score"]
             em = exact_match(arg, self.task["answer"]) == 1.0
             return f"Answer: {arg}. {'Correct' if em else 'Incorrect'}.", em, True
         if verb == "search":
@@ -170,7 +171,7 @@ class MultiHopQA(TextEnv):
         hits = [s for s in sentences if keyword and keyword.lower() in s.lower()]
         if not hits:
             return f"No more results for [{keyword}] in {self.page}."
-        i = self.lookups[(self.page, keyword)] % len(hits)
+        i = self.lookups[(self.page, keyword)] % len(hits)      # each repeat shows the next hit
         self.lookups[(self.page, keyword)] += 1
         return f"(Result {i + 1} / {len(hits)}) {hits[i]}"
 
