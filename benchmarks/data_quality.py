@@ -3,8 +3,8 @@
     python benchmarks/data_quality.py                  # ~5 minutes on 2 CPU cores
     python benchmarks/data_quality.py --steps 240 --fresh   # quicker, noisier
 
-The SAME model (the `tiny` preset, same seed, same learning-rate schedule) is trained for the SAME
-number of steps, so the SAME number of tokens, on two data sets that share one tokenizer:
+The SAME model (`tiny`, same seed and schedule) trains for the SAME number of steps and tokens on
+two data sets that share one tokenizer:
 
   raw       every document the sources give (normalised whitespace only): no heuristic filters,
             no deduplication, no classifier, no synthetic data;

@@ -4,7 +4,7 @@
 
 Every variant starts from the same SFT checkpoint, sees the same T x n_prompts train prompts and
 the same K samples per prompt, and is judged by the same held-out verifier on the same test
-prompts (minilm/post/dno_loop.py). Rows: SFT on positives, offline DPO (one fixed pair set from
+prompts (minilm/stages/dno.py). Rows: SFT on positives, offline DPO (one fixed pair set from
 the SFT model, several epochs), SPIN-style (teacher always chosen, no oracle), DNO-Restrictive
 (teacher > student only), DNO with a fixed SFT reference, DNO without the large-margin filter,
 DNO. Prints a markdown table of the final iterate of each (and writes it to OUT/baselines.md).

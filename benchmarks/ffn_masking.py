@@ -11,9 +11,8 @@ densities 100/75/50/25% (fraction of neurons kept, a random mask), three ways in
 For each: forward (no grad) and forward+backward (gradients for x and the weights) times, the
 fastest of --repeat runs after a warm-up (the run least disturbed by other work on the machine),
 the implementations taking turns so that such work slows them alike.
-Printed as milliseconds and as speed-ups over dense*mask at the same density; the goal (issue 9,
-part 5) is time falling in proportion to density for the kernel and the compacted FFN, i.e. a
-speed-up of about 1 / density.
+Printed as milliseconds and as speed-ups over dense*mask at the same density; the goal is time
+falling in proportion to density for the kernel and the compacted FFN, a speed-up of about 1 / density.
 """
 
 from __future__ import annotations

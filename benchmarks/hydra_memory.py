@@ -4,10 +4,9 @@
     python benchmarks/hydra_memory.py --batch-size 16 --new-tokens 48 --png runs/bench/hydra_memory.png
     python benchmarks/hydra_memory.py --preset small --device cuda     # on a GPU
 
-Hydra-RLHF (arXiv 2309.00754) Table 1/2 and ../shared/papers/hydra_rlhf.md: at equal model and
-batch, PPO > LoRA-PPO >= Hydra-PPO >= J-Hydra-PPO in memory, LoRA-PPO's below SFT's, and Hydra-PPO's
-latency per sample below LoRA-PPO's. Every variant here runs the same `ppo_step` (minilm/post/
-ppo_loop.py) on the same model shape (random weights) and the same prompts: B prompts of P tokens,
+Hydra-RLHF (arXiv 2309.00754), Tables 1-2: at equal model and batch, PPO > LoRA-PPO >=
+Hydra-PPO >= J-Hydra-PPO in memory, and Hydra-PPO's latency per sample below LoRA-PPO's. Every
+variant here runs the same `ppo_step` (minilm/stages/ppo.py) on the same model shape (random weights) and the same prompts: B prompts of P tokens,
 exactly N sampled tokens each (no stop token, so all variants process the same token count),
 `ppo_epochs` passes in minibatches of `minibatch_size`. SFT, the paper's reference line, is full
 fine-tuning of one model on the same B sequences of P + N tokens, in the same minibatches.

@@ -6,7 +6,7 @@
 delete OUT (or one arm's folder) after changing the code.
 
 Per environment: one instruction tuning on the scripted expert's demonstrations (the baseline,
-shared by every arm), then four LTC runs from it (minilm/agents/ltc.py):
+shared by every arm), then four LTC runs from it (minilm/stages/ltc.py):
   full LTC   pattern = the environment's teacher pattern, L = L_LM + 0.5 L_PPO
   LM only    same pattern, L = L_LM (imitation of successful episodes, teacher text included)
   PPO only   same pattern, L = 0.5 L_PPO

@@ -3,7 +3,7 @@
     python benchmarks/train_throughput.py                          # tiny and small presets
     python benchmarks/train_throughput.py --presets tiny --steps 20 --batch-size 8
 
-A step is what minilm/train.py does for one micro-batch: forward, loss, backward, gradient clipping
+A step is what minilm/stages/pretrain.py does for one micro-batch: forward, loss, backward, gradient clipping
 and AdamW, in float32 on CPU and under bf16 autocast on a GPU that has it (minilm.runtime decides).
 The inputs are random tokens, which cost the same as text. The model's work per token is
 `Phi3.flops_per_token(seq_len)` (6 per weight plus attention), so achieved FLOP/s = that x tokens/s.

@@ -320,25 +320,6 @@ def config_from_args(a: argparse.Namespace) -> PipelineConfig:
                           passages_per_topic=a.passages_per_topic)
 
 
-def default_data(vocab_size: int, docs_per_source: int, build: bool = True, wait: bool = False,
-                 poll_s: float = 5.0) -> tuple[Path, Path]:
-    """(phase 1, phase 2) of the data pipeline on this machine's text, built once per vocab size.
-
-    Phi-3's two phases (lesson 05): filtered real text, then its most educational part plus
-    synthetic textbook data. `phase2/meta.json` is the pipeline's last shard write, so its
-    presence means a complete run: with `wait` (torchrun ranks > 0) this polls for it while rank 0
-    builds. A file, not a collective: building can take longer than a barrier's timeout."""
-    root = Path(f"runs/data/pipeline-{vocab_size}" + (f"-{docs_per_source}" if docs_per_source else ""))
-    done = root / "phase2" / "meta.json"
-    if build and not done.exists():
-        tqdm.write(f"building the training data in {root} (data_prep/pipeline.py; once per vocab size)")
-        run_pipeline(PipelineConfig(out=str(root), vocab_size=vocab_size,
-                                    limit_per_source=docs_per_source or None))
-    while wait and not done.exists():
-        time.sleep(poll_s)
-    return root / "phase1", root / "phase2"
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_pipeline_args(p)

@@ -1,17 +1,23 @@
-"""The quick one-phase corpus: the Python standard library's docstrings, tokenized into shards.
+"""Ready-made corpora: the quick one-phase stdlib corpus, and the pipeline's default two phases.
 
-    prepare_data("runs/data/stdlib-2048", vocab_size=2048)   # corpus -> tokenizer -> shards
+    prepare_data("runs/data/stdlib-2048", vocab_size=2048)   # stdlib docstrings -> tokenizer -> shards
     minilm prepare --data-dir runs/data/stdlib-2048           # the same from the command line
+    phase1, phase2 = default_data(vocab_size=2048, docs_per_source=400)   # `minilm train`'s default
 
-The full data recipe (filters, dedup, classifier, synthetic data, two phases) is data_prep/pipeline.py.
+The full data recipe (filters, dedup, classifier, synthetic data, two phases) is data_prep/pipeline.py;
+`default_data` runs it once per vocabulary size into runs/data/.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Iterable
 
+from tqdm import tqdm
+
+from data_prep.pipeline import PipelineConfig, run_pipeline
 from data_prep.stdlib_docs import stdlib_documents
 from minilm import MinilmError
 from minilm.data import build_shards, is_validation
@@ -46,3 +52,22 @@ def prepare_data(out_dir, vocab_size: int, documents: Iterable[tuple[str, str]] 
                        "val": build_shards(val_docs, tokenizer, out_dir, "val")}}
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: marks completion
     return out_dir
+
+
+def default_data(vocab_size: int, docs_per_source: int, build: bool = True, wait: bool = False,
+                 poll_s: float = 5.0) -> tuple[Path, Path]:
+    """(phase 1, phase 2) of the data pipeline on this machine's text, built once per vocab size.
+
+    Phi-3's two phases (lesson 05): filtered real text, then its most educational part plus
+    synthetic textbook data. `phase2/meta.json` is the pipeline's last shard write, so its
+    presence means a complete run: with `wait` (torchrun ranks > 0) this polls for it while rank 0
+    builds. A file, not a collective: building can take longer than a barrier's timeout."""
+    root = Path(f"runs/data/pipeline-{vocab_size}" + (f"-{docs_per_source}" if docs_per_source else ""))
+    done = root / "phase2" / "meta.json"
+    if build and not done.exists():
+        tqdm.write(f"building the training data in {root} (data_prep/pipeline.py; once per vocab size)")
+        run_pipeline(PipelineConfig(out=str(root), vocab_size=vocab_size,
+                                    limit_per_source=docs_per_source or None))
+    while wait and not done.exists():
+        time.sleep(poll_s)
+    return root / "phase1", root / "phase2"

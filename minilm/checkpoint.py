@@ -33,7 +33,8 @@ import torch
 
 from minilm import MinilmError
 from minilm.config import ConfigError, ModelConfig
-from minilm.lora import base_state_dict, load_adapters, lora_layers, write_adapters
+from minilm.lora import base_state_dict, lora_layers
+from minilm.lora_io import load_adapters, write_adapters
 from minilm.model import Phi3, get_neuron_masks
 from minilm.tokenizer import Tokenizer, TokenizerError
 from minilm.weights import HAVE_SAFETENSORS, atomic_dir, load_safetensors, read_weights, recover, write_weights
@@ -61,9 +62,9 @@ def _weights_to_save(model: Phi3, fold_adapters: bool = False) -> dict[str, torc
 
 def load_weights(model: Phi3, state_dict: dict, source: str = "checkpoint") -> None:
     """Copy `state_dict` into `model`, first listing every missing, unexpected or mis-shaped name."""
-    expected = _weights_to_save(model)
+    expected = _weights_to_save(model)  # names and shapes the model wants
     missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected) - {"lm_head.weight"})
+    unexpected = sorted(set(state_dict) - set(expected) - {"lm_head.weight"})  # a tied lm_head may be saved
     shapes = [f"{k}: {source} has {tuple(state_dict[k].shape)}, model expects {tuple(v.shape)}"
               for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
     if missing or unexpected or shapes:
@@ -72,7 +73,7 @@ def load_weights(model: Phi3, state_dict: dict, source: str = "checkpoint") -> N
         lines += [f"  unexpected: {', '.join(unexpected[:8])}"] if unexpected else []
         lines += [f"  shape {s}" for s in shapes[:8]]
         raise MinilmError("\n".join(lines))
-    model.load_state_dict({k: state_dict[k] for k in expected}, strict=False)
+    model.load_state_dict({k: state_dict[k] for k in expected}, strict=False)  # non-strict: tied lm_head, LoRA
 
 
 def _check_extra(extra: dict | None) -> dict:
@@ -101,8 +102,8 @@ def save_checkpoint(directory, model: Phi3, tokenizer=None, train_state: dict | 
                                "fingerprint": tokenizer.fingerprint()}
 
     def write(tmp: Path):
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        write_weights(_weights_to_save(model), tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))  # tokenizer fingerprint, meta
+        write_weights(_weights_to_save(model), tmp)  # base weights, adapters unmerged
         if tokenizer is not None:
             tokenizer.save(tmp)
         if train_state is not None:
@@ -112,13 +113,14 @@ def save_checkpoint(directory, model: Phi3, tokenizer=None, train_state: dict | 
         for name, sd in extra.items():
             write_weights({k: v.detach().contiguous() for k, v in sd.items()}, tmp, stem=name)
 
+    # write() fills a temporary directory; atomic_dir renames it into place only when complete
     return atomic_dir(Path(directory), write)
 
 
 def read_config(directory) -> dict:
     """The parsed config.json of a checkpoint, with a clear error if it is not one."""
     directory = Path(directory)
-    recover(directory)
+    recover(directory)  # finishes a swap a crash interrupted
     path = directory / "config.json"
     if not path.exists():
         hint = " (it does not exist)" if not directory.exists() else ""
@@ -154,6 +156,7 @@ def load_checkpoint(directory, device="cpu", with_train_state: bool = False) -> 
             tokenizer = Tokenizer.load(directory)
         except TokenizerError as e:
             raise MinilmError(f"{directory}: {e}") from e
+        # the files on disk must be the tokenizer the model was trained with
         if tokenizer.fingerprint() != config["tokenizer"]["fingerprint"]:
             raise MinilmError(f"{directory}: tokenizer files do not match config.json (fingerprint "
                               f"{tokenizer.fingerprint()} != {config['tokenizer']['fingerprint']})")
@@ -161,6 +164,7 @@ def load_checkpoint(directory, device="cpu", with_train_state: bool = False) -> 
             raise MinilmError(f"{directory}: tokenizer has {tokenizer.n_vocab} tokens but the model's "
                               f"vocab_size is {model_cfg.vocab_size}")
     model = Phi3(model_cfg)
+    # the base first; saved adapters are re-applied on top, active as saved
     load_weights(model, read_weights(directory), source=str(directory))
     if (directory / "adapter_config.json").exists():
         load_adapters(model, directory)
@@ -168,6 +172,7 @@ def load_checkpoint(directory, device="cpu", with_train_state: bool = False) -> 
              for name in config.get("extra", [])}
     train_state = None
     if with_train_state and (directory / "train_state.pt").exists():
+        # weights_only=False: it holds our own dicts (config, RNG states), written by save_checkpoint
         train_state = torch.load(directory / "train_state.pt", map_location="cpu", weights_only=False)
     return Checkpoint(model.to(device), model_cfg, tokenizer, config.get("meta", {}), train_state,
                       directory, extra)
@@ -188,13 +193,13 @@ def _ffn_for_hf(model: Phi3, sd: dict) -> dict:
         gu_name, down_name = f"model.layers.{i}.mlp.gate_up_proj.weight", f"model.layers.{i}.mlp.down_proj.weight"
         gate_up, down = sd[gu_name], sd[down_name]  # (2w, D), (D, w)
         if mask is not None:
-            m = mask.detach().to(down.dtype)
-            gate_up, down = gate_up * torch.cat([m, m]).unsqueeze(1), down * m
+            m = mask.detach().to(down.dtype)  # (w,) 0/1
+            gate_up, down = gate_up * torch.cat([m, m]).unsqueeze(1), down * m  # zero the pruned neurons
         pad = width - down.shape[1]
         if pad:
-            gate, up = gate_up.chunk(2)
+            gate, up = gate_up.chunk(2)  # (w, D) each
             zeros = gate_up.new_zeros(pad, gate_up.shape[1])
-            gate_up = torch.cat([gate, zeros, up, zeros])
+            gate_up = torch.cat([gate, zeros, up, zeros])  # (2 * width, D): HF splits in halves
             down = torch.cat([down, down.new_zeros(down.shape[0], pad)], dim=1)
         sd[gu_name], sd[down_name] = gate_up.contiguous(), down.contiguous()
     return sd

@@ -36,24 +36,15 @@ from typing import Callable
 
 import torch
 
-from data_prep.pipeline import add_pipeline_args, config_from_args, default_data, run_pipeline
-from data_prep.prepare import prepare_data
+from data_prep.pipeline import add_pipeline_args, config_from_args, run_pipeline
+from data_prep.prepare import default_data, prepare_data
 from minilm import MinilmError
 from minilm.agents.patterns import PATTERNS
 from minilm.chat_cli import run_chat
 from minilm.checkpoint import export_hf, import_hf, load_checkpoint, save_checkpoint
 from minilm.cli_flags import add_config_flags, parse_set, set_fields
-from minilm.cli_results import (
-    show_cyclic_demo,
-    show_dno,
-    show_dpo,
-    show_hydra_sft,
-    show_ltc,
-    show_ppo,
-    show_prune,
-    show_reward,
-    show_sft,
-)
+from minilm.cli_results import (show_cyclic_demo, show_dno, show_dpo, show_hydra_sft, show_ltc, show_ppo,
+                                show_prune, show_reward, show_sft)
 from minilm.config import PRESETS, ConfigError, ModelConfig, get_preset
 from minilm.generate import generate_text
 from minilm.post.ppo_models import VARIANTS
@@ -110,6 +101,7 @@ def cmd_stage(args) -> None:
     stage = STAGE_COMMANDS[args.command]
     if args.command == "dno" and args.oracle == "cyclic":  # no model: the tabular demo
         return show_cyclic_demo(args.iterations or 300)
+    # the preset, then the flags given, then --set: a later source overrides an earlier one
     cfg = stage.make_config(args.preset, **set_fields(args, stage.cls), **parse_set(args.set, stage.cls))
     if args.dry_run:
         print(cfg)
@@ -118,6 +110,7 @@ def cmd_stage(args) -> None:
 
 
 def cmd_train(args) -> None:
+    # --set may name a TrainConfig or a ModelConfig field; the model's fields go to cfg.model
     overrides = {**set_fields(args, pretrain.TrainConfig, skip=("preset", "model")),
                  **parse_set(args.set, pretrain.TrainConfig, ModelConfig)}
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -125,8 +118,9 @@ def cmd_train(args) -> None:
     cfg = pretrain.train_config(args.preset, **{k: v for k, v in overrides.items() if k not in model_fields},
                                 model=model)
     if not cfg.data_dir:  # the default data: the pipeline's two phases, built once (by rank 0 under torchrun)
-        rank = int(os.environ.get("RANK", "0"))
+        rank = int(os.environ.get("RANK", "0"))  # set by torchrun
         vocab_size = get_preset(cfg.preset, **cfg.model).vocab_size
+        # rank 0 builds the data, the other ranks wait for it: no two processes write the same shards
         phase1, phase2 = default_data(vocab_size, cfg.pipeline_docs_per_source, build=rank == 0 and not args.dry_run,
                                       wait=rank != 0)
         cfg.data_dir, cfg.phase2_dir = str(phase1), cfg.phase2_dir or str(phase2)
@@ -161,7 +155,7 @@ def cmd_generate(args) -> None:
     ck = load_checkpoint(args.checkpoint)
     if ck.tokenizer is None:
         raise MinilmError(f"{args.checkpoint} has no tokenizer; it cannot turn text into tokens")
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)  # the same seed, the same samples
     texts = generate_text(ck.model, ck.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=g)
     for prompt, text in zip(args.prompt, texts):
@@ -217,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model preset (tiny, small, ...) or a speedrun size (ci, laptop, gpu)")
     p.add_argument("--samples", action=argparse.BooleanOptionalAction, default=True,
                    help="print samples from the trained model")
-    add_config_flags(p, pretrain.TrainConfig, pretrain.FLAGS, skip=("preset", "model"))
+    add_config_flags(p, pretrain.TrainConfig, pretrain.FLAGS, skip=("preset", "model"))  # flags of their own
     add_config_flags(p, ModelConfig, MODEL_FLAGS)
     _add_run_flags(p)
     p.set_defaults(func=cmd_train)
@@ -287,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # e.g. which ops backend runs
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

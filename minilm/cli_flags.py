@@ -25,13 +25,13 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, shown, skip=(), choic
     choices = choices or {}
     for name, f in flat_fields(cls):  # nested configs' fields by their flat names: lr, lora_r, ...
         kind = _TYPES.get(f.type if isinstance(f.type, str) else f.type.__name__)  # "int" -> int
-        if name in skip or kind is None:
+        if name in skip or kind is None:  # no flag for dict fields (TrainConfig.model)
             continue
         flag, help_ = "--" + name.replace("_", "-"), (None if name in shown else argparse.SUPPRESS)
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif kind is tuple:
-            parser.add_argument(flag, type=float, nargs="+", default=None, help=help_)
+            parser.add_argument(flag, type=float, nargs="+", default=None, help=help_)  # --betas 0.9 0.95
         else:
             parser.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
                                 choices=choices.get(name), help=help_)
@@ -51,7 +51,7 @@ def parse_set(items: list[str], *classes) -> dict:
     out = {}
     for item in items:
         key, eq, value = item.partition("=")
-        key = key.strip().replace("-", "_")
+        key = key.strip().replace("-", "_")  # max-steps=5 works too
         if not eq or key not in kinds:
             raise MinilmError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(kinds))}")
         out[key] = _read_value(key, value, kinds[key])
@@ -69,7 +69,7 @@ def _read_value(key: str, text: str, kind):
             return kind(text)
         if kind is tuple:
             return tuple(float(x) for x in text.strip("()[] ").split(","))
-        return text if kind is str else json.loads(text)
+        return text if kind is str else json.loads(text)  # anything else (a dict): JSON
     except (ValueError, json.JSONDecodeError):
         name = getattr(kind, "__name__", "a value")
         raise MinilmError(f"--set {key}={text!r}: {key} takes {name}") from None

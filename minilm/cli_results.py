@@ -33,14 +33,14 @@ def show_reward(result: dict) -> None:
     print(f"\nheld-out pairs ({result['n_heldout_pairs']}):   before -> after")
     for key in ("eval_accuracy", "eval_margin", "eval_bt_loss", "eval_lm_loss"):
         print(f"  {key:16s} {before[key]:7.3f} -> {after[key]:7.3f}")
-    for reason, acc in after["by_reason"].items():
+    for reason, acc in after["by_reason"].items():  # per kind of rejected reply
         print(f"  accuracy on {reason!r}: {before['by_reason'][reason]:.3f} -> {acc:.3f}")
     print(f"checkpoint (heads in heads.safetensors): {result['checkpoint']}")
 
 
 def show_dpo(result: dict) -> None:
     print(f"\nheld-out pairs ({result['n_heldout_pairs']}): accuracy {result['eval_accuracy']:.3f}, "
-          f"margin {result['eval_margin']:.3f}, chosen/rejected implicit reward "
+          f"margin {result['eval_margin']:.3f}, chosen/rejected implicit reward "  # beta * log(pi / ref)
           f"{result['eval_chosen_reward']:.3f} / {result['eval_rejected_reward']:.3f}; the model itself "
           f"ranks chosen first: SFT {result['eval_ref_ranks_chosen']:.3f} -> DPO {result['eval_policy_ranks_chosen']:.3f}")
     print(f"held-out prompts ({result['n_judge']}), greedy replies:   SFT -> DPO")

@@ -87,7 +87,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)}  # a typo in config.json fails loudly
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
@@ -131,11 +131,11 @@ def get_preset(name: str, **overrides) -> ModelConfig:
 
 def _nested(cls) -> dict[str, type]:
     """{field name: its dataclass type} for the fields of `cls` that are configs themselves."""
-    hints = {f.name: f.default_factory for f in dataclasses.fields(cls)
+    hints = {f.name: f.default_factory for f in dataclasses.fields(cls)  # nested configs use factories
              if f.default_factory is not dataclasses.MISSING}
     out = {}
     for name, factory in hints.items():
-        value = factory()
+        value = factory()  # an instance, to see its type
         if dataclasses.is_dataclass(value):
             out[name] = type(value)
     return out
@@ -147,7 +147,7 @@ def flat_fields(cls) -> list[tuple[str, dataclasses.Field]]:
     out = []
     for f in dataclasses.fields(cls):
         if f.name in nested:
-            prefix = getattr(nested[f.name], "PREFIX", "")
+            prefix = getattr(nested[f.name], "PREFIX", "")  # LoRAConfig: "lora_"
             out += [(prefix + g.name, g) for g in dataclasses.fields(nested[f.name])]
         else:
             out.append((f.name, f))
@@ -164,7 +164,7 @@ def build(cls, **flat):
     for name, kind in _nested(cls).items():
         prefix = getattr(kind, "PREFIX", "")
         leaf_of.update({prefix + g.name: (name, g.name) for g in dataclasses.fields(kind)})
-    top, parts = {}, {}
+    top, parts = {}, {}  # the stage's own fields; nested name -> {leaf: value}
     for key, value in flat.items():
         if key in own:
             top[key] = value
@@ -197,9 +197,9 @@ def from_preset(cls, presets: dict, preset: str, stage: str, **overrides):
     """A stage's config from its named preset, then `overrides` (flat names, see `build`)."""
     if preset not in presets:
         raise MinilmError(f"unknown {stage} preset {preset!r}; choose one of {', '.join(presets)}")
-    return build(cls, **{**presets[preset], **overrides})
+    return build(cls, **{**presets[preset], **overrides})  # overrides beat the preset
 
 
 def override(cfg, **flat):
     """A copy of the stage config `cfg` with fields changed by their flat names (lr=, lora_r=, ...)."""
-    return build(type(cfg), **{**flatten(cfg), **flat})
+    return build(type(cfg), **{**flatten(cfg), **flat})  # a copy: cfg is not changed

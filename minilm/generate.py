@@ -47,7 +47,7 @@ class Rollout:
     def responses(self, strip: tuple[int, ...] = ()) -> list[list[int]]:
         """Generated ids of each row, without the padding and without tokens in `strip`."""
         out = []
-        for row, mask in zip(self.tokens[:, self.prompt_len:], self.gen_mask[:, self.prompt_len:]):
+        for row, mask in zip(self.tokens[:, self.prompt_len:], self.gen_mask[:, self.prompt_len:]):  # (N,) each
             out.append([t for t in row[mask.bool()].tolist() if t not in strip])
         return out
 
@@ -68,21 +68,24 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None):
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None):
     """Pick one token per row from logits (B, V); returns (tokens (B,), their log-probs (B,))."""
-    logits = logits.float()
+    logits = logits.float()  # (B, V); sample in fp32 even under bf16
     if temperature <= 0:  # greedy
         token = logits.argmax(-1)
+        # greedy records temperature-1 log-probs
         return token, torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
+    # the recorded log-probs come from this untruncated distribution, as PPO's recompute sees it
     logprobs = torch.log_softmax(logits / temperature, dim=-1)
     filtered = logprobs.clone()
     if top_k is not None and top_k < filtered.shape[-1]:
-        kth = filtered.topk(top_k, dim=-1).values[:, -1:]
+        kth = filtered.topk(top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest
         filtered[filtered < kth] = float("-inf")
     if top_p is not None and top_p < 1.0:
-        sorted_lp, order = filtered.sort(dim=-1, descending=True)
+        sorted_lp, order = filtered.sort(dim=-1, descending=True)  # (B, V) each
         cum = sorted_lp.softmax(-1).cumsum(-1)
         drop = cum - sorted_lp.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        # back from sorted to vocabulary order
         filtered.scatter_(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
-    token = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)
+    token = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
 
 
@@ -92,7 +95,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
              use_cache: bool = True, generator: torch.Generator | None = None) -> Rollout:
     """Sample up to `max_new_tokens` for each prompt; a row stops after emitting a stop token."""
     device = next(model.parameters()).device
-    tokens, mask = left_pad(prompts, pad_id, device)
+    tokens, mask = left_pad(prompts, pad_id, device)  # (B, P) each
     b, p = tokens.shape
     if p + max_new_tokens > model.config.max_seq_len:
         raise ValueError(f"prompt ({p} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
@@ -100,24 +103,27 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     was_training = model.training
     model.eval()
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+    # room for every position this call can reach: the prompt and all new tokens
     cache = KVCache(model.config, b, p + max_new_tokens, device,
                     next(model.parameters()).dtype) if use_cache else None
-    logprobs = torch.zeros(b, p, device=device)
-    gen = torch.zeros(b, p, dtype=torch.long, device=device)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    step_input = tokens
+    logprobs = torch.zeros(b, p, device=device)  # grows to (B, P + N): 0 on the prompt
+    gen = torch.zeros(b, p, dtype=torch.long, device=device)  # (B, P): no prompt token is generated
+    done = torch.zeros(b, dtype=torch.bool, device=device)  # (B,) rows that emitted a stop token
+    step_input = tokens  # the whole prompt first; then one token
     for _ in range(max_new_tokens):
+        # (B, T_in, V): with the cache only the new positions run; the mask covers every position so far
         logits, _ = model(step_input if use_cache else tokens, kv_cache=cache, attention_mask=mask)
-        token, lp = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        token, lp = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,), (B,)
         alive = ~done
+        # finished rows get padding, masked out of attention, gen_mask and logprobs
         token = torch.where(alive, token, torch.full_like(token, pad_id))
         tokens = torch.cat([tokens, token[:, None]], dim=1)
         mask = torch.cat([mask, alive.long()[:, None]], dim=1)
         gen = torch.cat([gen, alive.long()[:, None]], dim=1)
         logprobs = torch.cat([logprobs, torch.where(alive, lp, 0.0)[:, None]], dim=1)
-        done |= torch.isin(token, stop) & alive
+        done |= torch.isin(token, stop) & alive  # the stop token itself stays generated
         step_input = token[:, None]
-        if done.all():
+        if done.all():  # every row stopped: N may end below max_new_tokens
             break
     model.train(was_training)
     return Rollout(tokens, mask, gen, logprobs, p)
@@ -138,7 +144,7 @@ def token_logprobs(model, tokens: torch.Tensor, attention_mask: torch.Tensor | N
     scale = temperature if temperature > 0 else 1.0  # greedy rollouts record temperature-1 log-probs
     logprobs = torch.log_softmax(logits[:, :-1].float() / scale, dim=-1)
     picked = logprobs.gather(-1, tokens[:, 1:, None]).squeeze(-1)     # (B, T - 1): predicts t + 1
-    picked = torch.cat([picked.new_zeros(tokens.shape[0], 1), picked], dim=1)
+    picked = torch.cat([picked.new_zeros(tokens.shape[0], 1), picked], dim=1)  # (B, T): realign to token t
     # a token counts only if it is real and a real token precedes it (its prediction had context)
     has_context = attention_mask.long().cumsum(-1) > 1
     return picked * (has_context & attention_mask.bool())
@@ -146,7 +152,7 @@ def token_logprobs(model, tokens: torch.Tensor, attention_mask: torch.Tensor | N
 
 def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, **kwargs) -> list[str]:
     """Encode string prompts, generate (stopping at <|endoftext|>), decode only the continuations."""
-    ids = [tokenizer.encode(p, allowed_special="all") or [tokenizer.eot_id] for p in prompts]
+    ids = [tokenizer.encode(p, allowed_special="all") or [tokenizer.eot_id] for p in prompts]  # empty: <|endoftext|>
     kwargs.setdefault("stop_tokens", [tokenizer.eot_id])
     rollout = generate(model, ids, max_new_tokens, pad_id=tokenizer.eot_id, **kwargs)
     return [tokenizer.decode(r) for r in rollout.responses(strip=(tokenizer.eot_id,))]

@@ -71,9 +71,9 @@ class LoopConfig:
 def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
     """Linear warmup to optim.lr, then cosine decay to optim.lr * optim.min_lr_ratio at max_steps."""
     if step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    progress = (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return optim.lr * (step + 1) / optim.warmup_steps  # step + 1: step 0 already moves
+    progress = (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps)  # 0 -> 1
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))  # 1 -> 0; flat past max_steps
     return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cosine)
 
 
@@ -82,8 +82,9 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Ad
     weight decay on matrices only: norms and the (tied) embedding are not decayed."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad:  # frozen: no AdamW state
             continue
+        # decaying norms' gains would pull them towards 0; the tied embedding is also the output layer
         (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
@@ -104,9 +105,10 @@ def trained_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]
 def optimizer_step(optimizer: torch.optim.Optimizer, params, grad_clip: float) -> float:
     """After backward: clip the global gradient norm of `params`, step, zero the gradients.
     Returns the norm before clipping (the number to watch for divergence)."""
+    # one norm over all of `params` together (not per tensor), so clipping keeps the update's direction
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)  # None, not zeros: frees the memory
     return grad_norm
 
 
@@ -122,7 +124,7 @@ def epoch_batches(n: int, batch_size: int, seed: int):
     @lru_cache(maxsize=4)
     def permutation(epoch: int) -> list[int]:
         order = list(range(n))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)  # one seed per (seed, epoch)
         return order
 
     def picks(step: int) -> list[int]:
@@ -159,6 +161,7 @@ def rng_state() -> dict:
     """The RNG states a resumed run must restore (CPU, and every GPU's when there are GPUs)."""
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
+        # dropout and sampling on GPU draw from these
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -170,7 +173,7 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 def load_train_state(ckpt_dir: Path) -> dict:
     """ckpt_dir/train_state.pt, after finishing any save that was killed between its renames."""
-    read_config(ckpt_dir)
+    read_config(ckpt_dir)  # recovers an interrupted save
     return torch.load(Path(ckpt_dir) / "train_state.pt", map_location="cpu", weights_only=False)
 
 
@@ -178,6 +181,7 @@ def restore(state: dict, optimizer, model=None, source: str = "the checkpoint") 
     """Put a run back where `state` (a train_state.pt) left it: the trainable parameters of `model`
     (when given; the names and shapes must match), the optimizer and the RNG. Returns the step."""
     if model is not None:
+        # only the trainable parameters: the frozen rest is the model the stage started from
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         saved = state.get("trainable", {})
         if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items()):
@@ -185,9 +189,11 @@ def restore(state: dict, optimizer, model=None, source: str = "the checkpoint") 
                               f"({len(saved)} saved vs {len(params)} now; LoRA settings differ?); use "
                               f"another --out-dir or --no-resume to start over")
         with torch.no_grad():
+            # in place: the optimizer holds references to these tensors
             for n, p in params.items():
                 p.copy_(saved[n])
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(state["optimizer"])  # AdamW moments and step counts
+    # the RNG too: sampling, dropout and minibatch order continue exactly where the run stopped
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -199,7 +205,7 @@ def read_metrics(path: Path, upto: int) -> list[dict]:
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["step"] <= upto]
+    return [r for r in rows if r["step"] <= upto]  # rows past the checkpoint are redone
 
 
 def write_metrics(metrics: list[dict], out_dir: Path, baseline: float | None = None, plot: bool = True) -> None:
@@ -213,15 +219,18 @@ def write_metrics(metrics: list[dict], out_dir: Path, baseline: float | None = N
 
 def train_step(model, optimizer, batch, loss_fn, cfg, rt, step: int) -> dict:
     """One optimizer step on one batch; returns its metrics row (with the batch's real tokens)."""
+    # the schedule is a pure function of the step: a resumed run continues it
     lr = set_lr(optimizer, lr_at(step, cfg.optim, cfg.max_steps))
     with rt.autocast():
-        loss, metrics = loss_fn(model, to_device(batch, rt.device))
+        loss, metrics = loss_fn(model, to_device(batch, rt.device))  # a 0-dim loss; metrics: name -> number
+    # stop before a NaN reaches the weights (and a checkpoint): the last checkpoint stays good
     if not torch.isfinite(loss):
         raise MinilmError(f"loss became {loss.item()} at step {step + 1}; lower --lr or check the data")
     loss.backward()
+    # the norm over exactly what AdamW updates (under LoRA: adapters and heads), never a frozen base
     grad_norm = optimizer_step(optimizer, trained_params(optimizer), cfg.optim.grad_clip)
     row = {"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm,
-           "batch_tokens": count_tokens(batch)}
+           "batch_tokens": count_tokens(batch)}  # real tokens, padding excluded
     row.update({k: float(v) for k, v in metrics.items()})
     return row
 
@@ -235,11 +244,12 @@ def run_loop(cfg, model, batch_fn: Callable, loss_fn: Callable, eval_fn: Callabl
     train_state, meta). `on_step(step, row)` runs after every step (tests interrupt runs with it).
     """
     rt = rt or setup_runtime(cfg.device)
-    model.to(rt.device).train()
+    model.to(rt.device).train()  # train mode: dropout on (if any)
     out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoint"
     if save_fn is None:
         def save_fn(directory, train_state, meta):
             save_checkpoint(directory, model, tokenizer, train_state, meta)
+    # built before resume: its state (AdamW moments) is loaded into it
     optimizer = make_optimizer(model, cfg.optim)
     if not trained_params(optimizer):
         raise MinilmError("the model has no trainable parameters (every requires_grad is False)")
@@ -249,8 +259,9 @@ def run_loop(cfg, model, batch_fn: Callable, loss_fn: Callable, eval_fn: Callabl
         start, tokens = restore(state, optimizer, model, source=str(ckpt_dir)), state.get("tokens", 0)
         tqdm.write(f"resuming from {ckpt_dir} at step {start}")
     metrics = read_metrics(out_dir / "metrics.jsonl", start)
-    last_eval = next((m for m in reversed(metrics) if "eval" in m), {}).get("eval", {})
+    last_eval = next((m for m in reversed(metrics) if "eval" in m), {}).get("eval", {})  # a resumed run's last eval
 
+    # every stage's eval runs in eval mode (no dropout) and under no_grad
     def evaluate() -> dict:
         model.eval()
         with torch.no_grad():
@@ -261,6 +272,7 @@ def run_loop(cfg, model, batch_fn: Callable, loss_fn: Callable, eval_fn: Callabl
     t0 = time.time()
     with tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=stage) as bar:
         for step in bar:
+            # batch_fn(step) is a pure function of (seed, step): no data-loader position to save or restore
             row = train_step(model, optimizer, batch_fn(step), loss_fn, cfg, rt, step)
             tokens += row["batch_tokens"]
             row["tokens"] = tokens  # trained on so far (the speedrun report's "tokens" column)
@@ -273,7 +285,9 @@ def run_loop(cfg, model, batch_fn: Callable, loss_fn: Callable, eval_fn: Callabl
             if row["step"] % cfg.log_every == 0 or "eval" in row or done:
                 metrics.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
+            # checkpoint first, then metrics.jsonl: the log never lists a step that no checkpoint holds
             if row["step"] % cfg.ckpt_every == 0 or done:
+                # "trainable": every requires_grad parameter (LoRA: adapters and heads only), what `restore` copies back
                 state = {"optimizer": optimizer.state_dict(), "step": row["step"], "rng": rng_state(),
                          "trainable": trainable_state(model), "config": dataclasses.asdict(cfg), "tokens": tokens}
                 meta = {"stage": stage, "step": row["step"], "init": cfg.init, **last_eval}

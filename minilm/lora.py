@@ -14,7 +14,7 @@ Face's (model.layers.0.self_attn.qkv_proj.weight) and adapter tensors are the na
     with lora_disabled(model): ref_logits, _ = model(idx)     # the base model, bit for bit
     with use_adapters(model, "critic"): values = ...            # only "critic" applies
     merge_lora(model); ...; unmerge_lora(model)                 # fold active adapters into W and back
-    save_adapters(model, "runs/x/adapters"); load_adapters(fresh_model, "runs/x/adapters")
+    save_adapters(model, "runs/x/adapters")    # minilm/lora_io.py: adapters alone, on disk
 
 Several named adapters may share one base (Hydra-PPO keeps "actor" and "critic" on one model); which
 ones apply is a switch, no weight is copied. A newly applied adapter joins the active set.
@@ -28,22 +28,19 @@ arithmetic; here unmerge subtracts the same delta it added, so W comes back up t
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm import MinilmError
-from minilm.weights import atomic_dir, read_weights, write_weights
+
 
 DEFAULT_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-CONFIG_NAME, WEIGHTS_STEM, FORMAT = "adapter_config.json", "adapters", "minilm-lora"
 _ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -65,13 +62,15 @@ class LoRALinear(nn.Module):
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float, targets: list[str]):
         w = self.weight
+        # A random and B zero: B A = 0, so a new adapter leaves the model exactly as it was
         a = torch.randn(r, self.in_features, device=w.device, dtype=w.dtype) / math.sqrt(self.in_features)
-        self.lora_A[name] = nn.Parameter(a)
+        self.lora_A[name] = nn.Parameter(a)  # (r, in)
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=w.dtype))
         self.lora_dropout[name] = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
         self.settings[name] = {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(targets)}
 
     def scaling(self, name: str) -> float:
+        # alpha / r, as the paper: with alpha fixed, a different r needs no new learning rate
         return self.settings[name]["alpha"] / self.settings[name]["r"]
 
     def delta(self, names) -> torch.Tensor:
@@ -79,7 +78,7 @@ class LoRALinear(nn.Module):
         d = torch.zeros_like(self.weight)
         for n in names:
             if n in self.settings:
-                d += self.scaling(n) * (self.lora_B[n] @ self.lora_A[n])
+                d += self.scaling(n) * (self.lora_B[n] @ self.lora_A[n])  # (out, r) @ (r, in)
         return d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +105,7 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in _unwrap(model).named_modules() if isinstance(m, LoRALinear)]
 
 
-def _require_lora(model) -> list[tuple[str, LoRALinear]]:
+def require_lora(model) -> list[tuple[str, LoRALinear]]:
     layers = lora_layers(model)
     if not layers:
         raise MinilmError("the model has no LoRA adapters; call minilm.lora.apply_lora(model, ...) first")
@@ -172,18 +171,18 @@ def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, alpha: flo
         raise MinilmError(f"adapter {adapter!r} already exists with r={old[adapter]['r']}, alpha="
                           f"{old[adapter]['alpha']}, dropout={old[adapter]['dropout']}; one adapter "
                           f"uses one setting, so pass those or choose another adapter name")
-    active = tuple(active_adapters(model))
+    active = tuple(active_adapters(model))  # kept: the new adapter joins them
     for n in names:
         m = model.get_submodule(n)
         if not isinstance(m, LoRALinear):
             parent, _, leaf = n.rpartition(".")
-            m = LoRALinear(m)
+            m = LoRALinear(m)  # shares m's weight/bias Parameters
             setattr(model.get_submodule(parent), leaf, m)
         m.add_adapter(adapter, r, alpha, dropout, targets)
     _set_active(model, active + (adapter,) if adapter not in active else active)
     if freeze_base:
         for pname, p in model.named_parameters():
-            if "lora_" not in pname:
+            if "lora_" not in pname:  # the base and any heads
                 p.requires_grad_(False)
     return names
 
@@ -201,7 +200,7 @@ def active_adapters(model) -> list[str]:
 
 def set_active_adapters(model, names) -> None:
     """Make exactly `names` (a name or a list; [] = none) apply. No weight is copied."""
-    layers = _require_lora(model)
+    layers = require_lora(model)
     names = (names,) if isinstance(names, str) else tuple(dict.fromkeys(names))
     unknown = [n for n in names if n not in adapter_names(model)]
     if unknown:
@@ -231,6 +230,7 @@ def lora_disabled(model):
 
 def _refuse_tied(model, layers, doing: str) -> None:
     """A weight shared with another parameter (tied lm_head / embed_tokens) cannot absorb a delta."""
+    # how many names point at each Parameter: more than one means tied
     uses = Counter(id(p) for _, p in _unwrap(model).named_parameters(remove_duplicate=False))
     for name, m in layers:
         if uses[id(m.weight)] > 1 and any(a in m.settings for a in m.active):
@@ -242,20 +242,20 @@ def _refuse_tied(model, layers, doing: str) -> None:
 @torch.no_grad()
 def merge_lora(model) -> None:
     """W <- W + sum (alpha/r) B A over the active adapters, on every wrapped layer (for fast inference)."""
-    layers = _require_lora(model)
+    layers = require_lora(model)
     if layers[0][1].merged is not None:
         raise MinilmError(f"adapters {list(layers[0][1].merged)} are already merged; merging twice would "
                           f"add them twice. Call unmerge_lora(model) first")
     _refuse_tied(model, layers, "merging")
     for _, m in layers:
-        m.weight += m.delta(m.active)
-        m.merged = m.active
+        m.weight += m.delta(m.active)  # in place: the same Parameter
+        m.merged = m.active  # remembered: unmerge subtracts exactly this
 
 
 @torch.no_grad()
 def unmerge_lora(model) -> None:
     """Undo `merge_lora`: W <- W - the same sum (equal to the pre-merge W up to float rounding)."""
-    layers = _require_lora(model)
+    layers = require_lora(model)
     if layers[0][1].merged is None:
         raise MinilmError("the adapters are not merged; nothing to unmerge")
     for _, m in layers:
@@ -271,16 +271,17 @@ def merge_and_unload(model) -> nn.Module:
     the SFT model, not the pre-SFT one. Inactive adapters are dropped. Every parameter gets
     requires_grad=True again, as in a model loaded without LoRA.
     """
-    layers = _require_lora(model)
+    layers = require_lora(model)
     if layers[0][1].merged is None:
         merge_lora(model)
     root = _unwrap(model)
     for name, m in layers:
+        # on meta: allocates nothing, its weight is replaced by the existing Parameter next
         linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         linear.weight, linear.bias = m.weight, m.bias  # the same Parameters, now holding W + s B A
         parent, _, leaf = name.rpartition(".")
         setattr(root.get_submodule(parent), leaf, linear.train(m.training))
-    root.requires_grad_(True)
+    root.requires_grad_(True)  # as a freshly loaded model
     return model
 
 
@@ -293,7 +294,7 @@ def lora_parameters(model, adapter: str | None = None) -> list[nn.Parameter]:
 
 def _is_lora_key(name: str, adapter: str | None = None) -> bool:
     parts = name.split(".")
-    return (len(parts) >= 2 and parts[-2] in ("lora_A", "lora_B")
+    return (len(parts) >= 2 and parts[-2] in ("lora_A", "lora_B")  # ...lora_A.<adapter>
             and (adapter is None or parts[-1] == adapter))
 
 
@@ -314,80 +315,9 @@ def base_state_dict(model, fold: bool = False) -> dict[str, torch.Tensor]:
         _refuse_tied(model, lora_layers(model), "folding the adapters in")
     with torch.no_grad():
         for name, m in lora_layers(model):
-            inside = m.merged or ()
-            wanted = m.active if fold else ()
+            inside = m.merged or ()  # deltas now inside m.weight
+            wanted = m.active if fold else ()  # deltas the saved weight should hold
             if set(inside) != set(wanted):
-                sd[f"{name}.weight"] = m.weight - m.delta(inside) + m.delta(wanted)
+                sd[f"{name}.weight"] = m.weight - m.delta(inside) + m.delta(wanted)  # a new tensor; m.weight unchanged
     return sd
 
-
-def adapter_config(model, adapter: str | None = None) -> dict:
-    """What adapter_config.json holds: per adapter r, alpha, dropout, targets and wrapped modules."""
-    adapters = {}
-    for name, m in lora_layers(model):
-        for a, s in m.settings.items():
-            if adapter is not None and a != adapter:
-                continue
-            entry = adapters.setdefault(a, {"r": s["r"], "alpha": s["alpha"], "dropout": s["dropout"],
-                                            "targets": [], "modules": []})
-            entry["targets"] += [t for t in s["targets"] if t not in entry["targets"]]
-            entry["modules"].append(name)
-    active = [a for a in active_adapters(model) if a in adapters]
-    return {"format": FORMAT, "version": 1, "active": active, "adapters": adapters}
-
-
-def write_adapters(model, directory: Path, adapter: str | None = None) -> None:
-    """Write adapter_config.json and adapters.safetensors into an existing directory (not atomic)."""
-    config = adapter_config(model, adapter)
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-    sd = {k: v.contiguous() for k, v in lora_state_dict(model, adapter).items()}
-    write_weights(sd, directory, stem=WEIGHTS_STEM)
-
-
-def save_adapters(model, directory, adapter: str | None = None) -> Path:
-    """Write the adapters (one, or all) alone, atomically: adapter_config.json + adapters.safetensors."""
-    if adapter is not None and adapter not in adapter_names(model):
-        raise MinilmError(f"unknown adapter {adapter!r}; the model has {adapter_names(model)}")
-    _require_lora(model)
-    return atomic_dir(Path(directory), lambda tmp: write_adapters(model, tmp, adapter))
-
-
-def load_adapters(model, directory) -> list[str]:
-    """Apply the adapters saved in `directory` to `model` and load their weights; returns their names.
-
-    Layers that already carry an adapter of the same name and rank are reused (their values are
-    overwritten). The active set becomes the saved one. The base is frozen as `apply_lora` does.
-    """
-    directory = Path(directory)
-    path = directory / CONFIG_NAME
-    if not path.exists():
-        raise MinilmError(f"{directory} has no {CONFIG_NAME}; save adapters with save_adapters(model, dir)")
-    try:
-        config = json.loads(path.read_text())
-        adapters = config["adapters"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise MinilmError(f"{path} is corrupt ({e}); save the adapters again") from e
-    model = _unwrap(model)
-    if any(m.merged is not None for _, m in lora_layers(model)):
-        raise MinilmError("the model's adapters are merged; call unmerge_lora(model) before load_adapters")
-    for name, c in adapters.items():
-        have = {n for n, m in lora_layers(model) if name in m.settings}
-        todo = [n for n in c["modules"] if n not in have]
-        if todo:  # exact names, so nothing else is wrapped
-            apply_lora(model, [f"^{re.escape(n)}$" for n in todo], r=c["r"], alpha=c["alpha"],
-                       dropout=c["dropout"], adapter=name)
-        for n, m in lora_layers(model):
-            if n in c["modules"]:
-                m.settings[name]["targets"] = list(c["targets"])
-    sd = read_weights(directory, names=(f"{WEIGHTS_STEM}.safetensors", f"{WEIGHTS_STEM}.pt"))
-    expected = {k: v for k, v in lora_state_dict(model).items() if k.rsplit(".", 1)[-1] in adapters}
-    problems = sorted(set(expected) ^ set(sd)) + [
-        f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-        if k in sd and sd[k].shape != v.shape]
-    if problems:
-        raise MinilmError(f"{directory}: saved adapters do not fit the model: {', '.join(problems[:8])}")
-    model.load_state_dict(sd, strict=False)
-    for pname, p in model.named_parameters():
-        p.requires_grad_("lora_" in pname)
-    set_active_adapters(model, [a for a in config.get("active", []) if a in adapter_names(model)])
-    return list(adapters)

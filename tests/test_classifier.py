@@ -8,22 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from data_prep.classifier import (
-    EDU_THRESHOLD,
-    Classifier,
-    RubricAnnotator,
-    SourcePriorAnnotator,
-    evaluate,
-    hashed_features,
-    keep_top,
-    point_coherent,
-    point_example,
-    point_explains,
-    point_no_boilerplate,
-    point_not_a_list,
-    point_substantive,
-    score_pool,
-)
+from data_prep.classifier import (EDU_THRESHOLD, Classifier, RubricAnnotator, SourcePriorAnnotator, evaluate,
+                                  hashed_features, keep_top, point_coherent, point_example, point_explains,
+                                  point_no_boilerplate, point_not_a_list, point_substantive, score_pool)
 from data_prep.document import Document
 from data_prep.sources import iter_documents
 from data_prep.synthetic import SyntheticConfig, synthetic_documents

@@ -6,15 +6,8 @@ import numpy as np
 import pytest
 
 from minilm import MinilmError
-from minilm.data import (
-    TokenDataset,
-    bits_per_byte,
-    is_validation,
-    read_shard,
-    token_dtype,
-    unigram_entropy,
-    write_shard,
-)
+from minilm.data import (TokenDataset, bits_per_byte, is_validation, read_shard, token_dtype, unigram_entropy,
+                         write_shard)
 
 pytestmark = pytest.mark.lesson_03
 

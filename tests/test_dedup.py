@@ -5,22 +5,9 @@ import random
 import numpy as np
 import pytest
 
-from data_prep.dedup import (
-    MERSENNE_PRIME,
-    DedupConfig,
-    UnionFind,
-    candidate_pairs,
-    choose_bands,
-    deduplicate,
-    estimate_jaccard,
-    hash_params,
-    hash_shingles,
-    jaccard,
-    lsh_probability,
-    minhash,
-    normalize,
-    shingles,
-)
+from data_prep.dedup import (MERSENNE_PRIME, DedupConfig, UnionFind, candidate_pairs, choose_bands,
+                             deduplicate, estimate_jaccard, hash_params, hash_shingles, jaccard,
+                             lsh_probability, minhash, normalize, shingles)
 from data_prep.document import Document
 
 pytestmark = pytest.mark.lesson_05

@@ -10,16 +10,8 @@ import torch
 from test_reward import base_checkpoint  # noqa: F401
 
 from minilm.config import override
-from minilm.post.dno import (
-    bradley_terry_fit,
-    dno_regression_loss,
-    expected_win_rates,
-    preference_entropy,
-    replay_pairs,
-    scripted_teacher,
-    select_pairs,
-    tabular_dno,
-)
+from minilm.post.dno import (bradley_terry_fit, dno_regression_loss, expected_win_rates, preference_entropy,
+                             replay_pairs, scripted_teacher, select_pairs, tabular_dno)
 from minilm.post.dpo import dpo_loss
 from minilm.post.oracles import RPS_TABLE, VerifierOracle
 

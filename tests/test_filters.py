@@ -8,16 +8,8 @@ from pathlib import Path
 import pytest
 
 from data_prep.document import Document
-from data_prep.filters import (
-    FilterConfig,
-    apply_filters,
-    check_repeated_paragraphs,
-    drop_reason,
-    dup_fractions,
-    dup_ngram_char_frac,
-    ngrams,
-    top_ngram_char_frac,
-)
+from data_prep.filters import (FilterConfig, apply_filters, check_repeated_paragraphs, drop_reason,
+                               dup_fractions, dup_ngram_char_frac, ngrams, top_ngram_char_frac)
 
 pytestmark = pytest.mark.lesson_05
 

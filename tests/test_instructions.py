@@ -10,15 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.instructions import (
-    first_sentence,
-    instruction_examples,
-    man_qa,
-    preference_pairs,
-    split_examples,
-    split_of,
-    stdlib_qa,
-)
+from data_prep.instructions import (first_sentence, instruction_examples, man_qa, preference_pairs,
+                                    split_examples, split_of, stdlib_qa)
 from data_prep.synthetic import UNITS, _plural
 from minilm.post.oracles import AnswerOracle, normalise, split_reply, token_f1
 

@@ -13,21 +13,8 @@ from conftest import tiny_config
 
 from minilm import MinilmError
 from minilm.checkpoint import export_hf, import_hf, load_checkpoint, save_checkpoint
-from minilm.lora import (
-    LoRALinear,
-    active_adapters,
-    apply_lora,
-    load_adapters,
-    lora_disabled,
-    lora_parameters,
-    lora_state_dict,
-    merge_and_unload,
-    merge_lora,
-    save_adapters,
-    set_active_adapters,
-    unmerge_lora,
-    use_adapters,
-)
+from minilm.lora import (LoRALinear, active_adapters, apply_lora, lora_disabled, lora_parameters, lora_state_dict, merge_and_unload, merge_lora, set_active_adapters, unmerge_lora, use_adapters)
+from minilm.lora_io import load_adapters, save_adapters
 from minilm.model import Phi3
 from minilm.weights import read_weights
 

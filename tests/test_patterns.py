@@ -8,16 +8,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from minilm.agents.patterns import (
-    Analogue,
-    Dialogue,
-    Episode,
-    Monologue,
-    RolloutConfig,
-    ScriptedTeacher,
-    make_pattern,
-    run_episodes,
-)
+from minilm.agents.patterns import (Analogue, Dialogue, Episode, Monologue, RolloutConfig, ScriptedTeacher,
+                                    make_pattern, run_episodes)
 from minilm.generate import token_logprobs
 
 pytestmark = pytest.mark.lesson_10

@@ -15,20 +15,9 @@ from minilm.loop import make_optimizer
 from minilm.model import Phi3
 from minilm.post.base_model import LoRAConfig
 from minilm.post.heads import HydraModel
-from minilm.post.ppo import (
-    AdaptiveKLController,
-    FixedKLController,
-    action_values,
-    entropy_from_logits,
-    gae,
-    kl_penalty,
-    logprobs_from_logits,
-    masked_mean,
-    masked_whiten,
-    ppo_policy_loss,
-    shape_rewards,
-    value_loss,
-)
+from minilm.post.ppo import (AdaptiveKLController, FixedKLController, action_values, entropy_from_logits, gae,
+                             kl_penalty, logprobs_from_logits, masked_mean, masked_whiten, ppo_policy_loss,
+                             shape_rewards, value_loss)
 from minilm.post.ppo_models import build_models
 from minilm.stages.ppo import PPOConfig, make_kl_controller, ppo_step
 

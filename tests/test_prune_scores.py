@@ -7,14 +7,8 @@ from conftest import tiny_config
 
 from minilm.model import Phi3
 from minilm.prune.redundancy import NeuronMasker
-from minilm.prune.scores import (
-    magnitude_scores,
-    masks_from_scores,
-    movement_step,
-    random_scores,
-    straight_through,
-    uniqueness_penalty,
-)
+from minilm.prune.scores import (magnitude_scores, masks_from_scores, movement_step, random_scores,
+                                 straight_through, uniqueness_penalty)
 
 pytestmark = pytest.mark.lesson_11
 

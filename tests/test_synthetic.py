@@ -8,18 +8,8 @@ from fractions import Fraction
 
 import pytest
 
-from data_prep.synthetic import (
-    GENERATORS,
-    PASSAGES,
-    UNITS,
-    WORD_TEMPLATES,
-    SyntheticConfig,
-    code_exercise,
-    run_program,
-    synthetic_documents,
-    unit_conversion,
-    word_problem,
-)
+from data_prep.synthetic import (GENERATORS, PASSAGES, UNITS, WORD_TEMPLATES, SyntheticConfig, code_exercise,
+                                 run_program, synthetic_documents, unit_conversion, word_problem)
 
 pytestmark = pytest.mark.lesson_05
 

@@ -13,16 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from data_prep.stdlib_docs import stdlib_documents
-from minilm.tokenizer import (
-    GPT4_SPLIT_PATTERN,
-    SPECIAL_TOKENS,
-    Tokenizer,
-    TokenizerError,
-    count_chunks,
-    learn_merges,
-    merge_pair,
-    reference_encode,
-)
+from minilm.tokenizer import (GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, Tokenizer, TokenizerError, count_chunks,
+                              learn_merges, merge_pair, reference_encode)
 
 pytestmark = pytest.mark.lesson_02
 

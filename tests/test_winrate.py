@@ -3,14 +3,8 @@
 import pytest
 
 from minilm.post.oracles import CyclicOracle
-from minilm.post.winrate import (
-    bootstrap_interval,
-    head_to_head,
-    plot_winrates,
-    wilson_interval,
-    win_rate,
-    winrate_table,
-)
+from minilm.post.winrate import (bootstrap_interval, head_to_head, plot_winrates, wilson_interval, win_rate,
+                                 winrate_table)
 
 pytestmark = pytest.mark.lesson_09
 

@@ -22,14 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from minilm.post.chat import render_chat
-from minilm.post.ppo import (
-    entropy_from_logits,
-    logprobs_from_logits,
-    masked_mean,
-    masked_whiten,
-    ppo_policy_loss,
-    value_loss,
-)
+from minilm.post.ppo import (entropy_from_logits, logprobs_from_logits, masked_mean, masked_whiten,
+                             ppo_policy_loss, value_loss)
 
 
 @dataclass

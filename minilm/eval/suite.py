@@ -109,11 +109,11 @@ def resolve_data_dir(data_dir) -> Path:
 def text_metrics(model, tokenizer, cfg: SuiteConfig, data_dir) -> dict:
     """{"bpb", "loss"} from minilm.stages.pretrain.evaluate over the val split's fixed windows."""
     data = TokenDataset(resolve_data_dir(data_dir), "val")
-    want = data.meta.get("tokenizer", {}).get("fingerprint")
+    want = data.meta.get("tokenizer", {}).get("fingerprint")  # None for data without one
     if want and want != tokenizer.fingerprint():
         raise MinilmError(f"{data.directory} was tokenized with tokenizer {want}, the model uses "
                           f"{tokenizer.fingerprint()}; evaluate on data prepared with the model's tokenizer")
-    seq_len = min(cfg.seq_len or model.config.max_seq_len, model.config.max_seq_len)
+    seq_len = min(cfg.seq_len or model.config.max_seq_len, model.config.max_seq_len)  # capped: a pruned or small model
     train_cfg = TrainConfig(eval_batches=cfg.n_bpb_batches, batch_size=cfg.batch_size, seq_len=seq_len)
     rt = Runtime(next(model.parameters()).device, None)   # float32: the same number on any device
     out = evaluate_text(model, data, train_cfg, rt)
@@ -149,9 +149,10 @@ def judged_replies(model, tokenizer, conversations, max_new_tokens: int, batch_s
     """AnswerOracle's judgement of the greedy reply to each prompt (the SFT stage's
     `greedy_judgements`); a prompt too long for prompt + max_new_tokens counts as FAILED."""
     limit = model.config.max_seq_len - max_new_tokens
+    # a prompt that leaves no room for the reply budget is not asked: it counts as FAILED below
     fits = [len(render_prompt(tokenizer, c["messages"][:-1])) <= limit for c in conversations]
     asked = [c for c, f in zip(conversations, fits) if f]
-    judged = iter(greedy_judgements(model, tokenizer, asked, AnswerOracle(conversations),
+    judged = iter(greedy_judgements(model, tokenizer, asked, AnswerOracle(conversations),  # in order
                                     max_new_tokens, batch_size))
     return [next(judged) if f else {**FAILED, "kind": c.get("kind")} for c, f in zip(conversations, fits)]
 
@@ -182,12 +183,13 @@ def weights_digest(model) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().float().cpu().numpy().tobytes())
+        h.update(t.detach().float().cpu().numpy().tobytes())  # float: numpy has no bf16
     return h.hexdigest()[:16]
 
 
 def reference_replies(reference, tokenizer, conversations, cfg: SuiteConfig, cache: dict | None) -> list[str]:
     """The reference's greedy replies, computed once per (reference weights, prompts, budget)."""
+    # everything the replies depend on: the same key means the same greedy replies
     key = (f"reference_replies/{weights_digest(reference)}/{cfg.seed}/{len(conversations)}/"
            f"{cfg.sources}/{cfg.max_new_tokens}/{cfg.batch_size}")
     if cache is not None and key in cache:
@@ -212,8 +214,9 @@ def chat_metrics(model, tokenizer, cfg: SuiteConfig, reference=None, cache: dict
     The prompts are always drawn as max(n_chat, n_winrate), so the chat rates do not depend on
     whether a reference was given.
     """
-    n_win = cfg.n_winrate if reference is not None else 0
+    n_win = cfg.n_winrate if reference is not None else 0  # no reference: no win-rate
     convs = chat_conversations(max(cfg.n_chat, cfg.n_winrate), cfg.seed, cfg.sources)
+    # one set of greedy replies serves both the chat rates and the win-rate
     judged = judged_replies(model, tokenizer, convs[:max(cfg.n_chat, n_win)], cfg.max_new_tokens,
                             cfg.batch_size)
     out = {}
@@ -232,7 +235,7 @@ def chat_metrics(model, tokenizer, cfg: SuiteConfig, reference=None, cache: dict
 def env_success(model, tokenizer, cfg: SuiteConfig) -> float:
     """Success on cfg.n_env held-out seeds of cfg.env: LTC's own evaluation (Monologue, greedy)."""
     ltc = ltc_config("tiny", env=cfg.env, n_test=cfg.n_env, eval_temperature=0.0)
-    envs = make_envs(ltc, "test", min(cfg.n_env, cfg.batch_size))
+    envs = make_envs(ltc, "test", min(cfg.n_env, cfg.batch_size))  # episodes run in parallel
     return evaluate_agent(model, tokenizer, envs, ltc)["success"]
 
 
@@ -248,7 +251,7 @@ def evaluate_model(model, tokenizer, cfg: SuiteConfig, data_dir, reference=None,
     A count of 0 in cfg skips its metric (None); so does data_dir=None for bpb/loss.
     """
     _check(cfg)
-    out = dict.fromkeys(METRICS)
+    out = dict.fromkeys(METRICS)  # None until measured
     was_training = model.training
     model.eval()
     try:
@@ -263,7 +266,7 @@ def evaluate_model(model, tokenizer, cfg: SuiteConfig, data_dir, reference=None,
         if cfg.n_env:
             out["env_success"] = env_success(model, tokenizer, cfg)
     finally:
-        model.train(was_training)
+        model.train(was_training)  # even if a metric raised
     return {k: None if v is None else float(v) for k, v in out.items()}
 
 
@@ -283,7 +286,7 @@ def load_for_eval(path, device: str = "cpu"):
     ck = load_checkpoint(path, device=device)     # its own clear errors for an invalid checkpoint
     if ck.tokenizer is None:
         raise MinilmError(f"{path} has no tokenizer; the suite needs one to build prompts")
-    model = merge_and_unload(ck.model) if adapter_names(ck.model) else ck.model
+    model = merge_and_unload(ck.model) if adapter_names(ck.model) else ck.model  # the model as it computes
     return model.eval(), ck.tokenizer
 
 

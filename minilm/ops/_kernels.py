@@ -32,6 +32,7 @@ except ImportError as e:  # not built: no compiler at install time, or a pure-Py
 if LOADED:
     @torch.library.register_fake("minilm::attention_fwd")
     def _attention_fwd_fake(q, k, v, causal, scale):
+        # out (B, H, T, D) like q; lse (B, H, T), float32 whatever q's dtype
         return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
     @torch.library.register_fake("minilm::attention_bwd")
@@ -41,15 +42,16 @@ if LOADED:
     def _setup_context(ctx, inputs, output):
         q, k, v, causal, scale = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse)  # no (T, S) probabilities: the backward recomputes them
         ctx.causal, ctx.scale = causal, scale
         ctx.mark_non_differentiable(lse)  # lse is the backward's helper, not an output to train through
 
     def _backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
+        # the kernels require contiguous inputs; autograd may hand over a strided gradient (e.g. via a transpose)
         grad_q, grad_k, grad_v = torch.ops.minilm.attention_bwd(
             grad_out.contiguous(), q, k, v, out, lse, ctx.causal, ctx.scale)
-        return grad_q, grad_k, grad_v, None, None
+        return grad_q, grad_k, grad_v, None, None  # causal and scale get no gradient
 
     torch.library.register_autograd("minilm::attention_fwd", _backward, setup_context=_setup_context)
 
@@ -57,6 +59,7 @@ if LOADED:
     @torch.library.register_fake("minilm::masked_ffn_fwd")
     def _masked_ffn_fwd_fake(x, gate_up_weight, down_weight, mask):
         kept = torch.library.get_ctx().new_dynamic_size()  # K depends on the mask's values
+        # out like x (..., D); hidden (N, 2K): the kept neurons' gate and up values of the N = prod(...) tokens
         return torch.empty_like(x), x.new_empty((x.numel() // x.shape[-1], 2 * kept))
 
     @torch.library.register_fake("minilm::masked_ffn_bwd")

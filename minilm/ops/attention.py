@@ -39,30 +39,31 @@ CUDA_HEAD_DIMS = (64, 128)
 
 
 def _torch_sdpa(q, k, v, causal=True, scale=None, key_mask=None):
-    t, s = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
+    t, s = q.shape[2], k.shape[2]  # T queries, S keys (S > T when decoding with a cache)
+    gqa = q.shape[1] != k.shape[1]  # H != H_kv: SDPA repeats the k/v heads itself
     if key_mask is None and (not causal or t == s):
         # the common training case: let SDPA build the (top-left == bottom-right) causal mask itself
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
-    mask = attention_mask(t, s, causal, key_mask, q.device)
+    mask = attention_mask(t, s, causal, key_mask, q.device)  # (B or 1, 1, T, S) bool
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 def _minilm_kernel(q, k, v, causal=True, scale=None, key_mask=None, devices=("cpu",)):
     """torch.ops.minilm.attention_fwd where it applies (autograd in _kernels.py), else SDPA."""
     device = q.device.type
+    # our kernels: no key mask, a covered dtype (and head dim on CUDA), and no more queries than keys
     supported = (key_mask is None and device in devices and q.dtype in KERNEL_DTYPES[device]
                  and (device != "cuda" or q.shape[-1] in CUDA_HEAD_DIMS)
-                 and not (causal and q.shape[2] > k.shape[2]))
+                 and not (causal and q.shape[2] > k.shape[2]))  # T > S: some queries would see no key
     if not supported:
         return _torch_sdpa(q, k, v, causal=causal, scale=scale, key_mask=key_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return torch.ops.minilm.attention_fwd(q, k, v, causal, scale)[0]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the kernels index raw memory
+    return torch.ops.minilm.attention_fwd(q, k, v, causal, scale)[0]  # [1] is lse (B, H, T)
 
 
 _IMPLS = {
-    "cuda": functools.partial(_minilm_kernel, devices=("cuda", "cpu")),
+    "cuda": functools.partial(_minilm_kernel, devices=("cuda", "cpu")),  # CPU tensors: the CPU kernel
     "cpu": functools.partial(_minilm_kernel, devices=("cpu",)),
     "torch": _torch_sdpa,
     "reference": attention_reference,
@@ -106,7 +107,7 @@ def _choose_backend() -> str:
     return "reference"
 
 
-BACKEND = _choose_backend()
+BACKEND = _choose_backend()  # once, at import, with its reason logged
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
@@ -120,6 +121,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         raise ValueError(f"attention: q heads ({q.shape[1]}) must be a multiple of k/v heads "
                          f"({k.shape[1]}) with equal batch and head dim; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
+    # a per-call backend is checked here; the import-time choice already was
     if backend is not None and backend != BACKEND and (reason := _unavailable(backend)) is not None:
         raise ValueError(f"attention: {reason}")
     return _IMPLS[backend or BACKEND](q, k, v, causal=causal, scale=scale, key_mask=key_mask)

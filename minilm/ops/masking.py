@@ -37,7 +37,7 @@ log = logging.getLogger("minilm.ops")
 def _choose_backend() -> str:
     """'kernel' or 'reference'. attention.py has already refused an unavailable MINILM_OPS value."""
     forced = os.environ.get("MINILM_OPS", "").strip().lower()
-    if forced in ("reference", "torch") or not _kernels.LOADED:
+    if forced in ("reference", "torch") or not _kernels.LOADED:  # torch has no masked FFN
         log.info("minilm.ops: masked_ffn backend 'reference'%s",
                  " (forced by MINILM_OPS)" if forced else " (minilm._C is not built)")
         return "reference"
@@ -55,7 +55,7 @@ def check_ffn(x: torch.Tensor | None, gate_up_weight: torch.Tensor, down_weight:
     if gate_up_weight.dim() != 2 or down_weight.dim() != 2 or mask.dim() != 1:
         raise ValueError(f"masked FFN expects gate_up_weight (2F, D), down_weight (D, F), mask (F,); got "
                          f"{tuple(gate_up_weight.shape)}, {tuple(down_weight.shape)}, {tuple(mask.shape)}")
-    d, f = down_weight.shape
+    d, f = down_weight.shape  # (D, F)
     if gate_up_weight.shape != (2 * f, d) or (x is not None and x.shape[-1] != d):
         raise ValueError(f"masked FFN: shapes do not fit: down_weight (D, F) = {(d, f)} needs gate_up_weight "
                          f"{(2 * f, d)}, got {tuple(gate_up_weight.shape)}"
@@ -63,7 +63,7 @@ def check_ffn(x: torch.Tensor | None, gate_up_weight: torch.Tensor, down_weight:
     if mask.shape[0] != f:
         raise ValueError(f"masked FFN: mask has {mask.shape[0]} entries but the layer has {f} neurons; "
                          f"pass one 0/1 entry per neuron")
-    if not bool(((mask == 0) | (mask == 1)).all()):
+    if not bool(((mask == 0) | (mask == 1)).all()):  # the kernel gathers kept rows
         raise ValueError("masked FFN: mask values must be exactly 0 (pruned) or 1 (kept); for soft or "
                          "straight-through masks multiply the activations (masked_ffn_reference)")
 
@@ -75,7 +75,7 @@ def _use_kernel(x: torch.Tensor, backend: str | None) -> bool:
     if backend == "kernel" and not _kernels.LOADED:
         raise ValueError(f"masked_ffn: backend 'kernel' needs minilm._C, which is not built "
                          f"({_kernels.LOAD_ERROR}); build it with `pip install --no-build-isolation -e .`")
-    return backend == "kernel" and x.device.type in KERNEL_DEVICES
+    return backend == "kernel" and x.device.type in KERNEL_DEVICES  # else the reference
 
 
 def masked_ffn(x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor,
@@ -83,11 +83,13 @@ def masked_ffn(x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch
     """The FFN of kept neurons only: x (..., D) -> (..., D). backend: None (the import-time choice),
     'kernel' or 'reference'. Gradients flow to x and both weights (zero for pruned neurons)."""
     check_ffn(x, gate_up_weight, down_weight, mask)
+    # the kernel returns no mask gradient: refuse, rather than silently train nothing
     if mask.requires_grad and torch.is_grad_enabled():
         raise ValueError("masked_ffn gives no gradient for the mask; detach it, or multiply the "
                          "activations by it (masked_ffn_reference) to train through it")
     if not _use_kernel(x, backend):
-        return masked_ffn_reference(x, gate_up_weight, down_weight, mask)
+        return masked_ffn_reference(x, gate_up_weight, down_weight, mask)  # dense cost, same numbers
+    # [0]: out (..., D); [1]: the (N, 2K) hidden, saved for the backward (see _kernels.py)
     return torch.ops.minilm.masked_ffn_fwd(x, gate_up_weight, down_weight, mask.to(x.dtype))[0]
 
 
@@ -97,7 +99,7 @@ def compact_ffn(gate_up_weight: torch.Tensor, down_weight: torch.Tensor, mask: t
     check_ffn(None, gate_up_weight, down_weight, mask)
     if not _use_kernel(gate_up_weight, backend):
         return ffn_compact_reference(gate_up_weight, down_weight, mask)
-    return tuple(torch.ops.minilm.ffn_compact(gate_up_weight, down_weight, mask))
+    return tuple(torch.ops.minilm.ffn_compact(gate_up_weight, down_weight, mask))  # (2K, D), (D, K)
 
 
 def kept_count(mask: torch.Tensor | None, width: int) -> int:

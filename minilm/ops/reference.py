@@ -21,8 +21,8 @@ def causal_mask(t: int, s: int, device=None) -> torch.Tensor:
     keys j <= i + (S - T). With T == S this is the usual lower triangle; when decoding with a KV
     cache (T == 1) the one new query sees every cached key.
     """
-    i = torch.arange(t, device=device).unsqueeze(1)
-    j = torch.arange(s, device=device).unsqueeze(0)
+    i = torch.arange(t, device=device).unsqueeze(1)  # (T, 1) query positions
+    j = torch.arange(s, device=device).unsqueeze(0)  # (1, S) key positions
     return j <= i + (s - t)
 
 
@@ -37,10 +37,10 @@ def attention_mask(t: int, s: int, causal: bool, key_mask: torch.Tensor | None,
     if not causal and key_mask is None:
         return None
     mask = causal_mask(t, s, device) if causal else torch.ones(t, s, dtype=torch.bool, device=device)
-    mask = mask.view(1, 1, t, s)
+    mask = mask.view(1, 1, t, s)  # broadcast over batch and heads
     if key_mask is not None:
-        mask = mask & key_mask.bool().view(-1, 1, 1, s)
-        mask = mask | ~mask.any(dim=-1, keepdim=True)
+        mask = mask & key_mask.bool().view(-1, 1, 1, s)  # (B, 1, T, S)
+        mask = mask | ~mask.any(dim=-1, keepdim=True)  # no row of all -inf: no NaN
     return mask
 
 
@@ -55,14 +55,14 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     h_kv, s = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     k = k.repeat_interleave(h // h_kv, dim=1)  # (B, H, S, D)
-    v = v.repeat_interleave(h // h_kv, dim=1)
+    v = v.repeat_interleave(h // h_kv, dim=1)  # (B, H, S, D)
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
     mask = attention_mask(t, s, causal, key_mask, q.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     # softmax in at least float32 (bf16/fp16 inputs), in float64 for float64 inputs (gradcheck)
-    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
-    return probs.to(q.dtype) @ v
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)  # (B, H, T, S)
+    return probs.to(q.dtype) @ v  # (B, H, T, D)
 
 
 def masked_ffn_reference(x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor,
@@ -74,12 +74,12 @@ def masked_ffn_reference(x: torch.Tensor, gate_up_weight: torch.Tensor, down_wei
     kernel (which skips them) must equal. Differentiable in the mask too (straight-through scores).
     """
     gate, up = F.linear(x, gate_up_weight).chunk(2, dim=-1)  # (..., F) each
-    return F.linear(F.silu(gate) * up * mask.to(x.dtype), down_weight)
+    return F.linear(F.silu(gate) * up * mask.to(x.dtype), down_weight)  # (..., D)
 
 
 def ffn_compact_reference(gate_up_weight: torch.Tensor, down_weight: torch.Tensor,
                           mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kept neurons' weights, in order: gate+up rows (2K, D) and down columns (D, K)."""
     kept = mask.nonzero().flatten()  # (K,)
-    n = down_weight.shape[1]
+    n = down_weight.shape[1]  # F: the up rows start at row F
     return gate_up_weight[torch.cat([kept, kept + n])], down_weight[:, kept]

@@ -31,6 +31,7 @@ import re
 import torch
 import torch.nn.functional as F
 
+from minilm.post.preferences import pair_batch
 from minilm.post.oracles import RPS, RPS_TABLE
 
 PAIR_KINDS = ("teacher>student", "student>teacher", "student>student")
@@ -202,3 +203,38 @@ def cyclic_demo(iterations: int = 300, eta: float = 2.0) -> dict:
             "entropy": preference_entropy(prefer), "average": out["average"].tolist(),
             "last": out["last"].tolist(), "nash": nash.tolist(),
             "average_error": (out["average"] - nash).abs().max().item()}
+
+
+def score_candidates(oracle, prompt, candidates: list[str]) -> tuple[list[float], torch.Tensor]:
+    """(scores on the 0..6 scale, prefer matrix (N, N)) for one prompt's candidates.
+
+    A VerifierOracle's points are the scores; any other oracle's score is 6 x the candidate's
+    mean preference over the others (so the paper's thresholds keep their meaning).
+    """
+    n = len(candidates)
+    triples = [(prompt, a, b) for a in candidates for b in candidates]
+    prefer = torch.tensor(oracle.prefer_many(triples)).view(n, n)
+    if hasattr(oracle, "points"):
+        return oracle.score_many([prompt] * n, candidates), prefer
+    off = ~torch.eye(n, dtype=torch.bool)
+    return (6 * (prefer * off).sum(1) / max(1, n - 1)).tolist(), prefer
+
+
+def make_batch_fn(encoded, pairs, batch_size: int, seed: int, pad_id: int, max_len: int):
+    """batch_fn(step): pair_batch of a shuffled pass (a pure function of seed and step), with the
+    pairs' r_t values attached for Algorithm 1's soft labels."""
+    n = len(encoded)
+    orders = {}
+
+    def order(epoch: int) -> list[int]:   # a fresh shuffle per epoch (epochs > 1: offline DPO)
+        if epoch not in orders:
+            orders[epoch] = random.Random(seed * 1_000_003 + epoch).sample(range(n), n)
+        return orders[epoch]
+
+    def batch_fn(step: int) -> dict:
+        picks = [order(i // n)[i % n] for i in range(step * batch_size, (step + 1) * batch_size)]
+        batch = pair_batch([encoded[j] for j in picks], pad_id, max_len)
+        batch["r"] = torch.tensor([pairs[j]["r_chosen"] for j in picks] + [pairs[j]["r_rejected"] for j in picks])
+        return batch
+
+    return batch_fn

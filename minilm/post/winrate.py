@@ -21,6 +21,8 @@ import math
 import random
 from pathlib import Path
 
+from minilm.plots import pyplot
+
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval (lo, hi) for successes out of n (successes may be fractional)."""
@@ -101,11 +103,8 @@ def plot_winrates(rows: list[dict], path, series=None, length_key: str | None = 
     series: the win-rate columns to draw (default: every column holding win_rate dicts).
     Returns the path, or None when matplotlib is missing.
     """
-    try:   # optional: matplotlib is only needed to draw
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     series = series or [k for k in rows[0] if isinstance(rows[0][k], dict) and "win_rate" in rows[0][k]]
     x = list(range(len(rows)))

@@ -9,9 +9,9 @@ only draws. Each figure, and what it reads (paths relative to the run folder):
   pretrain_loss.png  pretrain/metrics.jsonl (step, loss, val_loss, phase) and the unigram_entropy
                      of pretrain/stage.json's result; drawn by minilm.plots.plot_losses
   post_losses.png    sft|hydra-sft|dpo/metrics.jsonl: step, loss and, where logged, eval_loss
-  ppo.png            ppo/metrics.jsonl: step, score, kl, vf_loss; drawn by stages.ppo.plot_ppo
+  ppo.png            ppo/metrics.jsonl: step, score, kl, vf_loss; drawn by minilm.plots.plot_ppo
   dno_winrate.png    dno/summary.json rows (vs_sft/vs_prev/vs_teacher); post.winrate.plot_winrates
-  ltc_curves.png     ltc/metrics.jsonl + ltc/baseline.json; drawn by stages.ltc.plot_curves
+  ltc_curves.png     ltc/metrics.jsonl + ltc/baseline.json; drawn by minilm.plots.plot_curves
   prune.png          prune/metrics.jsonl: density, task_loss, heldout_loss, and the dense model's
                      held-out loss (result.before.heldout_loss of prune/stage.json) at density 1
 A figure is drawn only when its data exist; matplotlib is optional (no matplotlib: no figures).
@@ -22,11 +22,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from minilm.plots import plot_losses
+from minilm.plots import plot_curves, plot_losses, pyplot
+from minilm.plots import plot_ppo as draw_ppo
 from minilm.post.winrate import plot_winrates
 from minilm.speedrun.run_folder import SUITE, RunFolder, is_number
-from minilm.stages.ltc import plot_curves
-from minilm.stages.ppo import plot_ppo as draw_ppo
 
 POST_STAGES = ("sft", "hydra-sft", "dpo")
 PLOT_TEXT = {
@@ -50,17 +49,6 @@ PLOT_TEXT = {
     "prune.png": "Pruning: held-out loss against the fraction of FFN neurons kept, read left to right as "
                  "the run goes on (density falls); the gap to the dense start is what pruning cost.",
 }
-
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
-    try:   # optional: matplotlib is only needed to draw
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
 
 
 def _save(fig, plt, path: Path) -> bool:

@@ -81,11 +81,12 @@ def run_stage(run: Run, name: str) -> dict:
     """Run one stage (resuming its own checkpoint if it has one) and write its stage.json."""
     _check_needs(run, name)
     stage_dir = run.dir(name)
-    resumed = stage_dir.exists()
+    resumed = stage_dir.exists()  # an earlier, killed attempt left files
     cfg = configure(run, name)
     t0 = time.time()
     result, ckpt = STAGES[name].execute(run, cfg)
     record = stage_record(run, name, STAGES[name].title, time.time() - t0, result, ckpt, resumed)
+    # written last and atomically: its existence is what marks the stage finished
     write_json(stage_dir / "stage.json", record)
     return record
 
@@ -104,7 +105,7 @@ def run_speedrun(cfg: SpeedrunConfig) -> dict:
     if rank == 0 and cfg.only_stages():
         for name in names:
             _set_aside(run.dir(name))
-    records, started, redo = {}, time.time(), bool(cfg.only_stages())
+    records, started, redo = {}, time.time(), bool(cfg.only_stages())  # redo: --only runs even finished stages
     for i, name in enumerate(names, 1):
         if not redo and run.record(name) is not None:
             records[name] = run.record(name)
@@ -113,11 +114,12 @@ def run_speedrun(cfg: SpeedrunConfig) -> dict:
             if name == "data":  # with --only, rank 0 may not have set the old record aside yet
                 _wait_for(run.dir("data") / "stage.json", newer_than=started if redo else 0.0)
             elif name == "pretrain":
-                STAGES[name].execute(run, configure(run, name))
+                STAGES[name].execute(run, configure(run, name))  # its DDP share; no record
             else:
                 break
             continue
         tqdm.write(f"\n[{i}/{len(names)}] {name}: {STAGES[name].title}")
+        # pretraining keeps torchrun's variables (DDP); every other stage runs on rank 0 as a single process
         if name == "pretrain" or world == 1:
             records[name] = run_stage(run, name)
         else:
@@ -137,7 +139,7 @@ def parse_overrides(items: list[str]) -> dict:
             raise MinilmError(f"--set {item!r}: expected STAGE.FIELD=VALUE with STAGE one of "
                               f"{', '.join(STAGES)} (e.g. --set sft.max_steps=100)")
         try:
-            out.setdefault(stage, {})[name.replace("-", "_")] = json.loads(value)
+            out.setdefault(stage, {})[name.replace("-", "_")] = json.loads(value)  # 100 -> int, true -> bool
         except json.JSONDecodeError:
             out[stage][name.replace("-", "_")] = value
     return out

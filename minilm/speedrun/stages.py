@@ -77,7 +77,7 @@ class Run:
 
     def record(self, stage: str) -> dict | None:
         path = self.dir(stage) / "stage.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        return json.loads(path.read_text()) if path.exists() else None  # None: not finished
 
     def checkpoint(self, stage: str) -> str:
         """The checkpoint a finished stage left (its planned path when planning a dry run)."""
@@ -117,7 +117,9 @@ def pretrain_stage(run: Run):
 def run_pretrain(run: Run, cfg) -> tuple[dict, str | None]:
     summary = train(cfg)  # under torchrun every rank trains; rank 0 alone has the metrics
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    # every step reads exactly this many tokens over all ranks, so the count needs no log
     summary["tokens"] = cfg.max_steps * cfg.grad_accum * world * cfg.batch_size * cfg.seq_len
+    # only rank 0 evaluates and saves: the other ranks return no val_loss and report no checkpoint
     return summary, summary["checkpoint"] if summary.get("val_loss") is not None else None
 
 
@@ -148,7 +150,7 @@ def run_eval(run: Run, cfg) -> tuple[dict, None]:
         if run.record(stage) is None:
             continue  # the report lists it as missing
         ckpt = run.checkpoint(stage)
-        stamp = f"{ckpt}@{_mtime(Path(ckpt))}"
+        stamp = f"{ckpt}@{_mtime(Path(ckpt))}"  # changes when the stage is re-run
         if stamps.get(stage) == stamp and stage in rows:
             continue
         tqdm.write(f"  evaluating {stage}: {ckpt}")
@@ -156,7 +158,7 @@ def run_eval(run: Run, cfg) -> tuple[dict, None]:
                                           reference_path=run.checkpoint("sft"), cache=cache)
         stamps[stage] = stamp
         write_json(path, rows)
-        write_json(stamps_path, stamps)
+        write_json(stamps_path, stamps)  # after the row: a killed eval redoes at most one
     return {"evaluated": [s for s in EVALUATED if s in rows], "suite": asdict(cfg)}, None
 
 
@@ -198,7 +200,7 @@ STAGES: dict[str, Stage] = {
 
 def _mtime(path: Path) -> float:
     config = path / "config.json"
-    return config.stat().st_mtime if config.exists() else 0.0
+    return config.stat().st_mtime if config.exists() else 0.0  # config.json is rewritten by every save
 
 
 def _tokens(stage_dir: Path) -> int | None:
@@ -208,7 +210,7 @@ def _tokens(stage_dir: Path) -> int | None:
     for path in sorted(stage_dir.rglob("metrics.jsonl")):
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if rows and "tokens" in rows[-1]:
-            total, found = total + int(rows[-1]["tokens"]), True
+            total, found = total + int(rows[-1]["tokens"]), True  # a running count: the last row is the total
     return total if found else None
 
 
@@ -218,6 +220,7 @@ def _parameters(ckpt: str | None, stage_dir: Path) -> tuple[int | None, int | No
     if ckpt is None:
         return None, None
     params = load_checkpoint(ckpt).model.num_params()
+    # the checkpoint's own train state, else the stage's checkpoint (the compact pruned model has none)
     for state_path in (Path(ckpt) / "train_state.pt", stage_dir / "checkpoint" / "train_state.pt"):
         if state_path.exists():
             state = torch.load(state_path, map_location="cpu", weights_only=False)
@@ -235,4 +238,4 @@ def stage_record(run: Run, name: str, title: str, seconds: float, result: dict, 
     plots = sorted(str(p.relative_to(run.root)) for p in stage_dir.rglob("*.png"))
     return {"stage": name, "title": title, "preset": run.cfg.preset, "seconds": round(seconds, 1), "resumed": resumed,
             "tokens": tokens, "params": params, "trainable_params": trainable, "checkpoint": ckpt,
-            "result": json.loads(json.dumps(result, default=str)), "plots": plots}
+            "result": json.loads(json.dumps(result, default=str)), "plots": plots}  # JSON-safe

@@ -40,17 +40,11 @@ from minilm.config import from_preset
 from minilm.generate import SampleConfig
 from minilm.loop import LoopConfig, OptimConfig, run_loop
 from minilm.post.base_model import LoRAConfig, init_model
-from minilm.post.dno import (
-    PAIR_KINDS,
-    dno_regression_loss,
-    expected_win_rates,
-    replay_pairs,
-    scripted_teacher,
-    select_pairs,
-)
+from minilm.post.dno import (PAIR_KINDS, dno_regression_loss, expected_win_rates, make_batch_fn, replay_pairs,
+                             score_candidates, scripted_teacher, select_pairs)
 from minilm.post.dpo import dpo_batch_loss, reference_logprobs, sequence_logprobs
 from minilm.post.oracles import JudgeOracle, RewardModelOracle, VerifierOracle
-from minilm.post.preferences import encode_pairs, pair_batch, sample_replies
+from minilm.post.preferences import encode_pairs, sample_replies
 from minilm.post.reward import load_reward_model
 from minilm.post.winrate import head_to_head, plot_winrates, win_rate, winrate_table
 from minilm.runtime import setup_runtime
@@ -150,42 +144,28 @@ def make_oracle(cfg: DNOConfig, conversations: list[dict]):
     return JudgeOracle(ck.model, ck.tokenizer)
 
 
-def score_candidates(oracle, prompt, candidates: list[str]) -> tuple[list[float], torch.Tensor]:
-    """(scores on the 0..6 scale, prefer matrix (N, N)) for one prompt's candidates.
-
-    A VerifierOracle's points are the scores; any other oracle's score is 6 x the candidate's
-    mean preference over the others (so the paper's thresholds keep their meaning).
-    """
-    n = len(candidates)
-    triples = [(prompt, a, b) for a in candidates for b in candidates]
-    prefer = torch.tensor(oracle.prefer_many(triples)).view(n, n)
-    if hasattr(oracle, "points"):
-        return oracle.score_many([prompt] * n, candidates), prefer
-    off = ~torch.eye(n, dtype=torch.bool)
-    return (6 * (prefer * off).sum(1) / max(1, n - 1)).tolist(), prefer
-
-
 def build_pairs(cfg: DNOConfig, oracle, monitor, prompts, students, teachers) -> tuple[list[dict], dict]:
     """Steps 2-3 for one iteration: the pairs and what they say (shares of each pair kind,
     best-of-K student vs teacher under the uncounted `monitor` verifier)."""
     pairs, beats_teacher = [], 0
     for prompt, samples, teacher in zip(prompts, students, teachers):
-        texts = [t for t, _ in samples] + [teacher]
-        judged = [j for _, j in samples] + [teacher + "<|end|>"]
+        texts = [t for t, _ in samples] + [teacher]  # k student replies, the teacher at index k
+        judged = [j for _, j in samples] + [teacher + "<|end|>"]  # as judges see them
         k = len(samples)
-        seen = monitor.score_many([prompt] * (k + 1), judged)
+        seen = monitor.score_many([prompt] * (k + 1), judged)  # points, outside the budget
         beats_teacher += max(seen[:k]) > seen[k]
         if cfg.pairs_mode == "spin":  # no oracle: the teacher is always the positive
             chosen = [(k, j, "teacher>student") for j in range(k) if texts[j] != teacher]
             r = [0.0] * (k + 1)
         else:
-            scores, prefer = score_candidates(oracle, prompt, judged)
+            scores, prefer = score_candidates(oracle, prompt, judged)  # (k+1,) on 0..6, (k+1, k+1)
+            # chosen: (i, j, kind) index triples, candidate i preferred over candidate j
             chosen = select_pairs(scores, k, cfg.positive_min, cfg.teacher_margin, cfg.student_margin,
                                   cfg.large_margin, texts)
             if cfg.pairs_mode == "restrictive":
                 chosen = [c for c in chosen if c[2] == "teacher>student"]
             students_mask = torch.tensor([True] * k + [False])
-            r = expected_win_rates(prefer, students_mask).tolist()
+            r = expected_win_rates(prefer, students_mask).tolist()  # (k+1,): Algorithm 1's r_t
         pairs += [{"prompt": prompt, "chosen": texts[i], "rejected": texts[j], "kind": kind,
                    "r_chosen": r[i], "r_rejected": r[j]} for i, j, kind in chosen]
     n = max(1, len(pairs))
@@ -194,38 +174,18 @@ def build_pairs(cfg: DNOConfig, oracle, monitor, prompts, students, teachers) ->
     return pairs, stats
 
 
-def make_batch_fn(encoded, pairs, batch_size: int, seed: int, pad_id: int, max_len: int):
-    """batch_fn(step): pair_batch of a shuffled pass (a pure function of seed and step), with the
-    pairs' r_t values attached for Algorithm 1's soft labels."""
-    n = len(encoded)
-    orders = {}
-
-    def order(epoch: int) -> list[int]:   # a fresh shuffle per epoch (epochs > 1: offline DPO)
-        if epoch not in orders:
-            orders[epoch] = random.Random(seed * 1_000_003 + epoch).sample(range(n), n)
-        return orders[epoch]
-
-    def batch_fn(step: int) -> dict:
-        picks = [order(i // n)[i % n] for i in range(step * batch_size, (step + 1) * batch_size)]
-        batch = pair_batch([encoded[j] for j in picks], pad_id, max_len)
-        batch["r"] = torch.tensor([pairs[j]["r_chosen"] for j in picks] + [pairs[j]["r_rejected"] for j in picks])
-        return batch
-
-    return batch_fn
-
-
 def make_loss_fn(cfg: DNOConfig, reference):
     def loss_fn(model, batch):
-        b = batch["tokens"].shape[0] // 2
-        tensors = {k: v for k, v in batch.items() if k != "r"}
+        b = batch["tokens"].shape[0] // 2  # rows [:b] chosen, [b:] rejected
+        tensors = {k: v for k, v in batch.items() if k != "r"}  # the (2B, T) pair batch alone
         if cfg.loss == "dpo":
             return dpo_batch_loss(model, tensors, cfg.beta, reference, cfg.sft_weight)
-        policy = sequence_logprobs(model, batch["tokens"], batch["attention_mask"], batch["loss_mask"])
+        policy = sequence_logprobs(model, batch["tokens"], batch["attention_mask"], batch["loss_mask"])  # (2B,)
         if cfg.loss == "sft":   # SFT on the positives: NLL per token of the chosen replies
             nll = -policy[:b].sum() / batch["loss_mask"][:b].sum()
             return nll, {"chosen_nll": nll.item()}
-        ref = reference_logprobs(model, tensors, reference)
-        r = batch["r"].to(policy.device)
+        ref = reference_logprobs(model, tensors, reference)  # (2B,), no grad: the reference is fixed
+        r = batch["r"].to(policy.device)  # (2B,) expected win-rates
         return dno_regression_loss(policy[:b], policy[b:], ref[:b], ref[b:], r[:b], r[b:], cfg.beta)
     return loss_fn
 
@@ -250,7 +210,7 @@ def evaluate_policy(replies: dict, data: dict, judge: VerifierOracle, tokenizer,
         row[key] = win_rate(head_to_head(judge, test, mine, other)) if t or key == "vs_teacher" else None
     val = [c["messages"][:-1] for c in data["val"]]
     row["val_points"] = sum(judge.score_many(val, replies[t]["val"])) / len(val)
-    row["test_correct"] = sum(p == 6 for p in judge.score_many(test, mine)) / len(test)
+    row["test_correct"] = sum(p == 6 for p in judge.score_many(test, mine)) / len(test)  # 6: full points
     row["length"] = sum(reply_length(tokenizer, r) for r in mine) / len(mine)
     return row
 
@@ -259,6 +219,7 @@ def load_reference(cfg: DNOConfig, model, sft_model):
     """pi_t frozen: None under LoRA (adapters off = pi_t), else a copy; or the fixed SFT model."""
     if cfg.reference == "sft":
         return sft_model
+    # the reference must not move while pi_{t+1} trains: no grad, eval mode (no dropout)
     return None if cfg.lora.r > 0 else copy.deepcopy(model).requires_grad_(False).eval()
 
 
@@ -270,16 +231,18 @@ def run_iteration(cfg: DNOConfig, t: int, data: dict, oracle, monitor, sft_model
     """Steps 1-5 for iteration t (1-based): pi_t = iter_{t-1}'s checkpoint -> iter_t's."""
     it_dir = Path(cfg.out_dir, f"iter_{t}")
     prev = cfg.init if t == 1 else str(Path(cfg.out_dir, f"iter_{t - 1}", "checkpoint"))
+    # each iteration is a fresh run_loop: its own out_dir, resume and schedule, lr decayed per iteration
     it_cfg = LoopConfig(out_dir=str(it_dir), init=prev, eval_every=cfg.eval_every, ckpt_every=cfg.ckpt_every,
                         log_every=cfg.log_every, device=cfg.device, resume=cfg.resume,
                         optim=dataclasses.replace(cfg.optim, lr=cfg.optim.lr * cfg.lr_decay ** (t - 1)))
-    torch.manual_seed(cfg.seed + t)
-    model, _ = init_model(prev, cfg.lora, rt.device)
+    torch.manual_seed(cfg.seed + t)  # fresh LoRA A matrices, per iteration
+    model, _ = init_model(prev, cfg.lora, rt.device)  # pi_t (earlier adapters merged; fresh ones when lora_r > 0)
     stats_path = it_dir / "pairs_stats.json"
     if not (it_dir / "pairs.json").exists():                                              # 1.-3.
+        # 1. K replies per prompt from pi_t and the teacher's; 2. score; 3. select pairs (build_pairs)
         convs = data["chunks"][t - 1]
         prompts = [c["messages"][:-1] for c in convs]
-        g = torch.Generator().manual_seed(cfg.data_seed * 1000 + t)
+        g = torch.Generator().manual_seed(cfg.data_seed * 1000 + t)  # samples fixed per iteration
         model.eval()
         before = oracle.calls
         students = sample_replies(model, tokenizer, prompts, cfg.samples, cfg.sample.max_new_tokens,
@@ -291,6 +254,7 @@ def run_iteration(cfg: DNOConfig, t: int, data: dict, oracle, monitor, sft_model
         it_dir.mkdir(parents=True, exist_ok=True)
         write_json(stats_path, stats, indent=None)
         write_json(it_dir / "pairs.json", pairs, indent=None)   # written last: the check above reads it
+    # an interrupted iteration reads its pairs back instead of sampling them again
     pairs, stats = _read_pairs(it_dir / "pairs.json"), json.loads(stats_path.read_text())
     earlier = [_read_pairs(Path(cfg.out_dir, f"iter_{s}", "pairs.json")) for s in range(t - 1, 0, -1)]
     shares = tuple(float(x) for x in cfg.replay.split(",") if x.strip()) or (0.0,)
@@ -302,6 +266,7 @@ def run_iteration(cfg: DNOConfig, t: int, data: dict, oracle, monitor, sft_model
         raise MinilmError(f"iteration {t} produced no pairs; raise --samples or --n-prompts, or "
                           f"turn off --large-margin")
     encoded, kept = encode_pairs(tokenizer, train, cfg.max_len)
+    # 5. train pi_{t+1} from pi_t on epochs x the pairs (<= 1 pass in DNO), reference as cfg.reference says
     it_cfg.max_steps = max(1, int(cfg.epochs * len(encoded)) // cfg.batch_size)            # 5.
     batch_fn = make_batch_fn(encoded, kept, cfg.batch_size, cfg.seed + t, tokenizer.eot_id, cfg.max_len)
     reference = load_reference(cfg, model, sft_model)
@@ -320,24 +285,27 @@ def run_dno(cfg: DNOConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     data = dno_data(cfg)
     ck = load_checkpoint(cfg.init, device=rt.device)
-    sft_model, tokenizer = ck.model.eval().requires_grad_(False), ck.tokenizer
+    sft_model, tokenizer = ck.model.eval().requires_grad_(False), ck.tokenizer  # frozen: baseline and reference=sft
     train_convs = [c for chunk in data["chunks"] for c in chunk]
+    # oracle: labels the pairs (its calls are the budget); monitor: a verifier that only measures
     oracle, monitor = make_oracle(cfg, train_convs), VerifierOracle(train_convs)
     judge = VerifierOracle(data["val"] + data["test"])   # held-out: its calls are not the budget
     state_path = out / "state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"rows": [], "replies": {}}
+    # state.json is only valid for the same prompts: a changed data config must not resume
     data_key = [cfg.iterations * cfg.n_prompts, cfg.n_prompts, cfg.n_val, cfg.n_test, cfg.sources, cfg.data_seed]
     if state.setdefault("data_key", data_key) != data_key:
         raise MinilmError(f"{out} was run with other prompts (iterations x n_prompts, n_val, n_test, "
                           f"sources, data_seed = {state['data_key']}); use another --out-dir")
     replies = {int(k) if k.isdigit() else k: v for k, v in state["replies"].items()}
+    # iteration 0: the SFT model's greedy replies and the teacher's, judged once
     if not replies:
         rng = random.Random(cfg.data_seed + 99)
         replies["teacher"] = [scripted_teacher(c, rng, cfg.teacher_error) + "<|end|>" for c in data["test"]]
         replies[0] = {s: greedy_replies(sft_model, tokenizer, data[s], cfg.sample.max_new_tokens) for s in ("val", "test")}
         state["rows"] = [evaluate_policy(replies, data, judge, tokenizer, 0)]
     calls = state.get("oracle_calls", 0)
-    for t in range(len(state["rows"]), cfg.iterations + 1):
+    for t in range(len(state["rows"]), cfg.iterations + 1):  # rows[0] is SFT: resume after the last row
         result = run_iteration(cfg, t, data, oracle, monitor, sft_model, tokenizer, rt)
         replies[t] = {s: greedy_replies(result["model"], tokenizer, data[s], cfg.sample.max_new_tokens)
                       for s in ("val", "test")}                                            # 6.

@@ -106,8 +106,10 @@ def load_policy(cfg: DPOConfig, device):
     if adapter_names(model):  # an SFT-with-LoRA checkpoint: fold it, so "LoRA off" means the SFT model
         merge_and_unload(model).requires_grad_(True)
     if cfg.lora.r > 0:
-        add_lora(cfg.lora, model)
+        add_lora(cfg.lora, model)  # base frozen, adapters trainable
+        # no copy: lora_disabled(policy) computes the start model's log-probs, at no extra memory
         return model, None, ck.tokenizer
+    # full fine-tune: a frozen copy, in eval mode so dropout never perturbs the reference log-probs
     return model, copy.deepcopy(model).requires_grad_(False).eval(), ck.tokenizer
 
 
@@ -118,10 +120,11 @@ def train_pairs(cfg: DPOConfig, model, tokenizer) -> list[dict]:
     pairs = preference_pairs(cfg.n_pairs, cfg.data_seed, split="train") if cfg.pairs != "sampled" else []
     if cfg.pairs != "offline":
         convs = instruction_examples(cfg.n_sample_prompts, cfg.data_seed, JUDGE_SOURCES, split="train")
-        room = model.config.max_seq_len - cfg.max_new_tokens
+        room = model.config.max_seq_len - cfg.max_new_tokens  # a prompt must leave room for a reply
         prompts = [c["messages"][:-1] for c in convs
                    if len(render_prompt(tokenizer, c["messages"][:-1])) <= room]
         model.eval()
+        # on-policy pairs: n_samples replies per prompt at T=1, every two of them judged by the oracle, ties dropped
         pairs += build_preference_pairs(model, tokenizer, prompts, AnswerOracle(convs), cfg.n_samples,
                                         cfg.max_new_tokens, temperature=1.0, tie_margin=cfg.tie_margin,
                                         seed=cfg.data_seed)
@@ -133,9 +136,10 @@ def train_pairs(cfg: DPOConfig, model, tokenizer) -> list[dict]:
 
 def dpo_data(cfg: DPOConfig, model, tokenizer):
     """(train encoded pairs, held-out encoded pairs, held-out judgement conversations, oracle)."""
-    train, _ = encode_pairs(tokenizer, train_pairs(cfg, model, tokenizer), cfg.max_len)
+    train, _ = encode_pairs(tokenizer, train_pairs(cfg, model, tokenizer), cfg.max_len)  # pairs over max_len dropped
     heldout_pairs = preference_pairs(cfg.n_eval_pairs, cfg.data_seed + 1, split="heldout")
     heldout, _ = encode_pairs(tokenizer, heldout_pairs, cfg.max_len)
+    # data_seed + 2: other held-out prompts than the eval pairs' (data_seed + 1)
     judge = instruction_examples(cfg.n_judge, cfg.data_seed + 2, JUDGE_SOURCES, split="heldout")
     room = model.config.max_seq_len - cfg.max_new_tokens  # prompts that leave room for a full reply
     judge = [c for c in judge if len(render_prompt(tokenizer, c["messages"][:-1])) <= room]
@@ -156,16 +160,22 @@ def run_dpo(cfg: DPOConfig, on_step=None) -> dict:
     if cfg.max_len > policy.config.max_seq_len:
         raise MinilmError(f"max_len {cfg.max_len} exceeds the model's max_seq_len "
                           f"{policy.config.max_seq_len}")
+    # sampled pairs come from the start model (under LoRA: the policy, whose fresh adapters add exactly 0)
     train, heldout, judge, oracle = dpo_data(cfg, reference if reference is not None else policy, tokenizer)
     pad = tokenizer.eot_id
+    # batch_fn(step): (2B, T) ids, B chosen rows then their B rejected twins; fixed by (seed, step)
     batch_fn = make_pair_batch_fn(train, cfg.batch_size, cfg.seed, pad, cfg.max_len)
+    # judge the start model BEFORE training: the baseline the DPO model's replies are compared with
     sft_model = reference if reference is not None else policy
     sft_model.eval()
     sft_judged = greedy_judgements(sft_model, tokenizer, judge, oracle, cfg.max_new_tokens)  # the SFT model
 
+    # 1. the (2B, T) batch; 2. (2B,) summed reply log-probs, the reference's under no_grad (no gradient
+    # may reach it: it anchors the implicit reward); 3. the DPO loss, backward and AdamW in run_loop
     def loss_fn(model, batch):
         return dpo_batch_loss(model, batch, cfg.beta, reference, cfg.sft_weight)
 
+    # held-out DPO loss, reward accuracy and margins: every held-out pair once
     def eval_fn(model):
         return evaluate_dpo(model, heldout, pad, cfg.max_len, cfg.beta, reference)
 
@@ -175,6 +185,7 @@ def run_dpo(cfg: DPOConfig, on_step=None) -> dict:
     summary = run_loop(cfg, policy, batch_fn, loss_fn, eval_fn, save_fn, tokenizer,
                        stage="dpo", rt=rt, on_step=on_step)
     policy.eval()
+    # the same held-out prompts AFTER; dpo_vs_sft compares the two sets of replies head to head
     dpo_judged = greedy_judgements(policy, tokenizer, judge, oracle, cfg.max_new_tokens)
     result = {**summary, "sft": summarize(sft_judged, judge), "dpo": summarize(dpo_judged, judge),
               "dpo_vs_sft": preferred_rate(dpo_judged, sft_judged), "n_train_pairs": len(train),

@@ -90,19 +90,23 @@ def _sft_conversations(cfg: HydraSFTConfig):
 def run_hydra_sft(cfg: HydraSFTConfig, on_step=None) -> dict:
     """Train a Hydra-SFT model; returns held-out pair accuracy and chat quality before/after."""
     rt = setup_runtime(cfg.device)
+    # cfg.init's LM with a scalar head on the same trunk: (B, T, D) hidden states -> (B, T) scores
     hydra, tokenizer = load_reward_model(cfg.init, heads=(cfg.head,), device=rt.device)
     if cfg.max_len > hydra.config.max_seq_len:
         raise MinilmError(f"max_len {cfg.max_len} exceeds the model's max_seq_len {hydra.config.max_seq_len}")
     if cfg.lora.r > 0:
         add_lora(cfg.lora, hydra.lm)     # the heads stay trainable
     pad = tokenizer.eot_id
-    pairs, heldout_pairs, _ = reward_data(cfg, tokenizer)
+    pairs, heldout_pairs, _ = reward_data(cfg, tokenizer)  # train and held-out never overlap
     chats, heldout_chats = _sft_conversations(cfg)
+    # sft_fn(step): (B_sft, T) chats, targets -100 off the assistant tokens; pair_fn(step): (2B, T), chosen first;
+    # both are pure functions of (seed, step), so a resumed run sees the same batches
     sft_fn = make_batch_fn(render_examples(tokenizer, chats, cfg.max_len), cfg.sft_batch_size, cfg.seed,
                            pad, cfg.max_len)
     pair_fn = make_pair_batch_fn(pairs, cfg.batch_size, cfg.seed, pad, cfg.max_len)
     oracle = AnswerOracle(chats + heldout_chats)
 
+    # pair accuracy from the reward head, chat rates from the LM head alone (model.lm)
     def evaluate(model) -> dict:
         return {**evaluate_pairs(model, heldout_pairs, pad, cfg.max_len, cfg.head),
                 **evaluate_chat(model.lm, tokenizer, heldout_chats, oracle, cfg.max_new_tokens)}
@@ -113,7 +117,9 @@ def run_hydra_sft(cfg: HydraSFTConfig, on_step=None) -> dict:
                         extra={"heads": hydra.heads.state_dict()})
 
     hydra.eval()
-    before = evaluate(hydra)
+    before = evaluate(hydra)  # chat quality and pair accuracy BEFORE training
+    # 1. LM loss on an SFT batch; 2. BT loss on a pair batch; 3. BT + lm_weight * LM, AdamW (run_loop).
+    # The loop's periodic eval scores the pairs only: greedy chat judging is slow, so it runs at the ends
     summary = run_loop(cfg, hydra, lambda step: {"sft": sft_fn(step), "pairs": pair_fn(step)},
                        lambda model, batch: hydra_sft_loss(model, batch, cfg.lm_weight, cfg.head),
                        lambda model: evaluate_pairs(model, heldout_pairs, pad, cfg.max_len, cfg.head),

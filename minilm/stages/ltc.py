@@ -36,16 +36,9 @@ from minilm.agents.ltc_data import LossWeights, collate_episodes, expert_demos, 
 from minilm.agents.patterns import PATTERNS, ModelTeacher, RolloutConfig, make_pattern, run_episodes
 from minilm.checkpoint import load_checkpoint, save_checkpoint
 from minilm.config import from_preset
-from minilm.loop import (
-    LoopConfig,
-    OptimConfig,
-    make_optimizer,
-    optimizer_step,
-    run_loop,
-    set_lr,
-    trained_params,
-    write_metrics,
-)
+from minilm.loop import (LoopConfig, OptimConfig, make_optimizer, optimizer_step, run_loop, set_lr,
+                         trained_params, write_metrics)
+from minilm.plots import plot_curves
 from minilm.post.base_model import LoRAConfig, init_model
 from minilm.post.heads import HydraModel
 from minilm.post.sft import make_batch_fn, sft_loss
@@ -152,7 +145,8 @@ def evaluate(model, tok, test_envs, cfg: LTCConfig) -> dict:
 
 def instruction_tune(cfg: LTCConfig, tok, model, env, rt) -> dict:
     """The baseline: SFT on the expert's successful episodes (resumable, in OUT/il)."""
-    demos = expert_demos(tok, env, range(cfg.n_demos), model.config.max_seq_len)
+    demos = expert_demos(tok, env, range(cfg.n_demos), model.config.max_seq_len)  # successful ones only
+    # its own out_dir: a killed run resumes the imitation phase, and a finished one is not redone
     il = LoopConfig(out_dir=str(Path(cfg.out_dir) / "il"), init=cfg.init, max_steps=cfg.il_steps,
                     eval_every=cfg.il_steps, ckpt_every=cfg.il_steps, device=cfg.device,
                     optim=OptimConfig(lr=cfg.il_lr, warmup_steps=10))
@@ -164,15 +158,17 @@ def instruction_tune(cfg: LTCConfig, tok, model, env, rt) -> dict:
 def update(hydra, optimizer, episodes, cfg: LTCConfig, lr: float, rt, seed: int, pad_id: int) -> list[dict]:
     """One epoch over `episodes` in shuffled minibatches; returns one metrics row per minibatch."""
     order = list(range(len(episodes)))
+    # seeded per iteration, so a resumed run shuffles exactly as the uninterrupted one
     random.Random(seed).shuffle(order)
     weights, rows = loss_weights(cfg), []
     set_lr(optimizer, lr)
     hydra.train()
     for i in range(0, len(order), cfg.batch_size):
+        # (B, T) tokens, attention_mask, agent_mask, old log-probs/values, rewards; (B,) lm_weight
         batch = collate_episodes([episodes[j] for j in order[i:i + cfg.batch_size]], pad_id,
                                  cfg.failed_lm_weight)
         batch = {k: v.to(rt.device) for k, v in batch.items()}
-        if batch["agent_mask"].sum() == 0:
+        if batch["agent_mask"].sum() == 0:  # no agent token: nothing to train
             continue
         if weights.ppo_coef == 0 and batch["lm_weight"].max() < 1:
             # the LM loss alone and no successful episode: nothing to imitate. The 1e-5 weight of
@@ -180,11 +176,12 @@ def update(hydra, optimizer, episodes, cfg: LTCConfig, lr: float, rt, seed: int,
             # into a full-size step towards the failures.
             continue
         with rt.autocast():
-            logits, _, heads = hydra(batch["tokens"], batch["attention_mask"])
-            loss, metrics = ltc_loss(logits, heads["value"].tanh(), batch, weights)
+            logits, _, heads = hydra(batch["tokens"], batch["attention_mask"])  # (B, T, V), {value: (B, T)}
+            loss, metrics = ltc_loss(logits, heads["value"].tanh(), batch, weights)  # V in [-1, 1], as rewards
         if not torch.isfinite(loss):
             raise MinilmError(f"LTC loss became {loss.item()}; lower --lr")
         loss.backward()
+        # the norm over what AdamW updates: LM (or its adapters) and the value head, no frozen base
         metrics["grad_norm"] = optimizer_step(optimizer, trained_params(optimizer), cfg.optim.grad_clip)
         rows.append({"loss": loss.item(), **metrics, "batch_tokens": int(batch["attention_mask"].sum())})
     return rows
@@ -196,6 +193,7 @@ def _mean_rows(rows: list[dict]) -> dict:
 
 
 def _save(ckpt_dir: Path, hydra, tok, optimizer, state: dict, cfg: LTCConfig) -> None:
+    # state holds the iteration, the metric rows and the replay buffer; the RNG is reseeded per iteration
     state = {**state, "optimizer": optimizer.state_dict(), "config": asdict(cfg)}
     save_checkpoint(ckpt_dir, hydra.lm, tok, state, meta={"stage": "ltc", "iteration": state["iteration"]},
                     extra={"heads": hydra.heads.state_dict()})
@@ -203,6 +201,7 @@ def _save(ckpt_dir: Path, hydra, tok, optimizer, state: dict, cfg: LTCConfig) ->
 
 def _resume(ckpt_dir: Path, hydra, optimizer) -> dict:
     ck = load_checkpoint(ckpt_dir, with_train_state=True)
+    # LoRA adapters (if any) come back with ck.model
     hydra.lm.load_state_dict(ck.model.state_dict())
     hydra.heads.load_state_dict(ck.extra["heads"])
     state = ck.train_state
@@ -215,35 +214,6 @@ def make_envs(cfg: LTCConfig, split: str, n: int) -> list:
     return [make_env(cfg.env, split=split) for _ in range(n)]
 
 
-def plot_curves(rows: list[dict], baseline: dict, path: Path, title: str) -> bool:
-    """PNG: held-out success/score and exploration success per iteration (left), losses (right)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
-    its = [r["iteration"] for r in rows]
-    for key, label in (("test_success", "held-out success"), ("test_score", "held-out score (F1)"),
-                       ("explore_success", "exploration success")):
-        pts = [(r["iteration"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=label)
-    ax.axhline(baseline["success"], linestyle="--", color="gray", label="IL baseline (held-out)")
-    ax.set(xlabel="iteration", ylabel="rate", title=title, ylim=(-0.02, 1.02))
-    ax.legend(fontsize=8)
-    for key in ("lm_loss", "pg_loss", "vf_loss"):
-        if any(key in r for r in rows):
-            bx.plot(its, [r.get(key, float("nan")) for r in rows], marker=".", label=key)
-    bx.set(xlabel="iteration", ylabel="loss", title="update losses (mean per iteration)")
-    bx.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
 def instruction_tuned(cfg: LTCConfig, rt) -> tuple:
     """Step 1: (model, tok, train_envs, test_envs, il_summary, baseline metrics), both cached in OUT."""
     _check(cfg)
@@ -251,8 +221,10 @@ def instruction_tuned(cfg: LTCConfig, rt) -> tuple:
     torch.manual_seed(cfg.seed)
     model, tok = init_model(cfg.init, cfg.lora)
     train_envs, test_envs = make_envs(cfg, "train", cfg.rollout_batch), make_envs(cfg, "test", cfg.rollout_batch)
+    # il_steps 0: cfg.init is already instruction-tuned (ablations share one)
     il = instruction_tune(cfg, tok, model, train_envs[0], rt) if cfg.il_steps > 0 else {}
     baseline_path = out / "baseline.json"
+    # the baseline's eval is cached: resuming or ablating does not re-run it
     if baseline_path.exists():
         baseline = json.loads(baseline_path.read_text())
     else:
@@ -272,9 +244,9 @@ def run_ltc(cfg: LTCConfig) -> dict:
     model, tok, train_envs, test_envs, il, baseline = instruction_tuned(cfg, rt)
     # 2. a value head on the trunk
     hydra = HydraModel(model, heads=("value",)).to(rt.device)
-    optimizer = make_optimizer(hydra, cfg.optim)
+    optimizer = make_optimizer(hydra, cfg.optim)  # one AdamW: LM and value head
     ckpt_dir = out / "checkpoint"
-    state = {"iteration": 0, "rows": [], "buffer": []}
+    state = {"iteration": 0, "rows": [], "buffer": []}  # what _save writes and _resume reads
     if cfg.resume and (ckpt_dir / "train_state.pt").exists():
         state = _resume(ckpt_dir, hydra, optimizer)
     pattern = make_pattern(cfg.pattern, teacher=teacher, example_env=make_envs(cfg, "train", 1)[0])
@@ -283,9 +255,9 @@ def run_ltc(cfg: LTCConfig) -> dict:
                   total=cfg.iterations, desc=f"ltc {cfg.env}/{cfg.pattern}/{cfg.loss}"):
         torch.manual_seed(cfg.seed * 1000 + k)           # resume-exact without saving the RNG
         # 3a-b. explore fresh train tasks, append to the replay buffer
-        seeds = list(range(EXPLORE_SEED_BASE + k * cfg.episodes_per_iter,
+        seeds = list(range(EXPLORE_SEED_BASE + k * cfg.episodes_per_iter,  # fresh: never demo seeds
                            EXPLORE_SEED_BASE + (k + 1) * cfg.episodes_per_iter))
-        episodes = collect(hydra, tok, train_envs, seeds, pattern, rcfg)
+        episodes = collect(hydra, tok, train_envs, seeds, pattern, rcfg)  # sampled at cfg.temperature
         state["buffer"].extend(episodes)
         # 3c. one epoch over the newest episodes; lr decays linearly over the iterations
         lr = cfg.optim.lr * (1.0 - (1.0 - cfg.optim.min_lr_ratio) * k / max(1, cfg.iterations - 1))

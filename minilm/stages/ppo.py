@@ -37,38 +37,17 @@ from minilm import MinilmError
 from minilm.checkpoint import load_checkpoint, save_checkpoint
 from minilm.config import from_preset
 from minilm.generate import SampleConfig, generate
-from minilm.loop import (
-    OptimConfig,
-    load_train_state,
-    lr_at,
-    make_optimizer,
-    optimizer_step,
-    read_metrics,
-    restore,
-    rng_state,
-    set_lr,
-    trainable_state,
-    trained_params,
-    write_metrics,
-)
+from minilm.loop import (OptimConfig, load_train_state, lr_at, make_optimizer, optimizer_step, read_metrics,
+                         restore, rng_state, set_lr, trainable_state, trained_params, write_metrics)
 from minilm.lora import adapter_names, merge_and_unload
+from minilm.plots import plot_ppo
 from minilm.post.base_model import LoRAConfig
 from minilm.post.chat import parse_reply, render_prompt
 from minilm.post.dpo import summarize
 from minilm.post.oracles import AnswerOracle
-from minilm.post.ppo import (
-    AdaptiveKLController,
-    FixedKLController,
-    entropy_from_logits,
-    gae,
-    kl_penalty,
-    logprobs_from_logits,
-    masked_mean,
-    masked_whiten,
-    ppo_policy_loss,
-    shape_rewards,
-    value_loss,
-)
+from minilm.post.ppo import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_penalty,
+                             logprobs_from_logits, masked_mean, masked_whiten, ppo_policy_loss, shape_rewards,
+                             value_loss)
 from minilm.post.ppo_models import VARIANTS, HydraModels, build_models
 from minilm.post.reward import load_reward_model
 from minilm.runtime import setup_runtime
@@ -142,8 +121,9 @@ def make_kl_controller(cfg: PPOConfig):
 
 
 def _scaled_logprobs(logits, tokens, attention_mask, temperature: float):
+    # (B, T, V), scaled so the log-probs are those of the distribution the rollout sampled from
     logits = logits.float() / (temperature if temperature > 0 else 1.0)
-    return logprobs_from_logits(logits, tokens, attention_mask), logits
+    return logprobs_from_logits(logits, tokens, attention_mask), logits  # (B, T), (B, T, V)
 
 
 @torch.no_grad()
@@ -154,18 +134,21 @@ def rollout_and_score(models, prompts: list[list[int]], cfg: PPOConfig, pad_id: 
     with models.sampler() as policy:
         rollout = generate(policy, prompts, cfg.sample.max_new_tokens, temperature=cfg.sample.temperature,
                            top_p=cfg.sample.top_p, stop_tokens=stop_tokens, pad_id=pad_id, generator=generator)
-    tokens, attn, mask = rollout.tokens, rollout.attention_mask, rollout.gen_mask
+    tokens, attn, mask = rollout.tokens, rollout.attention_mask, rollout.gen_mask  # (B, T) each, T = P + N
     # 2. score: old log-probs and values (one pass, as the update will see them), reference, reward
     logits, values = models.policy_and_values(tokens, attn)
     logprobs, _ = _scaled_logprobs(logits, tokens, attn, cfg.sample.temperature)
+    # the reference: the frozen start model (hydra, jhydra: the same weights with the adapters off)
     ref_logprobs, _ = _scaled_logprobs(models.reference_logits(tokens, attn), tokens, attn, cfg.sample.temperature)
-    scores = score_fn(rollout) if score_fn is not None else models.score(tokens, attn)
-    kl = kl_penalty(logprobs, ref_logprobs, mask, cfg.kl_estimator)
+    scores = score_fn(rollout) if score_fn is not None else models.score(tokens, attn)  # (B,): one per reply
+    kl = kl_penalty(logprobs, ref_logprobs, mask, cfg.kl_estimator)  # (B, T), 0 off the reply
+    # (B, T): -beta * KL on every generated token, + the clipped score on each reply's last token
     rewards = shape_rewards(scores.float(), kl, mask, kl_coef, cfg.score_clip)
     # 3. advantages over the generated tokens, whitened over the whole rollout batch
-    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)  # (B, T) each
     if cfg.whiten_advantages:
         advantages = masked_whiten(advantages, mask)
+    # logged (and fed to the adaptive controller): k1 summed per reply, whichever estimator the penalty uses
     seq_kl = kl_penalty(logprobs, ref_logprobs, mask, "k1").sum(1)
     stats = {"score": scores.float().mean().item(), "kl": seq_kl.mean().item(),
              "length": mask.sum(1).float().mean().item(), "beta": kl_coef,
@@ -176,12 +159,14 @@ def rollout_and_score(models, prompts: list[list[int]], cfg: PPOConfig, pad_id: 
 
 def minibatch_loss(models, batch: dict, rows: torch.Tensor, cfg: PPOConfig) -> tuple[torch.Tensor, dict]:
     """Policy + value (+ entropy) loss of the rows `rows` of a scored rollout batch."""
-    tokens, attn, mask = batch["tokens"][rows], batch["attention_mask"][rows], batch["mask"][rows]
+    tokens, attn, mask = batch["tokens"][rows], batch["attention_mask"][rows], batch["mask"][rows]  # (b, T)
+    # (b, T, V) logits and (b, T) values, now with gradients; old log-probs and advantages are constants
     logits, values = models.policy_and_values(tokens, attn)
     logprobs, logits = _scaled_logprobs(logits, tokens, attn, cfg.sample.temperature)
     old_logprobs, advantages = batch["logprobs"][rows], batch["advantages"][rows]
     pg_loss, pg = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cfg.clip)
     vf_loss, vf = value_loss(values, batch["values"][rows], batch["returns"][rows], mask, cfg.vf_clip or None)
+    # entropy needs a graph only when it is in the loss; otherwise it is just logged
     with torch.set_grad_enabled(cfg.ent_coef > 0 and torch.is_grad_enabled()):
         entropy = masked_mean(entropy_from_logits(logits), mask)
     loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
@@ -196,11 +181,14 @@ def ppo_step(models, prompts: list[list[int]], cfg: PPOConfig, optimizer, kl_ctl
     the rollout's stats, the first minibatch's ratio/clipfrac (1 and 0 by construction) and the
     means of the update metrics over all minibatches.
     """
+    # 1.-3. roll out, score, advantages, all under no_grad: constants for the update
     batch = rollout_and_score(models, prompts, cfg, pad_id, stop_tokens, kl_ctl.value, score_fn, generator)
     lr = set_lr(optimizer, lr_at(step, cfg.optim, cfg.max_steps))
+    # the clip's norm covers exactly what AdamW updates (actor, critic, adapters, heads), no frozen base
     params = trained_params(optimizer)
     n, logged = len(prompts), []
     for _ in range(cfg.ppo_epochs):                                   # 4. update
+        # minibatch order from the (restored on resume) RNG, so a resumed run repeats it exactly
         for rows in torch.randperm(n, generator=generator).split(cfg.minibatch_size):
             loss, m = minibatch_loss(models, batch, rows, cfg)
             if not torch.isfinite(loss):
@@ -208,7 +196,8 @@ def ppo_step(models, prompts: list[list[int]], cfg: PPOConfig, optimizer, kl_ctl
             loss.backward()
             m["grad_norm"] = optimizer_step(optimizer, params, cfg.optim.grad_clip)
             logged.append(m)
-    kl_ctl.update(batch["stats"]["kl"], n)
+    kl_ctl.update(batch["stats"]["kl"], n)  # adaptive beta tracks the KL; fixed: no-op
+    # the first minibatch sees the policy that sampled, so its ratio must be 1: a check on the recompute
     row = {"step": step + 1, "lr": lr, **batch["stats"], "batch_tokens": int(batch["attention_mask"].sum()),
            "first_ratio": logged[0]["ratio"], "first_clipfrac": logged[0]["clipfrac"]}
     row.update({k: sum(m[k] for m in logged) / len(logged) for k in logged[0]})
@@ -241,27 +230,6 @@ def oracle_score_fn(tokenizer, oracle, conversations):
             out.append(oracle.reward(conv["messages"][:-1], text, ended=ended))
         return torch.tensor(out, device=rollout.tokens.device)
     return score
-
-
-def plot_ppo(metrics: list[dict], path) -> bool:
-    """reward, KL and value loss against the PPO step, as PNG (if matplotlib is installed)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    from matplotlib.ticker import MaxNLocator
-    titles = {"score": "reward (score)", "kl": "KL to the reference (nats/reply)", "vf_loss": "value loss"}
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    for ax, (key, title) in zip(axes, titles.items()):
-        ax.plot([m["step"] for m in metrics], [m[key] for m in metrics], marker=".")
-        ax.set(xlabel="PPO step (rollout batch)", title=title)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 @torch.no_grad()
@@ -343,24 +311,28 @@ def run_ppo(cfg: PPOConfig, on_step=None) -> dict:
     function of (seed, step), sampling and minibatch order come from the restored RNG).
     `on_step(step, row)` runs after every step (tests interrupt runs with it)."""
     rt = setup_runtime(cfg.device)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # fresh LoRA A matrices, then sampling
     models, tok = load_models(cfg, rt.device)
+    # prompts must leave room for max_new_tokens in the context
     train, judge = ppo_prompts(cfg, tok, models.policy_model().config.max_seq_len - cfg.sample.max_new_tokens)
     oracle, stops = AnswerOracle(train + judge), [tok.special_id("<|end|>"), tok.eot_id]
-    optimizer, kl_ctl = make_optimizer(models, cfg.optim), make_kl_controller(cfg)
+    optimizer, kl_ctl = make_optimizer(models, cfg.optim), make_kl_controller(cfg)  # one AdamW over every role
 
     def evaluate() -> dict:
         return heldout_eval(models, tok, judge, oracle, cfg.sample.max_new_tokens)
 
+    # a resumed run keeps its BEFORE judgement; a fresh one judges the start model first
     start, before, metrics = resume_state(cfg, models, optimizer, kl_ctl)
     if start == 0:
         before, metrics = evaluate(), []
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=f"ppo-{cfg.variant}")
     for step in bar:
+        # this step's prompts are a pure function of (seed, step): resume needs no data position
         convs = prompt_batch(train, cfg.batch_size, cfg.seed, step)
         prompts = [render_prompt(tok, c["messages"][:-1]) for c in convs]
         score_fn = oracle_score_fn(tok, oracle, convs) if cfg.reward == "oracle" else None
         t0 = time.time()
+        # 1. roll out, 2. score, 3. advantages, 4. update
         row = ppo_step(models, prompts, cfg, optimizer, kl_ctl, step, tok.eot_id, stops, score_fn)
         row["sec_per_sample"] = (time.time() - t0) / len(prompts)
         row["tokens"] = (metrics[-1].get("tokens", 0) if metrics else 0) + row["batch_tokens"]  # rollouts so far
@@ -368,6 +340,7 @@ def run_ppo(cfg: PPOConfig, on_step=None) -> dict:
             row.update({f"eval_{k}": v for k, v in evaluate().items()})
         metrics.append(row)
         bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{row['kl']:.2f}", vf=f"{row['vf_loss']:.3f}")
+        # checkpoint, then metrics.jsonl (save_state): the log never runs ahead of the checkpoint
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
             save_state(cfg, models, tok, optimizer, kl_ctl, step + 1, before, metrics)
         if on_step is not None:

@@ -40,17 +40,8 @@ from minilm import MinilmError
 from minilm.checkpoint import load_checkpoint, save_checkpoint
 from minilm.config import ConfigError, build, get_preset
 from minilm.data import TokenDataset, bits_per_byte
-from minilm.loop import (
-    OptimConfig,
-    lr_at,
-    make_optimizer,
-    optimizer_step,
-    read_metrics,
-    restore,
-    rng_state,
-    set_lr,
-    write_metrics,
-)
+from minilm.loop import (OptimConfig, lr_at, make_optimizer, optimizer_step, read_metrics, restore, rng_state,
+                         set_lr, write_metrics)
 from minilm.model import Phi3
 from minilm.runtime import setup_runtime, teardown_runtime
 from minilm.tokenizer import Tokenizer
@@ -108,9 +99,10 @@ def evaluate(model, data: TokenDataset, cfg: TrainConfig, rt) -> dict:
     losses = []
     for x, y in data.eval_batches(cfg.eval_batches, cfg.batch_size, cfg.seq_len):
         with rt.autocast():
+            # x, y: (B, T) token ids, y is x shifted left by one; [1] is the mean cross-entropy
             losses.append(model(x.to(rt.device), y.to(rt.device))[1].item())
     model.train()
-    loss = sum(losses) / len(losses)
+    loss = sum(losses) / len(losses)  # nats per token; bpb rescales by bytes/token
     return {"val_loss": loss, "val_bpb": bits_per_byte(loss, data.bytes_per_token)}
 
 
@@ -135,7 +127,7 @@ def _setup(cfg: TrainConfig, rt):
         raise MinilmError(f"vocab mismatch: the data in {data_dir} uses {tokenizer.n_vocab} tokens but the "
                           f"model's vocab_size is {model_cfg.vocab_size}; pass --vocab-size "
                           f"{tokenizer.n_vocab} or prepare data with a smaller vocabulary")
-    cfg.seq_len = cfg.seq_len or model_cfg.max_seq_len
+    cfg.seq_len = cfg.seq_len or model_cfg.max_seq_len  # 0: full context, kept on cfg
     if cfg.seq_len > model_cfg.max_seq_len:
         raise MinilmError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
     return model_cfg, tokenizer, train_data, val_data, phase2
@@ -160,16 +152,21 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
 
 def train_step(model, optimizer, data: TokenDataset, cfg: TrainConfig, rt, step: int) -> dict:
     """One optimizer step: accumulate `grad_accum` micro-batches, clip, AdamW. Returns its metrics."""
+    # the learning rate is a pure function of the step, so a resumed run continues the same schedule
     lr = set_lr(optimizer, lr_at(step, cfg.optim, cfg.max_steps))
     loss_sum = 0.0
+    # 1. grad_accum micro-batches of (B, T) ids; their gradients add up in .grad
     for micro in range(cfg.grad_accum):
         # rank r takes global micro-batch indices r, r + W, ...: see minilm/data.py
         x, y = data.batch(cfg.batch_size, cfg.seq_len, cfg.seed, step, micro * rt.world_size + rt.rank)
         last = micro == cfg.grad_accum - 1
+        # no_sync: DDP skips its all-reduce on all but the last micro-batch, one gradient exchange per step
         with (model.no_sync() if rt.distributed and not last else contextlib.nullcontext()), rt.autocast():
+            # divided by grad_accum so the summed gradients are those of the mean over all micro-batches
             loss = model(x.to(rt.device), y.to(rt.device))[1] / cfg.grad_accum
         loss.backward()  # under DDP, the last micro-batch's backward averages gradients over ranks
-        loss_sum += loss.item()
+        loss_sum += loss.item()  # already / grad_accum: sums to the step's mean loss
+    # 2. clip the global norm over every parameter (all of them train here), AdamW step, zero the grads
     grad_norm = optimizer_step(optimizer, model.parameters(), cfg.optim.grad_clip)
     if rt.distributed:  # log the mean loss over all ranks
         t = torch.tensor([loss_sum], device=rt.device)
@@ -195,18 +192,20 @@ def _train(cfg: TrainConfig, rt, on_step) -> dict:
     model_cfg, tokenizer, train_data, val_data, phase2_data = _setup(cfg, rt)
     switch = phase2_start(cfg) if phase2_data is not None else cfg.max_steps
     out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoint"
-    torch.manual_seed(cfg.seed)
-    model = raw_model = Phi3(model_cfg).to(rt.device)
+    torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
+    model = raw_model = Phi3(model_cfg).to(rt.device)  # raw_model: unwrapped, for eval and saving
+    # built before resume, so the saved AdamW moments load into it
     optimizer = make_optimizer(model, cfg.optim)
     start = 0
     if cfg.resume and (ckpt_dir / "train_state.pt").exists():
         start = _resume(ckpt_dir, model, optimizer, model_cfg, rt)
-    metrics = read_metrics(out_dir / "metrics.jsonl", start) if rt.is_main else []
+    metrics = read_metrics(out_dir / "metrics.jsonl", start) if rt.is_main else []  # rows past start are dropped
+    # wrap only after resume: the checkpoint's state_dict keys are the raw model's, without prefixes
     if cfg.compile:
         model = torch.compile(model)
     if rt.distributed:
         model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
-    tokens_per_step = cfg.grad_accum * rt.world_size * cfg.batch_size * cfg.seq_len
+    tokens_per_step = cfg.grad_accum * rt.world_size * cfg.batch_size * cfg.seq_len  # over all ranks
 
     t0 = time.time()
     with tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="train",
@@ -214,9 +213,11 @@ def _train(cfg: TrainConfig, rt, on_step) -> dict:
         for step in bar:
             # Phi-3's two phases: the step alone decides the phase, so resume stays exact
             data = train_data if step < switch else phase2_data
+            # 1.-2. micro-batches, clip, AdamW
             row = train_step(model, optimizer, data, cfg, rt, step)
             row["phase"] = 1 if step < switch else 2
             done = row["step"] == cfg.max_steps
+            # 3. validation loss and bits per byte on fixed windows (on the unwrapped model)
             # rank 0 alone evaluates and logs; the other ranks return no val_loss to the CLI
             if rt.is_main and (row["step"] % cfg.eval_every == 0 or done):
                 row.update(evaluate(raw_model, val_data, cfg, rt))
@@ -225,8 +226,11 @@ def _train(cfg: TrainConfig, rt, on_step) -> dict:
                 metrics.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", **({"val": f"{row['val_loss']:.3f}"}
                                                            if "val_loss" in row else {}))
+            # 4. an atomic checkpoint first, then metrics.jsonl: the log never lists a step no checkpoint holds
+            # (a killed run resumes from the checkpoint and read_metrics drops any rows past it)
             if row["step"] % cfg.ckpt_every == 0 or done:
                 if rt.is_main:
+                    # with the weights, all an exact resume needs: batches follow from (seed, step)
                     state = {"optimizer": optimizer.state_dict(), "step": row["step"],
                              "rng": rng_state(), "train_config": dataclasses.asdict(cfg)}
                     save_checkpoint(ckpt_dir, raw_model, tokenizer, state,
@@ -236,7 +240,7 @@ def _train(cfg: TrainConfig, rt, on_step) -> dict:
                     dist.barrier()  # no rank runs ahead of a checkpoint it might need
             if on_step is not None:
                 on_step(row["step"], row)
-    final = next((m for m in reversed(metrics) if "val_loss" in m), {})
+    final = next((m for m in reversed(metrics) if "val_loss" in m), {})  # the last evaluated row
     return {"step": cfg.max_steps, "checkpoint": str(ckpt_dir), "params": raw_model.num_params(),
             "phase2_start": switch if phase2_data is not None else None,
             "unigram_entropy": train_data.info["unigram_entropy"], **final}

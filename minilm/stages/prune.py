@@ -126,23 +126,25 @@ class PrunedLM(nn.Module):
     def __init__(self, lm, method: str, global_rank: bool, seed: int = 0):
         super().__init__()
         self.lm, self.method, self.global_rank = lm, method, global_rank
-        widths = [layer.mlp.down_proj.weight.shape[1] for layer in lm.model.layers]
+        widths = [layer.mlp.down_proj.weight.shape[1] for layer in lm.model.layers]  # F_l per layer
+        # (F_l,) learned scores per layer (movement, gum): trainable parameters beside the model's own
         self.scores = nn.ParameterList([nn.Parameter(torch.zeros(w)) for w in widths]
                                        if method in LEARNED else [])
-        self._random = [S.random_scores(w, seed, i) for i, w in enumerate(widths)]
+        self._random = [S.random_scores(w, seed, i) for i, w in enumerate(widths)]  # fixed by (seed, layer)
         self.recorder = NeuronMasker(lm, record=True) if method == "gum" else None
-        self.masks: list = [None] * len(widths)
+        self.masks: list = [None] * len(widths)  # (F_l,) 0/1 per layer; None: dense
         self.density = 1.0
 
     def current_scores(self) -> list[torch.Tensor]:
         if self.method in LEARNED:
             return list(self.scores)
         if self.method == "magnitude":
-            return [S.magnitude_scores(layer.mlp) for layer in self.lm.model.layers]
+            return [S.magnitude_scores(layer.mlp) for layer in self.lm.model.layers]  # from the current weights
         return self._random
 
     def hard_masks(self, density: float | None = None) -> list[torch.Tensor]:
         density = self.density if density is None else density
+        # keep the top `density` of the neurons by score, per layer (local) or over all layers (global)
         return [m.to(self.lm.lm_head.weight.device)
                 for m in S.masks_from_scores(self.current_scores(), density, self.global_rank)]
 
@@ -153,9 +155,10 @@ class PrunedLM(nn.Module):
         else:
             hard = self.hard_masks(density)
             if self.method in LEARNED:
+                # value: the 0/1 mask; gradient: straight to the scores, so the scores learn through Top-v
                 hard = [S.straight_through(s, h) for s, h in zip(self.scores, hard)]
             self.masks = hard
-        set_neuron_masks(self.lm, self.masks)
+        set_neuron_masks(self.lm, self.masks)  # the MLPs multiply act by mask
 
     def release(self) -> None:
         """Drop the masks and hooks, leaving the plain model."""
@@ -169,11 +172,11 @@ class PrunedLM(nn.Module):
 
 def gum_penalty(model: PrunedLM, attention_mask: torch.Tensor, n_tokens: int) -> torch.Tensor:
     """Mean over layers of `uniqueness_penalty` on every k-th real token's (masked) activations."""
-    valid = attention_mask.bool().flatten()
+    valid = attention_mask.bool().flatten()  # (B * T,)
     terms = []
     for acts, mask in zip(model.recorder.acts, model.masks):
         a = acts.flatten(0, 1)[valid]                          # (N, F) real tokens
-        a = a[:: max(1, a.shape[0] // n_tokens)][:n_tokens]
+        a = a[:: max(1, a.shape[0] // n_tokens)][:n_tokens]  # (<= n_tokens, F): every k-th token
         terms.append(S.uniqueness_penalty(a, mask))
     return torch.stack(terms).mean()
 
@@ -181,13 +184,15 @@ def gum_penalty(model: PrunedLM, attention_mask: torch.Tensor, n_tokens: int) ->
 def make_loss_fn(cfg: PruneConfig, sched: SparsitySchedule, teacher=None):
     """loss_fn(model, batch) for run_loop: set the step's masks, task loss [+ KD] [+ GUM penalty]."""
     def loss_fn(model: PrunedLM, batch: dict):
+        # the density is a pure function of the step (batch["step"]), so a resumed run masks the same neurons
         model.set_density(sched.density(batch["step"]))
-        logits, loss = model(batch["tokens"], batch["targets"], attention_mask=batch["attention_mask"])
+        logits, loss = model(batch["tokens"], batch["targets"], attention_mask=batch["attention_mask"])  # (B, T, V)
         metrics = {"density": model.density, "task_loss": loss.item()}
         if teacher is not None:
             with torch.no_grad():
+                # the dense teacher is a fixed target: no graph through it
                 t_logits, _ = teacher(batch["tokens"], attention_mask=batch["attention_mask"])
-            kd = distill_loss(logits, t_logits, batch["targets"] != -100, cfg.distill_temperature)
+            kd = distill_loss(logits, t_logits, batch["targets"] != -100, cfg.distill_temperature)  # on target tokens
             loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
             metrics["kd"] = kd.item()
         if model.method == "gum" and cfg.gum_weight > 0:
@@ -204,10 +209,10 @@ def heldout_loss(model, batches: list[dict]) -> dict:
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for b in batches:
-        n = int((b["targets"] != -100).sum())
+        n = int((b["targets"] != -100).sum())  # assistant tokens: the loss is their mean
         _, loss = model(b["tokens"].to(device), b["targets"].to(device),
                         attention_mask=b["attention_mask"].to(device))
-        total, count = total + loss.item() * n, count + n
+        total, count = total + loss.item() * n, count + n  # token-weighted across batches
     mean = total / max(1, count)
     return {"heldout_loss": mean, "heldout_ppl": float(torch.tensor(mean).exp())}
 
@@ -218,7 +223,7 @@ def zero_pruned(lm, masks: list[torch.Tensor]) -> None:
     with torch.no_grad():
         for layer, mask in zip(lm.model.layers, masks):
             gate, up, down = S.neuron_slices(layer.mlp)
-            drop = mask.to(gate.device) == 0
+            drop = mask.to(gate.device) == 0  # (F,) bool
             gate[drop] = 0.0
             up[drop] = 0.0
             down[:, drop] = 0.0
@@ -238,24 +243,28 @@ def run_prune(cfg: PruneConfig, on_step=None) -> dict:
     lm, tokenizer = init_model(cfg.init, None, rt.device)                                    # 1.
     teacher = None
     if cfg.distill:
-        teacher, _ = init_model(cfg.init, None, rt.device)
+        teacher, _ = init_model(cfg.init, None, rt.device)  # a second, independent copy of cfg.init
         teacher.eval().requires_grad_(False)
     train, heldout, _ = sft_data(cfg)
     examples = render_examples(tokenizer, train, cfg.max_len)
     held = render_examples(tokenizer, heldout, cfg.max_len)
+    # fixed held-out batches of (<= 64, T) tokens/targets/attention_mask, the same before and after
     batches = [collate(held[i:i + 64], tokenizer.eot_id, cfg.max_len) for i in range(0, len(held), 64)]
     base_fn = make_batch_fn(examples, cfg.batch_size, cfg.seed, tokenizer.eot_id, cfg.max_len)
+    # density: 1 for prune_warmup steps, a cubic ramp down, then 1 - sparsity for the last prune_final steps
     sched = SparsitySchedule(1.0 - cfg.sparsity, cfg.max_steps, cfg.prune_warmup, cfg.prune_final,
                              cfg.mask_every)
     model = PrunedLM(lm, cfg.method, global_ranking(cfg), cfg.seed)               # 2.
-    probe = batches[0]
+    probe = batches[0]  # the redundancy report's tokens
     before = heldout_loss(model, batches)                                         # 3.
     red_before = redundancy_report(lm, probe)
 
+    # the plain lm: the masks live in train_state (scores) and follow from the step on resume
     def save_fn(ckpt_dir, train_state, meta):
         save_checkpoint(ckpt_dir, lm, tokenizer, train_state,
                         {**meta, "method": cfg.method, "sparsity": cfg.sparsity, "before": before})
 
+    # the step rides in the batch so loss_fn can set that step's masks
     summary = run_loop(cfg, model, lambda step: {**base_fn(step), "step": step},  # 4.
                        make_loss_fn(cfg, sched, teacher), lambda m: heldout_loss(m, batches),
                        save_fn, tokenizer, stage=f"prune-{cfg.method}", rt=rt, on_step=on_step)
@@ -265,11 +274,12 @@ def run_prune(cfg: PruneConfig, on_step=None) -> dict:
         last = model.hard_masks(sched.final_density)
     masks = [m.detach().cpu() for m in last]                                      # 5.
     model.release()
+    # bake the masks into the weights: the plain dense lm now computes the pruned model
     zero_pruned(lm, masks)
-    after = heldout_loss(lm, batches)
+    after = heldout_loss(lm, batches)  # the dense path, pruned weights zeroed
     set_neuron_masks(lm, [m.to(lm.lm_head.weight.device) for m in masks])       # the skipping kernel
     after["heldout_loss_kernel"] = heldout_loss(lm, batches)["heldout_loss"]
-    set_neuron_masks(lm, [None] * len(masks))
+    set_neuron_masks(lm, [None] * len(masks))  # back to a plain model for saving
     meta = {"stage": "prune", "method": cfg.method, "sparsity": cfg.sparsity, "init": cfg.init,
             "ranking": "global" if model.global_rank else "local", "distill": cfg.distill,
             "densities": [float(m.mean()) for m in masks], **after}

@@ -87,18 +87,22 @@ def run_reward(cfg: RewardConfig, on_step=None) -> dict:
         add_lora(cfg.lora, hydra.lm)     # freezes the trunk and LM head; the new head stays trainable
     train, heldout, reasons = reward_data(cfg, tokenizer)                                     # 2.
     pad = tokenizer.eot_id
+    # batch_fn(step): (2B, T) ids, B chosen rows then their B rejected twins; fixed by (seed, step)
     batch_fn = make_pair_batch_fn(train, cfg.batch_size, cfg.seed, pad, cfg.max_len)
 
+    # every held-out pair once; run_loop calls this under no_grad in eval mode
     def eval_fn(model) -> dict:
         return evaluate_pairs(model, heldout, pad, cfg.max_len, cfg.head)
 
     hydra.eval()
     before = evaluate_pairs(hydra, heldout, pad, cfg.max_len, cfg.head, reasons)             # 3.
 
+    # BT on the head's score at each reply's last token, r_c - r_r over (B,) pairs (+ the LM term)
     def loss_fn(model, batch):
         return reward_loss(model, batch, cfg.lm_weight, cfg.head)
 
     def save_fn(ckpt_dir, train_state, meta):
+        # the LM as a plain checkpoint any stage can load; the heads beside it as heads.safetensors
         save_checkpoint(ckpt_dir, hydra.lm, tokenizer, train_state,
                         {**meta, "heads": list(hydra.heads), "lm_weight": cfg.lm_weight, "before": before},
                         extra={"heads": hydra.heads.state_dict()})

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data_prep.pipeline import default_data
+from data_prep.prepare import default_data
 from minilm import MinilmError
 from minilm.checkpoint import save_checkpoint
 from minilm.config import from_preset
@@ -99,7 +99,7 @@ def find_text_data(cfg: SFTConfig, tokenizer) -> Path | None:
     state_path = Path(cfg.init) / "train_state.pt"
     if directory is None and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        recorded = state.get("train_config")  # only pretraining (minilm/train.py) writes this
+        recorded = state.get("train_config")  # only pretraining (minilm/stages/pretrain.py) writes this
         if isinstance(recorded, dict) and recorded.get("data_dir"):
             directory = Path(recorded["data_dir"])
         elif isinstance(recorded, dict):  # "": the default data pipeline's phase 1, never built here
@@ -124,7 +124,7 @@ def run_sft(cfg: SFTConfig, on_step=None) -> dict:
     model, tokenizer = init_model(cfg.init, cfg.lora, rt.device)                           # 1.
     if cfg.max_len > model.config.max_seq_len:
         raise MinilmError(f"max_len {cfg.max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
-    train, heldout, train_sample = sft_data(cfg)
+    train, heldout, train_sample = sft_data(cfg)  # train_sample: n_eval train prompts
     examples = render_examples(tokenizer, train, cfg.max_len)               # 2.
     if cfg.text_mix < 0:
         raise MinilmError(f"text_mix must be >= 0 (the weight of the clean-text loss), got {cfg.text_mix}")
@@ -132,10 +132,12 @@ def run_sft(cfg: SFTConfig, on_step=None) -> dict:
     if cfg.text_mix > 0 and text_dir is None:  # the preset's default must not stop a run: say so, go on
         tqdm.write(f"text replay OFF: {cfg.init} records no pretraining data found on this machine; "
                    f"pass --text-data DIR (prepared shards) to keep text_mix={cfg.text_mix}")
+    # replay trains on the train split; text_val below measures forgetting on the val split
     replay = TokenDataset(text_dir, "train") if cfg.text_mix > 0 and text_dir is not None else None
+    # batch_fn(step): (B, max_len) tokens/targets/attention_mask (+ (B', T') text windows), fixed by (seed, step)
     batch_fn = make_batch_fn(examples, cfg.batch_size, cfg.seed, tokenizer.eot_id, cfg.max_len, replay,
                              cfg.text_batch_size, min(cfg.text_seq_len, model.config.max_seq_len))
-    oracle = AnswerOracle(train + heldout)
+    oracle = AnswerOracle(train + heldout)  # knows every question's answer
     text_val = TokenDataset(text_dir, "val") if text_dir is not None else None
 
     def eval_fn(m) -> dict:  # chat rates, and the held-out clean-text loss when the data is known
@@ -143,10 +145,11 @@ def run_sft(cfg: SFTConfig, on_step=None) -> dict:
         return rates if text_val is None else {**rates, "text_val_loss": clean_text_loss(m, text_val)}
 
     model.eval()
+    # the train sample beside the held-out prompts tells memorising apart from generalising
     before = {**eval_fn(model), "train_correct_rate":                        # 3.
               evaluate_chat(model, tokenizer, train_sample, oracle, cfg.max_new_tokens)["correct_rate"]}
 
-    def save_fn(ckpt_dir, train_state, meta):
+    def save_fn(ckpt_dir, train_state, meta):  # the BEFORE numbers travel in the checkpoint meta
         save_checkpoint(ckpt_dir, model, tokenizer, train_state,
                         {**meta, "before": before, "n_train": len(examples), "heldout": len(heldout)})
 
