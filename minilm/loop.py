@@ -194,10 +194,12 @@ def restore(state: dict, optimizer, model=None, source: str = "the checkpoint") 
                 p.copy_(saved[n])
     optimizer.load_state_dict(state["optimizer"])  # AdamW moments and step counts
     # the RNG too: sampling, dropout and minibatch order continue exactly where the run stopped
-    torch.set_rng_state(state["rng"]["cpu"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"]
+    # (a loop that reseeds every iteration, as LTC does, saves none)
+    if "rng" in state:
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state.get("step", 0)
 
 
 def read_metrics(path: Path, upto: int) -> list[dict]:

@@ -1,6 +1,5 @@
-"""LoRA: low-rank adapters on any nn.Linear chosen by name (Hu et al. 2021, arXiv 2106.09685, sec. 4.1).
-
-A wrapped layer computes
+"""LoRA: low-rank adapters on any nn.Linear chosen by name (Hu et al. 2021, arXiv 2106.09685, sec. 4.1). A
+wrapped layer computes
 
     y = W x + b + sum over active adapters a of  (alpha_a / r_a) * B_a A_a dropout_a(x)
 
@@ -22,7 +21,7 @@ While merged, the active set is frozen: switching adapters raises MinilmError (c
 first), because the merged deltas live inside W and could not be switched off without subtracting.
 
 Deviations: the paper adapts only W_q and W_v; our default targets every projection of every layer
-(fused qkv and gate/up included), as QLoRA found better. The paper's merge is exact in exact
+(fused qkv and gate/up included), as QLoRA (arXiv 2305.14314) found better. The paper's merge is exact in exact
 arithmetic; here unmerge subtracts the same delta it added, so W comes back up to float rounding.
 """
 

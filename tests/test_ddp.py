@@ -56,7 +56,8 @@ def test_two_ranks_equal_one_process_with_double_accumulation(data_dir, tmp_path
     # only rank 0 writes: nothing but the two run directories, each holding one run's files
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"]
     for run in ("ddp", "single"):
-        assert {p.name for p in (tmp_path / run).iterdir()} - {"loss.png"} == {"checkpoint", "metrics.jsonl"}
+        assert {p.name for p in (tmp_path / run).iterdir()} - {"loss.png"} == {"checkpoint", "metrics.jsonl",
+                                                                             "settings.json"}
     assert ddp_stdout.count("validation loss") == 1, ddp_stdout  # rank 1 prints no summary
 
     ddp = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]

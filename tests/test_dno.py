@@ -136,7 +136,7 @@ def test_run_dno_two_iterations_keeps_every_checkpoint_and_resumes(base_checkpoi
     assert json.dumps(again["rows"]) == json.dumps(s["rows"])
     assert (tmp_path / "dno" / "iter_2" / "checkpoint" / "config.json").stat().st_mtime == stamp
     from minilm import MinilmError
-    with pytest.raises(MinilmError, match="other prompts"):   # other prompts must not mix in
+    with pytest.raises(MinilmError, match="n_prompts 8 -> 9"):   # other prompts must not mix in
         run_dno(dno_config("tiny", **{**cfg, "n_prompts": 9}))
 
 

@@ -21,7 +21,7 @@ FLOORS = [
     ("evaluation", ["minilm/eval/"]),
     ("stages",     ["minilm/stages/"]),
     ("pieces",     ["minilm/post/", "minilm/agents/", "minilm/prune/"]),
-    ("loop",       ["minilm/loop.py"]),
+    ("loop",       ["minilm/loop.py", "minilm/run_dir.py"]),
     ("services",   ["data_prep/", "minilm/checkpoint.py", "minilm/generate.py", "minilm/lora.py", "minilm/lora_io.py"]),
     ("core",       ["minilm/model.py", "minilm/data.py", "minilm/runtime.py", "minilm/weights.py"]),
     ("base",       ["minilm/ops/", "minilm/tokenizer.py", "minilm/config.py", "minilm/plots.py",

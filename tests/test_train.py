@@ -156,9 +156,12 @@ def test_resume_refuses_a_different_model(data_dir, tmp_path, uninterrupted):
     shutil.copytree(uninterrupted[0], out)
     cfg = run_config(out, data_dir)
     cfg.model["n_layer"] = 2
-    with pytest.raises(MinilmError, match="different model"):
+    with pytest.raises(MinilmError, match="other settings: model .*'n_layer': 1.* -> .*'n_layer': 2"):
         train(cfg)
     assert load_checkpoint(out / "checkpoint").config.n_layer == 1  # the old checkpoint is untouched
+    (out / "settings.json").unlink()       # a run from before settings.json: the checkpoint still says
+    with pytest.raises(MinilmError, match="different model"):
+        train(cfg)
 
     # the advice in the message: --no-resume starts over, and the old run's metrics are dropped
     cfg = run_config(out, data_dir, resume=False)

@@ -97,11 +97,31 @@ def plan(cfg: SpeedrunConfig) -> list[tuple[str, object]]:
     return [(name, configure(run, name)) for name in (cfg.only_stages() or STAGES)]
 
 
+def check_run(run: Run, write: bool = True) -> None:
+    """Refuse a speedrun into a folder made with another preset, or with other --set values for a
+    stage that has finished there (it would be skipped and its old numbers reported as the new run's);
+    record the preset and --set values in OUT/speedrun.json."""
+    path, cfg = run.root / "speedrun.json", run.cfg
+    saved = json.loads(path.read_text()) if path.exists() else {"preset": cfg.preset, "overrides": {}}
+    if saved["preset"] != cfg.preset:
+        raise MinilmError(f"{run.root} holds a --preset {saved['preset']} speedrun, not {cfg.preset}; pass "
+                          f"--out-dir NEW (the default for --preset {cfg.preset} is runs/speedrun-{cfg.preset})")
+    redo = set(cfg.only_stages())
+    stale = [s for s in STAGES if saved["overrides"].get(s, {}) != cfg.overrides.get(s, {})
+             and run.record(s) is not None and s not in redo]
+    if stale:
+        raise MinilmError(f"{run.root}: {', '.join(stale)} finished with other --set values "
+                          f"({saved['overrides']}); re-run them with --only {','.join(stale)}, or pass --out-dir NEW")
+    if write:
+        write_json(path, {"preset": cfg.preset, "overrides": cfg.overrides})
+
+
 def run_speedrun(cfg: SpeedrunConfig) -> dict:
     """Every stage in order, skipping finished ones (or exactly the --only stages, from scratch)."""
     run = Run(cfg)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     names = cfg.only_stages() or list(STAGES)
+    check_run(run, write=rank == 0)
     if rank == 0 and cfg.only_stages():
         for name in names:
             _set_aside(run.dir(name))

@@ -47,6 +47,7 @@ from minilm.post.oracles import JudgeOracle, RewardModelOracle, VerifierOracle
 from minilm.post.preferences import encode_pairs, sample_replies
 from minilm.post.reward import load_reward_model
 from minilm.post.winrate import head_to_head, plot_winrates, win_rate, winrate_table
+from minilm.run_dir import check_settings
 from minilm.runtime import setup_runtime
 from minilm.weights import write_json
 
@@ -279,6 +280,7 @@ def run_iteration(cfg: DNOConfig, t: int, data: dict, oracle, monitor, sft_model
 
 def run_dno(cfg: DNOConfig) -> dict:
     """T iterations of DNO-Prct from cfg.init; returns the per-iteration table and the best iterate."""
+    check_settings(cfg, "dno")   # a rerun into this out_dir must have the same settings
     check_config(cfg)
     rt = setup_runtime(cfg.device)
     out = Path(cfg.out_dir)

@@ -41,6 +41,7 @@ from minilm.post.dpo import dpo_batch_loss, evaluate_dpo, preferred_rate, summar
 from minilm.post.oracles import AnswerOracle
 from minilm.post.preferences import build_preference_pairs, encode_pairs, make_pair_batch_fn
 from minilm.post.sft import greedy_judgements
+from minilm.run_dir import check_settings
 from minilm.runtime import setup_runtime
 from minilm.weights import write_json
 
@@ -150,6 +151,7 @@ def dpo_data(cfg: DPOConfig, model, tokenizer):
 
 def run_dpo(cfg: DPOConfig, on_step=None) -> dict:
     """DPO from cfg.init; returns implicit-reward metrics and the held-out judgement before/after."""
+    check_settings(cfg, "dpo")   # a rerun into this out_dir must have the same settings
     if cfg.beta <= 0 or cfg.sft_weight < 0:
         raise MinilmError(f"beta must be > 0 and sft_weight >= 0 (got {cfg.beta}, {cfg.sft_weight})")
     if cfg.pairs not in ("offline", "sampled", "both"):

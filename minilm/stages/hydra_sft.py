@@ -33,6 +33,7 @@ from minilm.post.oracles import AnswerOracle
 from minilm.post.preferences import make_pair_batch_fn
 from minilm.post.reward import evaluate_pairs, hydra_sft_loss, load_reward_model, reward_data
 from minilm.post.sft import evaluate_chat, make_batch_fn, render_examples
+from minilm.run_dir import check_settings
 from minilm.runtime import setup_runtime
 from minilm.weights import write_json
 
@@ -89,6 +90,7 @@ def _sft_conversations(cfg: HydraSFTConfig):
 
 def run_hydra_sft(cfg: HydraSFTConfig, on_step=None) -> dict:
     """Train a Hydra-SFT model; returns held-out pair accuracy and chat quality before/after."""
+    check_settings(cfg, "hydra-sft")   # a rerun into this out_dir must have the same settings
     rt = setup_runtime(cfg.device)
     # cfg.init's LM with a scalar head on the same trunk: (B, T, D) hidden states -> (B, T) scores
     hydra, tokenizer = load_reward_model(cfg.init, heads=(cfg.head,), device=rt.device)

@@ -36,12 +36,13 @@ from minilm.agents.ltc_data import LossWeights, collate_episodes, expert_demos, 
 from minilm.agents.patterns import PATTERNS, ModelTeacher, RolloutConfig, make_pattern, run_episodes
 from minilm.checkpoint import load_checkpoint, save_checkpoint
 from minilm.config import from_preset
-from minilm.loop import (LoopConfig, OptimConfig, make_optimizer, optimizer_step, run_loop, set_lr,
+from minilm.loop import (LoopConfig, OptimConfig, make_optimizer, optimizer_step, restore, run_loop, set_lr,
                          trained_params, write_metrics)
 from minilm.plots import plot_curves
 from minilm.post.base_model import LoRAConfig, init_model
 from minilm.post.heads import HydraModel
 from minilm.post.sft import make_batch_fn, sft_loss
+from minilm.run_dir import check_settings
 from minilm.runtime import setup_runtime
 from minilm.weights import write_json
 
@@ -205,7 +206,7 @@ def _resume(ckpt_dir: Path, hydra, optimizer) -> dict:
     hydra.lm.load_state_dict(ck.model.state_dict())
     hydra.heads.load_state_dict(ck.extra["heads"])
     state = ck.train_state
-    optimizer.load_state_dict(state["optimizer"])
+    restore(state, optimizer)   # the optimizer; the RNG is reseeded at every iteration instead
     tqdm.write(f"resuming LTC from {ckpt_dir} after iteration {state['iteration']}")
     return state
 
@@ -240,6 +241,7 @@ def run_ltc(cfg: LTCConfig) -> dict:
     rt = setup_runtime(cfg.device)
     out = Path(cfg.out_dir)
     teacher = ModelTeacher.from_checkpoint(cfg.teacher, rt.device) if cfg.teacher else None   # fail early
+    check_settings(cfg, "ltc")   # a rerun into this out_dir must have the same settings
     # 1. instruction tuning on the expert's demonstrations: the baseline
     model, tok, train_envs, test_envs, il, baseline = instruction_tuned(cfg, rt)
     # 2. a value head on the trunk

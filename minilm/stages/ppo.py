@@ -50,6 +50,7 @@ from minilm.post.ppo import (AdaptiveKLController, FixedKLController, entropy_fr
                              value_loss)
 from minilm.post.ppo_models import VARIANTS, HydraModels, build_models
 from minilm.post.reward import load_reward_model
+from minilm.run_dir import check_settings
 from minilm.runtime import setup_runtime
 from minilm.weights import write_json
 
@@ -310,6 +311,7 @@ def run_ppo(cfg: PPOConfig, on_step=None) -> dict:
     same cfg continues from it and ends bit-identical to an uninterrupted one (prompts are a pure
     function of (seed, step), sampling and minibatch order come from the restored RNG).
     `on_step(step, row)` runs after every step (tests interrupt runs with it)."""
+    check_settings(cfg, "ppo")   # a rerun into this out_dir must have the same settings
     rt = setup_runtime(cfg.device)
     torch.manual_seed(cfg.seed)  # fresh LoRA A matrices, then sampling
     models, tok = load_models(cfg, rt.device)

@@ -43,6 +43,7 @@ from minilm.data import TokenDataset, bits_per_byte
 from minilm.loop import (OptimConfig, lr_at, make_optimizer, optimizer_step, read_metrics, restore, rng_state,
                          set_lr, write_metrics)
 from minilm.model import Phi3
+from minilm.run_dir import check_settings
 from minilm.runtime import setup_runtime, teardown_runtime
 from minilm.tokenizer import Tokenizer
 
@@ -189,6 +190,7 @@ def _resume(ckpt_dir: Path, model, optimizer, model_cfg, rt) -> int:
 
 
 def _train(cfg: TrainConfig, rt, on_step) -> dict:
+    check_settings(cfg, "pretrain", write=rt.is_main)   # a rerun into out_dir must have the same settings
     model_cfg, tokenizer, train_data, val_data, phase2_data = _setup(cfg, rt)
     switch = phase2_start(cfg) if phase2_data is not None else cfg.max_steps
     out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoint"

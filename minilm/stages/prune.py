@@ -43,6 +43,7 @@ from minilm.prune import scores as S
 from minilm.prune.compact import compact_model
 from minilm.prune.redundancy import NeuronMasker, redundancy_report
 from minilm.prune.schedule import SparsitySchedule, distill_loss
+from minilm.run_dir import check_settings
 from minilm.runtime import setup_runtime
 from minilm.weights import write_json
 
@@ -238,6 +239,7 @@ def _compact(lm, masks, tokenizer, directory: Path, meta: dict, batches) -> dict
 
 def run_prune(cfg: PruneConfig, on_step=None) -> dict:
     """Fine-tune cfg.init while pruning cfg.sparsity of its FFN neurons with cfg.method."""
+    check_settings(cfg, "prune")   # a rerun into this out_dir must have the same settings
     _check(cfg)
     rt = setup_runtime(cfg.device)
     lm, tokenizer = init_model(cfg.init, None, rt.device)                                    # 1.

@@ -40,6 +40,7 @@ from minilm.loop import OptimConfig, run_loop
 from minilm.post.base_model import LoRAConfig, init_model
 from minilm.post.oracles import AnswerOracle
 from minilm.post.sft import clean_text_loss, evaluate_chat, make_batch_fn, render_examples, sft_data, sft_loss
+from minilm.run_dir import check_settings
 from minilm.runtime import setup_runtime
 from minilm.weights import write_json
 
@@ -120,6 +121,7 @@ def find_text_data(cfg: SFTConfig, tokenizer) -> Path | None:
 
 def run_sft(cfg: SFTConfig, on_step=None) -> dict:
     """Fine-tune cfg.init on chat data; returns {"before", "after", ...} measured on held-out prompts."""
+    check_settings(cfg, "sft")   # a rerun into this out_dir must have the same settings
     rt = setup_runtime(cfg.device)
     model, tokenizer = init_model(cfg.init, cfg.lora, rt.device)                           # 1.
     if cfg.max_len > model.config.max_seq_len:

@@ -1,0 +1,71 @@
+"""A stage's output folder remembers the settings its run started with, and refuses others.
+
+    check_settings(cfg, "sft")      # first thing in every run_<stage>; MinilmError on a mismatch
+
+Every stage writes into cfg.out_dir and, when cfg.resume is on, continues the run it finds there.
+Continuing is only right with the same settings: a rerun with another --lr would train on from
+the old run's checkpoint and print the old numbers as its own. So the first run records its full
+config (flat names, as flags spell them) in OUT/settings.json, and a rerun that finds progress
+there compares: any field that differs stops it, before anything is loaded, with one message
+naming the fields and the two ways on (a new --out-dir, or --no-resume to train over it from
+scratch). What may differ is where the run executes and how much it logs (MAY_CHANGE), and
+max_steps may grow: training longer is continuing. A folder holding another stage's checkpoint,
+or the checkpoint the stage starts from (--init), is refused as well.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from minilm import MinilmError
+from minilm.checkpoint import read_config
+from minilm.config import flatten
+from minilm.weights import write_json
+
+MAY_CHANGE = ("out_dir", "device", "resume", "log_every")
+SETTINGS = "settings.json"
+
+
+def _has_progress(out: Path) -> bool:
+    """Whether `out` holds a run to continue: any checkpoint with a train state under it."""
+    return out.is_dir() and any(out.rglob("train_state.pt"))
+
+
+def _stage_of(out: Path) -> str | None:
+    """The stage that wrote out/checkpoint, from its metadata (runs from before settings.json)."""
+    if not (out / "checkpoint" / "config.json").exists():
+        return None
+    return read_config(out / "checkpoint").get("meta", {}).get("stage")
+
+
+def differences(saved: dict, now: dict) -> list[str]:
+    """The fields of `now` that a continuation of the run recorded as `saved` may not have."""
+    now = json.loads(json.dumps(now, default=str))        # tuples -> lists, as the file has them
+    fields = sorted((set(saved) | set(now)) - set(MAY_CHANGE) - {"max_steps"})
+    changed = [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in fields if saved.get(k) != now.get(k)]
+    if now.get("max_steps", 0) < saved.get("max_steps", 0):  # a shorter run would report the old one's end
+        changed.append(f"max_steps {saved['max_steps']} -> {now['max_steps']} (it may only grow)")
+    return changed
+
+
+def check_settings(cfg, stage: str, write: bool = True) -> None:
+    """Refuse to continue the run in cfg.out_dir with other settings than it started with; record
+    cfg's settings there (unless `write` is False: torchrun ranks other than 0 only check)."""
+    out, now = Path(cfg.out_dir), flatten(cfg)
+    init = getattr(cfg, "init", "")
+    if init and Path(init).resolve() in (out.resolve(), (out / "checkpoint").resolve()):
+        raise MinilmError(f"--out-dir {out} is where --init {init} lives: the {stage} run would overwrite the "
+                          f"checkpoint it starts from; pass another --out-dir")
+    if cfg.resume and _has_progress(out):
+        path = out / SETTINGS
+        saved = json.loads(path.read_text()) if path.exists() else {"stage": _stage_of(out), "config": None}
+        if saved["stage"] not in (None, stage):
+            raise MinilmError(f"{out} holds a {saved['stage']} run, not a {stage} run; pass another --out-dir")
+        changed = differences(saved["config"], now) if saved["config"] is not None else []
+        if changed:
+            raise MinilmError(f"{out} holds a {stage} run started with other settings: {'; '.join(changed)}. "
+                              f"Rerun with its settings to continue it, pass --out-dir NEW for a new run, "
+                              f"or --no-resume to train over it from scratch")
+    if write:
+        write_json(out / SETTINGS, {"stage": stage, "config": now})
