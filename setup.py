@@ -67,7 +67,7 @@ setup(
     description="A minimal, readable Phi-3-style language-model library with its own kernels",
     packages=find_packages(include=["minilm", "minilm.*", "data_prep", "data_prep.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "tiktoken", "tqdm", "matplotlib", "pybind11", "ninja"],
+    install_requires=["torch>=2.4", "numpy", "tiktoken", "regex", "tqdm", "matplotlib", "pybind11", "ninja"],
     extras_require={
         # test-only: HF transformers is the reference our Phi-3 is checked against
         "test": ["pytest", "hypothesis", "transformers>=4.40", "safetensors"],
