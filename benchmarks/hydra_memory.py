@@ -43,7 +43,8 @@ from minilm.loop import make_optimizer
 from minilm.model import Phi3
 from minilm.post.heads import HydraModel
 from minilm.post.ppo_models import VARIANTS, build_models
-from minilm.stages.ppo import PPOConfig, make_kl_controller, ppo_step
+from minilm.post.ppo import make_kl_controller
+from minilm.stages.ppo import PPOConfig, ppo_step
 
 PAPER = ("paper (LLaMA-7B, StackExchange, Table 1): PPO 220 GB (estimate), LoRA-PPO 68.0 GB / 18.75 s, "
          "Hydra-PPO 71.1 GB / 6.47 s, J-Hydra-PPO 67.9 GB / 5.01 s per sample")

@@ -19,7 +19,8 @@ from minilm.post.ppo import (AdaptiveKLController, FixedKLController, action_val
                              kl_penalty, logprobs_from_logits, masked_mean, masked_whiten, ppo_policy_loss,
                              shape_rewards, value_loss)
 from minilm.post.ppo_models import build_models
-from minilm.stages.ppo import PPOConfig, make_kl_controller, ppo_step
+from minilm.post.ppo import make_kl_controller
+from minilm.stages.ppo import PPOConfig, ppo_step
 
 pytestmark = pytest.mark.lesson_08
 

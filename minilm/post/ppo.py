@@ -259,3 +259,10 @@ class AdaptiveKLController:
     def update(self, current_kl: float, n_steps: int) -> None:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
+
+
+def make_kl_controller(cfg):
+    """beta's controller from a config's kl_coef, kl_target (> 0: adaptive) and kl_horizon."""
+    if cfg.kl_target > 0:
+        return AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    return FixedKLController(cfg.kl_coef)

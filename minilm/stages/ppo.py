@@ -45,9 +45,8 @@ from minilm.post.base_model import LoRAConfig
 from minilm.post.chat import parse_reply, render_prompt
 from minilm.post.dpo import summarize
 from minilm.post.oracles import AnswerOracle
-from minilm.post.ppo import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_penalty,
-                             logprobs_from_logits, masked_mean, masked_whiten, ppo_policy_loss, shape_rewards,
-                             value_loss)
+from minilm.post.ppo import (entropy_from_logits, gae, kl_penalty, logprobs_from_logits, make_kl_controller,
+                             masked_mean, masked_whiten, ppo_policy_loss, shape_rewards, value_loss)
 from minilm.post.ppo_models import VARIANTS, HydraModels, build_models
 from minilm.post.reward import load_reward_model
 from minilm.run_dir import check_settings
@@ -113,12 +112,6 @@ def ppo_config(preset: str = "tiny", **overrides) -> PPOConfig:
     if cfg.reward not in ("model", "oracle"):
         raise MinilmError(f"--reward must be 'model' or 'oracle', got {cfg.reward!r}")
     return cfg
-
-
-def make_kl_controller(cfg: PPOConfig):
-    if cfg.kl_target > 0:
-        return AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    return FixedKLController(cfg.kl_coef)
 
 
 def _scaled_logprobs(logits, tokens, attention_mask, temperature: float):
