@@ -11,23 +11,38 @@ minilm/config.py). Every field has a flag; those not in `shown` are accepted but
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import re
 
 from minilm import MinilmError
-from minilm.config import flat_fields
+from minilm.config import flat_fields, nested_configs
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "tuple": tuple}
+_FIELD_COMMENT = re.compile(r"^\s+(\w+): [^#]*#\s*(.+)$")   # `    lr: float = 1e-3   # what it is`
+
+
+def field_comments(cls) -> dict[str, str]:
+    """{flat field name: the comment after it in the dataclass source}: what --help says of a flag."""
+    found = {}
+    for kind, prefix in [(cls, "")] + [(k, getattr(k, "PREFIX", "")) for k in nested_configs(cls).values()]:
+        for line in inspect.getsource(kind).splitlines():
+            m = _FIELD_COMMENT.match(line)
+            if m:
+                found[prefix + m.group(1)] = m.group(2).strip()
+    return found
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls, shown, skip=(), choices=None) -> None:
     """One `--field-name` flag per field of `cls`; fields not in `shown` are accepted but left out of
     --help. Defaults are None, so that a flag the user did not give leaves the preset's value."""
-    choices = choices or {}
+    choices, comments = choices or {}, field_comments(cls)
     for name, f in flat_fields(cls):  # nested configs' fields by their flat names: lr, lora_r, ...
         kind = _TYPES.get(f.type if isinstance(f.type, str) else f.type.__name__)  # "int" -> int
         if name in skip or kind is None:  # no flag for dict fields (TrainConfig.model)
             continue
-        flag, help_ = "--" + name.replace("_", "-"), (None if name in shown else argparse.SUPPRESS)
+        flag = "--" + name.replace("_", "-")
+        help_ = comments.get(name, "").replace("%", "%%") if name in shown else argparse.SUPPRESS
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif kind is tuple:

@@ -129,7 +129,7 @@ def get_preset(name: str, **overrides) -> ModelConfig:
 # cfg.optim.lr, `lora_r` is cfg.lora.r (a nested class's PREFIX comes first), so `--lr 3e-4` and
 # `--lora-r 8` read as they always did.
 
-def _nested(cls) -> dict[str, type]:
+def nested_configs(cls) -> dict[str, type]:
     """{field name: its dataclass type} for the fields of `cls` that are configs themselves."""
     hints = {f.name: f.default_factory for f in dataclasses.fields(cls)  # nested configs use factories
              if f.default_factory is not dataclasses.MISSING}
@@ -143,7 +143,7 @@ def _nested(cls) -> dict[str, type]:
 
 def flat_fields(cls) -> list[tuple[str, dataclasses.Field]]:
     """(flat name, field) of every leaf field of a stage config, nested configs' fields included."""
-    nested = _nested(cls)
+    nested = nested_configs(cls)
     out = []
     for f in dataclasses.fields(cls):
         if f.name in nested:
@@ -161,7 +161,7 @@ def build(cls, **flat):
     lists the fields."""
     own = {f.name for f in dataclasses.fields(cls)}
     leaf_of = {}  # flat name of a nested field -> (the nested config's field, its own name)
-    for name, kind in _nested(cls).items():
+    for name, kind in nested_configs(cls).items():
         prefix = getattr(kind, "PREFIX", "")
         leaf_of.update({prefix + g.name: (name, g.name) for g in dataclasses.fields(kind)})
     top, parts = {}, {}  # the stage's own fields; nested name -> {leaf: value}

@@ -31,7 +31,7 @@ from minilm.model import KVCache
 @dataclass
 class SampleConfig:
     """How a stage samples replies: the token budget and the sampling distribution."""
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32        # tokens sampled at most per reply
     temperature: float = 1.0        # 0: greedy
     top_p: float = 1.0              # nucleus sampling; 1: the whole distribution
 

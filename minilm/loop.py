@@ -43,9 +43,9 @@ from minilm.weights import write_text
 @dataclass
 class OptimConfig:
     """AdamW and its schedule: linear warmup to lr, then cosine decay to lr * min_lr_ratio."""
-    lr: float = 1e-3
+    lr: float = 1e-3                # peak learning rate, reached after the warmup
     min_lr_ratio: float = 0.1       # cosine decays to lr * min_lr_ratio at max_steps
-    warmup_steps: int = 10
+    warmup_steps: int = 10          # linear warmup from 0 to lr
     weight_decay: float = 0.0       # on weight matrices only
     betas: tuple = (0.9, 0.95)
     grad_clip: float = 1.0          # max global gradient norm
@@ -57,11 +57,11 @@ class LoopConfig:
     class serves loops that are a part of a stage (LTC's imitation phase, each DNO iteration)."""
     out_dir: str
     init: str = ""                  # the checkpoint the model came from (recorded in its meta)
-    max_steps: int = 100
-    eval_every: int = 50
-    ckpt_every: int = 50
-    log_every: int = 10
-    device: str = "auto"
+    max_steps: int = 100            # optimizer steps
+    eval_every: int = 50            # held-out evaluation every N steps
+    ckpt_every: int = 50            # atomic checkpoint (and metrics.jsonl) every N steps
+    log_every: int = 10             # a metrics.jsonl row every N steps
+    device: str = "auto"            # auto (a GPU when torch sees one), cpu, cuda
     resume: bool = True
     optim: OptimConfig = field(default_factory=OptimConfig)
 

@@ -60,6 +60,13 @@ def test_help_lists_at_most_25_flags_and_every_field_still_has_one(stage):
     assert not missing  # hidden from --help, still a flag: old commands keep working
 
 
+def test_help_says_what_a_flag_means_from_the_fields_comment():
+    parser = build_parser()
+    text = parser._subparsers._group_actions[0].choices["sft"].format_help()
+    assert "weight of the clean-text loss" in " ".join(text.split())      # SFTConfig.text_mix's comment
+    assert "scaled by alpha / r" in " ".join(text.split())               # LoRAConfig.alpha's, as --lora-alpha
+
+
 @pytest.mark.parametrize("stage", list(STAGE_COMMANDS))
 def test_the_main_flags_name_real_fields(stage):
     names = {n for n, _ in flat_fields(STAGE_COMMANDS[stage].cls)}

@@ -54,14 +54,14 @@ from minilm.weights import write_json
 
 @dataclass
 class DNOConfig:
-    out_dir: str = "runs/dno-tiny"
-    init: str = "runs/sft-tiny/checkpoint"
-    batch_size: int = 32
+    out_dir: str = "runs/dno-tiny"  # checkpoint/, metrics.jsonl and the stage's results
+    init: str = "runs/sft-tiny/checkpoint"  # the checkpoint this stage starts from
+    batch_size: int = 32            # examples per step
     eval_every: int = 10_000        # the loop's eval is off; each iteration is judged after training
-    ckpt_every: int = 25
-    log_every: int = 5
-    seed: int = 1337
-    device: str = "auto"
+    ckpt_every: int = 25            # atomic checkpoint (and metrics.jsonl) every N steps
+    log_every: int = 5              # a metrics.jsonl row every N steps
+    seed: int = 1337                # batches and sampling are pure functions of (seed, step)
+    device: str = "auto"            # auto (a GPU when torch sees one), cpu, cuda
     resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=3))
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # r > 0: each iteration trains LoRA adapters
@@ -87,7 +87,7 @@ class DNOConfig:
     sources: str = "arithmetic,units"
     n_val: int = 150
     n_test: int = 300
-    data_seed: int = 0
+    data_seed: int = 0              # which examples are drawn (train and held-out never overlap)
     max_len: int = 64
 
 

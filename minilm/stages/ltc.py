@@ -52,11 +52,11 @@ EXPLORE_SEED_BASE = 100_000        # demos use train seeds [0, n_demos); explora
 
 @dataclass
 class LTCConfig:
-    out_dir: str = "runs/ltc"
-    init: str = "runs/sft-tiny/checkpoint"
+    out_dir: str = "runs/ltc"       # checkpoint/, metrics.jsonl and the stage's results
+    init: str = "runs/sft-tiny/checkpoint"  # the checkpoint this stage starts from
     batch_size: int = 16            # episodes per update minibatch
-    seed: int = 1337
-    device: str = "auto"
+    seed: int = 1337                # batches and sampling are pure functions of (seed, step)
+    device: str = "auto"            # auto (a GPU when torch sees one), cpu, cuda
     resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4))
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # r = 0: full fine-tune; r > 0: LoRA, base frozen

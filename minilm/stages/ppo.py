@@ -56,14 +56,14 @@ from minilm.weights import write_json
 
 @dataclass
 class PPOConfig:
-    out_dir: str = "runs/ppo-tiny"
+    out_dir: str = "runs/ppo-tiny"  # checkpoint/, metrics.jsonl and the stage's results
     init: str = "runs/sft-tiny/checkpoint"          # ppo, lora: the SFT model; hydra, jhydra: Hydra-SFT
     max_steps: int = 40             # rollout batches
     batch_size: int = 16            # prompts per rollout
-    eval_every: int = 10
-    ckpt_every: int = 10
-    seed: int = 1337
-    device: str = "auto"
+    eval_every: int = 10            # held-out evaluation every N steps
+    ckpt_every: int = 10            # atomic checkpoint (and metrics.jsonl) every N steps
+    seed: int = 1337                # batches and sampling are pure functions of (seed, step)
+    device: str = "auto"            # auto (a GPU when torch sees one), cpu, cuda
     resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=0))
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=8))  # ppo trains every weight; lora, hydra, jhydra use these adapters
@@ -88,7 +88,7 @@ class PPOConfig:
     sources: str = "man,stdlib,arithmetic,units"  # prompts (data_prep/instructions.py)
     n_prompts: int = 2000
     n_eval: int = 64                # held-out prompts judged greedily before/after and every eval_every
-    data_seed: int = 0
+    data_seed: int = 0              # which examples are drawn (train and held-out never overlap)
 
 
 PPO_PRESETS = {

@@ -60,14 +60,14 @@ class TrainConfig:
     batch_size: int = 16            # sequences per micro-batch per process
     grad_accum: int = 1             # micro-batches per optimizer step
     seq_len: int = 0                # 0: the model's max_seq_len
-    max_steps: int = 600
+    max_steps: int = 600            # optimizer steps
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=30, weight_decay=0.1))
-    eval_every: int = 100
+    eval_every: int = 100           # held-out evaluation every N steps
     eval_batches: int = 8
-    ckpt_every: int = 100
-    log_every: int = 10
-    seed: int = 1337
-    device: str = "auto"
+    ckpt_every: int = 100           # atomic checkpoint (and metrics.jsonl) every N steps
+    log_every: int = 10             # a metrics.jsonl row every N steps
+    seed: int = 1337                # batches and sampling are pure functions of (seed, step)
+    device: str = "auto"            # auto (a GPU when torch sees one), cpu, cuda
     compile: bool = False           # torch.compile, opt-in
     resume: bool = True             # continue from out_dir/checkpoint if it exists
 

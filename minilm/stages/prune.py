@@ -53,15 +53,15 @@ LEARNED = ("movement", "gum")
 
 @dataclass
 class PruneConfig:
-    out_dir: str = "runs/prune-tiny"
-    init: str = "runs/sft-tiny/checkpoint"
-    max_steps: int = 150
-    batch_size: int = 16
-    eval_every: int = 50
-    ckpt_every: int = 50
-    log_every: int = 10
-    seed: int = 1337
-    device: str = "auto"
+    out_dir: str = "runs/prune-tiny"  # checkpoint/, metrics.jsonl and the stage's results
+    init: str = "runs/sft-tiny/checkpoint"  # the checkpoint this stage starts from
+    max_steps: int = 150            # optimizer steps
+    batch_size: int = 16            # examples per step
+    eval_every: int = 50            # held-out evaluation every N steps
+    ckpt_every: int = 50            # atomic checkpoint (and metrics.jsonl) every N steps
+    log_every: int = 10             # a metrics.jsonl row every N steps
+    seed: int = 1337                # batches and sampling are pure functions of (seed, step)
+    device: str = "auto"            # auto (a GPU when torch sees one), cpu, cuda
     resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
     method: str = "gum"             # magnitude, random, movement, gum
@@ -78,10 +78,10 @@ class PruneConfig:
     sources: str = "man,stdlib,arithmetic,units"
     n_train: int = 4000
     n_eval: int = 200
-    data_seed: int = 0
+    data_seed: int = 0              # which examples are drawn (train and held-out never overlap)
     max_len: int = 128
     chat_eval: bool = False         # also judge greedy replies at the end (slow-ish, noisy at this size)
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32        # reply budget of the greedy judgement
 
 
 PRUNE_PRESETS = {

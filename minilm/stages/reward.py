@@ -41,15 +41,15 @@ from minilm.weights import write_json
 
 @dataclass
 class RewardConfig:
-    out_dir: str = "runs/reward-tiny"
-    init: str = "runs/sft-tiny/checkpoint"
-    max_steps: int = 100
+    out_dir: str = "runs/reward-tiny"  # checkpoint/, metrics.jsonl and the stage's results
+    init: str = "runs/sft-tiny/checkpoint"  # the checkpoint this stage starts from
+    max_steps: int = 100            # optimizer steps
     batch_size: int = 32            # pairs per step (64 sequences)
-    eval_every: int = 50
-    ckpt_every: int = 50
-    log_every: int = 10
-    seed: int = 1337
-    device: str = "auto"
+    eval_every: int = 50            # held-out evaluation every N steps
+    ckpt_every: int = 50            # atomic checkpoint (and metrics.jsonl) every N steps
+    log_every: int = 10             # a metrics.jsonl row every N steps
+    seed: int = 1337                # batches and sampling are pure functions of (seed, step)
+    device: str = "auto"            # auto (a GPU when torch sees one), cpu, cuda
     resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, warmup_steps=10))
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # r = 0: full fine-tune; r > 0: LoRA, base frozen
@@ -57,7 +57,7 @@ class RewardConfig:
     head: str = "reward"
     n_pairs: int = 3000             # requested train pairs (see data_prep/instructions.py)
     n_eval_pairs: int = 300         # held-out pairs
-    data_seed: int = 0
+    data_seed: int = 0              # which examples are drawn (train and held-out never overlap)
     max_len: int = 160              # longer pairs are dropped, not cut
 
 

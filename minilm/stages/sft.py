@@ -47,22 +47,22 @@ from minilm.weights import write_json
 
 @dataclass
 class SFTConfig:
-    out_dir: str = "runs/sft-tiny"
-    init: str = "runs/base-tiny/checkpoint"
-    max_steps: int = 600
-    batch_size: int = 32
-    eval_every: int = 200
-    ckpt_every: int = 100
-    log_every: int = 10
-    seed: int = 1337
-    device: str = "auto"
+    out_dir: str = "runs/sft-tiny"  # checkpoint/, metrics.jsonl and the stage's results
+    init: str = "runs/base-tiny/checkpoint"  # the checkpoint this stage starts from
+    max_steps: int = 600            # optimizer steps
+    batch_size: int = 32            # examples per step
+    eval_every: int = 200           # held-out evaluation every N steps
+    ckpt_every: int = 100           # atomic checkpoint (and metrics.jsonl) every N steps
+    log_every: int = 10             # a metrics.jsonl row every N steps
+    seed: int = 1337                # batches and sampling are pure functions of (seed, step)
+    device: str = "auto"            # auto (a GPU when torch sees one), cpu, cuda
     resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=20))
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # r = 0: full fine-tune; r > 0: LoRA, base frozen
     sources: str = "man,stdlib,arithmetic,units"  # see data_prep/instructions.py
     n_train: int = 4000             # requested train conversations (fewer if sources run out)
     n_eval: int = 200               # held-out prompts judged before and after
-    data_seed: int = 0
+    data_seed: int = 0              # which examples are drawn (train and held-out never overlap)
     max_len: int = 128              # longer conversations are dropped, not cut
     max_new_tokens: int = 32        # reply budget of the greedy eval
     # clean-text replay: every step also takes the next-token loss on pretraining text, weighted
