@@ -66,6 +66,7 @@ setup(
     version="0.1.0",
     description="A minimal, readable Phi-3-style language-model library with its own kernels",
     packages=find_packages(include=["minilm", "minilm.*", "data_prep", "data_prep.*"]),
+    package_data={"data_prep": ["pinned/corpus-v1.jsonl.xz", "pinned/NOTICE"]},   # the pinned corpus
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tiktoken", "regex", "tqdm", "matplotlib", "pybind11", "ninja"],
     extras_require={

@@ -27,6 +27,7 @@ overlaps phase 1); synthetic documents skip the filters (they are clean by const
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import re
@@ -89,6 +90,14 @@ def pipeline_config(preset: str = "laptop", **overrides) -> PipelineConfig:
 
 
 # ---- small pure pieces ----------------------------------------------------------------------------
+
+def corpus_fingerprint(docs: list[Document]) -> str:
+    """A short sha256 over every document's id and text, in order: equal iff the corpus is."""
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.id.encode() + b"\0" + d.text.encode() + b"\0")
+    return h.hexdigest()[:16]
+
 
 def normalise(text: str) -> str:
     """Unicode NFC, no trailing spaces on any line, runs of more than two blank lines cut to two."""
@@ -182,6 +191,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     raw = list(tqdm(iter_documents(cfg.sources, cfg.limit_per_source), desc="read", unit="doc",
                     disable=not cfg.progress))
     stages["read"] = stage_record(raw, raw, [], [], clock() - t)
+    corpus = corpus_fingerprint(raw)  # the same only when every source gave the same bytes
 
     # 2. normalise; a document left empty is dropped.
     t = clock()
@@ -255,7 +265,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                                     ("classifier", below, lambda d: "below_threshold")]:
             f.writelines(json.dumps({"id": d.id, "source": d.source, "stage": stage, "reason": reason(d),
                                     "duplicate_of": d.meta.get("duplicate_of")}) + "\n" for d in docs)
-    manifest = {"config": asdict(cfg), "workers": workers, "stages": stages, "phases": tokens,
+    manifest = {"config": asdict(cfg), "corpus_fingerprint": corpus, "workers": workers, "stages": stages,
+                "phases": tokens,
                 "phase_sources": {n: {k: v["documents"] for k, v in tally(d).items()} for n, d in phases.items()}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     (out / "manifest.md").write_text(manifest_markdown(manifest))
@@ -270,6 +281,8 @@ def manifest_markdown(m: dict) -> str:
         return m["stages"][stage]["kept"].get(src, {}).get("documents", 0)
 
     lines = ["# Data pipeline manifest", "",
+             f"Sources {', '.join(m['config']['sources'])}; corpus fingerprint `{m.get('corpus_fingerprint')}` "
+             f"(equal on two machines iff they read the same bytes).", "",
              "| stage | docs in | docs kept | docs dropped | MB in | MB kept | seconds | MB/s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, s in m["stages"].items():

@@ -32,6 +32,7 @@ from itertools import islice
 from pathlib import Path
 
 from data_prep.document import Document
+from data_prep.pinned import pinned_documents
 from data_prep.stdlib_docs import stdlib_documents
 
 log = logging.getLogger("minilm.data")
@@ -256,7 +257,7 @@ def dict_source(root: Path | None = None) -> Iterator[Document]:
 
 
 SOURCES = {"stdlib": stdlib_source, "man": man_source, "doc": doc_source,
-           "pypi": pypi_source, "dict": dict_source}
+           "pypi": pypi_source, "dict": dict_source, "pinned": pinned_documents}
 
 
 def iter_documents(names: Iterable[str] | None = None,

@@ -89,6 +89,7 @@ def test_planted_documents_dropped_for_the_right_reason(run):
     assert m["stages"]["dedup"]["reasons"]["dedup_near"]["documents"] >= 1
     assert m["stages"]["classifier"]["reasons"]["below_threshold"]["documents"] >= 1
     assert "| dedup | dedup_exact |" in (out / "manifest.md").read_text()
+    assert len(m["corpus_fingerprint"]) == 16 and m["corpus_fingerprint"] in (out / "manifest.md").read_text()
 
 
 def test_phases_load_and_phase2_holds_synthetic(run):

@@ -124,7 +124,7 @@ def test_dictd_database_is_split_into_grouped_entries(tmp_path, monkeypatch):
 def _present(name: str) -> bool:
     paths = {"man": sources.MAN_DIRS, "doc": [sources.DOC_DIR], "dict": [sources.DICT_DIR],
              "pypi": [Path(p) for p in sources.SITE_PACKAGES]}.get(name, [])
-    return name == "stdlib" or any(Path(p).is_dir() for p in paths)
+    return name in ("stdlib", "pinned") or any(Path(p).is_dir() for p in paths)
 
 
 @pytest.mark.parametrize("name", sorted(SOURCES))

@@ -136,6 +136,7 @@ def _header(run: RunFolder, title: str | None) -> list[str]:
     presets = [r.get("preset", r["result"].get("preset")) for r in run.stages.values()]
     preset = next((p for p in presets if isinstance(p, str)), None)
     title = title or f"minilm speedrun{f' ({preset} preset)' if preset else ''}: {run.root.name}"
+    corpus = run.stages.get("data", {}).get("result", {}).get("corpus_fingerprint")   # same bytes, same value
     seconds = sum(r["seconds"] for r in run.stages.values() if is_number(r.get("seconds")))
     tokens = sum(r["tokens"] for r in run.stages.values() if is_number(r.get("tokens")))
     return [f"# {title}", "",
@@ -143,6 +144,7 @@ def _header(run: RunFolder, title: str | None) -> list[str]:
             *([f"- preset: {preset}"] if preset else []),
             f"- machine: {machine()}",
             f"- git commit: {_git_commit()}",
+            *([f"- corpus fingerprint: `{corpus}`"] if isinstance(corpus, str) else []),
             # order - 1: the report stage is still running while it writes this, so it has no record
             f"- total time: {seconds:.1f} s ({seconds / 60:.1f} min) over {len(run.stages)} of "
             f"{len(run.order) - 1} stages; {_count(tokens)} tokens trained", ""]

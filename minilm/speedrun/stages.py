@@ -105,7 +105,8 @@ def data_stage(run: Run):
 
 
 def run_data(run: Run, cfg) -> tuple[dict, None]:
-    return {"phases": run_pipeline(cfg)["phases"]}, None
+    manifest = run_pipeline(cfg)
+    return {"phases": manifest["phases"], "corpus_fingerprint": manifest["corpus_fingerprint"]}, None
 
 
 def pretrain_stage(run: Run):
