@@ -102,13 +102,25 @@ def trained_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, params, grad_clip: float) -> float:
+def optimizer_step(optimizer: torch.optim.Optimizer, params, grad_clip: float, where: str = "this step") -> float:
     """After backward: clip the global gradient norm of `params`, step, zero the gradients.
-    Returns the norm before clipping (the number to watch for divergence)."""
+    Returns the norm before clipping (the number to watch for divergence).
+
+    A diverged run stops here, before anything non-finite can reach a checkpoint: a NaN/inf gradient
+    norm (a NaN loss has one too) stops it before the step, and weights the step made non-finite stop
+    it before the next save. `where` names the step in the message."""
+    params = list(params)
     # one norm over all of `params` together (not per tensor), so clipping keeps the update's direction
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise MinilmError(f"the gradient norm became {grad_norm} at {where}: the run diverged. The last "
+                          f"checkpoint is kept; train again with a lower --lr into a new --out-dir")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # None, not zeros: frees the memory
+    if not torch.stack([p.detach().isfinite().all() for p in params]).all():  # one sync for all tensors
+        raise MinilmError(f"the weights became non-finite at {where} (the update overflowed). The last "
+                          f"checkpoint is kept; train again with a lower --lr into a new --out-dir")
     return grad_norm
 
 
@@ -230,7 +242,7 @@ def train_step(model, optimizer, batch, loss_fn, cfg, rt, step: int) -> dict:
         raise MinilmError(f"loss became {loss.item()} at step {step + 1}; lower --lr or check the data")
     loss.backward()
     # the norm over exactly what AdamW updates (under LoRA: adapters and heads), never a frozen base
-    grad_norm = optimizer_step(optimizer, trained_params(optimizer), cfg.optim.grad_clip)
+    grad_norm = optimizer_step(optimizer, trained_params(optimizer), cfg.optim.grad_clip, f"step {step + 1}")
     row = {"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm,
            "batch_tokens": count_tokens(batch)}  # real tokens, padding excluded
     row.update({k: float(v) for k, v in metrics.items()})

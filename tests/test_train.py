@@ -18,7 +18,7 @@ from conftest import tiny_config
 from minilm import MinilmError
 from minilm.checkpoint import load_checkpoint
 from minilm.config import build
-from minilm.loop import lr_at, make_optimizer
+from minilm.loop import lr_at, make_optimizer, optimizer_step
 from minilm.model import Phi3
 from minilm.stages.pretrain import TrainConfig, train
 
@@ -175,3 +175,25 @@ def test_loss_plot_is_written(uninterrupted):
     pytest.importorskip("matplotlib")
     png = uninterrupted[0] / "loss.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_optimizer_step_refuses_non_finite_gradients_and_weights():
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.tensor([1.0, float("nan"), 0.0])
+    with pytest.raises(MinilmError, match="gradient norm became nan at step 7"):
+        optimizer_step(torch.optim.SGD([p], lr=1.0), [p], 1.0, "step 7")
+    assert torch.equal(p.detach(), torch.ones(3)) and p.grad is None     # not stepped
+    p.grad = torch.full((3,), 1e10)                              # finite, but lr * grad = 1e48 overflows
+    with pytest.raises(MinilmError, match="weights became non-finite at step 8"):
+        optimizer_step(torch.optim.SGD([p], lr=1e38), [p], 1e30, "step 8")
+
+
+def test_a_diverging_run_stops_before_a_non_finite_checkpoint(data_dir, tmp_path):
+    """lr 1e6 blows the weights up within a few steps: the run stops with one message naming the
+    step, and the checkpoint on disk holds finite weights (a rerun could resume from it)."""
+    cfg = run_config(tmp_path, data_dir, lr=1e6, warmup_steps=0, ckpt_every=1, max_steps=20)
+    with pytest.raises(MinilmError, match=r"(gradient norm became|weights became non-finite) .*at step \d+"):
+        train(cfg)
+    if (tmp_path / "checkpoint").exists():
+        ck = load_checkpoint(tmp_path / "checkpoint")
+        assert all(torch.isfinite(p).all() for p in ck.model.parameters())

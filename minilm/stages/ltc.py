@@ -183,7 +183,8 @@ def update(hydra, optimizer, episodes, cfg: LTCConfig, lr: float, rt, seed: int,
             raise MinilmError(f"LTC loss became {loss.item()}; lower --lr")
         loss.backward()
         # the norm over what AdamW updates: LM (or its adapters) and the value head, no frozen base
-        metrics["grad_norm"] = optimizer_step(optimizer, trained_params(optimizer), cfg.optim.grad_clip)
+        metrics["grad_norm"] = optimizer_step(optimizer, trained_params(optimizer), cfg.optim.grad_clip,
+                                              "an LTC update")
         rows.append({"loss": loss.item(), **metrics, "batch_tokens": int(batch["attention_mask"].sum())})
     return rows
 

@@ -188,7 +188,7 @@ def ppo_step(models, prompts: list[list[int]], cfg: PPOConfig, optimizer, kl_ctl
             if not torch.isfinite(loss):
                 raise MinilmError(f"PPO loss became {loss.item()} at step {step + 1}; lower --lr")
             loss.backward()
-            m["grad_norm"] = optimizer_step(optimizer, params, cfg.optim.grad_clip)
+            m["grad_norm"] = optimizer_step(optimizer, params, cfg.optim.grad_clip, f"PPO step {step + 1}")
             logged.append(m)
     kl_ctl.update(batch["stats"]["kl"], n)  # adaptive beta tracks the KL; fixed: no-op
     # the first minibatch sees the policy that sampled, so its ratio must be 1: a check on the recompute

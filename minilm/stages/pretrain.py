@@ -168,7 +168,7 @@ def train_step(model, optimizer, data: TokenDataset, cfg: TrainConfig, rt, step:
         loss.backward()  # under DDP, the last micro-batch's backward averages gradients over ranks
         loss_sum += loss.item()  # already / grad_accum: sums to the step's mean loss
     # 2. clip the global norm over every parameter (all of them train here), AdamW step, zero the grads
-    grad_norm = optimizer_step(optimizer, model.parameters(), cfg.optim.grad_clip)
+    grad_norm = optimizer_step(optimizer, model.parameters(), cfg.optim.grad_clip, f"step {step + 1}")
     if rt.distributed:  # log the mean loss over all ranks
         t = torch.tensor([loss_sum], device=rt.device)
         dist.all_reduce(t)
