@@ -41,6 +41,7 @@ from torch.utils._pytree import tree_map
 from minilm.config import build, get_preset
 from minilm.loop import make_optimizer
 from minilm.model import Phi3
+from minilm.post.chat import TurnClose
 from minilm.post.heads import HydraModel
 from minilm.post.ppo_models import VARIANTS, build_models
 from minilm.post.ppo import make_kl_controller
@@ -116,7 +117,9 @@ def make_variant(variant: str, cfg: BenchConfig, model_cfg):
 def ppo_runner(variant, cfg, model_cfg, prompts):
     models, ppo_cfg = make_variant(variant, cfg, model_cfg)
     optimizer, kl_ctl = make_optimizer(models, ppo_cfg.optim), make_kl_controller(ppo_cfg)
-    return models, lambda: ppo_step(models, prompts, ppo_cfg, optimizer, kl_ctl, pad_id=0)
+    # no stop token (every reply runs to N tokens); the reward reads each reply closed by two stand-in ids
+    close = TurnClose(ids=(0, 1), specials=())
+    return models, lambda: ppo_step(models, prompts, ppo_cfg, optimizer, kl_ctl, pad_id=0, close=close)
 
 
 def sft_runner(cfg, model_cfg, prompts):

@@ -11,7 +11,8 @@ shared by every arm), then four LTC runs from it (minilm/stages/ltc.py):
   LM only    same pattern, L = L_LM (imitation of successful episodes, teacher text included)
   PPO only   same pattern, L = 0.5 L_PPO
   no teacher Monologue, L = L_LM + 0.5 L_PPO
-Every arm is evaluated on the same held-out test seeds, greedy, with the agent alone. Writes
+Every arm is evaluated on the same held-out test seeds, greedy, with the agent alone; the Analogue
+arms (and math's baseline) also with the solved example Analogue trains with. Writes
 OUT/results.md (a table shaped like the paper's: rows = methods, columns = success / EM / F1 /
 accuracy), OUT/results.json and OUT/ablations_ENV.png (held-out success per iteration, all arms).
 
@@ -47,10 +48,11 @@ def run_env(env: str, args) -> dict:
     common = dict(env=env, iterations=args.iterations, episodes_per_iter=args.episodes,
                   n_test=args.n_test, seed=args.seed)
     # the baseline: instruction tuning once, evaluated on the test seeds (no LTC iteration yet)
-    base = instruction_tuned(ltc_config(init=args.init, out_dir=str(out / "il-only"), **common),
-                             setup_runtime("auto"))[-1]
+    # the teacher pattern only decides what the evaluation measures (analogue: also with the example)
+    base = instruction_tuned(ltc_config(init=args.init, out_dir=str(out / "il-only"), pattern=TEACHER_PATTERN[env],
+                                        **common), setup_runtime("auto"))[-1]
     il_ckpt = str(out / "il-only" / "il" / "checkpoint")
-    results = {"instruction-tuned baseline": {"success": base["success"], "score": base["score"], "rows": []}}
+    results = {"instruction-tuned baseline": {**base, "rows": []}}
     for name, arm in arms(env).items():
         t0 = time.time()
         r = run_ltc(ltc_config(init=il_ckpt, il_steps=0, out_dir=str(out / arm["loss"] / arm["pattern"]),
@@ -87,10 +89,12 @@ def _pct(rate: float, n: int) -> str:
 
 
 def table(all_results: dict, n: int) -> str:
-    """Markdown: rows = methods, columns = each environment's metric, with 95% Wilson intervals."""
+    """Markdown: rows = methods, columns = each environment's metric, with 95% Wilson intervals;
+    math adds its accuracy with Analogue's solved example in the context (the training context)."""
     envs = list(all_results)
-    head = " | ".join(f"{e} {METRIC[e][0]}" + (f" | {e} {METRIC[e][1]}" if e == "qa" else "") for e in envs)
-    lines = [f"| method | {head} |", "|---" * (1 + len(envs) + ("qa" in envs)) + "|"]
+    extra = {"qa": f" | qa {METRIC['qa'][1]}", "math": " | math accuracy with example"}
+    head = " | ".join(f"{e} {METRIC[e][0]}" + extra.get(e, "") for e in envs)
+    lines = [f"| method | {head} |", "|---" * (1 + len(envs) + sum(e in extra for e in envs)) + "|"]
     for name in all_results[envs[0]]:
         cells = []
         for e in envs:
@@ -98,6 +102,8 @@ def table(all_results: dict, n: int) -> str:
             cells.append(_pct(r["success"], n) if r else "-")
             if e == "qa":
                 cells.append(f"{100 * r['score']:.1f}" if r else "-")
+            if e == "math":      # only arms evaluated with the example have it (not Monologue's)
+                cells.append(_pct(r["success_with_example"], n) if r and "success_with_example" in r else "-")
         label = "full LTC (teacher pattern)" if name.startswith("full LTC") else name
         lines.append(f"| {label} | {' | '.join(cells)} |")
     return "\n".join(lines)

@@ -84,11 +84,12 @@ def main() -> None:
                    help=f"sequences per step for every preset (default: {DEFAULT_BATCH})")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 where the chip has it natively), bf16, fp32")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    rt = setup_runtime(args.device)
+    rt = setup_runtime(args.device, args.dtype)
     mm_n = 8192 if rt.device.type == "cuda" else 2048
     dtype = str(rt.autocast_dtype or torch.float32).replace("torch.", "")
     print(f"device {rt.device}, {dtype}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "

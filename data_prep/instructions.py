@@ -6,19 +6,18 @@
     pairs = preference_pairs(1000, seed=0, split="train")
 
 No instruction-tuning set ships offline, but real text yields question-answer pairs whose answers
-PEOPLE wrote, plus synthetic ones whose answers are computed, each short enough for a ~1M-parameter
-model to produce:
+PEOPLE wrote, and the skill ladder (data_prep/ladder.py) yields problems whose answers are computed:
 
-    man          "What does the command `ls` do?"    -> the man page's NAME line: "list directory contents"
-    stdlib       "What does `textwrap.fill` do?"     -> the docstring's first sentence
-    arithmetic   "What is 17 + 25?"                  -> "42" (computed)
-    units        "How many metres are in 7 kilometres?" -> "7000" (data_prep.synthetic.unit_conversion)
-    word_problem a GSM8K-shaped problem -> worked steps ending "The answer is N." (data_prep.synthetic)
+    dictionary   "What is an omen, in The Devil's Dictionary?" -> "A sign that something will happen
+                 if nothing happens" (Bierce, from the pinned corpus: the same on every machine)
+    ops1..ops4, units, word   the ladder's rungs: worked steps ending "The answer is N."
+    man, stdlib  this machine's man pages and docstrings (machine-dependent; not in the defaults)
+    arithmetic, units_short   "What is 17 + 25?" -> "42", the answer alone, no working
 
 A Conversation is {"id", "kind", "messages": [user, assistant], "answer"}: `answer` is the
 reference the oracle (minilm/post/oracles.py) judges against. An example is held out iff a hash
-of its content-derived id falls under HELDOUT_FRACTION, so train and held-out never share a
-question, whatever n and seed are.
+of its content-derived id falls under 10% (`split_of`), so train and held-out never
+share a question, whatever n and seed are.
 
 Preference pairs (Phi-3's DPO used chat-format and reasoning pairs; ours are checkable): the
 chosen reply is the reference; the rejected one is a near miss, a truncated answer, a wrong
@@ -28,26 +27,21 @@ number, a wrong last step, or a reply that keeps going. The `reason` field says 
 from __future__ import annotations
 
 import ast
-import hashlib
 import random
 import re
 from functools import lru_cache
 from pathlib import Path
 
 from data_prep import sources
+from data_prep.ladder import LADDER, ladder_problem
+from data_prep.pinned import pinned_documents
 from data_prep.stdlib_docs import stdlib_dir
-from data_prep.synthetic import unit_conversion, word_problem_steps
+from data_prep.synthetic import split_of, unit_conversion
 
-HELDOUT_FRACTION = 0.1
-DEFAULT_SOURCES = ("man", "stdlib", "arithmetic", "units")
+DEFAULT_SOURCES = ("dictionary",) + LADDER
 MAX_ANSWER_WORDS = 10
-TEXT_KINDS = ("man", "stdlib")          # judged as phrases; the others are judged as numbers
-
-
-def split_of(example_id: str, heldout_fraction: float = HELDOUT_FRACTION) -> str:
-    """'heldout' or 'train', a pure function of the id (first 8 bytes of its SHA-256)."""
-    h = int.from_bytes(hashlib.sha256(example_id.encode()).digest()[:8], "big") / 2**64
-    return "heldout" if h < heldout_fraction else "train"
+TEXT_KINDS = ("dictionary", "man", "stdlib")   # judged as phrases
+WORKED_KINDS = LADDER + ("word_problem",)      # judged by the last number (GSM8K's rule)
 
 
 def _conversation(example_id: str, kind: str, question: str, reply: str, answer: str) -> dict:
@@ -121,7 +115,27 @@ def stdlib_qa(root: str | None = None) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(set(out)))
 
 
+@lru_cache(maxsize=None)
+def dictionary_qa() -> tuple[tuple[str, str], ...]:
+    """(word, first sentence of its definition) from The Devil's Dictionary in the pinned corpus."""
+    out = []
+    for doc in pinned_documents():
+        if not doc.id.startswith("pinned/devils-dictionary"):
+            continue
+        for para in doc.text.split("\n\n"):   # an entry: "OMEN, n.  A sign that ..."
+            m = re.match(r"([A-Z][A-Z' -]+), (?:n|v|adj|adv|pp|x|v\.t|v\.i|pro|prep|conj|interj)\.\s+(.+)",
+                         " ".join(para.split()))
+            sentence = m and first_sentence(m.group(2))
+            if sentence and _short(sentence):
+                out.append((m.group(1).strip().lower(), sentence))
+    return tuple(sorted(set(out)))
+
+
 def _real(kind: str) -> list[dict]:
+    if kind == "dictionary":
+        return [_conversation(f"dictionary/{w}", "dictionary",
+                              f"What is {'an' if w[0] in 'aeiou' else 'a'} {w}, in The Devil's Dictionary?", d, d)
+                for w, d in dictionary_qa()]
     if kind == "man":
         return [_conversation(f"man/{c}", "man", f"What does the command `{c}` do?", d, d)
                 for c, d in man_qa()]
@@ -139,18 +153,24 @@ def _arithmetic(rng: random.Random) -> dict:
     return _conversation(f"arith/{a}{op}{b}", "arithmetic", f"What is {a} {op} {b}?", value, value)
 
 
-def _units(rng: random.Random) -> dict:
+def _units_short(rng: random.Random) -> dict:
     question, answer = unit_conversion(rng)
-    return _conversation(f"units/{question}", "units", question, str(answer), str(answer))
+    return _conversation(f"units/{question}", "units_short", question, str(answer), str(answer))
 
 
-def _word_problem(rng: random.Random) -> dict:
-    question, _, worked, answer = word_problem_steps(rng)
-    return _conversation(f"word/{question}", "word_problem", question,
-                         f"{worked}\nThe answer is {answer}.", str(answer))
+def _rung(rung: str):
+    def make(rng: random.Random) -> dict:
+        p = ladder_problem(rung, rng)
+        return _conversation(p["id"], rung, p["question"], p["worked"], str(p["answer"]))
+    return make
 
 
-SYNTHETIC = {"arithmetic": _arithmetic, "units": _units, "word_problem": _word_problem}
+def _word_problem(rng: random.Random) -> dict:   # the ladder's top rung under its older name
+    return {**_rung("word")(rng), "kind": "word_problem"}
+
+
+SYNTHETIC = {"arithmetic": _arithmetic, "units_short": _units_short, "word_problem": _word_problem,
+             **{rung: _rung(rung) for rung in LADDER}}
 
 
 def _synthetic(kind: str, count: int, rng: random.Random, split: str) -> list[dict]:
@@ -204,7 +224,7 @@ def _wrong_worked(ex: dict, rng: random.Random) -> str:
     *steps, last, _ = ex["messages"][1]["content"].split("\n")
     right = int(ex["answer"])
     wrong = right + rng.choice([-3, -2, -1, 1, 2, 3, 10])
-    last = re.sub(rf"{right}\.$", f"{wrong}.", last)
+    last = re.sub(rf"\b{right}(\.?)$", rf"{wrong}\g<1>", last)   # "68 - 12 = 56" and "..., which is 56."
     return "\n".join([*steps, last, f"The answer is {wrong}."])
 
 
@@ -212,7 +232,7 @@ def _rejected(ex: dict, others: list[dict], rng: random.Random) -> tuple[str, st
     """(rejected reply, reason) for one example, or None if no checkable flaw applies."""
     answer, kind = ex["answer"], ex["kind"]
     other = rng.choice([o for o in others if o["kind"] == kind and o["answer"] != answer] or [None])
-    if kind == "word_problem":
+    if kind in WORKED_KINDS:
         return _wrong_worked(ex, rng), "wrong worked answer: the last step is miscalculated"
     choice = rng.choice(["near_miss", "truncated", "rambles"])
     if kind not in TEXT_KINDS and choice != "rambles":
@@ -227,7 +247,7 @@ def _rejected(ex: dict, others: list[dict], rng: random.Random) -> tuple[str, st
     return None
 
 
-def preference_pairs(n: int, seed: int = 0, sources=DEFAULT_SOURCES + ("word_problem",),
+def preference_pairs(n: int, seed: int = 0, sources=DEFAULT_SOURCES,
                      split: str = "all") -> list[dict]:
     """`n` pairs {id, kind, prompt (messages), chosen, rejected, reason, answer}, checkable by
     AnswerOracle: chosen is the reference reply, rejected carries one known flaw."""

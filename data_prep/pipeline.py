@@ -1,7 +1,7 @@
 """The whole data recipe in one run: sources -> filters -> dedup -> classifier -> two training phases.
 
     python -m data_prep.pipeline --out runs/data/pipeline --vocab-size 2048 \
-        --sources stdlib doc pypi --limit-per-source 400 --synthetic 2000
+        --sources pinned --synthetic 2000 --ladder 4000     # the defaults; add: stdlib man doc pypi
     minilm train --data-dir runs/data/pipeline/phase1      # then continue on .../phase2
 
 Phi-3 (Abdin et al. 2024, arXiv 2404.14219, section 2) pretrains in two disjoint phases:
@@ -44,6 +44,7 @@ from data_prep.dedup import DedupConfig, deduplicate
 from data_prep.document import Document
 from data_prep.filters import FilterConfig, apply_filters
 from data_prep.parallel import default_workers
+from data_prep.ladder import ladder_documents
 from data_prep.sources import iter_documents
 from data_prep.synthetic import SyntheticConfig, synthetic_documents
 from data_prep.with_model import TOPIC_SEEDS, JudgeAnnotator, PerplexityAnnotator, model_passages
@@ -56,11 +57,12 @@ from minilm.tokenizer import Tokenizer
 @dataclass
 class PipelineConfig:
     out: str = "runs/data/pipeline"
-    sources: list[str] = field(default_factory=lambda: ["stdlib", "man", "doc", "pypi"])
+    sources: list[str] = field(default_factory=lambda: ["pinned"])  # the same bytes on every machine
     limit_per_source: int | None = None   # None: every document of each source
     vocab_size: int = 2048
     val_fraction: float = 0.1
-    synthetic: int = 2000                 # synthetic documents added to phase 2
+    synthetic: int = 2000                 # synthetic textbook documents added to phase 2
+    ladder: int = 8000                    # skill-ladder worksheets (12 worked problems each) in phase 2
     annotate_sample: int = 500            # documents the rubric annotates to train the classifier
     keep_fraction: float | None = 0.3     # phase 2 keeps this best fraction of the pool ...
     keep_threshold: float | None = None   # ... or every document scoring >= this (set one)
@@ -76,8 +78,8 @@ class PipelineConfig:
 
 # Named sizes (the speedrun's presets use these names): how much real text is read per source.
 PIPELINE_PRESETS = {
-    "ci": dict(limit_per_source=40, synthetic=300, annotate_sample=120),   # seconds; proves it runs
-    "laptop": dict(limit_per_source=400),                                  # ~20 s on 2 cores
+    "ci": dict(limit_per_source=40, synthetic=300, ladder=300, annotate_sample=120),  # seconds; proves it runs
+    "laptop": dict(limit_per_source=None),                                 # all 927 pinned documents
     "gpu": dict(limit_per_source=None),                                    # every document
 }
 
@@ -234,6 +236,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     # 6. synthetic documents (textbook-style exercises, generated and checked by code).
     t = clock()
     synthetic = list(synthetic_documents(SyntheticConfig(n_documents=cfg.synthetic, seed=cfg.seed)))
+    synthetic += list(ladder_documents(cfg.ladder, seed=cfg.seed))   # train-split problems only
     if cfg.passage_model:  # phi-1's model-written textbook path (unchecked text, see with_model.py)
         ck = _load_model(cfg.passage_model)
         synthetic += list(tqdm(model_passages(ck.model, ck.tokenizer, TOPIC_SEEDS, cfg.passages_per_topic,
@@ -313,6 +316,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sources", nargs="+", default=PipelineConfig().sources)
     p.add_argument("--limit-per-source", type=int, default=None)
     p.add_argument("--synthetic", type=int, default=PipelineConfig.synthetic)
+    p.add_argument("--ladder", type=int, default=PipelineConfig.ladder, help="skill-ladder worksheets in phase 2")
     p.add_argument("--annotate-sample", type=int, default=PipelineConfig.annotate_sample)
     p.add_argument("--keep-fraction", type=float, default=PipelineConfig.keep_fraction)
     p.add_argument("--keep-threshold", type=float, default=None, help="overrides --keep-fraction")
@@ -326,7 +330,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(a: argparse.Namespace) -> PipelineConfig:
     return PipelineConfig(out=a.out, sources=a.sources, limit_per_source=a.limit_per_source,
-                          vocab_size=a.vocab_size, synthetic=a.synthetic, annotate_sample=a.annotate_sample,
+                          vocab_size=a.vocab_size, synthetic=a.synthetic, ladder=a.ladder, annotate_sample=a.annotate_sample,
                           keep_fraction=None if a.keep_threshold is not None else a.keep_fraction,
                           keep_threshold=a.keep_threshold, seed=a.seed, workers=a.workers,
                           annotator=a.annotator, passage_model=a.passage_model,

@@ -56,13 +56,13 @@ def prepare_data(out_dir, vocab_size: int, documents: Iterable[tuple[str, str]] 
 
 def default_data(vocab_size: int, docs_per_source: int, build: bool = True, wait: bool = False,
                  poll_s: float = 5.0) -> tuple[Path, Path]:
-    """(phase 1, phase 2) of the data pipeline on this machine's text, built once per vocab size.
+    """(phase 1, phase 2) of the data pipeline on the pinned corpus, built once per vocab size.
 
     Phi-3's two phases (lesson 05): filtered real text, then its most educational part plus
     synthetic textbook data. `phase2/meta.json` is the pipeline's last shard write, so its
     presence means a complete run: with `wait` (torchrun ranks > 0) this polls for it while rank 0
     builds. A file, not a collective: building can take longer than a barrier's timeout."""
-    root = Path(f"runs/data/pipeline-{vocab_size}" + (f"-{docs_per_source}" if docs_per_source else ""))
+    root = Path(f"runs/data/pinned-{vocab_size}" + (f"-{docs_per_source}" if docs_per_source else ""))
     done = root / "phase2" / "meta.json"
     if build and not done.exists():
         tqdm.write(f"building the training data in {root} (data_prep/pipeline.py; once per vocab size)")

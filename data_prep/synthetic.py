@@ -17,6 +17,7 @@ structured facts (steps, program, output) so tests can re-derive every answer.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import math
 import operator
@@ -47,6 +48,13 @@ def _solution(steps: list[tuple[str, int, str, int]]) -> tuple[list[list], str, 
         rows.append([a, op, b, r])
         lines.append(f"{phrase} {a} {SAY[op]} {b}, which is {r}.")
     return rows, "\n".join(lines), rows[-1][3]
+
+
+def split_of(example_id: str, heldout_fraction: float = 0.1) -> str:
+    """'heldout' or 'train', a pure function of the id (first 8 bytes of its SHA-256): the split every
+    generated question belongs to (the skill ladder's, instructions', and the documents' here)."""
+    h = int.from_bytes(hashlib.sha256(example_id.encode()).digest()[:8], "big") / 2**64
+    return "heldout" if h < heldout_fraction else "train"
 
 
 # ---- word problems (GSM8K shape: 2-4 steps, integer answer)
@@ -148,9 +156,8 @@ SAFE_BUILTINS = {f.__name__: f for f in (print, range, len, sorted, sum, min, ma
 
 
 def run_program(src: str) -> str:
-    """Run `src` with only a few builtins (no imports) and return what it printed.
-
-    This keeps our own templates honest; it is not a sandbox for untrusted code."""
+    """Run `src` with only a few builtins (no imports) and return what it printed. This keeps our
+    own templates honest; it is not a sandbox for untrusted code."""
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         exec(src, {"__builtins__": SAFE_BUILTINS})
@@ -292,10 +299,13 @@ def _opening(rng, kind: str) -> str:
     return f"{rng.choice(first)} {then}"
 
 
-def _exercise_doc(kind, make_steps):
-    """A document builder for `kind` around a (question, steps, worked text, answer) generator."""
+def _exercise_doc(kind, make_steps, rung):
+    """A document builder for `kind` around a (question, steps, worked text, answer) generator; its
+    questions come from the skill ladder's train split only (`rung`: the ladder rung it shares)."""
     def build(rng):
         q, rows, worked, answer = make_steps(rng)
+        while split_of(f"{rung}/{q}") != "train":   # never pretrain on an evaluation question
+            q, rows, worked, answer = make_steps(rng)
         text = (f"{_opening(rng, kind)}\n\nExercise: {q}\n\nSolution:\n{worked}\n"
                 f"So the answer to the question is {answer}.\nAnswer: {answer}")
         return text, {"question": q, "steps": rows, "answer": answer}
@@ -315,8 +325,8 @@ def _passage_doc(rng):
     return f"{title}\n\n{body}", {"topic": title}
 
 
-GENERATORS = {"word_problem": _exercise_doc("word_problem", word_problem_steps),
-              "conversion": _exercise_doc("conversion", unit_conversion_steps),
+GENERATORS = {"word_problem": _exercise_doc("word_problem", word_problem_steps, "word"),
+              "conversion": _exercise_doc("conversion", unit_conversion_steps, "units"),
               "code": _code_doc, "passage": _passage_doc}
 
 

@@ -179,7 +179,7 @@ def cmd_import_hf(args) -> None:
 
 def cmd_speedrun(args) -> None:
     cfg = SpeedrunConfig(preset=args.preset, out_dir=args.out_dir, only=args.only, device=args.device,
-                         dry_run=args.dry_run, overrides=parse_overrides(args.set))
+                         dtype=args.dtype, dry_run=args.dry_run, overrides=parse_overrides(args.set))
     if cfg.dry_run:
         for name, stage_cfg in plan(cfg):
             print(f"{name}: {stage_cfg}")
@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                    help="override one field of one stage's config, e.g. --set sft.max_steps=100")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 autocast where the chip has native bf16, else float32")
     p.add_argument("--dry-run", action="store_true", help="print every stage's config and stop")
     p.set_defaults(func=cmd_speedrun)
 

@@ -62,6 +62,7 @@ class LoopConfig:
     ckpt_every: int = 50            # atomic checkpoint (and metrics.jsonl) every N steps
     log_every: int = 10             # a metrics.jsonl row every N steps
     device: str = "auto"            # auto (a GPU when torch sees one), cpu, cuda
+    dtype: str = "auto"             # auto (bf16 where the chip has it natively), bf16, fp32
     resume: bool = True
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -257,7 +258,7 @@ def run_loop(cfg, model, batch_fn: Callable, loss_fn: Callable, eval_fn: Callabl
     `save_fn(ckpt_dir, train_state, meta)` defaults to save_checkpoint(ckpt_dir, model, tokenizer,
     train_state, meta). `on_step(step, row)` runs after every step (tests interrupt runs with it).
     """
-    rt = rt or setup_runtime(cfg.device)
+    rt = rt or setup_runtime(cfg.device, cfg.dtype)
     model.to(rt.device).train()  # train mode: dropout on (if any)
     out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoint"
     if save_fn is None:

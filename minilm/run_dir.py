@@ -23,7 +23,7 @@ from minilm.checkpoint import read_config
 from minilm.config import flatten
 from minilm.weights import write_json
 
-MAY_CHANGE = ("out_dir", "device", "resume", "log_every")
+MAY_CHANGE = ("out_dir", "device", "dtype", "resume", "log_every")
 SETTINGS = "settings.json"
 
 

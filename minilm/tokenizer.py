@@ -9,8 +9,11 @@ The vocabulary is the GPT-2/GPT-4 recipe (Sennrich et al. 2016, "Neural Machine 
 Rare Words with Subword Units", arXiv 1508.07909; Radford et al. 2019, section 2.2 for byte-level
 BPE): ids 0..255 are the 256 single bytes, so any UTF-8 text can be encoded (no unknown token);
 ids 256.. are merges, each the concatenation of two earlier tokens, in the order they were
-learned; the special tokens come last. Text is first cut into chunks by GPT4_SPLIT_PATTERN (words,
-numbers of up to 3 digits, punctuation runs, whitespace) and merges never cross a chunk boundary.
+learned; the special tokens come last. Text is first cut into chunks by SPLIT_PATTERN (words,
+single digits, punctuation runs, whitespace) and merges never cross a chunk boundary. It is
+cl100k's GPT4_SPLIT_PATTERN except that every digit is its own chunk, as in Phi-3-mini's
+Llama-2 tokenizer (arXiv 2404.14219): "1234" is always 4 tokens, so a small model adds numbers
+digit by digit instead of memorising a sum table for each of 1,000 three-digit tokens.
 
 Training (`learn_merges`) is incremental: unique chunks are counted once, pair counts and an
 inverted index (pair -> chunks) are updated only where a merge changes them, and a max-heap with
@@ -42,6 +45,8 @@ from tqdm import tqdm
 # optional space + punctuation run | newlines | trailing whitespace | other whitespace.
 GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+|"""
                       r""" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+# ours: the same, with one digit per chunk (\p{N}) where cl100k takes up to three
+SPLIT_PATTERN = GPT4_SPLIT_PATTERN.replace(r"\p{N}{1,3}+", r"\p{N}")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
 
@@ -49,7 +54,7 @@ class TokenizerError(ValueError):
     """A tokenizer could not be built, loaded or used; the message says what to do."""
 
 
-def count_chunks(texts: Iterable[str], pattern: str = GPT4_SPLIT_PATTERN) -> Counter[bytes]:
+def count_chunks(texts: Iterable[str], pattern: str = SPLIT_PATTERN) -> Counter[bytes]:
     """Split every text with `pattern` and count each distinct chunk, as UTF-8 bytes."""
     split = regex.compile(pattern)
     counts: Counter[str] = Counter()
@@ -142,7 +147,7 @@ def _apply_merge(pair, new_id, words, freqs, counts, where, heap) -> None:
 
 
 def reference_encode(text: str, merges: list[tuple[bytes, bytes]],
-                     pattern: str = GPT4_SPLIT_PATTERN) -> list[int]:
+                     pattern: str = SPLIT_PATTERN) -> list[int]:
     """Slow textbook BPE: in each chunk, keep applying the earliest-learned merge present."""
     vocab = [bytes([b]) for b in range(256)] + [a + b for a, b in merges]
     ids_of = {token: i for i, token in enumerate(vocab)}
@@ -177,7 +182,7 @@ class Tokenizer:
         self.merges: list[tuple[bytes, bytes]] | None = None  # set by train(), else unknown
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, pattern: str = GPT4_SPLIT_PATTERN,
+    def train(cls, texts: Iterable[str], vocab_size: int, pattern: str = SPLIT_PATTERN,
               special_tokens=SPECIAL_TOKENS, progress: bool = True) -> "Tokenizer":
         """Learn a vocabulary of exactly `vocab_size` ids: 256 bytes, merges, then specials."""
         special_tokens = tuple(special_tokens)

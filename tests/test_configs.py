@@ -104,4 +104,4 @@ def test_minilm_train_resolves_the_default_data_without_building_it_in_a_dry_run
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "data_dir='runs/data/pipeline-2048-400/phase1'" in out and not (tmp_path / "runs").exists()
+    assert "data_dir='runs/data/pinned-2048/phase1'" in out and not (tmp_path / "runs").exists()

@@ -1,5 +1,6 @@
 """DNO: both losses on hand-built tensors, large-margin pair selection, replay, the teacher, the
-tabular intransitive-oracle demo, and a two-iteration run that resumes (lesson 09)."""
+tabular intransitive-oracle demo, the bookkeeping of rows (pair statistics, best iterate), unended
+replies, and a two-iteration run that resumes (lesson 09)."""
 
 import json
 import math
@@ -10,8 +11,9 @@ import torch
 from test_reward import base_checkpoint  # noqa: F401
 
 from minilm.config import override
-from minilm.post.dno import (bradley_terry_fit, dno_regression_loss, expected_win_rates, preference_entropy,
-                             replay_pairs, scripted_teacher, select_pairs, tabular_dno)
+from minilm.post.dno import (best_iterate, bradley_terry_fit, build_pairs, dno_regression_loss, expected_win_rates,
+                             place_pair_stats, positive_nll, preference_entropy, replay_pairs, scripted_teacher,
+                             select_pairs, tabular_dno)
 from minilm.post.dpo import dpo_loss
 from minilm.post.oracles import RPS_TABLE, VerifierOracle
 
@@ -128,7 +130,13 @@ def test_run_dno_two_iterations_keeps_every_checkpoint_and_resumes(base_checkpoi
     assert [r["name"] for r in s["rows"]] == ["SFT", "iter 1", "iter 2"]
     for t in (1, 2):
         assert (tmp_path / "dno" / f"iter_{t}" / "checkpoint" / "config.json").exists()
-    assert s["best_iteration"] in (1, 2) and (tmp_path / "dno" / "table.md").exists()
+    # the best of SFT, iter 1, iter 2 (SFT included: it is returned when no iterate beats it)
+    assert s["best_iteration"] in (0, 1, 2) and (tmp_path / "dno" / "table.md").exists()
+    assert s["best_checkpoint"] == (str(base_checkpoint) if s["best_iteration"] == 0 else
+                                    str(tmp_path / "dno" / f"iter_{s['best_iteration']}" / "checkpoint"))
+    # iteration t samples pi_t = rows[t - 1]: its pairs are logged there; the last iterate was never sampled
+    assert all("n_new_pairs" in r and "share_student>teacher" in r for r in s["rows"][:2])
+    assert "n_new_pairs" not in s["rows"][2] and "n_train_pairs" not in s["rows"][0]
     row = s["rows"][2]
     assert row["oracle_calls"] > s["rows"][1]["oracle_calls"] > 0 and 0 <= row["vs_sft"]["win_rate"] <= 1
     stamp = (tmp_path / "dno" / "iter_2" / "checkpoint" / "config.json").stat().st_mtime
@@ -161,8 +169,10 @@ def test_loss_options_at_the_start_of_an_iteration(data_dir):
     from minilm.tokenizer import Tokenizer
     tok = Tokenizer.load(data_dir)
     model = Phi3(tiny_config())
-    pairs = [{"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5", "r_chosen": 0.9, "r_rejected": 0.1},
-             {"prompt": "What is 3 * 3?", "chosen": "9", "rejected": "6", "r_chosen": 0.7, "r_rejected": 0.4}]
+    pairs = [{"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5", "r_chosen": 0.9, "r_rejected": 0.1,
+              "chosen_positive": True},
+             {"prompt": "What is 3 * 3?", "chosen": "9", "rejected": "6", "r_chosen": 0.7, "r_rejected": 0.4,
+              "chosen_positive": True}]
     encoded, kept = encode_pairs(tok, pairs, 64)
     batch = make_batch_fn(encoded, kept, 2, 0, tok.eot_id, 64)(0)
     assert sorted(batch["r"].tolist()) == pytest.approx([0.1, 0.4, 0.7, 0.9])
@@ -178,3 +188,109 @@ def test_loss_options_at_the_start_of_an_iteration(data_dir):
     assert load_reference(override(cfg, lora_r=4), model, None) is None      # LoRA off
     sft = copy.deepcopy(model)
     assert load_reference(override(cfg, reference="sft"), model, sft) is sft
+
+
+SUM = {"kind": "arithmetic", "answer": "7000", "messages": [
+    {"role": "user", "content": "What is 6999 + 1?"}, {"role": "assistant", "content": "7000"}]}
+# K = 3 samples (text, judged) of pi_t and their VerifierOracle points: a correct reply that never
+# closed its turn (5: no "ended" point), a near miss (4), a far miss cut off (1); the teacher is right (6)
+STUDENTS = [[("7000", "7000<|endoftext|>"), ("7001", "7001<|end|>"), ("701", "701<|endoftext|>")]]
+
+
+def _pairs(**cfg):
+    from minilm.stages.dno import dno_config
+    oracle = VerifierOracle([SUM])
+    pairs, _ = build_pairs(dno_config("tiny", **cfg), oracle, oracle, [SUM["messages"][:1]], STUDENTS, ["7000"])
+    return {(p["chosen"], p["rejected"]): p for p in pairs}
+
+
+def test_nll_falls_only_on_chosen_replies_that_pass_the_positive_threshold():
+    # rows: 2 tokens at -2 nats total (positive), 3 tokens at -6 (a wrong reply that won its pair)
+    logp = torch.tensor([-2.0, -6.0], requires_grad=True)
+    nll = positive_nll(logp, torch.tensor([2, 3]), torch.tensor([True, False]))
+    assert nll.item() == pytest.approx(1.0)                      # 2 nats / 2 tokens; row 1 ignored
+    nll.backward()
+    assert logp.grad.tolist() == pytest.approx([-0.5, 0.0])
+    none = positive_nll(logp, torch.tensor([2, 3]), torch.tensor([False, False]))
+    assert none.item() == 0.0 and none.requires_grad
+
+
+def test_all_pairs_mode_keeps_a_wrong_winner_as_a_pair_but_not_as_a_positive():
+    pairs = _pairs(large_margin=False)
+    # the near miss (4 points) beats the far miss (1): a DPO pair, but 4 < positive_min 5
+    assert pairs[("7001", "701")]["chosen_positive"] is False
+    assert pairs[("7000", "7001")]["chosen_positive"] is True     # the teacher's correct reply
+    assert all(p["chosen_positive"] for p in _pairs().values())   # the filter keeps positives only
+
+
+def test_dpo_plus_nll_adds_no_nll_for_a_chosen_reply_below_the_positive_threshold(data_dir):
+    # policy == reference: DPO alone is log 2, so anything above it is the NLL term
+    from conftest import tiny_config
+
+    from minilm.model import Phi3
+    from minilm.post.preferences import encode_pairs
+    from minilm.stages.dno import dno_config, load_reference, make_batch_fn, make_loss_fn
+    from minilm.tokenizer import Tokenizer
+    tok, model = Tokenizer.load(data_dir), Phi3(tiny_config())
+    cfg = dno_config("tiny", sft_weight=1.0)
+    reference = load_reference(cfg, model, None)                     # a frozen copy of pi_t
+    for positive, expect_nll in ((False, False), (True, True)):
+        pairs = [{"prompt": "What is 2 + 2?", "chosen": "5", "rejected": "9", "r_chosen": 0.6, "r_rejected": 0.4,
+                  "chosen_positive": positive}]
+        encoded, kept = encode_pairs(tok, pairs, 64)
+        loss, _ = make_loss_fn(cfg, reference)(model, make_batch_fn(encoded, kept, 1, 0, tok.eot_id, 64)(0))
+        assert (loss.item() > math.log(2) + 1.0) is expect_nll
+        if not expect_nll:
+            assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_pair_statistics_go_in_the_row_of_the_iterate_that_was_sampled():
+    rows = [{"name": "SFT", "val_points": 3.0}]
+    # iteration 1 samples pi_1 (SFT) and trains pi_2 ("iter 1")
+    rows = place_pair_stats(rows, {"name": "iter 1", "n_train_pairs": 40}, {"n_new_pairs": 40, "share_a": 0.5})
+    rows = place_pair_stats(rows, {"name": "iter 2", "n_train_pairs": 62}, {"n_new_pairs": 50, "share_a": 0.6})
+    assert rows == [{"name": "SFT", "val_points": 3.0, "n_new_pairs": 40, "share_a": 0.5},
+                    {"name": "iter 1", "n_train_pairs": 40, "n_new_pairs": 50, "share_a": 0.6},
+                    {"name": "iter 2", "n_train_pairs": 62}]         # never sampled: no pair statistics
+
+
+def test_best_iterate_is_the_sft_model_when_no_iterate_beats_it(tmp_path):
+    rows = [{"name": "SFT", "val_points": 3.3}, {"name": "iter 1", "val_points": 3.1},
+            {"name": "iter 2", "val_points": 3.3}]
+    assert best_iterate(rows) == 0                                   # a tie does not beat SFT
+    assert best_iterate(rows[:2] + [{"val_points": 3.4}]) == 2
+    from minilm.stages.dno import dno_config, finish
+    summary = finish(dno_config("tiny", init="runs/sft/checkpoint", out_dir=str(tmp_path)), rows)
+    assert summary["best_iteration"] == 0 and summary["best_checkpoint"] == "runs/sft/checkpoint"
+
+
+def test_a_reply_that_never_closed_its_turn_is_never_the_positive():
+    # candidate 1 scored 6 but was cut off: it may lose a pair, never win one, filter on or off
+    ended = [True, False, True]
+    assert select_pairs([5, 6, 2], teacher_index=2, ended=ended) == [(0, 2, "student>teacher")]
+    assert set(select_pairs([5, 6, 2], teacher_index=2, large_margin=False, ended=ended)) == {
+        (0, 2, "student>teacher")}
+    # in a DNO iteration: the correct but unended "7000" never wins; the cut-off "701" loses,
+    # flagged so that it is trained without an <|end|>
+    points = [VerifierOracle([SUM]).points(SUM["messages"][:1], judged) for _, judged in STUDENTS[0]]
+    assert points == [5, 4, 1]                                       # 5 >= positive_min: the trap
+    for large_margin in (True, False):
+        pairs = _pairs(large_margin=large_margin)
+        assert not any(p["chosen"] == "7000" and p["kind"] != "teacher>student" for p in pairs.values())
+        assert pairs[("7000", "701")]["rejected_ended"] is False
+        assert pairs[("7000", "7001")]["rejected_ended"] is True
+
+
+def test_an_unended_reply_is_encoded_without_an_end_token_it_never_produced(data_dir):
+    from minilm.post.preferences import encode_pair
+    from minilm.tokenizer import Tokenizer
+    tok = Tokenizer.load(data_dir)
+    end = tok.special_id("<|end|>")
+    pair = {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "4 4 4"}
+    (c_ids, c_mask), (r_ids, r_mask) = encode_pair(tok, pair)
+    (c2_ids, c2_mask), (cut_ids, cut_mask) = encode_pair(tok, {**pair, "rejected_ended": False})
+    assert (c2_ids, c2_mask) == (c_ids, c_mask)                      # the chosen side is unchanged
+    reply = tok.encode("4 4 4")
+    assert cut_ids[-len(reply):] == reply and cut_mask[-len(reply):] == [1] * len(reply)
+    assert cut_ids == r_ids[:len(cut_ids)] and r_ids[len(cut_ids)] == end   # ended: <|end|> learned next
+    assert sum(cut_mask) == sum(r_mask) - 1 and cut_ids.count(end) == r_ids.count(end) - 1

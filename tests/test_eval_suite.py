@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_config
 
 import minilm.eval.suite as suite
+from minilm.eval.ladder import ladder_items
 from minilm import MinilmError
 from minilm.checkpoint import save_checkpoint
 from minilm.config import build
@@ -22,8 +23,8 @@ pytestmark = pytest.mark.lesson_12
 
 
 def small_cfg(**kw) -> suite.SuiteConfig:
-    fields = dict(n_bpb_batches=2, n_math=4, n_chat=8, n_winrate=8, n_env=0, max_new_tokens=8,
-                  math_new_tokens=8, batch_size=4, device="cpu")
+    fields = dict(n_ladder=2, n_bpb_batches=2, n_math=4, n_chat=8, n_winrate=8, n_env=0, max_new_tokens=8,
+                  math_new_tokens=8, ladder_new_tokens=8, batch_size=4, device="cpu")
     return suite.SuiteConfig(**{**fields, **kw})
 
 
@@ -44,14 +45,15 @@ def test_keys_and_a_model_against_itself_wins_exactly_half(tok, data_dir, monkey
     monkeypatch.setattr(suite, "greedy_judgements", lambda m, *a: calls.append(m) or original(m, *a))
     m, cache = model(), {}
     row = suite.evaluate_model(m, tok, small_cfg(n_math=0), data_dir, reference=copy.deepcopy(m), cache=cache)
-    assert tuple(row) == suite.METRICS
+    assert tuple(row) == (*suite.METRICS, "ladder_correct")
+    assert len(row["ladder_correct"]) == 2 * 6 and set(row["ladder_correct"]) <= {0, 1}   # 2 per rung
     assert row["winrate"] == 0.5 and row["winrate_lo"] < 0.5 < row["winrate_hi"]
     assert row["env_success"] is None and row["math_acc"] is None       # counts of 0 skip a metric
-    assert len(calls) == 2 and len(cache) == 1                          # the model, then the reference
+    assert len(calls) == 3 and len(cache) == 1                          # the model (ladder, chat), the reference
     replies = next(iter(cache.values()))
-    assert len(replies) == 8 and all(replies) and len(set(replies)) > 1  # it said something, not one thing
+    assert len(replies) == 8 and sum(map(bool, replies)) >= 6 and len(set(replies)) > 1  # varied, mostly non-empty
     again = suite.evaluate_model(m, tok, small_cfg(n_math=0), data_dir, reference=m, cache=cache)
-    assert again == row and len(calls) == 3                             # the reference's replies came from the cache
+    assert again == row and len(calls) == 5                             # the reference's replies came from the cache
     alone = suite.evaluate_model(m, tok, small_cfg(n_math=0), data_dir)    # no reference: no win-rate,
     assert alone == {**row, "winrate": None, "winrate_lo": None, "winrate_hi": None}  # the rest unchanged
 
@@ -72,7 +74,7 @@ def planted_generate(tok, cfg, perfect):
     """A stand-in for minilm.generate.generate: `perfect` replies each prompt's reference reply
     (the worked solution for word problems), any other model replies nothing (<|endoftext|>)."""
     convs = suite.math_problems(cfg.n_math, cfg.seed) + suite.chat_conversations(
-        max(cfg.n_chat, cfg.n_winrate), cfg.seed, cfg.sources)
+        max(cfg.n_chat, cfg.n_winrate), cfg.seed, cfg.sources) + ladder_items(cfg.n_ladder, cfg.seed)
     replies = {c["messages"][0]["content"]: c["messages"][1]["content"] for c in convs}
     end = tok.special_id("<|end|>")
 
@@ -88,13 +90,15 @@ def planted_generate(tok, cfg, perfect):
 
 
 def test_a_planted_perfect_answerer_scores_one_and_a_silent_model_zero(tok, data_dir, monkeypatch):
-    cfg = small_cfg(n_bpb_batches=0, max_new_tokens=32, math_new_tokens=32)
+    cfg = small_cfg(n_bpb_batches=0, max_new_tokens=32, math_new_tokens=32, ladder_new_tokens=32)
     perfect, silent = model(max_seq_len=1024), model(1, max_seq_len=1024)
     monkeypatch.setattr("minilm.post.sft.generate", planted_generate(tok, cfg, perfect))
     best = suite.evaluate_model(perfect, tok, cfg, data_dir, reference=silent)
-    assert [best[k] for k in ("math_acc", "end_rate", "form_rate", "correct", "winrate")] == [1.0] * 5
+    rates = ("ladder_acc", "ladder_acc_mid", "ladder_ops1", "ladder_word", "math_acc", "end_rate", "form_rate",
+             "correct", "winrate")
+    assert [best[k] for k in rates] == [1.0] * len(rates)
     worst = suite.evaluate_model(silent, tok, cfg, data_dir, reference=perfect)
-    assert [worst[k] for k in ("math_acc", "end_rate", "form_rate", "correct", "winrate")] == [0.0] * 5
+    assert [worst[k] for k in rates] == [0.0] * len(rates)
     # a context too short for the word problems: those prompts are not asked and count as failures
     short = model(max_seq_len=64)
     monkeypatch.setattr("minilm.post.sft.generate", planted_generate(tok, cfg, short))
@@ -102,11 +106,13 @@ def test_a_planted_perfect_answerer_scores_one_and_a_silent_model_zero(tok, data
 
 
 def test_a_base_model_evaluates_and_the_same_model_gives_the_same_dict(tok, data_dir):
-    cfg = small_cfg(n_env=4, env="math")
+    cfg = small_cfg(n_env=4)
     m, ref = model(), model(1)
     first = suite.evaluate_model(m, tok, cfg, data_dir, reference=ref)
     assert first == suite.evaluate_model(m, tok, cfg, data_dir, reference=ref, cache={})
-    assert all(isinstance(v, float) for v in first.values()), first
+    scores = first.pop("ladder_correct")
+    assert all(isinstance(v, float) for v in first.values()) and sum(scores) / len(scores) == first["ladder_acc"]
+    assert first["env_success"] == pytest.approx(sum(first[f"env_success_{e}"] for e in suite.ENV_NAMES) / 3)
     assert all(0.0 <= first[k] <= 1.0 for k in suite.METRICS if k not in ("bpb", "loss"))
     json.dumps(first)                                                   # JSON-safe
     assert not m.training
@@ -134,7 +140,7 @@ def test_bad_checkpoints_and_configs_give_clear_errors(tok, data_dir, tmp_path):
     (tmp_path / "broken" / "config.json").write_text("{")
     with pytest.raises(MinilmError, match="corrupt"):
         suite.evaluate_checkpoint(tmp_path / "broken", small_cfg(), data_dir)
-    with pytest.raises(MinilmError, match="unknown environment"):
-        suite.evaluate_model(model(), tok, small_cfg(env="chess"), data_dir)
+    with pytest.raises(MinilmError, match="n_ladder=-2"):
+        suite.evaluate_model(model(), tok, small_cfg(n_ladder=-2), data_dir)
     with pytest.raises(MinilmError, match="n_chat=-1"):
         suite.evaluate_model(model(), tok, small_cfg(n_chat=-1), data_dir)

@@ -65,7 +65,7 @@ def test_stdlib_answers_are_first_docstring_sentences():
 
 
 def test_synthetic_answers_are_computed():
-    exs = instruction_examples(300, seed=3, sources=("arithmetic", "units"))
+    exs = instruction_examples(300, seed=3, sources=("arithmetic", "units_short"))
     factors = {(big, small): f for big, small, f in UNITS}
     unit = {_plural(u, 2): u for big, small, _ in UNITS for u in (big, small)}
     for ex in exs:
@@ -80,7 +80,7 @@ def test_synthetic_answers_are_computed():
             else:
                 m = re.fullmatch(r"How many (\w+) are (\d+) (\w+)\?", q)      # small -> big
                 assert int(a) * factors[(unit[m[1]], unit[m[3]])] == int(m[2])
-    assert {e["kind"] for e in exs} == {"arithmetic", "units"}
+    assert {e["kind"] for e in exs} == {"arithmetic", "units_short"}
 
 
 def test_split_is_disjoint_stable_and_about_ten_percent():
@@ -99,7 +99,7 @@ def test_split_is_disjoint_stable_and_about_ten_percent():
 def test_oracle_rules_by_hand():
     convs = [{"prompt": [{"role": "user", "content": "ls?"}], "answer": "list directory contents",
               "kind": "man"},
-             {"prompt": "m?", "answer": "7000", "kind": "units"},
+             {"prompt": "m?", "answer": "7000", "kind": "units_short"},
              {"prompt": "w?", "answer": "12", "kind": "word_problem"}]
     o = AnswerOracle(convs)
     assert o.reward("ls?", "List directory contents.<|end|>") == pytest.approx(1.0)
@@ -121,7 +121,7 @@ def test_oracle_rules_by_hand():
 
 
 def test_preference_pairs_chosen_beats_rejected():
-    pairs = preference_pairs(400, seed=0)
+    pairs = preference_pairs(400, seed=0, sources=("dictionary", "arithmetic", "ops2", "word"))
     reasons = {p["reason"].split(":")[0] for p in pairs}
     assert {"wrong number", "truncated answer", "another entry's answer (a near miss)",
             "keeps going after the answer", "wrong worked answer"} <= reasons

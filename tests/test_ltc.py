@@ -8,15 +8,17 @@ import torch
 from conftest import tiny_config
 from test_patterns import CountEnv, hydra, tok  # noqa: F401
 
-from minilm.agents.ltc_data import LossWeights, collate_episodes, ltc_loss, monte_carlo_returns
-from minilm.agents.patterns import Episode, RolloutConfig, make_pattern, run_episodes
+from minilm.agents.ltc_data import LossWeights, collate_episodes, ltc_advantages, ltc_loss, monte_carlo_returns
+from minilm.agents.patterns import (AGENT, SAMPLED, SYSTEM, TEACHER, VETOED, Episode, RolloutConfig, _agent_turn,
+                                    make_pattern, run_episodes)
 
 pytestmark = pytest.mark.lesson_10
 
 
 def hand_episode(who, reward, success, tokens=None):
     n = len(who)
-    return Episode(tokens=tokens or list(range(1, n + 1)), who=list(who), logprobs=[-1.0 * w for w in who],
+    return Episode(tokens=tokens or list(range(1, n + 1)), who=list(who),
+                   logprobs=[-1.0 if w in SAMPLED else 0.0 for w in who],
                    values=[0.1 * i for i in range(n)], reward=reward, success=success)
 
 
@@ -35,34 +37,40 @@ def test_returns_with_gamma_one_are_the_terminal_reward_on_every_agent_token():
 
 def loss_by_hand(logits, values, batch, w):
     """Plain loops over one row: the reference for ltc_loss."""
-    tokens, agent = batch["tokens"][0].tolist(), batch["agent_mask"][0].tolist()
-    logp = torch.log_softmax(logits[0].double(), -1)
-    lps = [logp[t - 1, tokens[t]].item() for t in range(1, len(tokens))]
-    lm = -sum(lps) / len(lps) * batch["lm_weight"][0].item()
-    idx = [t for t in range(len(tokens)) if agent[t]]
+    tokens = batch["tokens"][0].tolist()
+    agent, teacher, vetoed = (batch[k][0].tolist() for k in ("agent_mask", "teacher_mask", "vetoed_mask"))
+    logp = torch.log_softmax(logits[0].double(), -1)                            # the model (LM loss)
+    logp_pi = torch.log_softmax(logits[0].double() / (w.temperature or 1.0), -1)   # the sampling policy
+    imitated = [t for t in range(1, len(tokens)) if (agent[t] and not vetoed[t]) or teacher[t]]
+    lm = -sum(logp[t - 1, tokens[t]].item() for t in imitated) / len(imitated) * batch["lm_weight"][0].item()
+    executed = [t for t in range(len(tokens)) if agent[t] and not vetoed[t]]
     g = batch["rewards"][0].sum().item()
-    adv = [g - batch["old_values"][0, t].item() for t in idx]
-    mu = sum(adv) / len(adv)
-    sd = math.sqrt(sum((a - mu) ** 2 for a in adv) / len(adv) + 1e-8)
-    adv = [(a - mu) / sd for a in adv]
+    idx = [t for t in range(len(tokens)) if agent[t] or teacher[t]]
+    n_agent = sum(agent)
     pg = vf = ent = 0.0
-    for a, t in zip(adv, idx):
-        ratio = math.exp(logp[t - 1, tokens[t]].item() - batch["old_logprobs"][0, t].item())
+    for t in idx:
+        # a teacher token sees the return of the turns after it; a vetoed turn is its own -1
+        ret = math.tanh(-1.0 if vetoed[t] else g if any(k > t for k in executed) or agent[t] else 0.0)
+        old_v, old_lp = (0.0, 1.0) if teacher[t] else (batch["old_values"][0, t].item(), batch["old_logprobs"][0, t].item())
+        a = ret - old_v
+        ratio = math.exp(logp_pi[t - 1, tokens[t]].item() - old_lp)
         pg += max(-a * ratio, -a * min(max(ratio, 1 - w.clip), 1 + w.clip)) / len(idx)
-        vf += 0.5 * (values[0, t - 1].item() - g) ** 2 / len(idx)
-        p = logp[t - 1].exp()
-        ent += -(p * logp[t - 1]).sum().item() / len(idx)
+        if agent[t]:
+            vf += 0.5 * (values[0, t - 1].item() - ret) ** 2 / n_agent
+        p = logp_pi[t - 1].exp()
+        ent += -(p * logp_pi[t - 1]).sum().item() / len(idx)
     return lm, pg, vf, ent
 
 
-@pytest.mark.parametrize("lm_coef,ppo_coef", [(1.0, 0.5), (1.0, 0.0), (0.0, 0.5)])
-def test_loss_combination_on_hand_built_tensors(lm_coef, ppo_coef):
+@pytest.mark.parametrize("lm_coef,ppo_coef,temperature", [(1.0, 0.5, 1.0), (1.0, 0.0, 1.0), (0.0, 0.5, 1.0),
+                                                          (1.0, 0.5, 0.7)])
+def test_loss_combination_on_hand_built_tensors(lm_coef, ppo_coef, temperature):
     torch.manual_seed(0)
-    ep = hand_episode([0, 1, 1, 0, 1, 0], 1.0, True, tokens=[3, 0, 4, 2, 1, 4])
-    ep.logprobs = [0.0, -1.2, -0.3, 0.0, -2.0, 0.0]
+    ep = hand_episode([0, 1, 3, 0, 2, 2, 0, 1, 1, 0, 2], 1.0, True, tokens=[3, 0, 4, 2, 1, 4, 0, 2, 3, 1, 2])
+    ep.logprobs = [0.0, -1.2, -0.3, 0.0, 0.0, 0.0, 0.0, -2.0, -0.1, 0.0, 0.0]
     batch = collate_episodes([ep], pad_id=0)
-    logits, values = torch.randn(1, 6, 5), torch.randn(1, 6).tanh()
-    w = LossWeights(lm_coef=lm_coef, ppo_coef=ppo_coef)
+    logits, values = torch.randn(1, 11, 5), torch.randn(1, 11).tanh()
+    w = LossWeights(lm_coef=lm_coef, ppo_coef=ppo_coef, temperature=temperature)
     loss, m = ltc_loss(logits, values, batch, w)
     lm, pg, vf, ent = loss_by_hand(logits, values, batch, w)
     assert m["lm_loss"] == pytest.approx(lm, abs=1e-5)
@@ -71,22 +79,103 @@ def test_loss_combination_on_hand_built_tensors(lm_coef, ppo_coef):
         assert (m["pg_loss"], m["vf_loss"], m["entropy"]) == pytest.approx((pg, vf, ent), abs=1e-5)
 
 
-def test_no_policy_or_value_gradient_reaches_teacher_or_environment_tokens():
-    ep = hand_episode([0, 0, 1, 1, 0, 0, 1, 0, 0], -1.0, False, tokens=[1, 2, 3, 4, 0, 1, 2, 3, 4])
-    batch = collate_episodes([ep], pad_id=0)
-    logits = torch.randn(1, 9, 5, requires_grad=True)
-    values = torch.randn(1, 9, requires_grad=True)
-    loss, _ = ltc_loss(logits, values, batch, LossWeights(lm_coef=0.0))
-    loss.backward()
-    # position t - 1 predicts token t: only positions before an agent token may get a gradient
-    predicts_agent = torch.tensor([[0, 1, 1, 0, 0, 1, 0, 0, 0]], dtype=torch.bool)
-    assert logits.grad[~predicts_agent].abs().max() == 0 and values.grad[~predicts_agent].abs().max() == 0
-    assert logits.grad[predicts_agent].abs().sum(-1).min() > 0
-    # the LM loss, by contrast, reaches every token of a successful episode
-    ep.success = True
-    logits.grad = None
-    ltc_loss(logits, values, collate_episodes([ep], pad_id=0), LossWeights(ppo_coef=0.0))[0].backward()
-    assert logits.grad[0, :-1].abs().sum(-1).min() > 0
+def role_gradients(ep, **weights):
+    """(d L / d logits summed over the vocabulary, d L / d values), each (T,), for one episode."""
+    torch.manual_seed(0)
+    n = len(ep.tokens)
+    logits, values = torch.randn(1, n, 5, requires_grad=True), torch.randn(1, n, requires_grad=True)
+    ltc_loss(logits, values, collate_episodes([ep], pad_id=0), LossWeights(**weights))[0].backward()
+    no_value_term = values.grad is None        # ppo_coef = 0
+    return logits.grad[0].abs().sum(-1), torch.zeros(n) if no_value_term else values.grad[0].abs()
+
+
+def test_system_text_gets_no_loss_agent_tokens_all_three_and_teacher_text_the_policy_loss_without_value():
+    who = [SYSTEM, SYSTEM, AGENT, AGENT, SYSTEM, TEACHER, TEACHER, SYSTEM, AGENT, SYSTEM]
+    ep = hand_episode(who, 1.0, True, tokens=[1, 2, 3, 4, 0, 1, 2, 3, 4, 0])
+    # position t - 1 predicts token t: the gradient of token t's terms lands on position t - 1
+    before = [w for w in who[1:]] + [SYSTEM]
+    at = {r: torch.tensor([b == r for b in before]) for r in (SYSTEM, AGENT, TEACHER)}
+    g_logits, g_values = role_gradients(ep)                                  # the full loss
+    assert g_logits[at[SYSTEM]].max() == 0 and g_values[~at[AGENT]].max() == 0
+    assert g_logits[at[AGENT]].min() > 0 and g_values[at[AGENT]].min() > 0
+    # teacher text is imitated by the policy loss alone (the reference code's policy_mask), not only by L_LM
+    g_policy, _ = role_gradients(ep, lm_coef=0.0, ent_coef=0.0)
+    assert g_policy[at[TEACHER]].min() > 0 and g_policy[at[SYSTEM]].max() == 0
+    # ... and never unlearned: in a failed episode the clipped surrogate gives teacher text no gradient
+    ep.success, ep.reward = False, -1.0
+    assert role_gradients(ep, lm_coef=0.0, ent_coef=0.0)[0][at[TEACHER]].max() == 0
+    # the LM loss reaches agent and teacher text, never the system's or the environment's
+    ep.success, ep.reward = True, 1.0
+    g_lm, _ = role_gradients(ep, ppo_coef=0.0)
+    assert g_lm[at[SYSTEM]].max() == 0 and g_lm[at[AGENT] | at[TEACHER]].min() > 0
+
+
+def test_a_vetoed_action_gets_minus_one_and_no_imitation_even_when_the_hint_rescues_the_episode(tok):  # noqa: F811
+    env, ep, cfg = CountEnv(), Episode(seed=3), RolloutConfig()
+    pattern = make_pattern("dialogue")
+    pattern.begin(env, ep, tok, cfg)
+    prefix, end = [tok.special_id("<|assistant|>")] + tok.encode("\n"), tok.special_id("<|end|>")
+    for text in ("answer[4]", "think[it is 3]", "answer[3]"):     # wrong (vetoed), then the hint's way
+        ep.add(prefix, SYSTEM)
+        reply = tok.encode(text) + [end]
+        pattern.respond(env, ep, tok, _agent_turn(tok, ep, reply, [-0.5] * len(reply)), cfg)
+    assert ep.success and ep.hints == 1
+    ep.reward, ep.values = 1.0, [0.0] * len(ep.tokens)
+    who = torch.tensor(ep.who)
+    assert (who == VETOED).sum() == len(tok.encode("answer[4]")) + 1
+    batch = collate_episodes([ep], pad_id=tok.eot_id)
+    returns, adv = ltc_advantages(batch, LossWeights())
+    assert torch.allclose(returns[0, who == VETOED], torch.tensor(math.tanh(-1.0)))
+    assert (adv[0, who == VETOED] < 0).all() and (adv[0, who == AGENT] > 0).all()
+    # no LM imitation of the vetoed reply: no gradient at the positions that predict it
+    logits = torch.randn(1, len(ep.tokens), tok.n_vocab, requires_grad=True)
+    ltc_loss(logits, torch.zeros(1, len(ep.tokens)), batch, LossWeights(ppo_coef=0.0))[0].backward()
+    before = torch.cat([who[1:], torch.tensor([SYSTEM])])      # position t - 1 predicts token t
+    assert logits.grad[0, before == VETOED].abs().max() == 0
+    assert logits.grad[0, before == AGENT].abs().sum(-1).min() > 0
+
+
+def test_by_default_no_token_of_an_all_failed_batch_gets_a_positive_advantage():
+    eps = [hand_episode([0, 1, 1, 0, 2, 1, 0], -1.0, False), hand_episode([0, 0, 1, 1, 3, 1], -1.0, False)]
+    for ep in eps:      # old values spread over [-0.6, 0.6], as a critic that has seen some successes
+        ep.values = [-0.6 + 0.2 * i for i in range(len(ep.tokens))]
+    batch = collate_episodes(eps, pad_id=0)
+    policy = (batch["agent_mask"] + batch["teacher_mask"]).bool()
+    returns, adv = ltc_advantages(batch, LossWeights())
+    assert torch.allclose(returns[policy], torch.tensor(math.tanh(-1.0))) and (adv[policy] < 0).all()
+    # what per-minibatch whitening (opt-in) does to the same batch: failures with A > 0
+    assert (ltc_advantages(batch, LossWeights(whiten_advantages=True))[1][policy] > 0).any()
+    from minilm.stages.ltc import loss_weights, ltc_config
+    assert not loss_weights(ltc_config()).whiten_advantages
+    assert loss_weights(ltc_config(whiten_advantages=True)).whiten_advantages
+
+
+def test_the_lm_loss_averages_over_successful_tokens_so_the_success_share_does_not_scale_it():
+    tokens = [3, 0, 4, 2, 1, 4]
+    win = hand_episode([0, 1, 1, 0, 1, 0], 1.0, True, tokens=tokens)
+    fails = [hand_episode([0, 1, 1, 0, 1, 0], -1.0, False, tokens=tokens) for _ in range(3)]
+    logits = torch.randn(4, 6, 5)
+    w = LossWeights(ppo_coef=0.0)
+    _, alone = ltc_loss(logits[:1], torch.zeros(1, 6), collate_episodes([win], 0), w)
+    _, mixed = ltc_loss(logits, torch.zeros(4, 6), collate_episodes([win] + fails, 0), w)
+    logp = torch.log_softmax(logits, -1)
+    nll = [-sum(logp[b, t - 1, tokens[t]].item() for t in (1, 2, 4)) for b in range(4)]
+    assert mixed["lm_loss"] == pytest.approx((nll[0] + 1e-5 * sum(nll[1:])) / 3, rel=1e-5)
+    assert mixed["lm_loss"] == pytest.approx(alone["lm_loss"], rel=1e-3)     # 1 : 0.5, not 1/4 : 0.5
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.3, 0.0])
+def test_the_ppo_ratio_is_exactly_one_before_the_first_update_at_any_temperature(temperature):
+    torch.manual_seed(0)
+    ep = hand_episode([0, 1, 1, 0, 1, 0], 1.0, True, tokens=[3, 0, 4, 2, 1, 4])
+    logits = 3 * torch.randn(1, 6, 5)
+    # the log-probs generate() records: at logits / T when sampling, at T = 1 when greedy (T = 0)
+    recorded = torch.log_softmax(logits[0] / (temperature or 1.0), -1)
+    ep.logprobs = [recorded[t - 1, ep.tokens[t]].item() if w else 0.0 for t, w in enumerate(ep.who)]
+    _, m = ltc_loss(logits, torch.zeros(1, 6), collate_episodes([ep], 0), LossWeights(temperature=temperature))
+    assert m["ratio"] == pytest.approx(1.0, abs=1e-6) and m["approx_kl"] < 1e-12 and m["clipfrac"] == 0
+    from minilm.stages.ltc import loss_weights, ltc_config
+    assert loss_weights(ltc_config(temperature=temperature)).temperature == temperature
 
 
 @pytest.mark.parametrize("loss", ["full", "lm"])
@@ -152,9 +241,11 @@ def test_run_ltc_end_to_end_and_a_killed_run_resumes_bit_identically(tok, tmp_pa
     kw = fake_run(tok, tmp_path, monkeypatch, plots=True, iterations=2)
     whole = ltc.run_ltc(ltc.ltc_config(**{**kw, "out_dir": str(tmp_path / "whole")}))
     assert [r["iteration"] for r in whole["rows"]] == [1, 2] and whole["rows"][1]["buffer"] == 8
+    assert 0 <= whole["rows"][1]["test_success_with_example"] <= 1            # Analogue: both contexts
     assert (tmp_path / "whole" / "curves.png").exists() and (tmp_path / "whole" / "baseline.json").exists()
     saved = json.loads((tmp_path / "whole" / "result.json").read_text())
-    assert set(saved["baseline"]) >= {"success", "score"} and 0 <= saved["ltc"]["success"] <= 1
+    assert set(saved["baseline"]) >= {"success", "score", "success_with_example"} and 0 <= saved["ltc"]["success"] <= 1
+    assert "success_with_example" in saved["ltc"]
     plot, calls = ltc.plot_curves, []
 
     def killed(*args, **kwargs):         # plot_curves runs right after the iteration's checkpoint
@@ -208,10 +299,33 @@ def test_run_ltc_with_lora_trains_only_the_adapters_and_the_value_head(tok, tmp_
 
 
 def test_lm_agent_only_restricts_the_lm_loss_to_the_agents_tokens():
-    ep = hand_episode([0, 1, 1, 0, 1, 0], 1.0, True, tokens=[3, 0, 4, 2, 1, 4])
+    ep = hand_episode([0, 1, 1, 2, 1, 0], 1.0, True, tokens=[3, 0, 4, 2, 1, 4])
     batch = collate_episodes([ep], pad_id=0)
     logits = torch.randn(1, 6, 5)
     _, m = ltc_loss(logits, torch.zeros(1, 6), batch, LossWeights(ppo_coef=0.0, lm_agent_only=True))
     logp = torch.log_softmax(logits[0], -1)
-    expected = -(logp[0, 0] + logp[1, 4] + logp[3, 1]).item() / 3       # tokens 1, 2, 4
+    expected = -(logp[0, 0] + logp[1, 4] + logp[3, 1]).item() / 3       # tokens 1, 2, 4, not teacher 3
     assert m["lm_loss"] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("pattern", ["analogue", "dialogue"])
+def test_analogue_evaluation_reports_success_with_and_without_the_solved_example(tok, hydra, monkeypatch, pattern):  # noqa: F811
+    """Analogue trains with an example in every context: its evaluation also runs the same test
+    seeds with one, next to the agent alone; other patterns train on what they are tested on."""
+    from minilm.stages import ltc
+    calls, collect = [], ltc.collect
+
+    def spy(model, tok, envs, seeds, pat, rcfg):
+        episodes = collect(model, tok, envs, seeds, pat, rcfg)
+        calls.append((pat.name, seeds, [ep.messages[0]["content"] for ep in episodes]))
+        return episodes
+    monkeypatch.setattr(ltc, "collect", spy)
+    cfg = ltc.ltc_config(pattern=pattern, n_test=3)
+    out = ltc.evaluate(hydra, tok, [CountEnv() for _ in range(3)], cfg, example_env=CountEnv())
+    assert calls[0][0] == "monologue" and not any("solved example" in m for m in calls[0][2])
+    if pattern == "dialogue":
+        assert len(calls) == 1 and "success_with_example" not in out
+        return
+    assert [c[:2] for c in calls] == [("monologue", [0, 1, 2]), ("analogue", [0, 1, 2])]
+    assert all(m.startswith("Teacher: a solved example.") for m in calls[1][2])
+    assert 0 <= out["success_with_example"] <= 1 and 0 <= out["score_with_example"] <= 1

@@ -121,6 +121,22 @@ def test_bfloat16_within_twice_the_reference_error():
     assert ours <= 2 * theirs + 1e-6, f"bf16 max error {ours:.3g}, reference's {theirs:.3g}"
 
 
+@needs_kernel
+def test_under_bf16_autocast_float32_weights_train_as_the_reference_trains_them():
+    """A custom op is not autocast: masked_ffn casts its inputs as autocast casts a matmul's, and the
+    float32 weights get float32 gradients within bf16's error of the reference's."""
+    x, gate_up, down, mask = ffn(d=32, f=64, density=0.5, lead=(4, 8), dtype=torch.float32)
+    grad_out = torch.randn(4, 8, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = grads(lambda *a: masked_ffn(*a, backend="kernel"), x, gate_up, down, mask, grad_out)
+        ref = grads(masked_ffn_reference, x, gate_up, down, mask, grad_out)
+    exact = grads(masked_ffn_reference, x.double(), gate_up.double(), down.double(), mask.double(),
+                  grad_out.double())
+    assert ours[0].dtype == torch.bfloat16 and ours[2].dtype == torch.float32
+    for a, b, e in zip(ours, ref, exact):
+        assert (a.double() - e).abs().max() <= 2 * (b.double() - e).abs().max() + 1e-3
+
+
 def test_compact_ffn_matches_its_reference_and_keeps_order():
     _, gate_up, down, mask = ffn(f=8, density=0.5)
     mask = torch.tensor([1, 0, 0, 1, 1, 0, 1, 0], dtype=torch.float64)

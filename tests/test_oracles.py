@@ -12,7 +12,7 @@ from minilm.post.oracles import AnswerOracle, CyclicOracle, JudgeOracle, RewardM
 
 pytestmark = pytest.mark.lesson_09
 
-CONVS = [{"kind": "units", "answer": "42", "messages": [{"role": "user", "content": "Q42?"},
+CONVS = [{"kind": "units_short", "answer": "42", "messages": [{"role": "user", "content": "Q42?"},
                                                          {"role": "assistant", "content": "42"}]},
          {"kind": "man", "answer": "list directory contents",
           "messages": [{"role": "user", "content": "What does `ls` do?"},

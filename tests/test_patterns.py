@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from minilm.agents.patterns import (Analogue, Dialogue, Episode, Monologue, RolloutConfig, ScriptedTeacher,
-                                    make_pattern, run_episodes)
+from minilm.agents.patterns import (AGENT, SAMPLED, SYSTEM, TEACHER, VETOED, Analogue, Dialogue, Episode, Monologue,
+                                    RolloutConfig, ScriptedTeacher, make_pattern, run_episodes)
 from minilm.generate import token_logprobs
 
 pytestmark = pytest.mark.lesson_10
@@ -84,6 +84,27 @@ def test_dialogue_teacher_corrects_wrong_steps_without_executing_them(tok):
     assert ep.messages[-1]["content"] == "Teacher: not that. Try: answer[3]"
     pattern.respond(env, ep, tok, "answer[0]", cfg)              # hints used up: the env answers
     assert ep.done and not ep.success and ep.hints == 2
+    # the hints are teacher text (imitated through the policy loss), their chat tags system text
+    hint = tok.encode("Teacher: not that. Try: answer[3]")
+    at = next(i for i in range(len(ep.tokens)) if ep.tokens[i:i + len(hint)] == hint)
+    assert ep.who[at:at + len(hint)] == [TEACHER] * len(hint) and ep.who[at - 1] == SYSTEM
+
+
+def test_a_vetoed_reply_is_marked_vetoed_and_an_accepted_one_stays_the_agents(tok):
+    env, ep, cfg = CountEnv(), Episode(seed=3), RolloutConfig()
+    pattern = make_pattern("dialogue")
+    pattern.begin(env, ep, tok, cfg)
+    from minilm.agents.patterns import _agent_turn
+    replies = {}
+    for text in ("think[it is 3]", "answer[1]", "answer[3]"):      # accepted, vetoed, accepted
+        ep.add([tok.special_id("<|assistant|>")] + tok.encode("\n"), SYSTEM)
+        start, reply = len(ep.tokens), tok.encode(text) + [tok.special_id("<|end|>")]
+        pattern.respond(env, ep, tok, _agent_turn(tok, ep, reply, [-1.0] * len(reply)), cfg)
+        replies[text] = ep.who[start:start + len(reply)]
+    assert set(replies["answer[1]"]) == {VETOED} and ep.hints == 1
+    assert set(replies["think[it is 3]"]) == set(replies["answer[3]"]) == {AGENT} and ep.success
+    # the terminal reward's place: the last executed reply's <|end|>, before the closing newline
+    assert ep.last_agent_index() == len(ep.tokens) - 1 - len(tok.encode("\n"))
 
 
 def test_analogue_shows_a_solved_example_of_another_seed_and_gives_the_reward(tok):
@@ -94,8 +115,10 @@ def test_analogue_shows_a_solved_example_of_another_seed_and_gives_the_reward(to
     other = (Analogue.EXAMPLE_SEED_OFFSET + 1) % 5
     first = ep.messages[0]["content"]
     assert first.startswith(f"Teacher: a solved example. Your task is to: answer {other}.")
-    assert f"Solution: think[it is {other}]; answer[{other}]" in first
-    assert first.endswith("Your task is to: answer 1.")
+    assert first.endswith(f"Solution: think[it is {other}]; answer[{other}]")
+    assert roles(ep)[1] == ("user", "Your task is to: answer 1.")    # the task: its own message
+    # the example is teacher text, the task environment text
+    assert ep.who.count(TEACHER) == len(tok.encode(first)) and ep.who.count(SYSTEM) == len(ep.who) - ep.who.count(TEACHER)
     pattern.respond(env, ep, tok, "answer[1]", cfg)
     assert ep.messages[-1]["content"] == "Teacher: correct. Reward +1."
 
@@ -114,11 +137,11 @@ def test_episode_masks_mark_exactly_the_sampled_tokens(tok, hydra, name):
     prefix = [tok.special_id("<|assistant|>")] + tok.encode("\n")
     for ep in episodes:
         assert len(ep.tokens) == len(ep.who) == len(ep.logprobs) == len(ep.values) <= 256
-        runs, start = [], None                      # maximal runs of agent tokens
-        for i, w in enumerate(ep.who + [0]):
-            if w and start is None:
+        runs, start = [], None                      # maximal runs of sampled tokens
+        for i, w in enumerate(ep.who + [SYSTEM]):
+            if w in SAMPLED and start is None:
                 start = i
-            if not w and start is not None:
+            if w not in SAMPLED and start is not None:
                 runs.append((start, i))
                 start = None
         agent_msgs = [m for m in ep.messages if m["role"] == "assistant"]
@@ -127,8 +150,11 @@ def test_episode_masks_mark_exactly_the_sampled_tokens(tok, hydra, name):
             assert ep.tokens[a - 2:a] == prefix                  # generation starts after the tag
             assert tok.decode([t for t in ep.tokens[a:b] if t not in tok.special_tokens.values()]
                               ).strip() == msg["content"]
-        assert all(lp == 0.0 for lp, w in zip(ep.logprobs, ep.who) if not w)
-        assert all(lp < 0.0 for lp, w in zip(ep.logprobs, ep.who) if w)
+        assert all(lp == 0.0 for lp, w in zip(ep.logprobs, ep.who) if w not in SAMPLED)
+        assert all(lp < 0.0 for lp, w in zip(ep.logprobs, ep.who) if w in SAMPLED)
+        teacher_said = sum(len(tok.encode(m["content"])) for m in ep.messages if m["content"].startswith("Teacher:"))
+        assert ep.who.count(TEACHER) == (0 if name == "monologue" else teacher_said)
+        assert ep.who.count(VETOED) == 0 or name == "dialogue"
         assert ep.reward == (1.0 if ep.success else -1.0)
 
 
@@ -184,7 +210,7 @@ def taught_teacher(tok):
 
 def test_a_model_teacher_speaks_in_the_episode_as_non_agent_tokens(tok, hydra, taught_teacher):
     """Dialogue with a ModelTeacher: each correction is the teacher MODEL's reply plus the gold
-    action, as a user message whose tokens all have who = 0 (never trained by PPO)."""
+    action, as a user message: TEACHER content (imitated, never sampled) between SYSTEM chat tags."""
     from minilm.agents.patterns import ModelTeacher
     torch.manual_seed(5)
     teacher = ModelTeacher(taught_teacher, tok)
@@ -198,7 +224,8 @@ def test_a_model_teacher_speaks_in_the_episode_as_non_agent_tokens(tok, hydra, t
         span = [user] + newline + tok.encode(said[0]) + [end] + newline
         starts = [i for i in range(len(ep.tokens)) if ep.tokens[i:i + len(span)] == span]
         assert len(starts) == 2 and ep.hints == 2
-        assert all(ep.who[i + j] == 0 and ep.logprobs[i + j] == 0.0 for i in starts for j in range(len(span)))
+        roles_of_span = [SYSTEM] * 2 + [TEACHER] * (len(span) - 4) + [SYSTEM] * 2      # <|user|> \n ... <|end|> \n
+        assert all(ep.who[i:i + len(span)] == roles_of_span and not any(ep.logprobs[i:i + len(span)]) for i in starts)
     # the plan still advances on a right action, and an empty reply falls back to the scripted words
     env, ep = CountEnv(), Episode(seed=4)
     env.reset(4)

@@ -46,7 +46,7 @@ def run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(pipeline, "iter_documents", planted_corpus)
     cfg = pipeline.PipelineConfig(out=str(out), sources=["stdlib"], limit_per_source=60, vocab_size=300,
-                                  synthetic=50, annotate_sample=40, keep_fraction=0.5, progress=False)
+                                  synthetic=50, ladder=20, annotate_sample=40, keep_fraction=0.5, progress=False)
     try:
         return out, pipeline.run_pipeline(cfg)
     finally:
@@ -94,7 +94,7 @@ def test_planted_documents_dropped_for_the_right_reason(run):
 
 def test_phases_load_and_phase2_holds_synthetic(run):
     out, m = run
-    assert m["phase_sources"]["phase2"]["synthetic"] == 50
+    assert m["phase_sources"]["phase2"]["synthetic"] == 50 + 20    # textbook documents + ladder worksheets
     assert "synthetic" not in m["phase_sources"]["phase1"]
     for phase in ("phase1", "phase2"):
         for split in ("train", "val"):

@@ -7,20 +7,27 @@ import pytest
 import torch
 from conftest import tiny_config
 from test_reward import base_checkpoint  # noqa: F401
+from test_rollout import byte_tok, hand_rollout  # noqa: F401
 
+from data_prep.instructions import instruction_examples
 from minilm import MinilmError
 from minilm.config import build
 from minilm.generate import token_logprobs
 from minilm.loop import make_optimizer
 from minilm.model import Phi3
 from minilm.post.base_model import LoRAConfig
-from minilm.post.heads import HydraModel
+from minilm.post.chat import TurnClose, parse_reply, render_prompt
+from minilm.post.heads import HydraModel, last_token_index
+from minilm.post.oracles import AnswerOracle
 from minilm.post.ppo import (AdaptiveKLController, FixedKLController, action_values, entropy_from_logits, gae,
                              kl_penalty, logprobs_from_logits, masked_mean, masked_whiten, ppo_policy_loss,
                              shape_rewards, value_loss)
 from minilm.post.ppo_models import build_models
 from minilm.post.ppo import make_kl_controller
-from minilm.stages.ppo import PPOConfig, ppo_step
+from minilm.post.preferences import encode_pairs, pair_batch
+from minilm.post.reward import pair_scores
+from minilm.stages import ppo as ppo_stage
+from minilm.stages.ppo import PPOConfig, heldout_eval, ppo_step, rollout_and_score
 
 pytestmark = pytest.mark.lesson_08
 
@@ -242,6 +249,7 @@ def tiny_models(variant, head_std=0.5, **cfg_overrides):
 
 
 PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
+CLOSE = TurnClose(ids=(319, 10), specials=(319,))   # a stand-in <|end|> "\n" for the tokenizer-less models
 
 
 @pytest.mark.parametrize("variant", ["ppo", "lora", "hydra", "jhydra"])
@@ -250,7 +258,7 @@ def test_ppo_step_trains_exactly_the_trainable_parameters(variant):
     before = {n: p.detach().clone() for n, p in models.named_parameters()}
     trainable = {n for n, p in models.named_parameters() if p.requires_grad}
     optimizer = make_optimizer(models, cfg.optim)
-    row = ppo_step(models, PROMPTS, cfg, optimizer, make_kl_controller(cfg), pad_id=0)
+    row = ppo_step(models, PROMPTS, cfg, optimizer, make_kl_controller(cfg), pad_id=0, close=CLOSE)
     # the first minibatch sees the policy that sampled: ratio 1, nothing clipped
     assert row["first_ratio"] == pytest.approx(1.0, abs=1e-5) and row["first_clipfrac"] == 0.0
     assert row["kl"] == pytest.approx(0.0, abs=1e-5)       # actor == reference before the update
@@ -310,26 +318,80 @@ def test_every_variant_raises_a_planted_reward(variant):
 @pytest.mark.parametrize("variant", ["lora", "hydra", "jhydra"])
 def test_rollouts_are_sampled_from_the_actor_adapters(variant):
     """Sampling log-probs (KV cache, inside models.sampler()) equal the actor's recomputed ones."""
-    from minilm.stages.ppo import rollout_and_score
     cfg, models = tiny_models(variant)
     for name, p in models.named_parameters():          # adapters that change the model
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
-    batch = rollout_and_score(models, PROMPTS, cfg, pad_id=0, stop_tokens=(), kl_coef=0.05)
+    batch = rollout_and_score(models, PROMPTS, cfg, pad_id=0, stop_tokens=(), kl_coef=0.05, close=CLOSE)
     mask = batch["mask"].bool()
     torch.testing.assert_close(batch["rollout"].logprobs[mask], batch["logprobs"][mask], atol=1e-4, rtol=0)
     assert batch["stats"]["kl"] != 0                      # and the actor is not the reference
 
 
 def test_hydra_raises_the_score_of_its_own_reward_head():
-    """The reward is the Hydra model's reward head with LoRA off (dynamic LoRA), as in the paper."""
-    cfg, models = tiny_models("hydra", head_std=0.05, kl_coef=0.01, max_new_tokens=4, max_steps=10,
+    """The reward is the Hydra model's reward head with LoRA off (dynamic LoRA), as in the paper,
+    read on the closing tokens appended to each reply (every reply here is cut: all pay the penalty).
+
+    The closing tokens get zero embeddings, so the head reads only what attention gathered from
+    prompt and reply (a trained reward model's reading); with their own random embeddings they
+    would swamp the reply's share in this untrained model and leave PPO nothing to raise.
+    """
+    cfg, models = tiny_models("hydra", head_std=0.5, kl_coef=0.01, max_new_tokens=4, max_steps=10,
                               batch_size=16, minibatch_size=8, min_lr_ratio=1.0)
+    with torch.no_grad():
+        models.hydra.lm.model.embed_tokens.weight[list(CLOSE.ids)] = 0
     optimizer, kl_ctl = make_optimizer(models, cfg.optim), make_kl_controller(cfg)
     prompts = [[300 + t for t in p] for p in PROMPTS] * 4
-    scores = [ppo_step(models, prompts, cfg, optimizer, kl_ctl, step=s)["score"]
+    scores = [ppo_step(models, prompts, cfg, optimizer, kl_ctl, step=s, close=CLOSE)["score"]
               for s in range(cfg.max_steps)]
     assert sum(scores[-3:]) / 3 > scores[0] + 0.4, scores
+
+
+# ---- where PPO reads the reward: the token reward training reads ----
+
+class ReadTokenReward(torch.nn.Module):
+    """A hand-built reward model whose score names the token it read and that token's position:
+    1000 * (real tokens up to it) + its id. Two readings agree only on the same token of the same
+    sequence."""
+
+    def score(self, tokens, attention_mask, head="reward"):
+        read = tokens.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)   # (B,)
+        return (1000 * attention_mask.sum(1) + read).float()
+
+
+@pytest.mark.parametrize("variant", ["lora", "hydra"])
+def test_ppo_reads_the_reward_on_the_token_reward_training_reads(byte_tok, monkeypatch, variant):  # noqa: F811
+    """Ended and cut replies alike: PPO's score (rollout and held-out) is the reward-training score
+    of the same reply, read on the "\n" after <|end|>; a reply that did not end loses the penalty."""
+    tok, penalty = byte_tok, 0.25
+    convs = instruction_examples(4, 0, ("arithmetic",), split="heldout")
+    prompts = [render_prompt(tok, c["messages"][:-1]) for c in convs]
+    end, user, eot = (tok.special_id(s) for s in ("<|end|>", "<|user|>", "<|endoftext|>"))
+    replies = [tok.encode("50") + [end],                      # ended
+               tok.encode("8 is"),                            # cut at the budget
+               tok.encode("12") + [user] + tok.encode("x"),   # ran on into another turn
+               tok.encode("7") + [eot]]                       # stopped at <|endoftext|>
+    rollout = hand_rollout(prompts, replies, tok.eot_id)
+    monkeypatch.setattr(ppo_stage, "generate", lambda *args, **kwargs: rollout)   # the rollout, sampled
+    cfg, models = tiny_models(variant, max_new_tokens=4, missing_end_penalty=penalty)
+    reward = ReadTokenReward()
+    if variant == "lora":
+        models.reward = reward
+    else:
+        monkeypatch.setattr(models.hydra, "score", reward.score)   # read with LoRA off, as the stage does
+    # reward training's reading: each reply as a pair side, scored by pair_scores (reward_loss)
+    texts, ended = zip(*(parse_reply(tok, r) for r in replies))
+    pairs = [{"prompt": c["messages"][:-1], "chosen": t, "rejected": t} for c, t in zip(convs, texts)]
+    encoded, _ = encode_pairs(tok, pairs, max_len=64)
+    trained, _, _ = pair_scores(reward, pair_batch(encoded, tok.eot_id, 64))
+    want = trained - penalty * (~torch.tensor(ended)).float()
+    assert list(ended) == [True, False, False, False]
+    batch = rollout_and_score(models, prompts, cfg, tok.eot_id, (end, eot), kl_coef=0.05, close=TurnClose.of(tok))
+    torch.testing.assert_close(batch["scores"], want)
+    judged = heldout_eval(models, tok, convs, AnswerOracle(convs), 4, missing_end_penalty=penalty)
+    assert judged["rm_score"] == pytest.approx(want.mean().item())
+    with pytest.raises(MinilmError, match="close"):
+        rollout_and_score(models, prompts, cfg, tok.eot_id, (end, eot), kl_coef=0.05)
 
 
 @pytest.fixture(scope="module")

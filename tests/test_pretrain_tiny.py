@@ -13,7 +13,7 @@ def test_tiny_preset_learns_far_below_the_unigram_entropy(tmp_path):
     result = subprocess.run([sys.executable, "-m", "minilm", "train", "--preset", "tiny"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-2000:]
-    data = tmp_path / "runs/data/pipeline-2048-400"
+    data = tmp_path / "runs/data/pinned-2048"
     assert (data / "manifest.json").exists() and (data / "phase2/meta.json").exists()
     entropy = json.loads((data / "phase1/meta.json").read_text())["splits"]["train"]["unigram_entropy"]
     rows = [json.loads(line) for line in (tmp_path / "runs/tiny/metrics.jsonl").read_text().splitlines()]

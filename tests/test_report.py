@@ -27,9 +27,11 @@ def _jsonl(path, rows, extra=""):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + extra)
 
 
-def _suite(bpb, math_acc=None, end=None, form=None, correct=None, win=None, lo=None, hi=None, env=None):
-    return {"bpb": bpb, "loss": 2.0, "math_acc": math_acc, "end_rate": end, "form_rate": form,
-            "correct": correct, "winrate": win, "winrate_lo": lo, "winrate_hi": hi, "env_success": env}
+def _suite(bpb, math_acc=None, end=None, form=None, correct=None, win=None, lo=None, hi=None, env=None,
+           ladder=None, gain=(None, None, None)):
+    return {"ladder_acc": ladder, "ladder_gain": gain[0], "ladder_gain_lo": gain[1], "ladder_gain_hi": gain[2],
+            "bpb": bpb, "loss": 2.0, "math_acc": math_acc, "end_rate": end, "form_rate": form,
+            "correct": correct, "winrate": win, "winrate_lo": lo, "winrate_hi": hi, "env_success_math": env}
 
 
 @pytest.fixture
@@ -66,8 +68,8 @@ def run_dir(tmp_path):
             for s in (1, 3, 5)])
     _stage(root, "eval", "evaluation suite", 9.0, 0, 0, 0, {"evaluated": ["pretrain", "sft", "ppo"], "n": 3})
     (root / "eval.json").write_text(json.dumps({
-        "sft": _suite(2.1, 0.1, 0.9, 0.8, 0.25), "pretrain": _suite(2.5),
-        "ppo": _suite(1.9, 0.3, 0.95, 0.9, 0.3, 0.62, 0.55, 0.68)}))
+        "sft": _suite(2.1, 0.1, 0.9, 0.8, 0.25, ladder=0.4), "pretrain": _suite(2.5, ladder=0.0),
+        "ppo": _suite(1.9, 0.3, 0.95, 0.9, 0.3, 0.62, 0.55, 0.68, ladder=0.46, gain=(0.06, 0.01, 0.11))}))
     return root
 
 
@@ -93,11 +95,16 @@ def test_tables_hold_exactly_the_run_numbers(run_dir, text_only):
     assert "| dno | DNO | 60.0 s | 8,000 | 1,050,000 | 1,050,000 | best iteration 2, last vs SFT 0.65 |" in rows
     assert ("| prune | pruning | 15.0 s * | 30,000 | 1,050,000 | 1,050,000 | "
             "held-out loss 2.5, compact params 800,000 |") in rows
-    # the evaluation table: stage order (not the file's), None as "-", the win-rate with its interval
-    evals = _rows(text.split("## What each stage bought")[1].split("##")[0])
-    assert evals[1:] == ["| pretrain | 2.500 | - | - | - | - | - | - |",
-                     "| sft | 2.100 | 0.100 | 0.900 | 0.800 | 0.250 | - | - |",
-                     "| ppo | 1.900 | 0.300 | 0.950 | 0.900 | 0.300 | 0.620 [0.55, 0.68] | - |"]
+    # the ladder comes first: accuracy, the gain over SFT with its interval, "-" where not measured
+    ladder = _rows(text.split("## What each stage bought")[1].split("##")[0])
+    assert ladder[1:] == ["| pretrain | 0.000 | - |" + " - |" * 7, "| sft | 0.400 | - |" + " - |" * 7,
+                          "| ppo | 0.460 | +0.060 [+0.010, +0.110] |" + " - |" * 7]
+    assert text.index("## What each stage bought") < text.index("## Stages")
+    # the other measurements: stage order (not the file's), None as "-", the win-rate with its interval
+    evals = _rows(text.split("## The other measurements")[1].split("##")[0])
+    assert evals[1:] == ["| pretrain | 2.500 | - | - | - | - | - | - | - | - |",
+                         "| sft | 2.100 | 0.100 | 0.900 | 0.800 | 0.250 | - | - | - | - |",
+                         "| ppo | 1.900 | 0.300 | 0.950 | 0.900 | 0.300 | 0.620 [0.55, 0.68] | - | - | - |"]
     assert "- preset: ci" in text
     assert "- total time: 188.2 s (3.1 min) over 7 of 10 stages; 211,456 tokens trained" in text
     assert "[pretrain/loss.png](pretrain/loss.png)" in text
@@ -134,7 +141,7 @@ def test_wrong_types_become_dashes_and_problems(run_dir, text_only):
 def test_plots_written_and_embedded(run_dir):
     pytest.importorskip("matplotlib")
     text = write_report(run_dir, ORDER).read_text()
-    expected = ["stages.png", "pretrain_loss.png", "post_losses.png", "ppo.png", "dno_winrate.png", "prune.png"]
+    expected = ["gains.png", "stages.png", "pretrain_loss.png", "post_losses.png", "ppo.png", "dno_winrate.png", "prune.png"]
     for name in expected:
         assert (run_dir / "report" / name).stat().st_size > 1000, name
         assert f"![{name}](report/{name})" in text
@@ -184,7 +191,7 @@ def test_figures_say_what_they_show(run_dir, monkeypatch):
     pretrain, stages, post = figures
     assert pretrain.axes[0].get_title() == "pretraining loss"           # not the folder's name
     panels = {ax.get_title(): ax for ax in stages.axes if ax.get_visible()}
-    rates = ["math_acc", "end_rate", "form_rate", "correct", "winrate"]    # env_success: never measured
+    rates = ["math_acc", "end_rate", "form_rate", "correct", "winrate"]    # env_success_*: never measured
     assert list(panels) == ["bpb (lower is better)"] + [f"{r} (higher is better)" for r in rates]
     # one label per model in eval.json order (pretrain, sft, ppo): pretrain's math_acc was not measured
     labels = [t for t in panels["math_acc (higher is better)"].texts if t.get_text()]
@@ -197,3 +204,20 @@ def test_figures_say_what_they_show(run_dir, monkeypatch):
     monkeypatch.undo()
     for fig in figures:
         plt.close(fig)
+
+
+def test_the_gains_figure_has_one_bar_per_stage_after_sft_with_its_interval(run_dir, monkeypatch):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from minilm.speedrun.report_plots import plot_gains
+    from minilm.speedrun.run_folder import load_run
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert plot_gains(load_run(run_dir, ORDER), run_dir / "gains.png")
+    ax = figures[0].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["ppo"]          # SFT and pretrain have no gain
+    from matplotlib.colors import to_rgba
+    bar = ax.patches[0]
+    assert bar.get_height() == pytest.approx(0.06)
+    assert bar.get_facecolor() == pytest.approx(to_rgba("tab:green"))      # green: the interval clears 0
+    monkeypatch.undo()
+    plt.close(figures[0])

@@ -4,8 +4,11 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from minilm.generate import generate, token_logprobs
+from minilm.generate import Rollout, generate, left_pad, token_logprobs
 from minilm.model import Phi3
+from minilm.post.chat import TurnClose, close_replies
+from minilm.post.heads import last_token_index
+from minilm.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.lesson_07
 
@@ -116,3 +119,48 @@ def test_build_preference_pairs_rejects_bad_arguments(chat_model):
         build_preference_pairs(model, tok, ["Hi"], LongerIsBetter(), n_samples=1)
     with pytest.raises(ValueError, match="prefer"):
         build_preference_pairs(model, tok, ["Hi"], object())
+
+
+# ---- closing sampled replies as render_chat closes a turn (where a reward head is read) ----
+
+EOT, USER, END, NL = 256, 258, 260, 10   # the byte-level tokenizer's ids (tests/test_chat.py)
+
+
+@pytest.fixture(scope="module")
+def byte_tok():
+    """No merges: every character is its byte's id, the special tokens are 256..260."""
+    return Tokenizer.train(["no merges needed"], vocab_size=261, progress=False)
+
+
+def hand_rollout(prompts: list[list[int]], replies: list[list[int]], pad_id: int) -> Rollout:
+    """A Rollout laid out as generate() lays it out: prompts left-padded to P, then each reply
+    (its stop token included), right-padded to the longest; log-probs 0."""
+    prompt_tokens, prompt_mask = left_pad(prompts, pad_id)            # (B, P) each
+    n = max(len(r) for r in replies)
+    reply_tokens = torch.full((len(replies), n), pad_id, dtype=torch.long)
+    gen = torch.zeros(len(replies), n, dtype=torch.long)              # (B, N) 1 on generated tokens
+    for b, r in enumerate(replies):
+        reply_tokens[b, :len(r)], gen[b, :len(r)] = torch.tensor(r, dtype=torch.long), 1
+    tokens = torch.cat([prompt_tokens, reply_tokens], dim=1)           # (B, P + N)
+    gen_mask = torch.cat([torch.zeros_like(prompt_mask), gen], dim=1)
+    return Rollout(tokens, torch.cat([prompt_mask, gen], dim=1), gen_mask, torch.zeros(tokens.shape),
+                   prompt_tokens.shape[1])
+
+
+def test_close_replies_ends_every_reply_as_render_chat_ends_a_turn(byte_tok):
+    a, h, x = ord("a"), ord("h"), ord("x")
+    replies = [[a, a, END],        # ended: only the "\n" is added
+               [h, USER, x],       # ran on into another turn: cut at <|user|>, closed, not ended
+               [a, a, a, a],       # cut at the budget: closed, not ended
+               [x, EOT]]           # stopped at <|endoftext|>: closed, not ended
+    rollout = hand_rollout([[1, 2, 3], [4], [5, 6], [7]], replies, pad_id=EOT)
+    tokens, attention, ended = close_replies(rollout, TurnClose.of(byte_tok), pad_id=EOT)
+    P = EOT   # padding
+    assert tokens.tolist() == [[1, 2, 3, a, a, END, NL, P, P],
+                               [P, P, 4, h, END, NL, P, P, P],
+                               [P, 5, 6, a, a, a, a, END, NL],
+                               [P, P, 7, x, END, NL, P, P, P]]
+    assert attention.tolist() == (tokens != P).long().tolist()   # no real token is an <|endoftext|> here
+    assert ended.tolist() == [True, False, False, False]
+    # every row's last real token, where HydraModel.score reads, is the closing "\n"
+    assert tokens.gather(1, last_token_index(attention)[:, None]).flatten().tolist() == [NL] * 4

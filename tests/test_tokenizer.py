@@ -7,14 +7,15 @@ the slow reference BPE, hand-computed merges, save/load, and cl100k_base via tik
 
 import itertools
 import json
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from data_prep.stdlib_docs import stdlib_documents
-from minilm.tokenizer import (GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, Tokenizer, TokenizerError, count_chunks,
-                              learn_merges, merge_pair, reference_encode)
+from minilm.tokenizer import (GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, TokenizerError,
+                              count_chunks, learn_merges, merge_pair, reference_encode)
 
 pytestmark = pytest.mark.lesson_02
 
@@ -113,9 +114,15 @@ def test_special_token_errors_are_clear(tok):
         tok.decode([VOCAB + 7])
 
 
+def test_every_digit_is_its_own_token_so_numbers_are_spelled_digit_by_digit(tok):
+    assert SPLIT_PATTERN != GPT4_SPLIT_PATTERN and tok.pattern == SPLIT_PATTERN
+    assert [tok.decode([i]) for i in tok.encode("x=1234567")][-7:] == list("1234567")
+    assert count_chunks(["year 2024"], SPLIT_PATTERN) == Counter({b"year": 1, b" ": 1, b"2": 2, b"0": 1, b"4": 1})
+
+
 def test_tiktoken_matches_reference_bpe(tok, docs):
     held = docs[1] + "\nnaïve 東京 🦜 x=1234567; don't  \n\n  end"
-    assert tok.encode(held) == reference_encode(held, tok.merges, GPT4_SPLIT_PATTERN)
+    assert tok.encode(held) == reference_encode(held, tok.merges, tok.pattern)
     assert tok.encode_batch([held, held[:100]]) == [tok.encode(held), tok.encode(held[:100])]
 
 

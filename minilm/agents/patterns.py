@@ -6,15 +6,14 @@
     ep = episodes[0]; ep.tokens, ep.who, ep.logprobs, ep.values, ep.reward, ep.success
 
 Learning through Communication (Wang et al., arXiv 2310.01444, "Patterns and rewards"). An
-episode is ONE chat in Phi-3's format (minilm/post/chat.py): the first user message is the
-environment's first observation, each assistant turn is one action the agent SAMPLED, each later
-user message is an observation or a teacher's words ("Teacher: ..."). Per token we keep `who`
-(1 = sampled by the agent), the behaviour log-prob, the old value V(state before the token), and
-the terminal reward +1 / -1 on the last agent token.
-
+episode is ONE chat in Phi-3's format (minilm/post/chat.py): user messages are the environment's
+observations or a teacher's words ("Teacher: ..."), each assistant turn is one SAMPLED action.
+Per token: `who` (the source-mask role, numbered as the paper's App. A.2: SYSTEM 0, AGENT 1,
+TEACHER 2, plus our VETOED 3), the behaviour log-prob, the old value V(state before the token).
 - Monologue: the agent alone; the environment answers every action.
-- Dialogue: a teacher that knows the expert's plan replaces a wrong action (not executed) by
-  "Teacher: not that. Try: <the expert's next action>", at most max_hints times per episode.
+- Dialogue: a teacher that knows the expert's plan vetoes a wrong action (not executed; its
+  tokens become VETOED: a judged-wrong answer, return -1, never imitated) and answers "Teacher:
+  not that. Try: <the expert's next action>", at most max_hints times per episode.
 - Analogue: the teacher first shows a solved example of another seed, then gives the reward in words.
 
 Deviations from the paper: the teacher is scripted (the paper's is GPT-4) and corrects with the
@@ -35,6 +34,12 @@ from minilm.generate import generate
 from minilm.post.chat import parse_reply, render_prompt
 
 FINAL_ACTIONS = ("finish[", "answer[")
+# source-mask roles (`Episode.who`), numbered as the paper's App. A.2 (the reference code swaps 0 and 1)
+SYSTEM = 0      # chat tags, environment observations: no loss
+AGENT = 1       # sampled by the agent and executed: LM, policy and value losses
+TEACHER = 2     # the teacher's (or another agent's) words: imitation through the policy loss, no value loss
+VETOED = 3      # sampled by the agent, then vetoed by the teacher: its own return -1, no LM imitation
+SAMPLED = (AGENT, VETOED)   # the roles that carry a behaviour log-prob
 
 
 @dataclass
@@ -49,32 +54,40 @@ class RolloutConfig:
 @dataclass
 class Episode:
     tokens: list[int] = field(default_factory=list)
-    who: list[int] = field(default_factory=list)          # 1: sampled by the agent, 0: anything else
-    logprobs: list[float] = field(default_factory=list)   # behaviour log-prob per token (0 if who=0)
+    who: list[int] = field(default_factory=list)          # role per token: SYSTEM, AGENT, TEACHER, VETOED
+    logprobs: list[float] = field(default_factory=list)   # behaviour log-prob per token (0 unless SAMPLED)
     values: list[float] = field(default_factory=list)     # V(state before the token), filled at the end
     messages: list[dict] = field(default_factory=list)
-    reward: float = 0.0             # +1 / -1, on the last agent token
+    reward: float = 0.0             # +1 / -1, on the last AGENT token (vetoed turns have their own -1)
     success: bool = False
     score: float = 0.0              # env info["score"] (F1 for QA), else success as 0/1
     seed: int = 0
     done: bool = False
     turns: int = 0
     hints: int = 0
+    reply_at: int = 0               # where the latest agent reply starts (what a veto marks)
 
     def add(self, ids: list[int], who: int, logprobs: list[float] | None = None) -> None:
         self.tokens.extend(ids)
         self.who.extend([who] * len(ids))
         self.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
 
-    def add_message(self, tok, role: str, content: str) -> None:
-        """A whole non-agent message, encoded exactly as render_chat encodes it."""
+    def add_message(self, tok, role: str, content: str, who: int = SYSTEM) -> None:
+        """A whole non-agent message, encoded exactly as render_chat encodes it; `who` is the role of
+        its content (the chat tags around it are always SYSTEM: nobody has to learn to say them)."""
         newline = tok.encode("\n")
-        self.add([tok.special_id(f"<|{role}|>")] + newline + tok.encode(content)
-                 + [tok.special_id("<|end|>")] + newline, 0)
+        self.add([tok.special_id(f"<|{role}|>")] + newline, SYSTEM)
+        self.add(tok.encode(content), who)
+        self.add([tok.special_id("<|end|>")] + newline, SYSTEM)
         self.messages.append({"role": role, "content": content})
 
     def last_agent_index(self) -> int:
-        return max(i for i, w in enumerate(self.who) if w) if any(self.who) else -1
+        """The last AGENT token (where the terminal reward goes), -1 if none; vetoed turns do not count."""
+        return max((i for i, w in enumerate(self.who) if w == AGENT), default=-1)
+
+    def veto_last_turn(self) -> None:
+        """Mark the agent's latest reply VETOED: the teacher rejected it, the environment never saw it."""
+        self.who[self.reply_at:] = [VETOED if w == AGENT else w for w in self.who[self.reply_at:]]
 
 
 class ScriptedTeacher:
@@ -113,7 +126,7 @@ class ScriptedTeacher:
 class ModelTeacher(ScriptedTeacher):
     """A minilm chat model words the correction (given the gold next action); scripted otherwise.
 
-    Its text becomes a user message "Teacher: <the model's words> Try: <gold action>" (who = 0).
+    Its text becomes a user message "Teacher: <the model's words> Try: <gold action>" (who = TEACHER).
     The teacher has its own tokenizer: only text passes between it and the student.
     """
 
@@ -180,8 +193,11 @@ class Dialogue(Monologue):
         hint = self.teacher.review(env, ep, action) if ep.hints < cfg.max_hints else None
         if hint is None:
             return super().respond(env, ep, tok, action, cfg)
+        # a judged-wrong answer: if the hint later rescues the episode, this turn must not share the
+        # success (imitating it would teach "err, then take the hint"); it keeps its own -1
+        ep.veto_last_turn()
         ep.hints += 1
-        ep.add_message(tok, "user", f"Teacher: {hint}")
+        ep.add_message(tok, "user", f"Teacher: {hint}", TEACHER)
 
 
 class Analogue(Monologue):
@@ -196,12 +212,15 @@ class Analogue(Monologue):
     def begin(self, env, ep, tok, cfg) -> None:
         source = self.example_env if self.example_env is not None else env
         example = self.teacher.example(source, self.EXAMPLE_SEED_OFFSET + ep.seed % 400_000, cfg.max_example_chars)
-        ep.add_message(tok, "user", f"{example}\n{env.reset(ep.seed)}")
+        # two messages, so each keeps render_chat's encoding and one role (a shared message would
+        # merge BPE chunks like "]\n" across the teacher/environment boundary)
+        ep.add_message(tok, "user", example, TEACHER)
+        ep.add_message(tok, "user", env.reset(ep.seed))
 
     def respond(self, env, ep, tok, action, cfg) -> None:
         super().respond(env, ep, tok, action, cfg)
         if ep.done:
-            ep.add_message(tok, "user", self.teacher.verdict(env, ep.success))
+            ep.add_message(tok, "user", self.teacher.verdict(env, ep.success), TEACHER)
 
 
 PATTERNS = {"monologue": Monologue, "dialogue": Dialogue, "analogue": Analogue}
@@ -220,10 +239,11 @@ def _agent_turn(tok, ep: Episode, reply: list[int], logprobs: list[float]) -> st
     """Append one sampled reply (agent tokens) in chat format; returns the action text."""
     end, newline = tok.special_id("<|end|>"), tok.encode("\n")
     text, _ = parse_reply(tok, reply)
-    ep.add(reply, 1, logprobs)
+    ep.reply_at = len(ep.tokens)
+    ep.add(reply, AGENT, logprobs)
     if not reply or reply[-1] != end:
-        ep.add([end], 0)            # the reply ran out or stopped at another special: close it for it
-    ep.add(newline, 0)
+        ep.add([end], SYSTEM)       # the reply ran out or stopped at another special: close it for it
+    ep.add(newline, SYSTEM)
     ep.messages.append({"role": "assistant", "content": text})
     return text
 
@@ -259,7 +279,7 @@ def run_episodes(model, tok, envs: list, seeds: list[int], pattern, cfg: Rollout
     episodes = [Episode(seed=s) for s in seeds]
     for env, ep in zip(envs, episodes):
         pattern.begin(env, ep, tok, cfg)
-    prefix = [tok.special_id("<|assistant|>")] + tok.encode("\n")   # opens every agent turn (who = 0)
+    prefix = [tok.special_id("<|assistant|>")] + tok.encode("\n")   # opens every agent turn (SYSTEM)
     stops = sorted(tok.special_tokens.values())
     limit = lm.config.max_seq_len
     while True:
@@ -276,7 +296,7 @@ def run_episodes(model, tok, envs: list, seeds: list[int], pattern, cfg: Rollout
                        pad_id=tok.eot_id)
         for row, i in enumerate(live):
             ep, keep = episodes[i], out.gen_mask[row].bool()   # keep: this row's sampled tokens, no padding
-            ep.add(prefix, 0)
+            ep.add(prefix, SYSTEM)
             action = _agent_turn(tok, ep, out.tokens[row][keep].tolist(), out.logprobs[row][keep].tolist())
             ep.turns += 1
             pattern.respond(envs[i], ep, tok, action, cfg)

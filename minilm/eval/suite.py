@@ -1,21 +1,24 @@
 """The evaluation suite: one fixed set of measurements for every stage's model (lesson 12).
 
     from minilm.eval.suite import suite_config, evaluate_checkpoint
-    row = evaluate_checkpoint("runs/dpo-tiny/checkpoint", suite_config("ci"), "runs/data/pipeline-2048-400",
+    row = evaluate_checkpoint("runs/dpo-tiny/checkpoint", suite_config("ci"), "runs/data/pinned-2048",
                               reference_path="runs/sft-tiny/checkpoint", cache={})
-    row["bpb"], row["math_acc"], row["winrate"]    # a flat dict of floats (None: not measured)
+    row["ladder_acc"], row["bpb"], row["winrate"]  # floats (None: not measured); ladder_correct: 0/1 per item
 
 The same suite runs on the pretrained, SFT, DPO, PPO, DNO, LTC and pruned models, so the report
 can show what each stage bought (nanochat's report card does this for its stages). Every prompt is
 held out from training and every reply is greedy, so one model and config always give one dict:
 
+  ladder_acc, ladder_acc_mid, ladder_<rung>   held-out skill-ladder accuracy (minilm/eval/ladder.py);
+                  ladder_correct keeps the 0/1 per item, for paired gains over SFT (`ladder_gains`)
   bpb, loss       bits per UTF-8 byte and nats per token on the data's "val" split, through
                   `minilm.stages.pretrain.evaluate` itself (the number pretraining logs)
   math_acc        held-out GSM8K-shaped word problems; correct when the LAST integer is the answer
   end_rate, form_rate, correct   held-out chat prompts, judged as the SFT stage judges them
   winrate, _lo, _hi   head-to-head against the reference (SFT) model's replies under
                   `ReferenceF1Judge`, a judge no stage trains against; ties 1/2, 95% Wilson interval
-  env_success     held-out episodes of cfg.env, the agent alone, greedy (LTC's own evaluation)
+  env_success_household, _qa, _math   held-out episodes of each LTC environment, the agent alone,
+                  greedy (LTC's own evaluation); env_success is their mean
 
 A prompt that leaves no room for its reply budget is not asked and counts as a failed reply.
 Deviation from nanochat's report card: no external benchmark (none ships offline); the held-out
@@ -32,13 +35,15 @@ from pathlib import Path
 
 import torch
 
-from data_prep.instructions import SYNTHETIC, instruction_examples, split_of
+from data_prep.instructions import DEFAULT_SOURCES, SYNTHETIC, instruction_examples, split_of
+from data_prep.ladder import LADDER
 from minilm import MinilmError
 from minilm.agents.envs import ENVS
 from minilm.agents.envs.base import content_split
 from minilm.checkpoint import load_checkpoint
 from minilm.config import from_preset
 from minilm.data import TokenDataset
+from minilm.eval.ladder import ladder_items, ladder_metrics
 from minilm.lora import adapter_names, merge_and_unload
 from minilm.post.chat import render_prompt
 from minilm.post.oracles import AnswerOracle, ScoreOracle, split_reply, token_f1
@@ -50,33 +55,36 @@ from minilm.stages.ltc import ltc_config, make_envs
 from minilm.stages.pretrain import TrainConfig
 from minilm.stages.pretrain import evaluate as evaluate_text
 
-METRICS = ("bpb", "loss", "math_acc", "end_rate", "form_rate", "correct",
-           "winrate", "winrate_lo", "winrate_hi", "env_success")
+ENV_NAMES = tuple(sorted(ENVS))     # household, math, qa: LTC's three environments
+METRICS = ("ladder_acc", "ladder_acc_mid", *(f"ladder_{r}" for r in LADDER), "bpb", "loss", "math_acc",
+           "end_rate", "form_rate", "correct", "winrate", "winrate_lo", "winrate_hi",
+           *(f"env_success_{e}" for e in ENV_NAMES), "env_success")
 FAILED = {"correct": False, "in_form": False, "ended": False, "f1": 0.0, "reward": 0.0, "reply": ""}
 
 
 @dataclass
 class SuiteConfig:
+    n_ladder: int = 50              # held-out skill-ladder problems per rung
+    ladder_new_tokens: int = 96     # reply budget for ladder problems (worked replies run 15-90 tokens)
     n_bpb_batches: int = 8          # validation windows: n_bpb_batches * batch_size of seq_len tokens
     n_math: int = 64                # held-out word problems
     n_chat: int = 200               # held-out chat prompts (format compliance)
     n_winrate: int = 200            # held-out chat prompts judged against the reference
-    n_env: int = 32                 # held-out environment episodes
-    env: str = "math"               # household, qa or math (minilm/agents/envs)
+    n_env: int = 32                 # held-out episodes of each environment (household, qa, math)
     max_new_tokens: int = 32        # reply budget for chat prompts
     math_new_tokens: int = 96       # reply budget for word problems (worked solutions ~60-90 tokens)
     seed: int = 0                   # which held-out prompts are drawn
     batch_size: int = 32            # prompts / windows / episodes per forward pass
     seq_len: int = 0                # bpb window length; 0: the model's max_seq_len
-    sources: str = "man,stdlib,arithmetic,units"   # chat prompt kinds (data_prep/instructions.py)
+    sources: str = ",".join(DEFAULT_SOURCES)   # chat prompt kinds (data_prep/instructions.py)
     device: str = "auto"            # evaluate_checkpoint only: auto, cpu, cuda
 
 
 SUITE_PRESETS = {
-    "ci": dict(n_bpb_batches=2, n_math=16, n_chat=32, n_winrate=32, n_env=8, batch_size=16,
-               math_new_tokens=64),
+    "ci": dict(n_ladder=4, n_bpb_batches=2, n_math=16, n_chat=32, n_winrate=32, n_env=8, batch_size=16,
+               math_new_tokens=64, ladder_new_tokens=64),
     "laptop": dict(),
-    "gpu": dict(n_bpb_batches=32, n_math=256, n_chat=500, n_winrate=500, n_env=100, batch_size=128),
+    "gpu": dict(n_ladder=200, n_bpb_batches=32, n_math=256, n_chat=500, n_winrate=500, n_env=100, batch_size=128),
 }
 
 
@@ -85,15 +93,13 @@ def suite_config(preset: str = "laptop", **overrides) -> SuiteConfig:
 
 
 def _check(cfg: SuiteConfig) -> None:
-    sizes = ("n_bpb_batches", "n_math", "n_chat", "n_winrate", "n_env", "seq_len")
+    sizes = ("n_ladder", "n_bpb_batches", "n_math", "n_chat", "n_winrate", "n_env", "seq_len")
     bad = [f"{k}={getattr(cfg, k)}" for k in sizes if getattr(cfg, k) < 0]
-    bad += [f"{k}={getattr(cfg, k)}" for k in ("batch_size", "max_new_tokens", "math_new_tokens")
+    bad += [f"{k}={getattr(cfg, k)}" for k in ("batch_size", "max_new_tokens", "math_new_tokens", "ladder_new_tokens")
             if getattr(cfg, k) < 1]
     if bad:
         raise MinilmError(f"invalid suite sizes {', '.join(bad)}: counts must be >= 0 (0 skips the "
                           f"metric), batch_size and reply budgets >= 1")
-    if cfg.env not in ENVS:
-        raise MinilmError(f"unknown environment {cfg.env!r}; choose one of {sorted(ENVS)}")
 
 
 # ---- held-out text: bits per byte
@@ -232,9 +238,9 @@ def chat_metrics(model, tokenizer, cfg: SuiteConfig, reference=None, cache: dict
 
 # ---- environment success
 
-def env_success(model, tokenizer, cfg: SuiteConfig) -> float:
-    """Success on cfg.n_env held-out seeds of cfg.env: LTC's own evaluation (Monologue, greedy)."""
-    ltc = ltc_config("tiny", env=cfg.env, n_test=cfg.n_env, eval_temperature=0.0)
+def env_success(model, tokenizer, cfg: SuiteConfig, env: str) -> float:
+    """Success on cfg.n_env held-out seeds of `env`: LTC's own evaluation (Monologue, greedy)."""
+    ltc = ltc_config("tiny", env=env, n_test=cfg.n_env, eval_temperature=0.0)
     envs = make_envs(ltc, "test", min(cfg.n_env, cfg.batch_size))  # episodes run in parallel
     return evaluate_agent(model, tokenizer, envs, ltc)["success"]
 
@@ -244,7 +250,8 @@ def env_success(model, tokenizer, cfg: SuiteConfig) -> float:
 @torch.no_grad()
 def evaluate_model(model, tokenizer, cfg: SuiteConfig, data_dir, reference=None,
                    cache: dict | None = None) -> dict:
-    """Every metric of the suite for one model: {key: float or None} with exactly METRICS as keys.
+    """Every metric of the suite for one model: {key: float or None} with METRICS as keys, plus
+    "ladder_correct" (the 0/1 score of each held-out ladder item, or None).
 
     reference: the model to win against (the SFT model); its tokenizer must be `tokenizer`'s.
     cache: a dict the caller keeps between calls; the reference's replies are stored in it.
@@ -252,9 +259,15 @@ def evaluate_model(model, tokenizer, cfg: SuiteConfig, data_dir, reference=None,
     """
     _check(cfg)
     out = dict.fromkeys(METRICS)  # None until measured
+    scores = None
     was_training = model.training
     model.eval()
     try:
+        if cfg.n_ladder:
+            items = ladder_items(cfg.n_ladder, cfg.seed)
+            judged = judged_replies(model, tokenizer, items, cfg.ladder_new_tokens, cfg.batch_size)
+            scores = [int(j["correct"]) for j in judged]   # in item order: the paired gain needs it
+            out.update(ladder_metrics(scores, items))
         if cfg.n_bpb_batches and data_dir is not None:
             out.update(text_metrics(model, tokenizer, cfg, data_dir))
         if cfg.n_math:
@@ -264,10 +277,12 @@ def evaluate_model(model, tokenizer, cfg: SuiteConfig, data_dir, reference=None,
         if cfg.n_chat or (cfg.n_winrate and reference is not None):
             out.update(chat_metrics(model, tokenizer, cfg, reference, cache))
         if cfg.n_env:
-            out["env_success"] = env_success(model, tokenizer, cfg)
+            for env in ENV_NAMES:
+                out[f"env_success_{env}"] = env_success(model, tokenizer, cfg, env)
+            out["env_success"] = _mean(out[f"env_success_{e}"] for e in ENV_NAMES)
     finally:
         model.train(was_training)  # even if a metric raised
-    return {k: None if v is None else float(v) for k, v in out.items()}
+    return {**{k: None if v is None else float(v) for k, v in out.items()}, "ladder_correct": scores}
 
 
 def _device(name: str) -> str:

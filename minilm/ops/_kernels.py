@@ -48,9 +48,10 @@ if LOADED:
 
     def _backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        # the kernels require contiguous inputs; autograd may hand over a strided gradient (e.g. via a transpose)
+        # the kernels require contiguous inputs of one dtype; autograd may hand over a strided gradient
+        # (e.g. via a transpose), or a bf16 one when a later op ran under autocast
         grad_q, grad_k, grad_v = torch.ops.minilm.attention_bwd(
-            grad_out.contiguous(), q, k, v, out, lse, ctx.causal, ctx.scale)
+            grad_out.to(q.dtype).contiguous(), q, k, v, out, lse, ctx.causal, ctx.scale)
         return grad_q, grad_k, grad_v, None, None  # causal and scale get no gradient
 
     torch.library.register_autograd("minilm::attention_fwd", _backward, setup_context=_setup_context)
@@ -73,7 +74,8 @@ if LOADED:
 
     def _ffn_backward(ctx, grad_out, _grad_hidden):
         x, gate_up_weight, down_weight, mask, hidden = ctx.saved_tensors
-        grads = torch.ops.minilm.masked_ffn_bwd(grad_out.contiguous(), x, gate_up_weight, down_weight,
+        # under autocast the op after this one may hand back a bf16 gradient for our float32 output
+        grads = torch.ops.minilm.masked_ffn_bwd(grad_out.to(x.dtype).contiguous(), x, gate_up_weight, down_weight,
                                                 mask, hidden)
         return (*grads, None)  # no gradient for the mask: use act * mask for that (model.MLP does)
 

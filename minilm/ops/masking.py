@@ -89,6 +89,9 @@ def masked_ffn(x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch
                          "activations by it (masked_ffn_reference) to train through it")
     if not _use_kernel(x, backend):
         return masked_ffn_reference(x, gate_up_weight, down_weight, mask)  # dense cost, same numbers
+    if torch.is_autocast_enabled(x.device.type):   # a custom op is not autocast: cast as it would a matmul
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, gate_up_weight, down_weight = x.to(dtype), gate_up_weight.to(dtype), down_weight.to(dtype)
     # [0]: out (..., D); [1]: the (N, 2K) hidden, saved for the backward (see _kernels.py)
     return torch.ops.minilm.masked_ffn_fwd(x, gate_up_weight, down_weight, mask.to(x.dtype))[0]
 

@@ -51,7 +51,7 @@ def add_lora(cfg: LoRAConfig, model, adapter: str = "default") -> list[str]:
 def init_model(init: str, lora_cfg: LoRAConfig | None = None, device="cpu", adapter: str = "default"):
     """(model, tokenizer) from the checkpoint `init`, with LoRA added when lora_cfg.r > 0."""
     if not init:
-        raise MinilmError("no starting checkpoint: pass --init DIR (e.g. runs/base-tiny/checkpoint)")
+        raise MinilmError("no starting checkpoint: pass --init DIR (e.g. runs/tiny/checkpoint, which `minilm train --preset tiny` writes)")
     ck = load_checkpoint(init, device=device)
     if ck.tokenizer is None:
         raise MinilmError(f"{init} has no tokenizer; post-training needs one to render chats")

@@ -4,6 +4,7 @@
                                   {"role": "assistant", "content": "list directory contents"}])
     prompt = render_prompt(tok, [{"role": "user", "content": "What does `ls` do?"}])
     text, ended = parse_reply(tok, generated_ids)
+    scored = close_replies(rollout, TurnClose.of(tok), pad_id=tok.eot_id)   # reward read where trained
     batch = collate([(ids, mask), ...], pad_id=tok.eot_id, max_len=256)
 
 The format (Phi-3 report, section 3; the template of the released models):
@@ -17,11 +18,15 @@ to imitate the user. Each piece (tag, "\\n", content, <|end|>, "\\n") is encoded
 prompt the model sees at generation time ("...<|assistant|>\\n") is token for token the prefix it
 saw in training.
 
+`close_replies` closes sampled replies as render_chat closes a turn, so a reward head trained on
+the final "\\n" is read there (a reply that did not end is closed too; `ended` says which).
 `collate` pads on the right. With causal attention, a real token never attends to a later pad, so
 right padding cannot change any real token's output; the attention mask is passed anyway.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -43,7 +48,7 @@ def render_chat(tokenizer, messages, add_generation_prompt: bool = False) -> tup
     With add_generation_prompt, "<|assistant|>\\n" is appended (mask 0): the model answers next.
     """
     _check(messages)
-    end, newline = tokenizer.special_id("<|end|>"), tokenizer.encode("\n")
+    end, *newline = closing_ids(tokenizer)
     ids: list[int] = []
     mask: list[int] = []
 
@@ -81,6 +86,51 @@ def parse_reply(tokenizer, ids) -> tuple[str, bool]:
     stop = next((i for i, t in enumerate(ids) if t in specials), len(ids))   # len(ids): ran out of budget
     ended = stop < len(ids) and ids[stop] == tokenizer.special_id("<|end|>")
     return tokenizer.decode(ids[:stop]).strip(), ended
+
+
+def closing_ids(tokenizer) -> list[int]:
+    """[<|end|>, *"\\n"]: the ids render_chat puts after every message's content."""
+    return [tokenizer.special_id("<|end|>")] + tokenizer.encode("\n")
+
+
+@dataclass(frozen=True)
+class TurnClose:
+    """How a turn closes: `ids` (<|end|>, "\\n") end it; a reply stops at any of `specials`."""
+    ids: tuple[int, ...]        # ids[0] is <|end|>: a reply that emitted it ended properly
+    specials: tuple[int, ...]   # every special id, as parse_reply stops at them
+
+    @classmethod
+    def of(cls, tokenizer) -> TurnClose:
+        return cls(tuple(closing_ids(tokenizer)), tuple(sorted(tokenizer.special_tokens.values())))
+
+
+def close_replies(rollout, close: TurnClose, pad_id: int):
+    """(tokens, attention_mask, ended) of a Rollout's rows re-closed as render_chat closes a turn.
+
+    Each row becomes prompt + reply cut at its first special token (parse_reply's cut) + close.ids,
+    so every row's last real token is the "\\n" after <|end|>: where a reward head is trained
+    (render_chat, last_token_index) and so where it must be read. A reply that ended with <|end|>
+    only gains the "\\n"; one cut at the budget or at another special token is closed the same way
+    and has ended False. tokens, attention_mask: (B, P + W) with W = the longest closed reply, the
+    prompts left-padded as in the rollout, the replies right-padded; ended: (B,) bool.
+    """
+    p = rollout.prompt_len
+    specials = torch.tensor(close.specials, device=rollout.tokens.device)
+    replies, ended = [], []
+    for row, gen in zip(rollout.tokens[:, p:], rollout.gen_mask[:, p:]):   # (N,) each
+        reply = row[gen.bool()]                                # the generated ids, stop token included
+        hits = torch.isin(reply, specials).nonzero()
+        stop = int(hits[0]) if len(hits) else len(reply)       # len: ran out of budget
+        ended.append(stop < len(reply) and int(reply[stop]) == close.ids[0])
+        replies.append(reply[:stop].tolist() + list(close.ids))
+    width = max(len(r) for r in replies)
+    tokens = torch.full((len(replies), p + width), pad_id, dtype=torch.long, device=rollout.tokens.device)
+    attention = torch.zeros_like(tokens)
+    tokens[:, :p], attention[:, :p] = rollout.tokens[:, :p], rollout.attention_mask[:, :p]   # the prompts
+    for b, reply in enumerate(replies):
+        tokens[b, p:p + len(reply)] = torch.tensor(reply, dtype=torch.long)
+        attention[b, p:p + len(reply)] = 1
+    return tokens, attention, torch.tensor(ended, device=tokens.device)
 
 
 def collate(examples, pad_id: int, max_len: int) -> dict[str, torch.Tensor]:

@@ -5,22 +5,21 @@
     pairs = select_pairs(scores, teacher_index=5)                                     # Algorithm 2, 2c
     old = replay_pairs([pairs_t1, pairs_t2], shares=(0.3, 0.15), seed=0)              # Algorithm 2, 2d
 
-The stage that uses them is minilm/stages/dno.py (`minilm dno`); the tabular demo with an
-intransitive oracle is `tabular_dno` below.
+The stage that uses them is minilm/stages/dno.py (`minilm dno`); `tabular_dno` below is the demo
+with an intransitive oracle. DNO aims at the Nash equilibrium of the game with payoff P(y > y' | x):
+iteration t rewards a reply by its expected win-rate against pi_t, r_t(y) = E_{y'~pi_t} P(y > y'),
+and moves to pi_{t+1} ∝ pi_t exp(r_t / eta). Algorithm 1 fits that by a soft-label cross-entropy
+(`dno_regression_loss`); Algorithm 2 (DNO-Prct) uses the DPO loss, reference pi_t, on large-margin
+pairs. `VerifierOracle` scores 0..6 like the paper's rubric (a wrong reply <= 4), so the paper's
+thresholds carry over: positive_min=5, teacher_margin=2, student_margin=1; with the filter off,
+every pair whose scores differ is used (the paper's "all pairs" ablation). Pair statistics go in
+the row of the iterate whose samples they describe, as in the paper's Table 2 (`place_pair_stats`).
 
-DNO aims at the Nash equilibrium (von Neumann winner) of the game whose payoff is a general
-preference P(y > y' | x). Iteration t rewards a reply by its expected win-rate against the
-current policy, r_t(y) = E_{y'~pi_t} P(y > y'), and moves pi_t to pi_{t+1} ∝ pi_t exp(r_t / eta).
-Algorithm 1 fits that target by a soft-label binary cross-entropy on pairs (`dno_regression_loss`);
-Algorithm 2 (DNO-Prct, what the paper ran) keeps only large-margin pairs and uses the DPO loss
-(minilm/post/dpo.py `dpo_loss`) with the reference = pi_t, the previous iterate.
-
-Paper thresholds and our scale. The paper's GPT-4 oracle scores on an additive 6-point rubric;
-a positive must score 5-6 and a negative >= 2 points lower (>= 1 when the positive is a student
-sample). `VerifierOracle` (minilm/post/oracles.py) scores 0..6 with the rubric's shape (a wrong
-reply gets at most 4), so the thresholds carry over unchanged: positive_min=5, teacher_margin=2,
-student_margin=1. With the filter off, every pair whose scores differ is used (the paper's
-"all pairs" ablation).
+Deviations (our choices). A reply that never closed its turn (no <|end|> before max_new_tokens)
+is never the positive, in either mode, and is trained as a negative without an <|end|> it did not
+produce (`build_pairs`, `encode_pair`). The NLL term (DPO + NLL) falls only on chosen replies
+scoring >= positive_min (`positive_nll`): with the filter off, a 4-point wrong reply beating a
+3-point one is still a DPO pair but is never imitated.
 """
 
 from __future__ import annotations
@@ -70,16 +69,18 @@ def expected_win_rates(prefer: torch.Tensor, students: torch.Tensor) -> torch.Te
 
 def select_pairs(scores: list[float], teacher_index: int | None = None, positive_min: float = 5,
                  teacher_margin: float = 2, student_margin: float = 1, large_margin: bool = True,
-                 texts: list[str] | None = None) -> list[tuple[int, int, str]]:
+                 texts: list[str] | None = None, ended: list[bool] | None = None) -> list[tuple[int, int, str]]:
     """Algorithm 2 step 2c on one prompt's candidates: (positive, negative, kind) index pairs.
 
     large_margin: the positive scores >= positive_min and the negative is >= teacher_margin
     below a teacher positive, >= student_margin below a student positive. Otherwise every pair
-    with different scores. Candidates with identical texts are never paired.
+    with different scores. Candidates with identical texts are never paired. ended[i] False (the
+    reply never closed its turn) bars candidate i from being the positive in either mode: its
+    text is a cut-off reply, so making it more likely teaches the model to run on.
     """
     pairs = []
     for i, si in enumerate(scores):
-        if large_margin and si < positive_min:
+        if (large_margin and si < positive_min) or (ended is not None and not ended[i]):
             continue
         margin = teacher_margin if i == teacher_index else student_margin   # a teacher positive needs a wider gap
         for j, sj in enumerate(scores):
@@ -90,6 +91,71 @@ def select_pairs(scores: list[float], teacher_index: int | None = None, positive
                     "student>teacher" if j == teacher_index else "student>student")
             pairs.append((i, j, kind))
     return pairs
+
+
+def build_pairs(cfg, oracle, monitor, prompts, students, teachers) -> tuple[list[dict], dict]:
+    """Steps 2-3 of one iteration (cfg: the stage's DNOConfig): the pairs and what they say.
+
+    students: per prompt, K (text, judged) samples of pi_t (`sample_replies`); the judged string
+    ends in "<|end|>" exactly when the reply closed its turn. A pair records r_t of both sides
+    (Algorithm 1's labels), chosen_positive (the chosen reply scores >= positive_min: only those
+    get the NLL term) and rejected_ended (False: encode it without <|end|>). Stats: shares of each
+    pair kind, best-of-K student vs teacher under the uncounted `monitor` verifier.
+    """
+    pairs, beats_teacher = [], 0
+    for prompt, samples, teacher in zip(prompts, students, teachers):
+        texts = [t for t, _ in samples] + [teacher]  # k student replies, the teacher at index k
+        judged = [j for _, j in samples] + [teacher + "<|end|>"]  # as judges see them
+        ended = [j.endswith("<|end|>") for j in judged]  # (k+1,): the teacher's reply always ends
+        k = len(samples)
+        seen = monitor.score_many([prompt] * (k + 1), judged)  # points, outside the budget
+        beats_teacher += max(seen[:k]) > seen[k]
+        if cfg.pairs_mode == "spin":  # no oracle: the teacher is always the positive (SPIN's premise)
+            chosen = [(k, j, "teacher>student") for j in range(k) if texts[j] != teacher]
+            r, positive = [0.0] * (k + 1), [True] * (k + 1)
+        else:
+            scores, prefer = score_candidates(oracle, prompt, judged)  # (k+1,) on 0..6, (k+1, k+1)
+            # chosen: (i, j, kind) index triples, candidate i preferred over candidate j
+            chosen = select_pairs(scores, k, cfg.positive_min, cfg.teacher_margin, cfg.student_margin,
+                                  cfg.large_margin, texts, ended)
+            if cfg.pairs_mode == "restrictive":
+                chosen = [c for c in chosen if c[2] == "teacher>student"]
+            students_mask = torch.tensor([True] * k + [False])
+            r = expected_win_rates(prefer, students_mask).tolist()  # (k+1,): Algorithm 1's r_t
+            positive = [s >= cfg.positive_min for s in scores]  # the threshold, also with the filter off
+        pairs += [{"prompt": prompt, "chosen": texts[i], "rejected": texts[j], "kind": kind, "r_chosen": r[i],
+                   "r_rejected": r[j], "chosen_positive": positive[i], "rejected_ended": ended[j]}
+                  for i, j, kind in chosen]
+    n = max(1, len(pairs))
+    stats = {f"share_{kind}": sum(p["kind"] == kind for p in pairs) / n for kind in PAIR_KINDS}
+    stats.update(n_new_pairs=len(pairs), best_of_k_beats_teacher=beats_teacher / max(1, len(prompts)))
+    return pairs, stats
+
+
+def positive_nll(logp_chosen: torch.Tensor, n_tokens: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """NLL per reply token of the chosen replies that passed the positive threshold (all (B,)).
+
+    logp_chosen: summed reply log-probs; n_tokens: reply tokens per row; positive: bool. Rows that
+    are not positive add nothing; a batch with none gives a zero that still carries the graph.
+    """
+    w = positive.to(logp_chosen.dtype)                        # (B,) 1 on positive rows
+    return -(logp_chosen * w).sum() / (n_tokens.to(logp_chosen.dtype) * w).sum().clamp(min=1)
+
+
+def place_pair_stats(rows: list[dict], new_row: dict, pair_stats: dict) -> list[dict]:
+    """rows + [new_row], with pair_stats merged into the last existing row.
+
+    rows[t] describes pi_{t+1} (rows[0]: SFT = pi_1). Iteration t samples pi_t and trains
+    pi_{t+1}, so its pair statistics describe rows[t - 1], the iterate that produced the samples,
+    while new_row (pi_{t+1}'s evaluation and training numbers) becomes rows[t].
+    """
+    return rows[:-1] + [{**rows[-1], **pair_stats}, new_row]
+
+
+def best_iterate(rows: list[dict], key: str = "val_points") -> int:
+    """Index of the best row on validation, rows[0] (the SFT model, pi_1) included; a tie goes to
+    the earlier iterate, so an iterate must beat SFT to be chosen over it."""
+    return max(range(len(rows)), key=lambda t: (rows[t][key], -t))
 
 
 def replay_pairs(earlier: list[list[dict]], shares=(0.3, 0.15), seed: int = 0) -> list[dict]:
@@ -222,7 +288,8 @@ def score_candidates(oracle, prompt, candidates: list[str]) -> tuple[list[float]
 
 def make_batch_fn(encoded, pairs, batch_size: int, seed: int, pad_id: int, max_len: int):
     """batch_fn(step): pair_batch of a shuffled pass (a pure function of seed and step), with the
-    pairs' r_t values attached for Algorithm 1's soft labels."""
+    pairs' r_t values (2B,) for Algorithm 1's soft labels and "positive" (B,), each chosen reply's
+    chosen_positive (the rows the NLL term may touch)."""
     n = len(encoded)
     orders = {}
 
@@ -235,6 +302,7 @@ def make_batch_fn(encoded, pairs, batch_size: int, seed: int, pad_id: int, max_l
         picks = [order(i // n)[i % n] for i in range(step * batch_size, (step + 1) * batch_size)]
         batch = pair_batch([encoded[j] for j in picks], pad_id, max_len)
         batch["r"] = torch.tensor([pairs[j]["r_chosen"] for j in picks] + [pairs[j]["r_rejected"] for j in picks])
+        batch["positive"] = torch.tensor([bool(pairs[j]["chosen_positive"]) for j in picks])
         return batch
 
     return batch_fn

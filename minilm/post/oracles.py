@@ -34,11 +34,12 @@ from collections import Counter
 
 import torch
 
+from data_prep.instructions import WORKED_KINDS
 from minilm.generate import left_pad
 from minilm.post.chat import collate, render_chat, render_prompt
 
 SPECIAL_STRINGS = ("<|end|>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>")
-NUMERIC_KINDS = ("arithmetic", "units")
+NUMERIC_KINDS = ("arithmetic", "units_short")   # the answer alone
 MAX_FORM_WORDS = 16
 _PUNCT = str.maketrans("", "", string.punctuation.replace("-", "").replace(".", "") + "`")
 
@@ -111,7 +112,7 @@ class AnswerOracle:
             in_form = re.fullmatch(r"-?\d+", normalise(text)) is not None
             correct = in_form and int(normalise(text)) == int(answer)
             credit = float(correct)
-        elif kind == "word_problem":    # GSM8K's rule: the LAST integer of the reply is the answer
+        elif kind in WORKED_KINDS:      # GSM8K's rule: the LAST integer of the reply is the answer
             numbers = re.findall(r"-?\d+", text)
             in_form = re.search(r"The answer is -?\d+\.?$", text) is not None
             correct = bool(numbers) and int(numbers[-1]) == int(answer)
@@ -228,7 +229,7 @@ class VerifierOracle(ScoreOracle):
         answer, kind = self.answers.reference(prompt)
         j = self.answers.judge(prompt, response, ended)
         text, _ = split_reply(response, ended)
-        if kind in NUMERIC_KINDS or kind == "word_problem":
+        if kind in NUMERIC_KINDS or kind in WORKED_KINDS:
             numbers = re.findall(r"-?\d+", text)
             got, want = (int(numbers[-1]) if numbers else None), int(answer)
             ballpark = got is not None and len(str(abs(got))) == len(str(abs(want)))

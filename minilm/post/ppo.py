@@ -225,6 +225,14 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor,
     return picked * (has_context & attention_mask.bool())
 
 
+def scaled_logprobs(logits: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor,
+                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """((B, T) log-probs, (B, T, V) logits), both at the sampling temperature: the log-probs of the
+    distribution a rollout sampled from (greedy, temperature 0, records temperature-1 ones)."""
+    logits = logits.float() / (temperature if temperature > 0 else 1.0)
+    return logprobs_from_logits(logits, tokens, attention_mask), logits
+
+
 def action_values(head_values: torch.Tensor) -> torch.Tensor:
     """Shift a value head's output (B, T) so [:, t] is V(state before token t) = head[:, t - 1]."""
     return torch.cat([head_values.new_zeros(head_values.shape[0], 1), head_values[:, :-1]], dim=1)

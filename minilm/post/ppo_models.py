@@ -4,7 +4,8 @@
     with models.sampler() as policy: rollout = generate(policy, prompts, ...)
     logits, values = models.policy_and_values(tokens, attention_mask)   # with gradients
     ref_logits = models.reference_logits(tokens, attention_mask)        # call under no_grad
-    scores = models.score(tokens, attention_mask)                       # (B,), under no_grad
+    scores = models.score(tokens, attention_mask)        # (B,) at each last real token, under no_grad
+    scores = reply_scores(models, rollout, TurnClose.of(tok), pad_id, 1.0)   # (B,) what PPO rewards
 
 Hydra-RLHF (Santacroce et al. 2023, arXiv 2309.00754, Table 2) compares:
   ppo     four full models: actor (from SFT, trained), reference (SFT, frozen), critic (from the
@@ -17,7 +18,8 @@ Hydra-RLHF (Santacroce et al. 2023, arXiv 2309.00754, Table 2) compares:
 
 Our choice where the paper's text we could read is silent: the value head is a separate
 Linear(d_model, 1) copied from the reward head, so that "LoRA off" keeps returning the frozen
-reward while the critic learns (lesson 08 gives the reasoning).
+reward while the critic learns (lesson 08 gives the reasoning). `reply_scores` reads the reward
+where it was trained: on the "\\n" after <|end|> (render_chat), never on a rollout's last token.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from __future__ import annotations
 import copy
 from contextlib import nullcontext
 
+import torch
 import torch.nn as nn
 
 from minilm import MinilmError
 from minilm.lora import lora_disabled, use_adapters
 from minilm.post.base_model import LoRAConfig, add_lora
+from minilm.post.chat import TurnClose, close_replies
 from minilm.post.ppo import action_values
 
 VARIANTS = ("ppo", "lora", "hydra", "jhydra")
@@ -103,6 +107,23 @@ class HydraModels(nn.Module):
 
     def policy_model(self):
         return self.hydra.lm
+
+
+@torch.no_grad()
+def reply_scores(models, rollout, close: TurnClose | None, pad_id: int, missing_end_penalty: float) -> torch.Tensor:
+    """(B,) the reward role's score of each reply of a Rollout, read where the reward was trained.
+
+    The reward head learnt on render_chat's turns, read at their last token: the "\\n" after
+    <|end|>. A rollout row ends on <|end|>, or mid-reply when cut at the budget, so each reply is
+    closed as render_chat closes it (`close_replies`) and read on that "\\n". A reply that did not
+    end gets the same reading minus missing_end_penalty (as TRL's missing-EOS penalty): the reward
+    model never saw an unended reply, so only the penalty tells the policy that stopping matters.
+    """
+    if close is None:
+        raise MinilmError("scoring with the reward model needs close=TurnClose.of(tokenizer): the ids that "
+                          "close a turn, so the reward is read where it was trained")
+    tokens, attention, ended = close_replies(rollout, close, pad_id)    # (B, T'), (B, T'), (B,)
+    return models.score(tokens, attention).float() - missing_end_penalty * (~ended).float()
 
 
 def build_models(variant: str, lora_cfg: LoRAConfig, reward, sft=None) -> nn.Module:

@@ -29,13 +29,25 @@ def as_messages(prompt) -> list[dict]:
 
 
 def encode_pair(tokenizer, pair: dict):
-    """((chosen ids, loss mask), (rejected ids, loss mask)) of one pair, rendered as chats."""
+    """((chosen ids, loss mask), (rejected ids, loss mask)) of one pair, rendered as chats.
+
+    render_chat closes every reply with <|end|> (mask 1): right for a reply that closed its turn.
+    pair["chosen_ended"] / pair["rejected_ended"] False (default True) marks a sampled reply that
+    never did (cut at max_new_tokens or run on into another turn): it is encoded up to its last
+    text token, so training never scores an <|end|> the model did not produce.
+    """
     for key in ("prompt", "chosen", "rejected"):
         if key not in pair:
             raise ValueError(f"a preference pair needs 'prompt', 'chosen' and 'rejected'; missing {key!r}")
-    messages = as_messages(pair["prompt"])
-    return tuple(render_chat(tokenizer, messages + [{"role": "assistant", "content": pair[key]}])
-                 for key in ("chosen", "rejected"))
+    messages, end = as_messages(pair["prompt"]), tokenizer.special_id("<|end|>")
+    out = []
+    for key in ("chosen", "rejected"):
+        ids, mask = render_chat(tokenizer, messages + [{"role": "assistant", "content": pair[key]}])
+        if not pair.get(f"{key}_ended", True):
+            cut = len(ids) - 1 - ids[::-1].index(end)        # the reply's closing <|end|>, the last one
+            ids, mask = ids[:cut], mask[:cut]                # drops it and the "\n" after it (mask 0)
+        out.append((ids, mask))
+    return tuple(out)
 
 
 def encode_pairs(tokenizer, pairs: list[dict], max_len: int) -> tuple[list[tuple], list[dict]]:

@@ -12,10 +12,10 @@ Hydra-RLHF builds on): P(chosen beats rejected) = sigmoid(r(x, y_c) - r(x, y_r))
 
 Hydra-SFT (Hydra-RLHF, arXiv 2309.00754): with lm_weight > 0 the same model also keeps its LM
 head trained, loss = BT + lm_weight * LM loss, both from ONE trunk pass over the pair batch; the
-LM loss is on the chosen replies only. `hydra_sft_loss` is the variant with a separate SFT batch.
-Deviations: the paper's weighting of the two losses is not reproduced; we take the plain sum
-(lm_weight = 1.0, lesson 07 says why). InstructGPT compares K=4..9 replies per prompt; we use
-one pair per prompt.
+LM loss is on the chosen replies only. `hydra_sft_loss` is the variant with a separate SFT batch,
+loss = lm_weight * LM + rm_weight * BT. Deviations: our default is the plain sum (both weights 1);
+the paper's launch scripts weight the reward term 0.1 (lesson 08 compares the two). InstructGPT
+compares K=4..9 replies per prompt; we use one pair per prompt.
 """
 
 from __future__ import annotations
@@ -122,10 +122,11 @@ def reward_data(cfg, tokenizer) -> tuple[list, list, list[str]]:
     return train, heldout, [p["reason"] for p in kept]
 
 
-def hydra_sft_loss(hydra, batch: dict, lm_weight: float = 1.0, head: str = "reward"):
-    """BT loss on batch["pairs"] + lm_weight * LM loss on batch["sft"] (a `collate` batch), and metrics."""
+def hydra_sft_loss(hydra, batch: dict, lm_weight: float = 1.0, rm_weight: float = 1.0, head: str = "reward"):
+    """lm_weight * LM loss on batch["sft"] (a `collate` batch) + rm_weight * BT loss on batch["pairs"]
+    (a `pair_batch`), and metrics (both losses unweighted)."""
     sft = batch["sft"]
-    _, lm_loss, _ = hydra(sft["tokens"], sft["attention_mask"], sft["targets"])
-    bt, metrics = reward_loss(hydra, batch["pairs"], lm_weight=0.0, head=head)
+    _, lm_loss, _ = hydra(sft["tokens"], sft["attention_mask"], sft["targets"])   # trunk pass 1: the chats
+    bt, metrics = reward_loss(hydra, batch["pairs"], lm_weight=0.0, head=head)     # trunk pass 2: the pairs
     metrics["lm_loss"] = lm_loss.item()
-    return bt + lm_weight * lm_loss, metrics
+    return lm_weight * lm_loss + rm_weight * bt, metrics

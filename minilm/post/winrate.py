@@ -11,6 +11,8 @@ exactly 0.5 (a soft oracle's probabilities are thresholded, as AlpacaEval's judg
 The interval: Wilson's score interval for a binomial proportion at z (default 95%), applied to
 the tie-as-half count; with many ties it is slightly too wide (ties have less variance than a
 coin flip), so `bootstrap_interval` gives the percentile bootstrap over prompts as a check.
+`paired_gain` is the same bootstrap for a difference of accuracies on shared items (the report's
+"gain over SFT").
 Length: AlpacaEval 2's lesson is that judges favour longer answers, so every table shows the
 mean reply length of both sides beside the win-rate (DNO's replies doubled in length).
 """
@@ -51,6 +53,19 @@ def bootstrap_interval(prefs, n_boot: int = 1000, level: float = 0.95, seed: int
     means = sorted(sum(rng.choices(scores, k=len(scores))) / len(scores) for _ in range(n_boot))
     cut = int((1 - level) / 2 * n_boot)      # drop this many means from each tail
     return means[cut], means[n_boot - 1 - cut]
+
+
+def paired_gain(mine, base, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """(mean(mine) - mean(base), lo, hi): the percentile bootstrap over ITEMS, both models resampled
+    together. Pairing matters: two models that fail the same hard items differ far less from run
+    to run than two independent accuracies do, so the paired interval is the narrower, honest one."""
+    if len(mine) != len(base) or not mine:
+        raise ValueError(f"a paired gain needs equal, non-empty score lists, got {len(mine)} and {len(base)}")
+    diffs = [float(a) - float(b) for a, b in zip(mine, base)]   # one difference per item
+    rng, n = random.Random(seed), len(diffs)
+    means = sorted(sum(rng.choices(diffs, k=n)) / n for _ in range(n_boot))
+    cut = int((1 - level) / 2 * n_boot)
+    return sum(diffs) / n, means[cut], means[n_boot - 1 - cut]
 
 
 def win_rate(prefs, z: float = 1.96) -> dict:

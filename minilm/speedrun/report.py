@@ -34,7 +34,7 @@ import torch
 
 from minilm import MinilmError
 from minilm.speedrun.report_plots import PLOT_TEXT, write_plots
-from minilm.speedrun.run_folder import SUITE, RunFolder, is_number, load_run
+from minilm.speedrun.run_folder import LADDER_COLUMNS, SUITE, RunFolder, is_number, load_run
 from minilm.weights import write_text
 
 # (label, dotted path into stage.json's "result"): the one or two numbers that say how a stage went
@@ -102,6 +102,24 @@ def _winrate_cell(m: dict) -> str:
     return f"{m['winrate']:.3f}{interval}"
 
 
+def gain_cell(m: dict) -> str:
+    """"+0.123 [+0.080, +0.170]": the difference from SFT on the same items, with its 95% interval."""
+    if not is_number(m.get("ladder_gain")):
+        return "-"
+    return f"{m['ladder_gain']:+.3f} [{m['ladder_gain_lo']:+.3f}, {m['ladder_gain_hi']:+.3f}]"
+
+
+def ladder_table(run: RunFolder) -> list[str]:
+    """The held-out ladder: accuracy, gain over SFT with its interval, then the middle rungs and each rung."""
+    rungs = [c.removeprefix("ladder_") for c in LADDER_COLUMNS[1:]]
+    lines = ["| model after | ladder acc | gain over SFT [95%] | " + " | ".join(rungs) + " |",
+             "|---|---:|---:|" + "---:|" * len(rungs)]
+    for name, m in run.evals.items():
+        cells = [_fmt(m.get("ladder_acc")), gain_cell(m), *(_fmt(m.get(c)) for c in LADDER_COLUMNS[1:])]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def eval_table(run: RunFolder) -> list[str]:
     header = [c if c != "winrate" else "winrate [lo, hi]" for c in SUITE]
     lines = ["| model after | " + " | ".join(header) + " |", "|---|" + "---:|" * len(SUITE)]
@@ -152,7 +170,15 @@ def _header(run: RunFolder, title: str | None) -> list[str]:
 
 def render(run: RunFolder, plots: list[str] | None, title: str | None = None) -> str:
     """report.md's text; plots None means matplotlib is missing."""
-    lines = _header(run, title) + ["## Stages", "", *stage_table(run), ""]
+    lines = _header(run, title) + ["## What each stage bought: the held-out skill ladder", ""]
+    if run.evals:   # the headline first: what each method bought on problems no stage trained on
+        lines += ["Greedy accuracy on held-out ladder problems (no training stage ever saw them); the gain "
+                  "is the difference from the SFT model on the same problems, with a 95% paired bootstrap "
+                  "interval: an interval that excludes 0 is a gain the problems support.", "",
+                  *ladder_table(run), ""]
+    else:
+        lines += ["No evaluation results (`eval.json`).", ""]
+    lines += ["## Stages", "", *stage_table(run), ""]
     if any(r.get("resumed") is True for r in run.stages.values()):
         lines += ["\\* resumed after an interruption: the time is that of the last attempt only.", ""]
     if run.missing:
@@ -162,8 +188,8 @@ def render(run: RunFolder, plots: list[str] | None, title: str | None = None) ->
                for p in r["plots"] if isinstance(p, str)]
     if plotted:
         lines += ["The stages' own figures: " + ", ".join(plotted) + ".", ""]
-    lines += ["## What each stage bought (the evaluation suite after each stage)", ""]
-    lines += [*eval_table(run), ""] if run.evals else ["No evaluation results (`eval.json`).", ""]
+    if run.evals:
+        lines += ["## The other measurements (the same suite, after each stage)", "", *eval_table(run), ""]
     lines += ["## Plots", ""]
     if plots is None:
         lines += ["matplotlib is not installed, so this report is text only "

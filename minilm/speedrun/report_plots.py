@@ -5,6 +5,7 @@
 
 minilm/speedrun/report.py reads the run folder (run_folder.py) and calls `write_plots`; this module
 only draws. Each figure, and what it reads (paths relative to the run folder):
+  gains.png          eval.json: each stage's held-out ladder gain over SFT with its 95% interval
   stages.png         eval.json: one panel per suite metric (SUITE), one bar per model evaluated
   pretrain_loss.png  pretrain/metrics.jsonl (step, loss, val_loss, phase) and the unigram_entropy
                      of pretrain/stage.json's result; drawn by minilm.plots.plot_losses
@@ -29,6 +30,9 @@ from minilm.speedrun.run_folder import SUITE, RunFolder, is_number
 
 POST_STAGES = ("sft", "hydra-sft", "dpo")
 PLOT_TEXT = {
+    "gains.png": "What each stage bought: held-out skill-ladder accuracy minus the SFT model's on the same "
+                 "problems, with 95% paired bootstrap intervals; a bar whose interval clears 0 is a real "
+                 "gain on these problems (seed-to-seed spread is measured in benchmarks/).",
     "stages.png": "What each stage bought: one panel per suite metric, one bar per model evaluated after "
                   "each stage (lower bpb is better, higher is better for every rate; the win-rate bars "
                   "carry their 95% interval and 0.5 means as good as the SFT model).",
@@ -63,6 +67,27 @@ def _integer_steps(ax) -> None:
     # optional dependency, imported here: only reached once pyplot() found matplotlib
     from matplotlib.ticker import MaxNLocator
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+
+
+def plot_gains(run: RunFolder, path: Path) -> bool:
+    """One bar per stage after SFT: its ladder gain, with the asymmetric 95% interval as error bars."""
+    keys = ("ladder_gain", "ladder_gain_lo", "ladder_gain_hi")
+    rows = [(n, m) for n, m in run.evals.items() if all(is_number(m.get(k)) for k in keys)]
+    plt = pyplot()
+    if not rows or plt is None:
+        return False
+    gains = [m["ladder_gain"] for _, m in rows]
+    err = [[g - m["ladder_gain_lo"] for g, (_, m) in zip(gains, rows)],
+           [m["ladder_gain_hi"] - g for g, (_, m) in zip(gains, rows)]]
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(rows) + 2), 3.6))
+    colors = ["tab:green" if m["ladder_gain_lo"] > 0 else "tab:red" if m["ladder_gain_hi"] < 0 else "tab:gray"
+              for _, m in rows]
+    bars = ax.bar(range(len(rows)), gains, yerr=err, capsize=4, color=colors)
+    ax.bar_label(bars, [f"{g:+.3f}" for g in gains], fontsize=8, padding=2)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(rows)), [n for n, _ in rows])
+    ax.set(ylabel="ladder accuracy - SFT's", title="what each stage bought on held-out problems (95% CI)")
+    return _save(fig, plt, path)
 
 
 def plot_stages(run: RunFolder, path: Path) -> bool:
@@ -173,7 +198,7 @@ def plot_ltc(run: RunFolder, path: Path) -> bool:
     return bool(rows) and is_number(base.get("success")) and plot_curves(rows, base, path, "LTC")
 
 
-DRAWERS = {"stages.png": plot_stages, "pretrain_loss.png": plot_pretrain,
+DRAWERS = {"gains.png": plot_gains, "stages.png": plot_stages, "pretrain_loss.png": plot_pretrain,
            "post_losses.png": plot_post_losses, "ppo.png": plot_ppo, "dno_winrate.png": plot_dno,
            "ltc_curves.png": plot_ltc, "prune.png": plot_prune}   # PLOT_TEXT's names, report order
 

@@ -18,8 +18,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# the suite metrics the report shows, in its column order (minilm/eval/suite.py measures them)
-SUITE = ("bpb", "math_acc", "end_rate", "form_rate", "correct", "winrate", "env_success")
+# the suite metrics the report shows, in its column order (minilm/eval/suite.py measures them):
+# the held-out skill ladder first, then the secondary columns
+LADDER_COLUMNS = ("ladder_acc", "ladder_acc_mid", "ladder_ops1", "ladder_ops2", "ladder_ops3", "ladder_ops4",
+                  "ladder_units", "ladder_word")
+SUITE = ("bpb", "math_acc", "end_rate", "form_rate", "correct", "winrate", "env_success_household",
+         "env_success_qa", "env_success_math")
 LOGGED = ("pretrain", "sft", "hydra-sft", "dpo", "ppo", "ltc", "prune")   # stages with a metrics.jsonl
 
 

@@ -26,6 +26,7 @@ from data_prep.pipeline import pipeline_config, run_pipeline
 from minilm import MinilmError
 from minilm.checkpoint import load_checkpoint
 from minilm.config import get_preset
+from minilm.eval.ladder import ladder_gains
 from minilm.eval.suite import evaluate_checkpoint, suite_config
 from minilm.speedrun.report import write_report
 from minilm.stages.dno import dno_config, run_dno
@@ -49,6 +50,7 @@ class SpeedrunConfig:
     out_dir: str = ""               # "": runs/speedrun-<preset>
     only: str = ""                  # comma-separated stages to (re-)run alone; "": the whole pipeline
     device: str = "auto"
+    dtype: str = "auto"             # auto (bf16 where the chip has it natively), bf16, fp32: every stage
     dry_run: bool = False           # print each stage's config and stop
     overrides: dict = field(default_factory=dict)  # {stage: {field: value}} from --set
 
@@ -92,8 +94,11 @@ class Run:
     def post(self, stage: str, init: str, make_config: Callable):
         """A post-training stage's config: its preset named like the speedrun's, its folder in the run,
         the checkpoint that stage `init` left, and the --set overrides."""
-        return make_config(self.cfg.preset, out_dir=str(self.dir(stage)), init=self.checkpoint(init),
-                           device=self.cfg.device, **self.overrides(stage))
+        cfg = make_config(self.cfg.preset, out_dir=str(self.dir(stage)), init=self.checkpoint(init),
+                          device=self.cfg.device, **self.overrides(stage))
+        if hasattr(cfg, "dtype") and "dtype" not in self.overrides(stage):   # PPO keeps float32
+            cfg.dtype = self.cfg.dtype
+        return cfg
 
 
 # ---- configure(run) -> config, execute(run, config) -> (result, checkpoint or None) ----
@@ -112,7 +117,8 @@ def run_data(run: Run, cfg) -> tuple[dict, None]:
 def pretrain_stage(run: Run):
     data = run.dir("data")
     return train_config(run.cfg.preset, out_dir=str(run.dir("pretrain")), data_dir=str(data / "phase1"),
-                        phase2_dir=str(data / "phase2"), device=run.cfg.device, **run.overrides("pretrain"))
+                        phase2_dir=str(data / "phase2"), device=run.cfg.device, dtype=run.cfg.dtype,
+                        **run.overrides("pretrain"))
 
 
 def run_pretrain(run: Run, cfg) -> tuple[dict, str | None]:
@@ -160,6 +166,8 @@ def run_eval(run: Run, cfg) -> tuple[dict, None]:
         stamps[stage] = stamp
         write_json(path, rows)
         write_json(stamps_path, stamps)  # after the row: a killed eval redoes at most one
+    rows = ladder_gains({s: rows[s] for s in EVALUATED if s in rows})   # paired, against SFT's items
+    write_json(path, rows)
     return {"evaluated": [s for s in EVALUATED if s in rows], "suite": asdict(cfg)}, None
 
 

@@ -6,20 +6,22 @@
 For t = 1..T, on a fresh split of train prompts (`run_iteration`):
   1. sample K replies per prompt from pi_t (cfg.sample) and add the scripted teacher's;
   2. the oracle scores all K + 1 candidates (`score_candidates`);
-  3. large-margin pairs (`select_pairs`): teacher > student, student > teacher, student > student;
+  3. large-margin pairs (`build_pairs`): teacher > student, student > teacher, student > student;
   4. replay shares of iterations t-1's and t-2's pairs (`replay_pairs`);
   5. train pi_{t+1} from pi_t for <= 1 epoch with the DPO loss, reference pi_t (a frozen copy,
      or the same weights with LoRA off when lora_r > 0);
   6. judge pi_{t+1} (`evaluate_policy`): greedy replies on held-out prompts, win-rates against
      SFT, pi_t and the teacher under a separate verifier, with Wilson intervals.
-Every iterate is kept (out_dir/iter_t/checkpoint); summary.json names the best on validation. A
-finished iteration is read back from state.json; an unfinished one reuses its pairs and resumes.
-Variants (benchmarks/dno_baselines.py): pairs_mode restrictive | spin, loss regression | sft,
-reference sft, large_margin false, one iteration of several epochs (offline DPO).
+Every iterate is kept (out_dir/iter_t/checkpoint); summary.json names the best of pi_1 (SFT) ...
+pi_{T+1} on validation. Row t is pi_{t+1}; pair statistics sit in the row of the sampled iterate.
+state.json holds finished iterations; an unfinished one reuses its pairs and resumes. Variants
+(benchmarks/dno_baselines.py): pairs_mode restrictive | spin, loss regression | sft, reference
+sft, large_margin false, one iteration of several epochs (offline DPO).
 
-Deviations: a verifier on checkable answers instead of GPT-4, a scripted teacher; non-verifier
-oracles score a candidate by 6 x its mean preference over the others; no n-gram negatives; the
-learning rate decays by lr_decay per iteration (the paper lowered it by hand).
+Deviations: a verifier on checkable answers instead of GPT-4, a scripted teacher; other oracles
+score a candidate by 6 x its mean preference over the others; no n-gram negatives; lr decays by
+lr_decay per iteration (the paper lowered it by hand); unended replies are never positives, and the
+NLL (sft_weight, loss sft) falls only on chosen replies >= positive_min (minilm/post/dno.py).
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ from minilm.config import from_preset
 from minilm.generate import SampleConfig
 from minilm.loop import LoopConfig, OptimConfig, run_loop
 from minilm.post.base_model import LoRAConfig, init_model
-from minilm.post.dno import (PAIR_KINDS, dno_regression_loss, expected_win_rates, make_batch_fn, replay_pairs,
-                             score_candidates, scripted_teacher, select_pairs)
-from minilm.post.dpo import dpo_batch_loss, reference_logprobs, sequence_logprobs
+from minilm.post.dno import (best_iterate, build_pairs, dno_regression_loss, make_batch_fn, place_pair_stats,
+                             positive_nll, replay_pairs, scripted_teacher)
+from minilm.post.dpo import dpo_loss, reference_logprobs, sequence_logprobs
 from minilm.post.oracles import JudgeOracle, RewardModelOracle, VerifierOracle
 from minilm.post.preferences import encode_pairs, sample_replies
 from minilm.post.reward import load_reward_model
@@ -62,6 +64,7 @@ class DNOConfig:
     log_every: int = 5              # a metrics.jsonl row every N steps
     seed: int = 1337                # batches and sampling are pure functions of (seed, step)
     device: str = "auto"            # auto (a GPU when torch sees one), cpu, cuda
+    dtype: str = "auto"             # auto (bf16 where the chip has it natively), bf16, fp32
     resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=3))
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # r > 0: each iteration trains LoRA adapters
@@ -84,7 +87,7 @@ class DNOConfig:
     beta: float = 0.1
     sft_weight: float = 0.0
     lr_decay: float = 1.0
-    sources: str = "arithmetic,units"
+    sources: str = "ops1,ops2,ops3,ops4,units,word"  # prompts: the skill ladder (data_prep/ladder.py)
     n_val: int = 150
     n_test: int = 300
     data_seed: int = 0              # which examples are drawn (train and held-out never overlap)
@@ -103,7 +106,7 @@ DNO_PRESETS["gpu"] = dict(DNO_PRESETS["tiny"], iterations=3, n_prompts=2000, n_v
 # the fields `minilm dno --help` shows; every other field is set with --set FIELD=VALUE
 FLAGS = ("init", "out_dir", "iterations", "n_prompts", "samples", "oracle", "oracle_checkpoint",
          "pairs_mode", "loss", "reference", "beta", "sft_weight", "lr", "batch_size",
-         "temperature", "max_new_tokens", "sources", "n_val", "n_test", "seed", "device",
+         "temperature", "max_new_tokens", "sources", "n_val", "seed", "device", "dtype",
          "resume")
 
 
@@ -145,49 +148,25 @@ def make_oracle(cfg: DNOConfig, conversations: list[dict]):
     return JudgeOracle(ck.model, ck.tokenizer)
 
 
-def build_pairs(cfg: DNOConfig, oracle, monitor, prompts, students, teachers) -> tuple[list[dict], dict]:
-    """Steps 2-3 for one iteration: the pairs and what they say (shares of each pair kind,
-    best-of-K student vs teacher under the uncounted `monitor` verifier)."""
-    pairs, beats_teacher = [], 0
-    for prompt, samples, teacher in zip(prompts, students, teachers):
-        texts = [t for t, _ in samples] + [teacher]  # k student replies, the teacher at index k
-        judged = [j for _, j in samples] + [teacher + "<|end|>"]  # as judges see them
-        k = len(samples)
-        seen = monitor.score_many([prompt] * (k + 1), judged)  # points, outside the budget
-        beats_teacher += max(seen[:k]) > seen[k]
-        if cfg.pairs_mode == "spin":  # no oracle: the teacher is always the positive
-            chosen = [(k, j, "teacher>student") for j in range(k) if texts[j] != teacher]
-            r = [0.0] * (k + 1)
-        else:
-            scores, prefer = score_candidates(oracle, prompt, judged)  # (k+1,) on 0..6, (k+1, k+1)
-            # chosen: (i, j, kind) index triples, candidate i preferred over candidate j
-            chosen = select_pairs(scores, k, cfg.positive_min, cfg.teacher_margin, cfg.student_margin,
-                                  cfg.large_margin, texts)
-            if cfg.pairs_mode == "restrictive":
-                chosen = [c for c in chosen if c[2] == "teacher>student"]
-            students_mask = torch.tensor([True] * k + [False])
-            r = expected_win_rates(prefer, students_mask).tolist()  # (k+1,): Algorithm 1's r_t
-        pairs += [{"prompt": prompt, "chosen": texts[i], "rejected": texts[j], "kind": kind,
-                   "r_chosen": r[i], "r_rejected": r[j]} for i, j, kind in chosen]
-    n = max(1, len(pairs))
-    stats = {f"share_{kind}": sum(p["kind"] == kind for p in pairs) / n for kind in PAIR_KINDS}
-    stats.update(n_new_pairs=len(pairs), best_of_k_beats_teacher=beats_teacher / max(1, len(prompts)))
-    return pairs, stats
-
-
 def make_loss_fn(cfg: DNOConfig, reference):
     def loss_fn(model, batch):
         b = batch["tokens"].shape[0] // 2  # rows [:b] chosen, [b:] rejected
-        tensors = {k: v for k, v in batch.items() if k != "r"}  # the (2B, T) pair batch alone
-        if cfg.loss == "dpo":
-            return dpo_batch_loss(model, tensors, cfg.beta, reference, cfg.sft_weight)
+        tensors = {k: v for k, v in batch.items() if k not in ("r", "positive")}  # the (2B, T) pair batch alone
         policy = sequence_logprobs(model, batch["tokens"], batch["attention_mask"], batch["loss_mask"])  # (2B,)
-        if cfg.loss == "sft":   # SFT on the positives: NLL per token of the chosen replies
-            nll = -policy[:b].sum() / batch["loss_mask"][:b].sum()
+        # NLL per token of the chosen replies that passed positive_min (sft: the whole loss; dpo: + sft_weight x)
+        nll = positive_nll(policy[:b], batch["loss_mask"][:b].sum(1), batch["positive"])
+        if cfg.loss == "sft":   # SFT on the positives
             return nll, {"chosen_nll": nll.item()}
         ref = reference_logprobs(model, tensors, reference)  # (2B,), no grad: the reference is fixed
-        r = batch["r"].to(policy.device)  # (2B,) expected win-rates
-        return dno_regression_loss(policy[:b], policy[b:], ref[:b], ref[b:], r[:b], r[b:], cfg.beta)
+        if cfg.loss == "regression":
+            r = batch["r"].to(policy.device)  # (2B,) expected win-rates
+            return dno_regression_loss(policy[:b], policy[b:], ref[:b], ref[b:], r[:b], r[b:], cfg.beta)
+        loss, metrics = dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], cfg.beta)   # as dpo_batch_loss,
+        metrics.update(logp_chosen=policy[:b].mean().item(), logp_rejected=policy[b:].mean().item())
+        if cfg.sft_weight > 0:                          # but its NLL term skips non-positive chosen replies
+            metrics["chosen_nll"] = nll.item()
+            loss = loss + cfg.sft_weight * nll
+        return loss, metrics
     return loss_fn
 
 
@@ -260,9 +239,9 @@ def run_iteration(cfg: DNOConfig, t: int, data: dict, oracle, monitor, sft_model
     earlier = [_read_pairs(Path(cfg.out_dir, f"iter_{s}", "pairs.json")) for s in range(t - 1, 0, -1)]
     shares = tuple(float(x) for x in cfg.replay.split(",") if x.strip()) or (0.0,)
     train = pairs + replay_pairs(earlier, shares, seed=cfg.seed + t)                       # 4.
-    if cfg.loss == "sft":   # SFT on positives: each distinct positive once
-        train = list({(json.dumps(p["prompt"]), p["chosen"]): {**p, "rejected": p["chosen"]}
-                      for p in train}.values())
+    if cfg.loss == "sft":   # SFT on positives: each distinct chosen reply above positive_min once
+        train = list({(json.dumps(p["prompt"]), p["chosen"]): {**p, "rejected": p["chosen"], "rejected_ended": True}
+                      for p in train if p["chosen_positive"]}.values())
     if not train:
         raise MinilmError(f"iteration {t} produced no pairs; raise --samples or --n-prompts, or "
                           f"turn off --large-margin")
@@ -273,16 +252,17 @@ def run_iteration(cfg: DNOConfig, t: int, data: dict, oracle, monitor, sft_model
     reference = load_reference(cfg, model, sft_model)
     summary = run_loop(it_cfg, model, batch_fn, make_loss_fn(cfg, reference), None, tokenizer=tokenizer,
                        stage="dno", rt=rt)
-    stats.update(n_train_pairs=len(encoded), n_replayed=len(train) - len(pairs), steps=it_cfg.max_steps,
-                 final_loss=summary["final_loss"])
-    return {"model": model.eval(), "stats": stats}
+    # pair_stats describe pi_t's samples; train_stats the training of pi_{t+1}
+    train_stats = dict(n_train_pairs=len(encoded), n_replayed=len(train) - len(pairs), steps=it_cfg.max_steps,
+                       final_loss=summary["final_loss"])
+    return {"model": model.eval(), "pair_stats": stats, "train_stats": train_stats}
 
 
 def run_dno(cfg: DNOConfig) -> dict:
     """T iterations of DNO-Prct from cfg.init; returns the per-iteration table and the best iterate."""
     check_settings(cfg, "dno")   # a rerun into this out_dir must have the same settings
     check_config(cfg)
-    rt = setup_runtime(cfg.device)
+    rt = setup_runtime(cfg.device, cfg.dtype)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = dno_data(cfg)
@@ -311,17 +291,18 @@ def run_dno(cfg: DNOConfig) -> dict:
         result = run_iteration(cfg, t, data, oracle, monitor, sft_model, tokenizer, rt)
         replies[t] = {s: greedy_replies(result["model"], tokenizer, data[s], cfg.sample.max_new_tokens)
                       for s in ("val", "test")}                                            # 6.
-        calls += result["stats"]["oracle_calls"]
-        row = {**evaluate_policy(replies, data, judge, tokenizer, t), **result["stats"], "oracle_calls": calls}
-        state["rows"].append(row)
+        pair_stats = dict(result["pair_stats"])
+        calls += pair_stats.pop("oracle_calls")   # this iteration's; rows carry the running total
+        row = {**evaluate_policy(replies, data, judge, tokenizer, t), **result["train_stats"], "oracle_calls": calls}
+        state["rows"] = place_pair_stats(state["rows"], row, pair_stats)   # pairs of pi_t: row t - 1
         state.update(replies={str(k): v for k, v in replies.items()}, oracle_calls=calls)
         write_json(state_path, state, indent=None)
     return finish(cfg, state["rows"])
 
 
 def finish(cfg: DNOConfig, rows: list[dict]) -> dict:
-    """Best iterate on validation, the table (table.md) and the plot (winrate.png)."""
-    best = max(range(1, len(rows)), key=lambda t: rows[t]["val_points"])
+    """Best iterate on validation, SFT (rows[0], cfg.init) included; the table and the plot."""
+    best = best_iterate(rows)
     columns = ["vs_sft", "vs_prev", "vs_teacher", "test_correct", "val_points", "length",
                "share_student>teacher", "best_of_k_beats_teacher", "n_train_pairs", "oracle_calls"]
     table = winrate_table(rows, columns)
@@ -329,6 +310,7 @@ def finish(cfg: DNOConfig, rows: list[dict]) -> dict:
     (out / "table.md").write_text(table + "\n")
     plot_winrates(rows, out / "winrate.png", series=["vs_sft", "vs_prev", "vs_teacher"])
     summary = {"rows": rows, "best_iteration": best, "table": table,
-               "best_checkpoint": str(out / f"iter_{best}" / "checkpoint"), "config": dataclasses.asdict(cfg)}
+               "best_checkpoint": str(out / f"iter_{best}" / "checkpoint") if best else cfg.init,
+               "config": dataclasses.asdict(cfg)}
     write_json(out / "summary.json", summary)
     return summary

@@ -57,6 +57,7 @@ class DPOConfig:
     log_every: int = 10             # a metrics.jsonl row every N steps
     seed: int = 1337                # batches and sampling are pure functions of (seed, step)
     device: str = "auto"            # auto (a GPU when torch sees one), cpu, cuda
+    dtype: str = "auto"             # auto (bf16 where the chip has it natively), bf16, fp32
     resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=10))
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # r = 0: full fine-tune; r > 0: LoRA, base frozen
@@ -70,12 +71,12 @@ class DPOConfig:
     tie_margin: float = 0.25        # sampled pairs with |P(a beats b) - 0.5| <= this are ties, dropped
     n_eval_pairs: int = 200         # held-out pairs for the implicit-reward metrics
     n_judge: int = 200              # held-out prompts for the greedy-reply judgement
+    sources: str = "dictionary,ops1,ops2,ops3,ops4,units,word"  # prompt kinds: pairs, samples, judgement
     data_seed: int = 0              # which examples are drawn (train and held-out never overlap)
     max_len: int = 160              # longer pairs are dropped, not cut
     max_new_tokens: int = 100       # reply budget of the judgement (worked solutions are ~60-90 tokens)
 
 
-JUDGE_SOURCES = ("man", "stdlib", "arithmetic", "units", "word_problem")
 DPO_PRESETS = {
     # ~1M-param SFT model, 2 CPU cores, ~3 minutes. Plain DPO (sft_weight 0) at this lr pushes the
     # chosen AND rejected replies down; greedy replies turn to babble (form rate 0.80 -> 0.43);
@@ -88,8 +89,8 @@ DPO_PRESETS["ci"] = dict(DPO_PRESETS["tiny"], max_steps=12, batch_size=8, n_pair
                          n_judge=16, max_new_tokens=32, eval_every=12, ckpt_every=12)
 DPO_PRESETS["laptop"], DPO_PRESETS["gpu"] = DPO_PRESETS["tiny"], DPO_PRESETS["small"]
 # the fields `minilm dpo --help` shows; every other field is set with --set FIELD=VALUE
-FLAGS = ("init", "out_dir", "max_steps", "batch_size", "lr", "warmup_steps", "eval_every", "ckpt_every",
-         "seed", "device", "resume", "lora_r", "lora_alpha", "beta", "sft_weight", "pairs", "n_pairs",
+FLAGS = ("init", "out_dir", "max_steps", "batch_size", "lr", "warmup_steps", "eval_every",
+         "seed", "device", "dtype", "resume", "lora_r", "lora_alpha", "beta", "sft_weight", "pairs", "n_pairs",
          "n_samples", "n_eval_pairs", "n_judge", "max_len", "max_new_tokens")
 
 
@@ -118,9 +119,11 @@ def train_pairs(cfg: DPOConfig, model, tokenizer) -> list[dict]:
     """The training pairs cfg.pairs asks for: offline, sampled from `model` (on-policy), or both."""
     if cfg.pairs not in ("offline", "sampled", "both"):
         raise MinilmError(f"pairs must be offline, sampled or both, not {cfg.pairs!r}")
-    pairs = preference_pairs(cfg.n_pairs, cfg.data_seed, split="train") if cfg.pairs != "sampled" else []
+    sources = tuple(s.strip() for s in cfg.sources.split(",") if s.strip())
+    pairs = (preference_pairs(cfg.n_pairs, cfg.data_seed, sources, split="train") if cfg.pairs != "sampled"
+             else [])
     if cfg.pairs != "offline":
-        convs = instruction_examples(cfg.n_sample_prompts, cfg.data_seed, JUDGE_SOURCES, split="train")
+        convs = instruction_examples(cfg.n_sample_prompts, cfg.data_seed, sources, split="train")
         room = model.config.max_seq_len - cfg.max_new_tokens  # a prompt must leave room for a reply
         prompts = [c["messages"][:-1] for c in convs
                    if len(render_prompt(tokenizer, c["messages"][:-1])) <= room]
@@ -141,7 +144,7 @@ def dpo_data(cfg: DPOConfig, model, tokenizer):
     heldout_pairs = preference_pairs(cfg.n_eval_pairs, cfg.data_seed + 1, split="heldout")
     heldout, _ = encode_pairs(tokenizer, heldout_pairs, cfg.max_len)
     # data_seed + 2: other held-out prompts than the eval pairs' (data_seed + 1)
-    judge = instruction_examples(cfg.n_judge, cfg.data_seed + 2, JUDGE_SOURCES, split="heldout")
+    judge = instruction_examples(cfg.n_judge, cfg.data_seed + 2, tuple(cfg.sources.split(",")), split="heldout")
     room = model.config.max_seq_len - cfg.max_new_tokens  # prompts that leave room for a full reply
     judge = [c for c in judge if len(render_prompt(tokenizer, c["messages"][:-1])) <= room]
     if not judge:
@@ -156,7 +159,7 @@ def run_dpo(cfg: DPOConfig, on_step=None) -> dict:
         raise MinilmError(f"beta must be > 0 and sft_weight >= 0 (got {cfg.beta}, {cfg.sft_weight})")
     if cfg.pairs not in ("offline", "sampled", "both"):
         raise MinilmError(f"pairs must be offline, sampled or both, not {cfg.pairs!r}")
-    rt = setup_runtime(cfg.device)
+    rt = setup_runtime(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)     # LoRA's A matrices start the same on every run and resume
     policy, reference, tokenizer = load_policy(cfg, rt.device)
     if cfg.max_len > policy.config.max_seq_len:

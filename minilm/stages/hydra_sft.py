@@ -11,11 +11,12 @@ of RLHF by ONE model: a causal-LM head and a scalar reward head on the same trun
 reward model. One step (in minilm/loop.py's run_loop):
   1. an SFT batch of chat conversations -> LM loss on the assistant tokens;
   2. a batch of preference pairs -> Bradley-Terry loss on the reward head;
-  3. loss = BT + lm_weight * LM (`hydra_sft_loss`), AdamW over the model (or its LoRA + heads).
+  3. loss = lm_weight * LM + rm_weight * BT (`hydra_sft_loss`), AdamW over the model (or its LoRA + heads).
 
-Deviations: the text of the paper we could read does not give Hydra-SFT's loss weighting or batch
-composition; we use one batch of each per step and the plain sum (lm_weight = 1), two trunk passes
-per step. `minilm reward --lm-weight 1` is the one-pass variant on the chosen replies.
+Deviations: the paper's text we could read gives neither the weighting nor the batch composition;
+its launch scripts weight the reward term 0.1 (`--rm-weight 0.1`). Our default is the plain sum
+(both weights 1; lesson 08 measures both), one batch of each per step, two trunk passes per step.
+`minilm reward --lm-weight 1` is the one-pass variant on the chosen replies.
 """
 
 from __future__ import annotations
@@ -49,10 +50,12 @@ class HydraSFTConfig:
     log_every: int = 10             # a metrics.jsonl row every N steps
     seed: int = 1337                # batches and sampling are pure functions of (seed, step)
     device: str = "auto"            # auto (a GPU when torch sees one), cpu, cuda
+    dtype: str = "auto"             # auto (bf16 where the chip has it natively), bf16, fp32
     resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, warmup_steps=10))
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # r = 0: full fine-tune; r > 0: LoRA, base frozen
-    lm_weight: float = 1.0          # loss = BT + lm_weight * LM (SFT batch)
+    lm_weight: float = 1.0          # w_lm in loss = w_lm * LM (SFT batch) + w_rm * BT (pair batch)
+    rm_weight: float = 1.0          # w_rm; 1 gives the plain sum, the paper's launch scripts use 0.1
     head: str = "reward"
     n_pairs: int = 3000             # requested train pairs (see data_prep/instructions.py)
     n_eval_pairs: int = 300         # held-out pairs
@@ -74,8 +77,8 @@ HYDRA_SFT_PRESETS = {
 HYDRA_SFT_PRESETS["laptop"] = HYDRA_SFT_PRESETS["tiny"]
 # the fields `minilm hydra-sft --help` shows; every other field is set with --set FIELD=VALUE
 FLAGS = ("init", "out_dir", "max_steps", "batch_size", "sft_batch_size", "lr", "warmup_steps",
-         "eval_every", "ckpt_every", "seed", "device", "resume", "lora_r", "lora_alpha", "lm_weight",
-         "n_pairs", "n_train", "n_eval_pairs", "n_eval", "max_len")
+         "eval_every", "ckpt_every", "seed", "device", "dtype", "resume", "lora_r", "lora_alpha", "lm_weight",
+         "rm_weight", "n_pairs", "n_train", "n_eval_pairs", "n_eval", "max_len")
 
 
 def hydra_sft_config(preset: str = "tiny", **overrides) -> HydraSFTConfig:
@@ -91,7 +94,10 @@ def _sft_conversations(cfg: HydraSFTConfig):
 def run_hydra_sft(cfg: HydraSFTConfig, on_step=None) -> dict:
     """Train a Hydra-SFT model; returns held-out pair accuracy and chat quality before/after."""
     check_settings(cfg, "hydra-sft")   # a rerun into this out_dir must have the same settings
-    rt = setup_runtime(cfg.device)
+    if min(cfg.lm_weight, cfg.rm_weight) < 0 or max(cfg.lm_weight, cfg.rm_weight) == 0:
+        raise MinilmError(f"lm_weight and rm_weight must be >= 0 and not both 0, got {cfg.lm_weight}, "
+                          f"{cfg.rm_weight}")
+    rt = setup_runtime(cfg.device, cfg.dtype)
     # cfg.init's LM with a scalar head on the same trunk: (B, T, D) hidden states -> (B, T) scores
     hydra, tokenizer = load_reward_model(cfg.init, heads=(cfg.head,), device=rt.device)
     if cfg.max_len > hydra.config.max_seq_len:
@@ -115,15 +121,16 @@ def run_hydra_sft(cfg: HydraSFTConfig, on_step=None) -> dict:
 
     def save_fn(ckpt_dir, train_state, meta):
         save_checkpoint(ckpt_dir, hydra.lm, tokenizer, train_state,
-                        {**meta, "heads": list(hydra.heads), "lm_weight": cfg.lm_weight, "before": before},
+                        {**meta, "heads": list(hydra.heads), "lm_weight": cfg.lm_weight,
+                         "rm_weight": cfg.rm_weight, "before": before},
                         extra={"heads": hydra.heads.state_dict()})
 
     hydra.eval()
     before = evaluate(hydra)  # chat quality and pair accuracy BEFORE training
-    # 1. LM loss on an SFT batch; 2. BT loss on a pair batch; 3. BT + lm_weight * LM, AdamW (run_loop).
+    # 1. LM loss on an SFT batch; 2. BT loss on a pair batch; 3. w_lm * LM + w_rm * BT, AdamW (run_loop).
     # The loop's periodic eval scores the pairs only: greedy chat judging is slow, so it runs at the ends
     summary = run_loop(cfg, hydra, lambda step: {"sft": sft_fn(step), "pairs": pair_fn(step)},
-                       lambda model, batch: hydra_sft_loss(model, batch, cfg.lm_weight, cfg.head),
+                       lambda model, batch: hydra_sft_loss(model, batch, cfg.lm_weight, cfg.rm_weight, cfg.head),
                        lambda model: evaluate_pairs(model, heldout_pairs, pad, cfg.max_len, cfg.head),
                        save_fn, tokenizer, stage="hydra-sft", rt=rt, on_step=on_step)
     hydra.eval()

@@ -11,7 +11,8 @@ Learning through Communication (Wang et al. 2023, arXiv 2310.01444):
   3. each iteration: (a) explore fresh train seeds with the pattern, sampling; (b) append to the
      replay buffer; (c) one epoch over the newest episodes with L = L_LM + 0.5 L_PPO
      (minilm/agents/ltc_data.py), lr decaying linearly over iterations; (d) evaluate on held-out
-     seeds (Monologue, greedy, no teacher); (e) checkpoint weights, heads, optimizer, buffer.
+     seeds (Monologue, greedy, no teacher; Analogue runs also report success with the solved
+     example they trained with); (e) checkpoint weights, heads, optimizer, buffer.
 Ablations (`loss`): full, lm, ppo; "no teacher" is pattern monologue. Presets: ci is a smoke test
 (seconds), tiny ~2 min, laptop ~3.5 min on the math environment (lesson 10 has the measurements).
 
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from minilm import MinilmError
 from minilm.agents.envs import make_env
 from minilm.agents.ltc_data import LossWeights, collate_episodes, expert_demos, ltc_loss
-from minilm.agents.patterns import PATTERNS, ModelTeacher, RolloutConfig, make_pattern, run_episodes
+from minilm.agents.patterns import PATTERNS, SAMPLED, ModelTeacher, RolloutConfig, make_pattern, run_episodes
 from minilm.checkpoint import load_checkpoint, save_checkpoint
 from minilm.config import from_preset
 from minilm.loop import (LoopConfig, OptimConfig, make_optimizer, optimizer_step, restore, run_loop, set_lr,
@@ -57,6 +58,7 @@ class LTCConfig:
     batch_size: int = 16            # episodes per update minibatch
     seed: int = 1337                # batches and sampling are pure functions of (seed, step)
     device: str = "auto"            # auto (a GPU when torch sees one), cpu, cuda
+    dtype: str = "auto"             # auto (bf16 where the chip has it natively), bf16, fp32
     resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4))
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # r = 0: full fine-tune; r > 0: LoRA, base frozen
@@ -71,12 +73,13 @@ class LTCConfig:
     rollout_batch: int = 32         # episodes sampled together
     n_test: int = 100               # held-out test seeds
     eval_temperature: float = 0.0   # greedy at test time
-    temperature: float = 1.0
+    temperature: float = 1.0        # exploration sampling temperature (the PPO ratio is taken at it too)
     max_hints: int = 2
     failed_lm_weight: float = 1e-5
     ppo_coef: float = 0.5
     ent_coef: float = 0.01
-    lm_agent_only: bool = False     # not the paper (LM loss over all tokens): an experiment knob
+    lm_agent_only: bool = False     # not the paper: LM loss on the agent's tokens only, not the teacher's
+    whiten_advantages: bool = False  # not the paper: whiten advantages per minibatch (failures can get A > 0)
     teacher: str = ""               # a chat checkpoint as the teacher (ModelTeacher); "": scripted
 
 
@@ -91,7 +94,7 @@ LTC_PRESETS = {
 # the fields `minilm ltc --help` shows; every other field is set with --set FIELD=VALUE
 FLAGS = ("init", "out_dir", "env", "pattern", "loss", "n_demos", "il_steps", "il_lr", "iterations",
          "episodes_per_iter", "batch_size", "lr", "n_test", "temperature", "max_hints", "ppo_coef",
-         "teacher", "seed", "device", "resume")
+         "whiten_advantages", "teacher", "seed", "device", "dtype", "resume")
 
 
 def ltc_config(preset: str = "tiny", **overrides) -> LTCConfig:
@@ -113,7 +116,8 @@ def loss_weights(cfg: LTCConfig) -> LossWeights:
     """The ablation as loss coefficients: lm -> no PPO term, ppo -> no LM term."""
     return LossWeights(lm_coef=0.0 if cfg.loss == "ppo" else 1.0,
                        ppo_coef=0.0 if cfg.loss == "lm" else cfg.ppo_coef, ent_coef=cfg.ent_coef,
-                      lm_agent_only=cfg.lm_agent_only)
+                       lm_agent_only=cfg.lm_agent_only, whiten_advantages=cfg.whiten_advantages,
+                       temperature=cfg.temperature)     # the update's ratio at the rollouts' temperature
 
 
 def rollout_config(cfg: LTCConfig, temperature: float) -> RolloutConfig:
@@ -134,14 +138,24 @@ def summarize(episodes) -> dict:
     n = len(episodes)
     return {"success": sum(ep.success for ep in episodes) / n,
             "score": sum(ep.score for ep in episodes) / n,
-            "agent_tokens": sum(sum(ep.who) for ep in episodes) / n}
+            "agent_tokens": sum(sum(w in SAMPLED for w in ep.who) for ep in episodes) / n}
 
 
-def evaluate(model, tok, test_envs, cfg: LTCConfig) -> dict:
-    """Held-out test seeds, the agent alone (Monologue), greedy by default."""
-    seeds = list(range(cfg.n_test))
-    return summarize(collect(model, tok, test_envs, seeds, make_pattern("monologue"),
-                             rollout_config(cfg, cfg.eval_temperature)))
+def evaluate(model, tok, test_envs, cfg: LTCConfig, example_env=None) -> dict:
+    """Held-out test seeds, the agent alone (Monologue), greedy by default.
+
+    Analogue trains with a solved example in every context, Monologue tests without one: for that
+    pattern the same seeds also run with the example (drawn from `example_env`, a train-split env
+    no episode steps) as success_with_example / score_with_example, so the shift is measured.
+    """
+    seeds, rcfg = list(range(cfg.n_test)), rollout_config(cfg, cfg.eval_temperature)
+    out = summarize(collect(model, tok, test_envs, seeds, make_pattern("monologue"), rcfg))
+    if cfg.pattern == "analogue":
+        example_env = example_env if example_env is not None else make_envs(cfg, "train", 1)[0]
+        shown = summarize(collect(model, tok, test_envs, seeds, make_pattern("analogue", example_env=example_env),
+                                  rcfg))
+        out.update(success_with_example=shown["success"], score_with_example=shown["score"])
+    return out
 
 
 def instruction_tune(cfg: LTCConfig, tok, model, env, rt) -> dict:
@@ -239,7 +253,7 @@ def instruction_tuned(cfg: LTCConfig, rt) -> tuple:
 def run_ltc(cfg: LTCConfig) -> dict:
     """Instruction tuning, then cfg.iterations of explore / buffer / update / evaluate / checkpoint."""
     _check(cfg)
-    rt = setup_runtime(cfg.device)
+    rt = setup_runtime(cfg.device, cfg.dtype)
     out = Path(cfg.out_dir)
     teacher = ModelTeacher.from_checkpoint(cfg.teacher, rt.device) if cfg.teacher else None   # fail early
     check_settings(cfg, "ltc")   # a rerun into this out_dir must have the same settings
@@ -252,7 +266,8 @@ def run_ltc(cfg: LTCConfig) -> dict:
     state = {"iteration": 0, "rows": [], "buffer": []}  # what _save writes and _resume reads
     if cfg.resume and (ckpt_dir / "train_state.pt").exists():
         state = _resume(ckpt_dir, hydra, optimizer)
-    pattern = make_pattern(cfg.pattern, teacher=teacher, example_env=make_envs(cfg, "train", 1)[0])
+    example_env = make_envs(cfg, "train", 1)[0]     # Analogue's examples, in training and evaluation
+    pattern = make_pattern(cfg.pattern, teacher=teacher, example_env=example_env)
     rcfg = rollout_config(cfg, cfg.temperature)
     for k in tqdm(range(state["iteration"], cfg.iterations), initial=state["iteration"],
                   total=cfg.iterations, desc=f"ltc {cfg.env}/{cfg.pattern}/{cfg.loss}"):
@@ -270,9 +285,10 @@ def run_ltc(cfg: LTCConfig) -> dict:
         so_far = state["rows"][-1].get("tokens", 0) if state["rows"] else 0
         row = {"iteration": k + 1, "tokens": so_far + trained, "lr": lr, "explore_success": explored["success"],
                "explore_score": explored["score"], "buffer": len(state["buffer"]), **_mean_rows(rows)}
-        # 3d. held-out evaluation, the agent alone
-        test = evaluate(hydra, tok, test_envs, cfg)
-        row.update(test_success=test["success"], test_score=test["score"])
+        # 3d. held-out evaluation, the agent alone (Analogue: also with the solved example)
+        test = evaluate(hydra, tok, test_envs, cfg, example_env)
+        row.update(test_success=test["success"], test_score=test["score"],
+                   **{f"test_{key}": v for key, v in test.items() if key.endswith("_with_example")})
         state["rows"].append(row)
         state["iteration"] = k + 1
         tqdm.write(f"iter {k + 1}: explore {explored['success']:.3f}  test {test['success']:.3f} "
@@ -283,7 +299,8 @@ def run_ltc(cfg: LTCConfig) -> dict:
         plot_curves(state["rows"], baseline, out / "curves.png", f"LTC {cfg.env} ({cfg.pattern}, {cfg.loss})")
     last = state["rows"][-1]
     result = {"env": cfg.env, "pattern": cfg.pattern, "loss": cfg.loss, **il, "baseline": baseline,
-              "ltc": {"success": last["test_success"], "score": last["test_score"]},
+              "ltc": {"success": last["test_success"], "score": last["test_score"],
+                      **{key[len("test_"):]: v for key, v in last.items() if key.endswith("_with_example")}},
               "rows": state["rows"], "checkpoint": str(ckpt_dir)}
     write_json(out / "result.json", result, indent=1)
     return result

@@ -16,7 +16,8 @@ Choices and deviations, stated:
   rollout batch; the lr schedule counts those.
 - Laptop-sized defaults: beta = 0.05 fixed, LoRA rank 8 (the paper: beta 0.02, rank 128).
 - The reward is the reward head (`--reward model`, as the paper) or AnswerOracle on the parsed
-  reply (`--reward oracle`), for experiments with a known reward.
+  reply (`--reward oracle`), for experiments with a known reward. The head is read where it was
+  trained, on the "\\n" after <|end|>; a reply that did not end loses missing_end_penalty.
 - Resume: every ckpt_every batches an atomic checkpoint with every trainable parameter, the
   optimizer, beta and the RNG; a restarted run ends bit-identical to an uninterrupted one.
 """
@@ -42,12 +43,12 @@ from minilm.loop import (OptimConfig, load_train_state, lr_at, make_optimizer, o
 from minilm.lora import adapter_names, merge_and_unload
 from minilm.plots import plot_ppo
 from minilm.post.base_model import LoRAConfig
-from minilm.post.chat import parse_reply, render_prompt
+from minilm.post.chat import TurnClose, parse_reply, render_prompt
 from minilm.post.dpo import summarize
 from minilm.post.oracles import AnswerOracle
-from minilm.post.ppo import (entropy_from_logits, gae, kl_penalty, logprobs_from_logits, make_kl_controller,
-                             masked_mean, masked_whiten, ppo_policy_loss, shape_rewards, value_loss)
-from minilm.post.ppo_models import VARIANTS, HydraModels, build_models
+from minilm.post.ppo import (entropy_from_logits, gae, kl_penalty, make_kl_controller, masked_mean, masked_whiten,
+                             ppo_policy_loss, scaled_logprobs, shape_rewards, value_loss)
+from minilm.post.ppo_models import VARIANTS, HydraModels, build_models, reply_scores
 from minilm.post.reward import load_reward_model
 from minilm.run_dir import check_settings
 from minilm.runtime import setup_runtime
@@ -84,6 +85,7 @@ class PPOConfig:
     kl_estimator: str = "k1"
     score_clip: float = 5.0
     whiten_advantages: bool = True
+    missing_end_penalty: float = 1.0  # subtracted from the reward model's score of a reply cut before <|end|>
     reward: str = "model"           # "model": the reward head; "oracle": AnswerOracle on the parsed reply
     sources: str = "man,stdlib,arithmetic,units"  # prompts (data_prep/instructions.py)
     n_prompts: int = 2000
@@ -100,8 +102,8 @@ PPO_PRESETS = {
 PPO_PRESETS["laptop"] = PPO_PRESETS["tiny"]
 # the fields `minilm ppo --help` shows; every other field is set with --set FIELD=VALUE
 FLAGS = ("init", "reward_init", "variant", "out_dir", "max_steps", "batch_size", "minibatch_size",
-         "ppo_epochs", "lr", "eval_every", "ckpt_every", "seed", "device", "resume", "lora_r",
-         "max_new_tokens", "temperature", "clip", "kl_coef", "reward", "n_prompts",
+         "ppo_epochs", "lr", "eval_every", "seed", "device", "resume", "lora_r",
+         "max_new_tokens", "temperature", "clip", "kl_coef", "reward", "missing_end_penalty", "n_prompts",
          "n_eval")
 
 
@@ -114,16 +116,11 @@ def ppo_config(preset: str = "tiny", **overrides) -> PPOConfig:
     return cfg
 
 
-def _scaled_logprobs(logits, tokens, attention_mask, temperature: float):
-    # (B, T, V), scaled so the log-probs are those of the distribution the rollout sampled from
-    logits = logits.float() / (temperature if temperature > 0 else 1.0)
-    return logprobs_from_logits(logits, tokens, attention_mask), logits  # (B, T), (B, T, V)
-
-
 @torch.no_grad()
 def rollout_and_score(models, prompts: list[list[int]], cfg: PPOConfig, pad_id: int, stop_tokens,
-                      kl_coef: float, score_fn=None, generator=None) -> dict:
-    """Steps 1-3: sample, score, and turn scores into advantages. Returns the batch for the update."""
+                      kl_coef: float, score_fn=None, generator=None, close: TurnClose | None = None) -> dict:
+    """Steps 1-3: sample, score, and turn scores into advantages. Returns the batch for the update.
+    The reward: score_fn(rollout), or the reward model read as `reply_scores` reads it (needs close)."""
     # 1. roll out with the current actor
     with models.sampler() as policy:
         rollout = generate(policy, prompts, cfg.sample.max_new_tokens, temperature=cfg.sample.temperature,
@@ -131,10 +128,11 @@ def rollout_and_score(models, prompts: list[list[int]], cfg: PPOConfig, pad_id: 
     tokens, attn, mask = rollout.tokens, rollout.attention_mask, rollout.gen_mask  # (B, T) each, T = P + N
     # 2. score: old log-probs and values (one pass, as the update will see them), reference, reward
     logits, values = models.policy_and_values(tokens, attn)
-    logprobs, _ = _scaled_logprobs(logits, tokens, attn, cfg.sample.temperature)
+    logprobs, _ = scaled_logprobs(logits, tokens, attn, cfg.sample.temperature)
     # the reference: the frozen start model (hydra, jhydra: the same weights with the adapters off)
-    ref_logprobs, _ = _scaled_logprobs(models.reference_logits(tokens, attn), tokens, attn, cfg.sample.temperature)
-    scores = score_fn(rollout) if score_fn is not None else models.score(tokens, attn)  # (B,): one per reply
+    ref_logprobs, _ = scaled_logprobs(models.reference_logits(tokens, attn), tokens, attn, cfg.sample.temperature)
+    scores = (score_fn(rollout) if score_fn is not None                  # (B,): one per reply
+              else reply_scores(models, rollout, close, pad_id, cfg.missing_end_penalty))
     kl = kl_penalty(logprobs, ref_logprobs, mask, cfg.kl_estimator)  # (B, T), 0 off the reply
     # (B, T): -beta * KL on every generated token, + the clipped score on each reply's last token
     rewards = shape_rewards(scores.float(), kl, mask, kl_coef, cfg.score_clip)
@@ -148,7 +146,7 @@ def rollout_and_score(models, prompts: list[list[int]], cfg: PPOConfig, pad_id: 
              "length": mask.sum(1).float().mean().item(), "beta": kl_coef,
              "return": masked_mean(returns, mask).item()}
     return {"tokens": tokens, "attention_mask": attn, "mask": mask, "logprobs": logprobs, "values": values,
-            "advantages": advantages, "returns": returns, "stats": stats, "rollout": rollout}
+            "advantages": advantages, "returns": returns, "stats": stats, "rollout": rollout, "scores": scores}
 
 
 def minibatch_loss(models, batch: dict, rows: torch.Tensor, cfg: PPOConfig) -> tuple[torch.Tensor, dict]:
@@ -156,7 +154,7 @@ def minibatch_loss(models, batch: dict, rows: torch.Tensor, cfg: PPOConfig) -> t
     tokens, attn, mask = batch["tokens"][rows], batch["attention_mask"][rows], batch["mask"][rows]  # (b, T)
     # (b, T, V) logits and (b, T) values, now with gradients; old log-probs and advantages are constants
     logits, values = models.policy_and_values(tokens, attn)
-    logprobs, logits = _scaled_logprobs(logits, tokens, attn, cfg.sample.temperature)
+    logprobs, logits = scaled_logprobs(logits, tokens, attn, cfg.sample.temperature)
     old_logprobs, advantages = batch["logprobs"][rows], batch["advantages"][rows]
     pg_loss, pg = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cfg.clip)
     vf_loss, vf = value_loss(values, batch["values"][rows], batch["returns"][rows], mask, cfg.vf_clip or None)
@@ -168,7 +166,7 @@ def minibatch_loss(models, batch: dict, rows: torch.Tensor, cfg: PPOConfig) -> t
 
 
 def ppo_step(models, prompts: list[list[int]], cfg: PPOConfig, optimizer, kl_ctl, step: int = 0,
-             pad_id: int = 0, stop_tokens=(), score_fn=None, generator=None) -> dict:
+             pad_id: int = 0, stop_tokens=(), score_fn=None, generator=None, close: TurnClose | None = None) -> dict:
     """One PPO iteration: 1. roll out, 2. score, 3. advantages, 4. update (epochs x minibatches).
 
     score_fn(rollout) -> (B,) replaces the model's reward (e.g. an oracle). Returns the metrics:
@@ -176,7 +174,7 @@ def ppo_step(models, prompts: list[list[int]], cfg: PPOConfig, optimizer, kl_ctl
     means of the update metrics over all minibatches.
     """
     # 1.-3. roll out, score, advantages, all under no_grad: constants for the update
-    batch = rollout_and_score(models, prompts, cfg, pad_id, stop_tokens, kl_ctl.value, score_fn, generator)
+    batch = rollout_and_score(models, prompts, cfg, pad_id, stop_tokens, kl_ctl.value, score_fn, generator, close)
     lr = set_lr(optimizer, lr_at(step, cfg.optim, cfg.max_steps))
     # the clip's norm covers exactly what AdamW updates (actor, critic, adapters, heads), no frozen base
     params = trained_params(optimizer)
@@ -228,9 +226,10 @@ def oracle_score_fn(tokenizer, oracle, conversations):
 
 @torch.no_grad()
 def heldout_eval(models, tokenizer, conversations: list[dict], oracle, max_new_tokens: int,
-                 batch_size: int = 64) -> dict:
+                 missing_end_penalty: float, batch_size: int = 64) -> dict:
     """Greedy replies of the actor to held-out prompts: the oracle's judgement (reward, correct_rate,
-    form_rate, end_rate) and the reward model's mean score (rm_score) of the same replies."""
+    form_rate, end_rate) and the reward model's mean score (rm_score) of the same replies, read as
+    PPO reads it (`reply_scores`, the penalty included)."""
     stops = [tokenizer.special_id("<|end|>"), tokenizer.eot_id]
     judged, scores = [], []
     for i in range(0, len(conversations), batch_size):
@@ -238,7 +237,7 @@ def heldout_eval(models, tokenizer, conversations: list[dict], oracle, max_new_t
         with models.sampler() as policy:
             rollout = generate(policy, [render_prompt(tokenizer, c["messages"][:-1]) for c in chunk],
                                max_new_tokens, temperature=0.0, stop_tokens=stops, pad_id=tokenizer.eot_id)
-        scores.append(models.score(rollout.tokens, rollout.attention_mask))
+        scores.append(reply_scores(models, rollout, TurnClose.of(tokenizer), tokenizer.eot_id, missing_end_penalty))
         for c, ids in zip(chunk, rollout.responses()):
             text, ended = parse_reply(tokenizer, ids)
             judged.append(oracle.judge(c["messages"][:-1], text, ended=ended))
@@ -305,16 +304,16 @@ def run_ppo(cfg: PPOConfig, on_step=None) -> dict:
     function of (seed, step), sampling and minibatch order come from the restored RNG).
     `on_step(step, row)` runs after every step (tests interrupt runs with it)."""
     check_settings(cfg, "ppo")   # a rerun into this out_dir must have the same settings
-    rt = setup_runtime(cfg.device)
+    rt = setup_runtime(cfg.device, "fp32")   # float32: the first ratio must be exactly 1
     torch.manual_seed(cfg.seed)  # fresh LoRA A matrices, then sampling
     models, tok = load_models(cfg, rt.device)
     # prompts must leave room for max_new_tokens in the context
     train, judge = ppo_prompts(cfg, tok, models.policy_model().config.max_seq_len - cfg.sample.max_new_tokens)
-    oracle, stops = AnswerOracle(train + judge), [tok.special_id("<|end|>"), tok.eot_id]
+    oracle, stops, close = AnswerOracle(train + judge), [tok.special_id("<|end|>"), tok.eot_id], TurnClose.of(tok)
     optimizer, kl_ctl = make_optimizer(models, cfg.optim), make_kl_controller(cfg)  # one AdamW over every role
 
     def evaluate() -> dict:
-        return heldout_eval(models, tok, judge, oracle, cfg.sample.max_new_tokens)
+        return heldout_eval(models, tok, judge, oracle, cfg.sample.max_new_tokens, cfg.missing_end_penalty)
 
     # a resumed run keeps its BEFORE judgement; a fresh one judges the start model first
     start, before, metrics = resume_state(cfg, models, optimizer, kl_ctl)
@@ -328,7 +327,7 @@ def run_ppo(cfg: PPOConfig, on_step=None) -> dict:
         score_fn = oracle_score_fn(tok, oracle, convs) if cfg.reward == "oracle" else None
         t0 = time.time()
         # 1. roll out, 2. score, 3. advantages, 4. update
-        row = ppo_step(models, prompts, cfg, optimizer, kl_ctl, step, tok.eot_id, stops, score_fn)
+        row = ppo_step(models, prompts, cfg, optimizer, kl_ctl, step, tok.eot_id, stops, score_fn, close=close)
         row["sec_per_sample"] = (time.time() - t0) / len(prompts)
         row["tokens"] = (metrics[-1].get("tokens", 0) if metrics else 0) + row["batch_tokens"]  # rollouts so far
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:

@@ -56,7 +56,7 @@ class TrainConfig:
     data_dir: str = ""              # prepared shards; "": the data pipeline's phase 1 (built when missing)
     phase2_dir: str = ""            # shards for the last steps; "" with the default data: its phase 2
     phase2_fraction: float = 0.25   # the last quarter of the steps train on phase 2 (when there is one)
-    pipeline_docs_per_source: int = 400  # how much real text the default pipeline reads (0: all)
+    pipeline_docs_per_source: int = 0    # how much pinned text the default pipeline reads (0: all 927 documents)
     batch_size: int = 16            # sequences per micro-batch per process
     grad_accum: int = 1             # micro-batches per optimizer step
     seq_len: int = 0                # 0: the model's max_seq_len
@@ -68,6 +68,7 @@ class TrainConfig:
     log_every: int = 10             # a metrics.jsonl row every N steps
     seed: int = 1337                # batches and sampling are pure functions of (seed, step)
     device: str = "auto"            # auto (a GPU when torch sees one), cpu, cuda
+    dtype: str = "auto"             # auto (bf16 where the chip has it natively), bf16, fp32
     compile: bool = False           # torch.compile, opt-in
     resume: bool = True             # continue from out_dir/checkpoint if it exists
 
@@ -76,11 +77,11 @@ class TrainConfig:
 TRAIN_PRESETS = {
     "tiny": dict(out_dir="runs/tiny", batch_size=16, max_steps=600, lr=3e-3, warmup_steps=30),
     "small": dict(out_dir="runs/small", batch_size=32, grad_accum=2, max_steps=5000, lr=1e-3,
-                  warmup_steps=200, eval_every=250, ckpt_every=250, pipeline_docs_per_source=0),
+                  warmup_steps=200, eval_every=250, ckpt_every=250),
 }
 # the fields `minilm train --help` shows; every other field is set with --set FIELD=VALUE
 FLAGS = ("out_dir", "data_dir", "phase2_dir", "batch_size", "grad_accum", "max_steps", "lr", "warmup_steps",
-         "eval_every", "ckpt_every", "seed", "device", "compile", "resume")
+         "eval_every", "seed", "device", "dtype", "compile", "resume")
 # the speedrun's presets: `preset` names the model preset they train
 TRAIN_PRESETS["ci"] = dict(TRAIN_PRESETS["tiny"], preset="tiny", max_steps=120, batch_size=8, warmup_steps=10,
                            eval_every=60, ckpt_every=60, eval_batches=4)
@@ -144,7 +145,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
 
     `on_step(step, metrics_row)` is called after every step (tests use it to interrupt a run).
     """
-    rt = setup_runtime(cfg.device)
+    rt = setup_runtime(cfg.device, cfg.dtype)
     try:
         return _train(cfg, rt, on_step)
     finally:

@@ -62,6 +62,7 @@ class PruneConfig:
     log_every: int = 10             # a metrics.jsonl row every N steps
     seed: int = 1337                # batches and sampling are pure functions of (seed, step)
     device: str = "auto"            # auto (a GPU when torch sees one), cpu, cuda
+    dtype: str = "auto"             # auto (bf16 where the chip has it natively), bf16, fp32
     resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
     method: str = "gum"             # magnitude, random, movement, gum
@@ -75,7 +76,7 @@ class PruneConfig:
     distill_temperature: float = 2.0
     gum_weight: float = 0.5         # weight of GUM's uniqueness penalty (our choice; see scores.py)
     gum_tokens: int = 256           # tokens per layer the penalty looks at (every k-th real token)
-    sources: str = "man,stdlib,arithmetic,units"
+    sources: str = "dictionary,ops1,ops2,ops3,ops4,units,word"  # held-out prompts (data_prep/instructions.py)
     n_train: int = 4000
     n_eval: int = 200
     data_seed: int = 0              # which examples are drawn (train and held-out never overlap)
@@ -94,7 +95,7 @@ PRUNE_PRESETS["laptop"] = PRUNE_PRESETS["tiny"]
 # the fields `minilm prune --help` shows; every other field is set with --set FIELD=VALUE
 FLAGS = ("init", "out_dir", "method", "sparsity", "ranking", "max_steps", "batch_size", "lr",
          "prune_warmup", "prune_final", "mask_every", "distill", "gum_weight", "n_train", "n_eval",
-         "eval_every", "ckpt_every", "chat_eval", "seed", "device", "resume")
+         "eval_every", "ckpt_every", "chat_eval", "seed", "device", "dtype", "resume")
 
 
 def prune_config(preset: str = "tiny", **overrides) -> PruneConfig:
@@ -241,7 +242,7 @@ def run_prune(cfg: PruneConfig, on_step=None) -> dict:
     """Fine-tune cfg.init while pruning cfg.sparsity of its FFN neurons with cfg.method."""
     check_settings(cfg, "prune")   # a rerun into this out_dir must have the same settings
     _check(cfg)
-    rt = setup_runtime(cfg.device)
+    rt = setup_runtime(cfg.device, cfg.dtype)
     lm, tokenizer = init_model(cfg.init, None, rt.device)                                    # 1.
     teacher = None
     if cfg.distill:

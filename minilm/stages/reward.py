@@ -50,6 +50,7 @@ class RewardConfig:
     log_every: int = 10             # a metrics.jsonl row every N steps
     seed: int = 1337                # batches and sampling are pure functions of (seed, step)
     device: str = "auto"            # auto (a GPU when torch sees one), cpu, cuda
+    dtype: str = "auto"             # auto (bf16 where the chip has it natively), bf16, fp32
     resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, warmup_steps=10))
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # r = 0: full fine-tune; r > 0: LoRA, base frozen
@@ -68,7 +69,7 @@ REWARD_PRESETS = {
 }
 # the fields `minilm reward --help` shows; every other field is set with --set FIELD=VALUE
 FLAGS = ("init", "out_dir", "max_steps", "batch_size", "lr", "warmup_steps", "eval_every", "ckpt_every",
-         "seed", "device", "resume", "lora_r", "lora_alpha", "lm_weight", "n_pairs", "n_eval_pairs", "max_len")
+         "seed", "device", "dtype", "resume", "lora_r", "lora_alpha", "lm_weight", "n_pairs", "n_eval_pairs", "max_len")
 
 
 def reward_config(preset: str = "tiny", **overrides) -> RewardConfig:
@@ -80,7 +81,7 @@ def run_reward(cfg: RewardConfig, on_step=None) -> dict:
     check_settings(cfg, "reward")   # a rerun into this out_dir must have the same settings
     if cfg.lm_weight < 0:
         raise MinilmError(f"lm_weight must be >= 0 (0: reward loss only), got {cfg.lm_weight}")
-    rt = setup_runtime(cfg.device)
+    rt = setup_runtime(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)     # the fresh head (and LoRA) start the same on every run and resume
     hydra, tokenizer = load_reward_model(cfg.init, heads=(cfg.head,), device=rt.device)   # 1.
     if cfg.max_len > hydra.config.max_seq_len:

@@ -38,6 +38,7 @@ from minilm.config import from_preset
 from minilm.data import TokenDataset
 from minilm.loop import OptimConfig, run_loop
 from minilm.post.base_model import LoRAConfig, init_model
+from minilm.post.chat import render_prompt
 from minilm.post.oracles import AnswerOracle
 from minilm.post.sft import clean_text_loss, evaluate_chat, make_batch_fn, render_examples, sft_data, sft_loss
 from minilm.run_dir import check_settings
@@ -48,7 +49,7 @@ from minilm.weights import write_json
 @dataclass
 class SFTConfig:
     out_dir: str = "runs/sft-tiny"  # checkpoint/, metrics.jsonl and the stage's results
-    init: str = "runs/base-tiny/checkpoint"  # the checkpoint this stage starts from
+    init: str = "runs/tiny/checkpoint"  # the checkpoint this stage starts from (`minilm train` writes it)
     max_steps: int = 600            # optimizer steps
     batch_size: int = 32            # examples per step
     eval_every: int = 200           # held-out evaluation every N steps
@@ -56,15 +57,16 @@ class SFTConfig:
     log_every: int = 10             # a metrics.jsonl row every N steps
     seed: int = 1337                # batches and sampling are pure functions of (seed, step)
     device: str = "auto"            # auto (a GPU when torch sees one), cpu, cuda
+    dtype: str = "auto"             # auto (bf16 where the chip has it natively), bf16, fp32
     resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=20))
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # r = 0: full fine-tune; r > 0: LoRA, base frozen
-    sources: str = "man,stdlib,arithmetic,units"  # see data_prep/instructions.py
+    sources: str = "dictionary,ops1,ops2,ops3,ops4,units,word"  # see data_prep/instructions.py
     n_train: int = 4000             # requested train conversations (fewer if sources run out)
     n_eval: int = 200               # held-out prompts judged before and after
     data_seed: int = 0              # which examples are drawn (train and held-out never overlap)
-    max_len: int = 128              # longer conversations are dropped, not cut
-    max_new_tokens: int = 32        # reply budget of the greedy eval
+    max_len: int = 192              # longer conversations are dropped, not cut
+    max_new_tokens: int = 96        # reply budget of the greedy eval (worked replies run 15-90 tokens)
     # clean-text replay: every step also takes the next-token loss on pretraining text, weighted
     # text_mix, so that SFT does not destroy language modelling (module docstring, "Replay")
     text_mix: float = 1.0           # weight of the clean-text loss; 0: pure SFT (no replay)
@@ -83,7 +85,7 @@ SFT_PRESETS["ci"] = dict(max_steps=60, batch_size=16, n_train=800, n_eval=24, ev
 SFT_PRESETS["laptop"], SFT_PRESETS["gpu"] = SFT_PRESETS["tiny"], SFT_PRESETS["small"]
 # the fields `minilm sft --help` shows; every other field is set with --set FIELD=VALUE
 FLAGS = ("init", "out_dir", "max_steps", "batch_size", "lr", "warmup_steps", "eval_every", "ckpt_every",
-         "seed", "device", "resume", "lora_r", "lora_alpha", "sources", "n_train", "n_eval", "max_len",
+         "seed", "device", "dtype", "resume", "lora_r", "lora_alpha", "sources", "n_train", "n_eval", "max_len",
          "text_mix", "text_data")
 
 
@@ -104,7 +106,7 @@ def find_text_data(cfg: SFTConfig, tokenizer) -> Path | None:
         if isinstance(recorded, dict) and recorded.get("data_dir"):
             directory = Path(recorded["data_dir"])
         elif isinstance(recorded, dict):  # "": the default data pipeline's phase 1, never built here
-            docs = recorded.get("pipeline_docs_per_source", 400)
+            docs = recorded.get("pipeline_docs_per_source", 0)
             directory = default_data(tokenizer.n_vocab, docs, build=False)[0]
     if directory is None or not (directory / "meta.json").exists():
         if explicit:
@@ -122,11 +124,18 @@ def find_text_data(cfg: SFTConfig, tokenizer) -> Path | None:
 def run_sft(cfg: SFTConfig, on_step=None) -> dict:
     """Fine-tune cfg.init on chat data; returns {"before", "after", ...} measured on held-out prompts."""
     check_settings(cfg, "sft")   # a rerun into this out_dir must have the same settings
-    rt = setup_runtime(cfg.device)
+    rt = setup_runtime(cfg.device, cfg.dtype)
     model, tokenizer = init_model(cfg.init, cfg.lora, rt.device)                           # 1.
     if cfg.max_len > model.config.max_seq_len:
         raise MinilmError(f"max_len {cfg.max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
     train, heldout, train_sample = sft_data(cfg)  # train_sample: n_eval train prompts
+    # an eval prompt with no room for its reply is dropped, as over-long training conversations are
+    room = model.config.max_seq_len - cfg.max_new_tokens
+    heldout, train_sample = ([c for c in convs if len(render_prompt(tokenizer, c["messages"][:-1])) <= room]
+                             for convs in (heldout, train_sample))
+    if not heldout:
+        raise MinilmError(f"no held-out prompt fits max_new_tokens={cfg.max_new_tokens} in the model's "
+                          f"{model.config.max_seq_len} positions; lower --max-new-tokens")
     examples = render_examples(tokenizer, train, cfg.max_len)               # 2.
     if cfg.text_mix < 0:
         raise MinilmError(f"text_mix must be >= 0 (the weight of the clean-text loss), got {cfg.text_mix}")
