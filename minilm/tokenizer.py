@@ -63,6 +63,18 @@ def count_chunks(texts: Iterable[str], pattern: str = SPLIT_PATTERN) -> Counter[
     return Counter({chunk.encode("utf-8"): n for chunk, n in counts.items()})
 
 
+def count_pairs(chunks: dict[bytes, int]) -> Counter[tuple[int, int]]:
+    """How often each adjacent pair of byte ids occurs, each chunk weighted by its count.
+
+    {b"hug": 3, b"pug": 1} gives (h, u): 3, (u, g): 4, (p, u): 1; b"aaa" once gives (a, a): 2.
+    """
+    counts: Counter[tuple[int, int]] = Counter()
+    for chunk, freq in chunks.items():
+        for pair in zip(chunk, chunk[1:]):  # bytes iterate as ints: the ids 0..255
+            counts[pair] += freq
+    return counts
+
+
 def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     """Replace every occurrence of `pair` in `ids` with `new_id`, scanning left to right."""
     out, i = [], 0
@@ -93,11 +105,10 @@ def learn_merges(chunks: dict[bytes, int], n_merges: int,
     """
     words, freqs = [list(chunk) for chunk in chunks], list(chunks.values())  # chunk = token ids
     vocab = [bytes([b]) for b in range(256)]   # id -> bytes, grows by one per merge
-    counts: dict[tuple[int, int], int] = defaultdict(int)
-    where: dict[tuple[int, int], set[int]] = defaultdict(set)
-    for i, (word, freq) in enumerate(zip(words, freqs)):
+    counts: dict[tuple[int, int], int] = defaultdict(int, count_pairs(chunks))
+    where: dict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> the chunks containing it
+    for i, word in enumerate(words):
         for pair in zip(word, word[1:]):
-            counts[pair] += freq
             where[pair].add(i)
     heap = [(-n, pair) for pair, n in counts.items()]  # min-heap of -count = max-heap of count
     heapq.heapify(heap)

@@ -29,3 +29,16 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Implement-it tasks (tests/test_tasks.py) run only when -m names one: `pytest -m task_01`.
+
+    The shipped task files are stubs, so a plain `pytest` deselects their checks.
+    """
+    if "task_" in (config.getoption("markexpr") or ""):
+        return
+    tasks = [item for item in items if any(m.name.startswith("task_") for m in item.iter_markers())]
+    if tasks:
+        config.hook.pytest_deselected(items=tasks)
+        items[:] = [item for item in items if item not in tasks]

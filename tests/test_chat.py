@@ -7,7 +7,7 @@ A byte-level tokenizer (no merges: every character is its byte's id, the five sp
 import pytest
 import torch
 
-from minilm.post.chat import collate, parse_reply, render_chat, render_prompt
+from minilm.post.chat import collate, parse_reply, prompts_that_fit, render_chat, render_prompt
 from minilm.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.lesson_06
@@ -119,3 +119,12 @@ def test_collated_loss_counts_only_assistant_tokens(tok):
     assert keep.sum() == 2 * 3  # "Yo<|end|>" predicted in each row
     manual = torch.nn.functional.cross_entropy(logits[keep], batch["targets"][keep])
     torch.testing.assert_close(loss, manual)
+
+
+def test_only_prompts_with_room_for_the_reply_are_kept(tok):
+    convs = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "x"}]}
+             for q in ("hi", "a much longer question that takes many more tokens to say")]
+    sizes = [len(render_prompt(tok, c["messages"][:-1])) for c in convs]
+    assert prompts_that_fit(tok, convs, sizes[1]) == convs
+    assert prompts_that_fit(tok, convs, sizes[1] - 1) == convs[:1]
+    assert prompts_that_fit(tok, convs, sizes[0] - 1) == []

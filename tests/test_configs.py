@@ -24,7 +24,7 @@ def test_flat_names_reach_the_nested_configs_and_keep_the_stage_defaults():
     cfg = build(SFTConfig, lr=1e-4, lora_r=8, max_steps=7)
     assert cfg.optim == OptimConfig(lr=1e-4, warmup_steps=20)       # SFT's own warmup survives
     assert cfg.lora == LoRAConfig(r=8) and cfg.max_steps == 7
-    assert SFTConfig().optim.lr == 3e-3 and DNOConfig().sample == SampleConfig(16, 0.7, 0.95)
+    assert SFTConfig().optim.lr == 3e-3 and DNOConfig().sample == SampleConfig(80, 0.7, 0.95)
 
 
 def test_flatten_and_build_are_inverse_and_override_copies():

@@ -99,3 +99,9 @@ def test_uniqueness_penalty_is_1_for_duplicates_and_0_for_orthogonal_neurons():
     # a pruned partner does not count, and a pruned neuron adds nothing
     three = torch.cat([dup, torch.tensor([[0.], [0.], [5.]])], dim=1)   # neuron 2 orthogonal-ish
     assert uniqueness_penalty(three, torch.tensor([1., 0., 1.])).item() < 0.5
+
+
+def test_uniqueness_penalty_takes_each_neurons_nearest_partner_not_the_average():
+    # columns a, b duplicate each other and c is orthogonal to both: nearest |cos| 1, 1, 0
+    acts = torch.tensor([[1., 2., 0.], [0., 0., 1.], [0., 0., 0.]])
+    assert uniqueness_penalty(acts, torch.ones(3)).item() == pytest.approx(2 / 3)   # the mean form gives 1/3

@@ -74,6 +74,12 @@ def render_prompt(tokenizer, messages) -> list[int]:
     return render_chat(tokenizer, messages, add_generation_prompt=True)[0]
 
 
+def prompts_that_fit(tokenizer, conversations: list[dict], budget: int) -> list[dict]:
+    """The conversations whose prompt (all but the last message) renders to at most `budget` ids:
+    those a model can be asked with room left for its reply."""
+    return [c for c in conversations if len(render_prompt(tokenizer, c["messages"][:-1])) <= budget]
+
+
 def parse_reply(tokenizer, ids) -> tuple[str, bool]:
     """(text, ended) of generated ids: text before the first special token, stripped;
     ended is True when that special token is <|end|> (the reply closed the turn properly).

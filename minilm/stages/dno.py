@@ -68,7 +68,7 @@ class DNOConfig:
     resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=3))
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # r > 0: each iteration trains LoRA adapters
-    sample: SampleConfig = field(default_factory=lambda: SampleConfig(max_new_tokens=16, temperature=0.7, top_p=0.95))
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig(max_new_tokens=80, temperature=0.7, top_p=0.95))
     iterations: int = 3
     n_prompts: int = 300            # fresh train prompts per iteration
     samples: int = 5                # K replies per prompt from pi_t (+ 1 teacher reply)
@@ -91,7 +91,7 @@ class DNOConfig:
     n_val: int = 150
     n_test: int = 300
     data_seed: int = 0              # which examples are drawn (train and held-out never overlap)
-    max_len: int = 64
+    max_len: int = 192
 
 
 DNO_PRESETS = {  # ~1M-param SFT model, 2 CPU cores, ~1 minute per iteration. Plain DPO at lr 1e-3

@@ -30,6 +30,7 @@ from minilm.checkpoint import save_checkpoint
 from minilm.config import from_preset
 from minilm.loop import OptimConfig, run_loop
 from minilm.post.base_model import LoRAConfig, add_lora
+from minilm.post.chat import prompts_that_fit
 from minilm.post.oracles import AnswerOracle
 from minilm.post.preferences import make_pair_batch_fn
 from minilm.post.reward import evaluate_pairs, hydra_sft_loss, load_reward_model, reward_data
@@ -62,10 +63,10 @@ class HydraSFTConfig:
     data_seed: int = 0              # which examples are drawn (train and held-out never overlap)
     max_len: int = 160              # longer pairs and conversations are dropped, not cut
     sft_batch_size: int = 16        # conversations per step, besides batch_size pairs
-    sources: str = "man,stdlib,arithmetic,units"  # the SFT conversations (data_prep/instructions.py)
+    sources: str = "dictionary,ops1,ops2,ops3,ops4,units,word"  # the SFT conversations (data_prep/instructions.py)
     n_train: int = 4000
     n_eval: int = 100               # held-out prompts judged greedily before/after (chat quality)
-    max_new_tokens: int = 32        # reply budget of the greedy judgement
+    max_new_tokens: int = 96        # reply budget of the greedy judgement (worked replies: 15-90 tokens)
 
 
 HYDRA_SFT_PRESETS = {
@@ -113,6 +114,8 @@ def run_hydra_sft(cfg: HydraSFTConfig, on_step=None) -> dict:
                            pad, cfg.max_len)
     pair_fn = make_pair_batch_fn(pairs, cfg.batch_size, cfg.seed, pad, cfg.max_len)
     oracle = AnswerOracle(chats + heldout_chats)
+    # judged prompts must leave room for the reply budget
+    heldout_chats = prompts_that_fit(tokenizer, heldout_chats, hydra.lm.config.max_seq_len - cfg.max_new_tokens)
 
     # pair accuracy from the reward head, chat rates from the LM head alone (model.lm)
     def evaluate(model) -> dict:

@@ -43,7 +43,7 @@ from minilm.loop import (OptimConfig, load_train_state, lr_at, make_optimizer, o
 from minilm.lora import adapter_names, merge_and_unload
 from minilm.plots import plot_ppo
 from minilm.post.base_model import LoRAConfig
-from minilm.post.chat import TurnClose, parse_reply, render_prompt
+from minilm.post.chat import TurnClose, parse_reply, prompts_that_fit, render_prompt
 from minilm.post.dpo import summarize
 from minilm.post.oracles import AnswerOracle
 from minilm.post.ppo import (entropy_from_logits, gae, kl_penalty, make_kl_controller, masked_mean, masked_whiten,
@@ -68,7 +68,7 @@ class PPOConfig:
     resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=0))
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=8))  # ppo trains every weight; lora, hydra, jhydra use these adapters
-    sample: SampleConfig = field(default_factory=lambda: SampleConfig(max_new_tokens=24, temperature=1.0))
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig(max_new_tokens=80, temperature=1.0))
     reward_init: str = "runs/reward-tiny/checkpoint"  # the reward model (ppo, lora only)
     variant: str = "hydra"
     minibatch_size: int = 8
@@ -87,7 +87,7 @@ class PPOConfig:
     whiten_advantages: bool = True
     missing_end_penalty: float = 1.0  # subtracted from the reward model's score of a reply cut before <|end|>
     reward: str = "model"           # "model": the reward head; "oracle": AnswerOracle on the parsed reply
-    sources: str = "man,stdlib,arithmetic,units"  # prompts (data_prep/instructions.py)
+    sources: str = "dictionary,ops1,ops2,ops3,ops4,units,word"  # prompts (data_prep/instructions.py)
     n_prompts: int = 2000
     n_eval: int = 64                # held-out prompts judged greedily before/after and every eval_every
     data_seed: int = 0              # which examples are drawn (train and held-out never overlap)
@@ -247,11 +247,13 @@ def heldout_eval(models, tokenizer, conversations: list[dict], oracle, max_new_t
 def ppo_prompts(cfg: PPOConfig, tokenizer, budget: int) -> tuple[list[dict], list[dict]]:
     """(train conversations whose prompt fits in `budget` tokens, held-out conversations to judge)."""
     sources = tuple(s.strip() for s in cfg.sources.split(",") if s.strip())
-    train = [c for c in instruction_examples(cfg.n_prompts, cfg.data_seed, sources, split="train")
-             if len(render_prompt(tokenizer, c["messages"][:-1])) <= budget]
-    if not train:
+    train = prompts_that_fit(tokenizer, instruction_examples(cfg.n_prompts, cfg.data_seed, sources, split="train"),
+                             budget)
+    heldout = prompts_that_fit(tokenizer, instruction_examples(cfg.n_eval, cfg.data_seed + 1, sources,
+                                                               split="heldout"), budget)
+    if not train or not heldout:
         raise MinilmError(f"no prompt fits in {budget} tokens; lower --max-new-tokens")
-    return train, instruction_examples(cfg.n_eval, cfg.data_seed + 1, sources, split="heldout")
+    return train, heldout
 
 
 def save_state(cfg: PPOConfig, models, tokenizer, optimizer, kl_ctl, step: int, before: dict,

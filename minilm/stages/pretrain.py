@@ -75,7 +75,8 @@ class TrainConfig:
 
 # Stage presets: what `--preset NAME` sets besides the model shape.
 TRAIN_PRESETS = {
-    "tiny": dict(out_dir="runs/tiny", batch_size=16, max_steps=600, lr=3e-3, warmup_steps=30),
+    "tiny": dict(out_dir="runs/tiny", batch_size=16, max_steps=1600, lr=3e-3, warmup_steps=30, eval_every=400,
+                 ckpt_every=400, phase2_fraction=0.5),
     "small": dict(out_dir="runs/small", batch_size=32, grad_accum=2, max_steps=5000, lr=1e-3,
                   warmup_steps=200, eval_every=250, ckpt_every=250),
 }

@@ -80,9 +80,9 @@ class PruneConfig:
     n_train: int = 4000
     n_eval: int = 200
     data_seed: int = 0              # which examples are drawn (train and held-out never overlap)
-    max_len: int = 128
+    max_len: int = 192
     chat_eval: bool = False         # also judge greedy replies at the end (slow-ish, noisy at this size)
-    max_new_tokens: int = 32        # reply budget of the greedy judgement
+    max_new_tokens: int = 96        # reply budget of the greedy judgement (worked replies: 15-90 tokens)
 
 
 PRUNE_PRESETS = {

@@ -38,7 +38,7 @@ from minilm.config import from_preset
 from minilm.data import TokenDataset
 from minilm.loop import OptimConfig, run_loop
 from minilm.post.base_model import LoRAConfig, init_model
-from minilm.post.chat import render_prompt
+from minilm.post.chat import prompts_that_fit
 from minilm.post.oracles import AnswerOracle
 from minilm.post.sft import clean_text_loss, evaluate_chat, make_batch_fn, render_examples, sft_data, sft_loss
 from minilm.run_dir import check_settings
@@ -52,7 +52,7 @@ class SFTConfig:
     init: str = "runs/tiny/checkpoint"  # the checkpoint this stage starts from (`minilm train` writes it)
     max_steps: int = 600            # optimizer steps
     batch_size: int = 32            # examples per step
-    eval_every: int = 200           # held-out evaluation every N steps
+    eval_every: int = 600           # held-out evaluation every N steps (greedy replies are slow: once, at the end)
     ckpt_every: int = 100           # atomic checkpoint (and metrics.jsonl) every N steps
     log_every: int = 10             # a metrics.jsonl row every N steps
     seed: int = 1337                # batches and sampling are pure functions of (seed, step)
@@ -131,8 +131,7 @@ def run_sft(cfg: SFTConfig, on_step=None) -> dict:
     train, heldout, train_sample = sft_data(cfg)  # train_sample: n_eval train prompts
     # an eval prompt with no room for its reply is dropped, as over-long training conversations are
     room = model.config.max_seq_len - cfg.max_new_tokens
-    heldout, train_sample = ([c for c in convs if len(render_prompt(tokenizer, c["messages"][:-1])) <= room]
-                             for convs in (heldout, train_sample))
+    heldout, train_sample = (prompts_that_fit(tokenizer, convs, room) for convs in (heldout, train_sample))
     if not heldout:
         raise MinilmError(f"no held-out prompt fits max_new_tokens={cfg.max_new_tokens} in the model's "
                           f"{model.config.max_seq_len} positions; lower --max-new-tokens")
