@@ -71,7 +71,7 @@ class SuiteConfig:
     n_chat: int = 200               # held-out chat prompts (format compliance)
     n_winrate: int = 200            # held-out chat prompts judged against the reference
     n_env: int = 32                 # held-out episodes of each environment (household, qa, math)
-    max_new_tokens: int = 32        # reply budget for chat prompts
+    max_new_tokens: int = 96        # reply budget for chat prompts (worked ladder replies run 15-90 tokens)
     math_new_tokens: int = 96       # reply budget for word problems (worked solutions ~60-90 tokens)
     seed: int = 0                   # which held-out prompts are drawn
     batch_size: int = 32            # prompts / windows / episodes per forward pass
