@@ -294,3 +294,13 @@ def test_an_unended_reply_is_encoded_without_an_end_token_it_never_produced(data
     assert cut_ids[-len(reply):] == reply and cut_mask[-len(reply):] == [1] * len(reply)
     assert cut_ids == r_ids[:len(cut_ids)] and r_ids[len(cut_ids)] == end   # ended: <|end|> learned next
     assert sum(cut_mask) == sum(r_mask) - 1 and cut_ids.count(end) == r_ids.count(end) - 1
+
+
+def test_pairs_written_before_the_positive_flag_are_refused_with_a_way_on(tmp_path):
+    from minilm import MinilmError
+    from minilm.stages.dno import _read_pairs
+    old = tmp_path / "pairs.json"
+    old.write_text(json.dumps([{"prompt": "p", "chosen": "a", "rejected": "b"}]))
+    with pytest.raises(MinilmError, match="older minilm.*new --out-dir"):
+        _read_pairs(old)
+    assert _read_pairs(tmp_path / "missing.json") == []

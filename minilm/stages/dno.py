@@ -204,7 +204,11 @@ def load_reference(cfg: DNOConfig, model, sft_model):
 
 
 def _read_pairs(path: Path) -> list[dict]:
-    return json.loads(path.read_text()) if path.exists() else []
+    pairs = json.loads(path.read_text()) if path.exists() else []
+    if any("chosen_positive" not in p for p in pairs):   # written before the NLL filter existed
+        raise MinilmError(f"{path} was written by an older minilm (its pairs lack 'chosen_positive'); "
+                          f"start this run in a new --out-dir")
+    return pairs
 
 
 def run_iteration(cfg: DNOConfig, t: int, data: dict, oracle, monitor, sft_model, tokenizer, rt) -> dict:
