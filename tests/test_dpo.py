@@ -173,3 +173,42 @@ def test_run_dpo_resumes_exactly(base_checkpoint, tmp_path):
     a = load_checkpoint(tmp_path / "a" / "checkpoint").model.state_dict()
     b = load_checkpoint(tmp_path / "b" / "checkpoint").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_credit_mask_keeps_the_replies_up_to_the_end_of_the_step_where_they_part():
+    from minilm.post.preferences import credit_mask
+    NL, END = 9, 8   # hand-built ids: 9 ends a line, 8 is <|end|>; 0 is padding
+    #                     prompt | reply: "1 2 NL 3 4 NL 5 END" vs "1 2 NL 3 7 NL 6 END"
+    chosen = torch.tensor([[5, 5, 1, 2, NL, 3, 4, NL, 5, END, 0]])
+    rejected = torch.tensor([[5, 5, 1, 2, NL, 3, 7, NL, 6, END, 6]])
+    tokens = torch.cat([chosen, rejected])
+    loss_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]])
+    credit = credit_mask(tokens, loss_mask, (NL, END))
+    # they part at position 6 (4 vs 7); that step ends at the NL in position 7; the rest is cut
+    expected = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0]])
+    assert torch.equal(credit, expected)
+    # identical replies never part: everything stays; no step end after the parting: the reply's end
+    same = credit_mask(torch.cat([chosen, chosen]), loss_mask[:1].repeat(2, 1), (NL, END))
+    assert torch.equal(same, loss_mask[:1].repeat(2, 1))
+    to_end = credit_mask(tokens, loss_mask, (END,))   # only <|end|> ends a step: the whole replies
+    assert torch.equal(to_end, loss_mask * (torch.arange(11) <= 9).long())
+
+
+def test_step_credit_dpo_margin_is_the_parting_step_and_the_nll_reads_whole_replies():
+    from minilm.post.preferences import credit_mask
+    torch.manual_seed(0)
+    policy, reference = Phi3(tiny_config()), Phi3(tiny_config()).requires_grad_(False)
+    batch = pair_batch(planted_pairs(4, 0), 0, 64)
+    b = 4
+    ends = (int(batch["tokens"][0, -1]),)   # any id: the test checks the sums, not where lines end
+    batch["credit_mask"] = credit_mask(batch["tokens"], batch["loss_mask"], ends)
+    loss, m = dpo_batch_loss(policy, batch, beta=0.3, reference=reference, sft_weight=1.0)
+    with torch.no_grad():
+        lp = {name: token_logprobs(net, batch["tokens"], batch["attention_mask"])
+              for name, net in (("pi", policy), ("ref", reference))}
+    c, whole = batch["credit_mask"].float(), batch["loss_mask"].float()
+    pi, ref = (lp["pi"] * c).sum(1), (lp["ref"] * c).sum(1)
+    margin = 0.3 * ((pi[:b] - ref[:b]) - (pi[b:] - ref[b:]))
+    nll = -(lp["pi"][:b] * whole[:b]).sum() / whole[:b].sum()
+    torch.testing.assert_close(loss, (-torch.nn.functional.logsigmoid(margin).mean() + nll).float(), atol=1e-5, rtol=0)
+    assert m["chosen_nll"] == pytest.approx(nll.item(), abs=1e-5)

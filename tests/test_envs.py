@@ -213,8 +213,8 @@ def test_math_think_is_recorded_and_answer_is_checked():
     env = make_env("math")
     env.reset(3)
     assert env.step("think[let me see]")[0] == "OK." and env.thoughts == ["let me see"]
-    steps = env.task["steps"]
-    assert steps[-1][3] == env.task["answer"]
+    steps = env.task["steps"]   # the ladder's worked lines: the last one computes the answer
+    assert steps[-1].rstrip(".").endswith(str(env.task["answer"]))
     obs, reward, done, info = env.step(f"answer[{env.task['answer'] + 1}]")
     assert done and reward == 0.0 and obs == "Incorrect."
     assert make_env("math").admissible_actions() == []
@@ -229,3 +229,16 @@ def test_make_env_and_misuse_raise_clear_errors():
         make_env("math").step("answer[1]")
     with pytest.raises(MinilmError, match="seed"):
         make_env("math").reset(-1)
+
+
+def test_math_env_serves_the_ladder_and_its_test_split_is_the_ladders_held_out_split():
+    from data_prep.synthetic import split_of
+    from minilm.agents.envs.math_env import RUNGS
+    for split, wanted in (("train", "train"), ("test", "heldout")):
+        env, rungs = make_env("math", split=split), set()
+        for seed in range(40):
+            obs = env.reset(seed)
+            assert split_of(env.task["id"]) == wanted and obs.endswith(env.task["question"])
+            rungs.add(env.task["rung"])
+            assert env.expert_actions()[-1] == f"answer[{env.task['answer']}]"
+        assert rungs == set(RUNGS)

@@ -221,7 +221,8 @@ def fake_run(tok, tmp_path, monkeypatch, plots=False, **overrides):
         save_checkpoint(tmp_path / "init", Phi3(tiny_config(max_seq_len=256)), tok)
     monkeypatch.setattr(ltc, "make_envs", lambda cfg, split, n: [CountEnv() for _ in range(n)])
     return {**dict(init=str(tmp_path / "init"), out_dir=str(tmp_path / "run"), pattern="analogue", n_demos=8,
-                   il_steps=4, episodes_per_iter=4, batch_size=2, rollout_batch=4, n_test=4, device="cpu"),
+                   il_steps=4, chat_replay=8,
+                   episodes_per_iter=4, batch_size=2, rollout_batch=4, n_test=4, device="cpu"),
             **overrides}
 
 
@@ -241,6 +242,7 @@ def test_run_ltc_end_to_end_and_a_killed_run_resumes_bit_identically(tok, tmp_pa
     kw = fake_run(tok, tmp_path, monkeypatch, plots=True, iterations=2)
     whole = ltc.run_ltc(ltc.ltc_config(**{**kw, "out_dir": str(tmp_path / "whole")}))
     assert [r["iteration"] for r in whole["rows"]] == [1, 2] and whole["rows"][1]["buffer"] == 8
+    assert 0 < whole["n_chat_replay"] <= 8      # the IL data keeps SFT conversations (those that fit)
     assert 0 <= whole["rows"][1]["test_success_with_example"] <= 1            # Analogue: both contexts
     assert (tmp_path / "whole" / "curves.png").exists() and (tmp_path / "whole" / "baseline.json").exists()
     saved = json.loads((tmp_path / "whole" / "result.json").read_text())

@@ -62,3 +62,21 @@ def test_cli_ppo_and_hydra_sft_end_to_end(base_checkpoint, reward_checkpoint, tm
     ck = load_checkpoint(tmp_path / "ppo" / "checkpoint")
     assert ck.meta["variant"] == "jhydra" and set(ck.extra["heads"]) >= {"reward.weight", "value.weight"}
     assert main(["ppo", "--variant", "lora", "--init", str(tmp_path / "missing")]) == 2   # a clear error
+
+
+def test_a_hydra_ppo_checkpoint_loads_as_the_policy_alone(base_checkpoint, reward_checkpoint, tmp_path):  # noqa: F811
+    """Actor and critic adapters share one trunk; whoever loads the checkpoint (eval, chat, the next
+    stage) must get base + actor, never the critic's adapter folded in as well."""
+    from minilm.eval.suite import load_for_eval
+    from minilm.lora import active_adapters, use_adapters
+    run_ppo(ppo_config("tiny", variant="hydra", init=str(reward_checkpoint), reward_init=str(reward_checkpoint),
+                       out_dir=str(tmp_path / "hydra"), **{**SMALL, "max_steps": 2}))
+    path = tmp_path / "hydra" / "checkpoint"
+    ck = load_checkpoint(path)
+    assert active_adapters(ck.model) == ["actor"]
+    tokens = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad(), use_adapters(ck.model, "actor"):
+        actor = ck.model(tokens)[0]
+    merged, _ = load_for_eval(path)                 # what the evaluation suite scores
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens)[0], actor, atol=1e-5, rtol=0)

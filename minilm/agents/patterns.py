@@ -45,7 +45,7 @@ SAMPLED = (AGENT, VETOED)   # the roles that carry a behaviour log-prob
 @dataclass
 class RolloutConfig:
     temperature: float = 1.0        # sample (the reference code is effectively greedy; we are not)
-    max_reply_tokens: int = 24      # one action
+    max_reply_tokens: int = 32      # one action (a worked line of a unit conversion runs ~25)
     min_reply_tokens: int = 6       # less room left in the context: the episode ends as a failure
     max_hints: int = 2              # Dialogue: teacher interventions per episode
     max_example_chars: int = 240    # Analogue: the solved example's length budget

@@ -286,10 +286,11 @@ def score_candidates(oracle, prompt, candidates: list[str]) -> tuple[list[float]
     return (6 * (prefer * off).sum(1) / max(1, n - 1)).tolist(), prefer
 
 
-def make_batch_fn(encoded, pairs, batch_size: int, seed: int, pad_id: int, max_len: int):
+def make_batch_fn(encoded, pairs, batch_size: int, seed: int, pad_id: int, max_len: int,
+                  step_ends: tuple[int, ...] = ()):
     """batch_fn(step): pair_batch of a shuffled pass (a pure function of seed and step), with the
     pairs' r_t values (2B,) for Algorithm 1's soft labels and "positive" (B,), each chosen reply's
-    chosen_positive (the rows the NLL term may touch)."""
+    chosen_positive (the rows the NLL term may touch). step_ends: as pair_batch's (step credit)."""
     n = len(encoded)
     orders = {}
 
@@ -300,7 +301,7 @@ def make_batch_fn(encoded, pairs, batch_size: int, seed: int, pad_id: int, max_l
 
     def batch_fn(step: int) -> dict:
         picks = [order(i // n)[i % n] for i in range(step * batch_size, (step + 1) * batch_size)]
-        batch = pair_batch([encoded[j] for j in picks], pad_id, max_len)
+        batch = pair_batch([encoded[j] for j in picks], pad_id, max_len, step_ends)
         batch["r"] = torch.tensor([pairs[j]["r_chosen"] for j in picks] + [pairs[j]["r_rejected"] for j in picks])
         batch["positive"] = torch.tensor([bool(pairs[j]["chosen_positive"]) for j in picks])
         return batch

@@ -58,8 +58,9 @@ def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: tor
 
 
 def reference_logprobs(model, batch: dict, reference=None) -> torch.Tensor:
-    """Reference sequence log-probs (2B,), no grad: `reference` if given, else `model` with LoRA off."""
-    args = (batch["tokens"], batch["attention_mask"], batch["loss_mask"])
+    """Reference sequence log-probs (2B,) over the credited tokens, no grad: `reference` if given,
+    else `model` with LoRA off."""
+    args = (batch["tokens"], batch["attention_mask"], batch.get("credit_mask", batch["loss_mask"]))
     with torch.no_grad():
         if reference is not None:
             return sequence_logprobs(reference, *args)
@@ -76,27 +77,30 @@ def dpo_batch_loss(model, batch: dict, beta: float = 0.1, reference=None,
     DPO widens the gap.
     """
     b = batch["tokens"].shape[0] // 2        # rows [:b] are chosen, [b:] their rejected twins
-    policy = sequence_logprobs(model, batch["tokens"], batch["attention_mask"], batch["loss_mask"])  # (2B,)
+    token_lp = token_logprobs(model, batch["tokens"], batch["attention_mask"])         # (2B, T)
+    credit, replies = batch.get("credit_mask", batch["loss_mask"]), batch["loss_mask"]
+    policy = (token_lp * credit.to(token_lp.dtype)).sum(-1)     # (2B,) the credited tokens (pair_batch)
     ref = reference_logprobs(model, batch, reference)
     loss, metrics = dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], beta)
     metrics["logp_chosen"] = policy[:b].mean().item()     # watch: DPO can lower both sides
     metrics["logp_rejected"] = policy[b:].mean().item()
-    if sft_weight > 0:
-        nll = -policy[:b].sum() / batch["loss_mask"][:b].sum()   # per reply token, not per reply
+    if sft_weight > 0:   # the NLL reads the WHOLE chosen reply, whatever the DPO term credits
+        nll = -(token_lp[:b] * replies[:b].to(token_lp.dtype)).sum() / replies[:b].sum()   # per token
         metrics["chosen_nll"] = nll.item()
         loss = loss + sft_weight * nll
     return loss, metrics
 
 
 @torch.no_grad()
-def evaluate_dpo(model, encoded: list[tuple], pad_id: int, max_len: int, beta: float, reference=None) -> dict:
-    """Held-out DPO loss and implicit-reward metrics, every pair once."""
+def evaluate_dpo(model, encoded: list[tuple], pad_id: int, max_len: int, beta: float, reference=None,
+                 step_ends: tuple[int, ...] = ()) -> dict:
+    """Held-out DPO loss and implicit-reward metrics, every pair once (credited as in training)."""
     device = next(model.parameters()).device
     policy, ref = [], []
-    for batch in pair_batches(encoded, pad_id, max_len):
+    for batch in pair_batches(encoded, pad_id, max_len, step_ends=step_ends):
         batch = {k: v.to(device) for k, v in batch.items()}
         b = batch["tokens"].shape[0] // 2
-        pi = sequence_logprobs(model, batch["tokens"], batch["attention_mask"], batch["loss_mask"])
+        pi = sequence_logprobs(model, batch["tokens"], batch["attention_mask"], batch["credit_mask"])
         rf = reference_logprobs(model, batch, reference)
         policy.append(torch.stack([pi[:b], pi[b:]])), ref.append(torch.stack([rf[:b], rf[b:]]))
     policy, ref = torch.cat(policy, dim=1), torch.cat(ref, dim=1)       # (2, N): chosen, rejected

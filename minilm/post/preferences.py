@@ -63,23 +63,53 @@ def encode_pairs(tokenizer, pairs: list[dict], max_len: int) -> tuple[list[tuple
     return [e for e, _ in kept], [p for _, p in kept]
 
 
-def pair_batch(encoded: list[tuple], pad_id: int, max_len: int) -> dict[str, torch.Tensor]:
+def step_end_ids(tokenizer) -> tuple[int, ...]:
+    """Ids of the tokens that end a step of a reply: every token whose bytes hold a newline, and <|end|>."""
+    ends = [i for b, i in tokenizer.ranks.items() if b"\n" in b]
+    return tuple(sorted(ends + [tokenizer.special_id("<|end|>")]))
+
+
+def credit_mask(tokens: torch.Tensor, loss_mask: torch.Tensor, step_ends: tuple[int, ...]) -> torch.Tensor:
+    """loss_mask cut after the first step where each pair's two replies part (Step-DPO's unit).
+
+    tokens, loss_mask: (2B, T), chosen rows then their rejected twins. Per pair, p is the first
+    position where the two rows differ; each row keeps its reply tokens up to and including its
+    first step end at or after p. The shared prefix stays in: its log-ratio is the same on both
+    sides and cancels in the DPO margin. What goes is the tail after the parting step, which a
+    wrong reply fills consistently with its own error (it copies the wrong number into "The answer
+    is"), so that whole-reply credit would also punish the copying.
+    """
+    b, t = tokens.shape[0] // 2, tokens.shape[1]
+    pos = torch.arange(t).expand(b, t)
+    differ = tokens[:b] != tokens[b:]                                   # (B, T)
+    parts = torch.where(differ.any(1), (differ * 1).argmax(1), t)       # (B,) first differing position
+    parts = parts.repeat(2)[:, None]                                    # (2B, 1): both rows of a pair
+    is_end = torch.isin(tokens, torch.tensor(step_ends)) & (torch.arange(t) >= parts)
+    last = torch.where(is_end.any(1), (is_end * 1).argmax(1), t - 1)[:, None]   # (2B, 1) step end
+    return loss_mask * (pos.repeat(2, 1) <= last).long()
+
+
+def pair_batch(encoded: list[tuple], pad_id: int, max_len: int,
+               step_ends: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
     """Right-padded tensors (2B, T) for B encoded pairs: rows [0, B) chosen, rows [B, 2B) rejected.
 
     tokens, attention_mask, targets (next-token targets, -100 off the replies, as chat.collate);
     loss_mask (2B, T) is 1 where tokens[:, t] is a reply token (aligned with the tokens, not the
     targets), the mask `sequence_logprobs` sums over. One batch holds both sides of every pair,
-    so one forward pass scores them all.
+    so one forward pass scores them all. With step_ends (`step_end_ids`), credit_mask is the
+    loss_mask cut after the step where the two replies part (`credit_mask`); else it is loss_mask.
     """
     rows = [e[0] for e in encoded] + [e[1] for e in encoded]     # B chosen, then B rejected
     batch = collate(rows, pad_id, max_len)
     loss_mask = torch.zeros_like(batch["tokens"])
     loss_mask[:, 1:] = (batch["targets"][:, :-1] != -100).long()  # target t is token t + 1
     batch["loss_mask"] = loss_mask
+    batch["credit_mask"] = credit_mask(batch["tokens"], loss_mask, step_ends) if step_ends else loss_mask
     return batch
 
 
-def make_pair_batch_fn(encoded: list[tuple], batch_size: int, seed: int, pad_id: int, max_len: int):
+def make_pair_batch_fn(encoded: list[tuple], batch_size: int, seed: int, pad_id: int, max_len: int,
+                       step_ends: tuple[int, ...] = ()):
     """batch_fn(step) -> pair_batch of the step's pairs: one shuffled pass per epoch.
 
     A pure function of (seed, step), so a resumed run sees exactly the batches it would have seen.
@@ -87,15 +117,16 @@ def make_pair_batch_fn(encoded: list[tuple], batch_size: int, seed: int, pad_id:
     picks = epoch_batches(len(encoded), batch_size, seed)
 
     def batch_fn(step: int) -> dict:
-        return pair_batch([encoded[j] for j in picks(step)], pad_id, max_len)
+        return pair_batch([encoded[j] for j in picks(step)], pad_id, max_len, step_ends)
 
     return batch_fn
 
 
-def pair_batches(encoded: list[tuple], pad_id: int, max_len: int, batch_size: int = 64):
+def pair_batches(encoded: list[tuple], pad_id: int, max_len: int, batch_size: int = 64,
+                 step_ends: tuple[int, ...] = ()):
     """Every pair once, in order, in batches: for held-out evaluation."""
     for start in range(0, len(encoded), batch_size):
-        yield pair_batch(encoded[start:start + batch_size], pad_id, max_len)
+        yield pair_batch(encoded[start:start + batch_size], pad_id, max_len, step_ends)
 
 
 def reply_for_judge(tokenizer, ids) -> tuple[str, str]:

@@ -24,6 +24,7 @@ Choices and deviations, stated:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import time
@@ -40,7 +41,7 @@ from minilm.config import from_preset
 from minilm.generate import SampleConfig, generate
 from minilm.loop import (OptimConfig, load_train_state, lr_at, make_optimizer, optimizer_step, read_metrics,
                          restore, rng_state, set_lr, trainable_state, trained_params, write_metrics)
-from minilm.lora import adapter_names, merge_and_unload
+from minilm.lora import adapter_names, merge_and_unload, use_adapters
 from minilm.plots import plot_ppo
 from minilm.post.base_model import LoRAConfig
 from minilm.post.chat import TurnClose, parse_reply, prompts_that_fit, render_prompt
@@ -99,7 +100,7 @@ PPO_PRESETS = {
                eval_every=3, ckpt_every=3),
     "gpu": dict(max_steps=200, batch_size=64, minibatch_size=16, n_prompts=20000, n_eval=256),
 }
-PPO_PRESETS["laptop"] = PPO_PRESETS["tiny"]
+PPO_PRESETS["laptop"] = dict(max_steps=30)   # the speedrun's time budget
 # the fields `minilm ppo --help` shows; every other field is set with --set FIELD=VALUE
 FLAGS = ("init", "reward_init", "variant", "out_dir", "max_steps", "batch_size", "minibatch_size",
          "ppo_epochs", "lr", "eval_every", "seed", "device", "resume", "lora_r",
@@ -266,7 +267,13 @@ def save_state(cfg: PPOConfig, models, tokenizer, optimizer, kl_ctl, step: int, 
     state = {"optimizer": optimizer.state_dict(), "step": step, "rng": rng_state(), "kl_coef": kl_ctl.value,
              "trainable": trainable_state(models), "before": before, "config": dataclasses.asdict(cfg)}
     meta = {"stage": "ppo", "variant": cfg.variant, "step": step, "init": cfg.init}
-    save_checkpoint(out / "checkpoint", models.policy_model(), tokenizer, state, meta=meta, extra=extra)
+    policy = models.policy_model()
+    # the checkpoint IS the policy: only the actor's adapter active, as the loader restores it, so that
+    # eval, chat and export never fold the critic's adapter into it (hydra: both live on one trunk).
+    # Resume reads every role from train_state's "trainable" instead.
+    actor = getattr(models, "actor_adapter", None)
+    with use_adapters(policy, actor) if actor else contextlib.nullcontext():
+        save_checkpoint(out / "checkpoint", policy, tokenizer, state, meta=meta, extra=extra)
     write_metrics(metrics, out, plot=False)   # ppo.png is drawn at the end
 
 
