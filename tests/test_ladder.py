@@ -11,6 +11,7 @@ from data_prep.synthetic import SyntheticConfig, split_of, synthetic_documents
 from minilm.eval.ladder import ladder_gains, ladder_items, ladder_metrics
 from minilm.post.oracles import AnswerOracle
 from minilm.post.winrate import paired_gain
+from test_reward import base_checkpoint  # noqa: F401
 
 pytestmark = pytest.mark.lesson_05
 
@@ -112,3 +113,17 @@ def test_gains_are_added_after_sft_only():
     assert out["pretrain"]["ladder_gain"] is None and out["sft"]["ladder_gain"] is None
     assert out["dpo"]["ladder_gain"] == 0.5 and out["dpo"]["ladder_gain_lo"] <= 0.5 <= out["dpo"]["ladder_gain_hi"]
     assert out["ltc"]["ladder_gain"] is None and list(out) == list(rows)
+
+
+def test_ladder_gain_benchmark_gives_a_model_against_itself_a_zero_gain(base_checkpoint, capsys):  # noqa: F811
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ladder_gain.py"
+    spec = importlib.util.spec_from_file_location("ladder_gain", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main([str(base_checkpoint), str(base_checkpoint), "--per-rung", "2", "--max-new-tokens", "8"])
+    assert "gain" not in rows[0] and (rows[1]["gain"], rows[1]["gain_lo"], rows[1]["gain_hi"]) == (0, 0, 0)
+    assert rows[0]["ladder_acc"] == rows[1]["ladder_acc"] and set(rows[0]) >= {f"ladder_{r}" for r in LADDER}
+    table = capsys.readouterr().out
+    assert table.startswith("| checkpoint | ladder_acc | mid |") and "+0.000 [+0.000, +0.000]" in table

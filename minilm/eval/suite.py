@@ -83,7 +83,7 @@ class SuiteConfig:
 SUITE_PRESETS = {
     "ci": dict(n_ladder=4, n_bpb_batches=2, n_math=16, n_chat=32, n_winrate=32, n_env=8, batch_size=16,
                math_new_tokens=64, ladder_new_tokens=64),
-    "laptop": dict(n_env=16, n_math=32, n_chat=100, n_winrate=100),   # the speedrun's 20 minutes
+    "laptop": dict(n_env=8, n_math=32, n_chat=64, n_winrate=64),   # the speedrun's 20 minutes
     "gpu": dict(n_ladder=200, n_bpb_batches=32, n_math=256, n_chat=500, n_winrate=500, n_env=100, batch_size=128),
 }
 
