@@ -48,14 +48,18 @@ def test_keys_and_a_model_against_itself_wins_exactly_half(tok, data_dir, monkey
     assert tuple(row) == (*suite.METRICS, "ladder_correct")
     assert len(row["ladder_correct"]) == 2 * 6 and set(row["ladder_correct"]) <= {0, 1}   # 2 per rung
     assert row["winrate"] == 0.5 and row["winrate_lo"] < 0.5 < row["winrate_hi"]
+    # sampled: both draw from one seeded generator, so a model against itself ties every prompt too
+    assert row["winrate_sampled"] == 0.5 and row["winrate_sampled_lo"] < 0.5 < row["winrate_sampled_hi"]
     assert row["env_success"] is None and row["math_acc"] is None       # counts of 0 skip a metric
-    assert len(calls) == 3 and len(cache) == 1                          # the model (ladder, chat), the reference
-    replies = next(iter(cache.values()))
-    assert len(replies) == 8 and sum(map(bool, replies)) >= 6 and len(set(replies)) > 1  # varied, mostly non-empty
+    assert len(calls) == 3 and len(cache) == 2                          # the model (ladder, chat), the reference
+    greedy, sampled = cache.values()
+    assert len(greedy) == 8 and sum(map(bool, greedy)) >= 6 and len(set(greedy)) > 1  # varied, mostly non-empty
+    assert len(sampled) == 8 and sampled != greedy                      # T = 0.7 draws other replies
     again = suite.evaluate_model(m, tok, small_cfg(n_math=0), data_dir, reference=m, cache=cache)
     assert again == row and len(calls) == 5                             # the reference's replies came from the cache
     alone = suite.evaluate_model(m, tok, small_cfg(n_math=0), data_dir)    # no reference: no win-rate,
-    assert alone == {**row, "winrate": None, "winrate_lo": None, "winrate_hi": None}  # the rest unchanged
+    no_winrates = {k: None for k in row if k.startswith("winrate")}
+    assert alone == {**row, **no_winrates}                               # the rest unchanged
 
 
 def test_bpb_is_what_the_training_loop_reports(tok, data_dir):

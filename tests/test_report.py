@@ -31,7 +31,9 @@ def _suite(bpb, math_acc=None, end=None, form=None, correct=None, win=None, lo=N
            ladder=None, gain=(None, None, None)):
     return {"ladder_acc": ladder, "ladder_gain": gain[0], "ladder_gain_lo": gain[1], "ladder_gain_hi": gain[2],
             "bpb": bpb, "loss": 2.0, "math_acc": math_acc, "end_rate": end, "form_rate": form,
-            "correct": correct, "winrate": win, "winrate_lo": lo, "winrate_hi": hi, "env_success_math": env}
+            "correct": correct, "winrate": win, "winrate_lo": lo, "winrate_hi": hi, "env_success_math": env,
+            # sampled: 0.1 below the greedy win-rate, so that the table shows which column is which
+            "winrate_sampled": win and win - 0.1, "winrate_sampled_lo": lo and lo - 0.1, "winrate_sampled_hi": hi and hi - 0.1}
 
 
 @pytest.fixture
@@ -102,9 +104,9 @@ def test_tables_hold_exactly_the_run_numbers(run_dir, text_only):
     assert text.index("## What each stage bought") < text.index("## Stages")
     # the other measurements: stage order (not the file's), None as "-", the win-rate with its interval
     evals = _rows(text.split("## The other measurements")[1].split("##")[0])
-    assert evals[1:] == ["| pretrain | 2.500 | - | - | - | - | - | - | - | - |",
-                         "| sft | 2.100 | 0.100 | 0.900 | 0.800 | 0.250 | - | - | - | - |",
-                         "| ppo | 1.900 | 0.300 | 0.950 | 0.900 | 0.300 | 0.620 [0.55, 0.68] | - | - | - |"]
+    assert evals[1:] == ["| pretrain | 2.500 | - | - | - | - | - | - | - | - | - |",
+                         "| sft | 2.100 | 0.100 | 0.900 | 0.800 | 0.250 | - | - | - | - | - |",
+                         "| ppo | 1.900 | 0.300 | 0.950 | 0.900 | 0.300 | 0.620 [0.55, 0.68] | 0.520 [0.45, 0.58] | - | - | - |"]
     assert "- preset: ci" in text
     assert "- total time: 188.2 s (3.1 min) over 7 of 10 stages; 211,456 tokens trained" in text
     assert "[pretrain/loss.png](pretrain/loss.png)" in text
@@ -191,7 +193,7 @@ def test_figures_say_what_they_show(run_dir, monkeypatch):
     pretrain, stages, post = figures
     assert pretrain.axes[0].get_title() == "pretraining loss"           # not the folder's name
     panels = {ax.get_title(): ax for ax in stages.axes if ax.get_visible()}
-    rates = ["math_acc", "end_rate", "form_rate", "correct", "winrate"]    # env_success_*: never measured
+    rates = ["math_acc", "end_rate", "form_rate", "correct", "winrate", "winrate_sampled"]   # env_success_*: never
     assert list(panels) == ["bpb (lower is better)"] + [f"{r} (higher is better)" for r in rates]
     # one label per model in eval.json order (pretrain, sft, ppo): pretrain's math_acc was not measured
     labels = [t for t in panels["math_acc (higher is better)"].texts if t.get_text()]

@@ -7,7 +7,7 @@
 
 The same suite runs on the pretrained, SFT, DPO, PPO, DNO, LTC and pruned models, so the report
 can show what each stage bought (nanochat's report card does this for its stages). Every prompt is
-held out from training and every reply is greedy, so one model and config always give one dict:
+held out from training and every reply is greedy or seeded, so one model and config give one dict:
 
   ladder_acc, ladder_acc_mid, ladder_<rung>   held-out skill-ladder accuracy (minilm/eval/ladder.py);
                   ladder_correct keeps the 0/1 per item, for paired gains over SFT (`ladder_gains`)
@@ -17,6 +17,8 @@ held out from training and every reply is greedy, so one model and config always
   end_rate, form_rate, correct   held-out chat prompts, judged as the SFT stage judges them
   winrate, _lo, _hi   head-to-head against the reference (SFT) model's replies under
                   `ReferenceF1Judge`, a judge no stage trains against; ties 1/2, 95% Wilson interval
+  winrate_sampled, _lo, _hi   the same on one SAMPLED reply per prompt (winrate_temperature), both
+                  models drawing from one seeded generator: what a user who samples would see
   env_success_household, _qa, _math   held-out episodes of each LTC environment, the agent alone,
                   greedy (LTC's own evaluation); env_success is their mean
 
@@ -47,6 +49,7 @@ from minilm.eval.ladder import ladder_items, ladder_metrics
 from minilm.lora import adapter_names, merge_and_unload
 from minilm.post.chat import render_prompt
 from minilm.post.oracles import AnswerOracle, ScoreOracle, split_reply, token_f1
+from minilm.post.preferences import sample_replies
 from minilm.post.sft import greedy_judgements
 from minilm.post.winrate import head_to_head, win_rate
 from minilm.runtime import Runtime
@@ -58,6 +61,7 @@ from minilm.stages.pretrain import evaluate as evaluate_text
 ENV_NAMES = tuple(sorted(ENVS))     # household, math, qa: LTC's three environments
 METRICS = ("ladder_acc", "ladder_acc_mid", *(f"ladder_{r}" for r in LADDER), "bpb", "loss", "math_acc",
            "end_rate", "form_rate", "correct", "winrate", "winrate_lo", "winrate_hi",
+           "winrate_sampled", "winrate_sampled_lo", "winrate_sampled_hi",
            *(f"env_success_{e}" for e in ENV_NAMES), "env_success")
 FAILED = {"correct": False, "in_form": False, "ended": False, "f1": 0.0, "reward": 0.0, "reply": ""}
 
@@ -72,6 +76,7 @@ class SuiteConfig:
     n_winrate: int = 200            # held-out chat prompts judged against the reference
     n_env: int = 32                 # held-out episodes of each environment (household, qa, math)
     max_new_tokens: int = 96        # reply budget for chat prompts (worked ladder replies run 15-90 tokens)
+    winrate_temperature: float = 0.7  # the sampled win-rate's temperature (0: greedy win-rate only)
     math_new_tokens: int = 96       # reply budget for word problems (worked solutions ~60-90 tokens)
     seed: int = 0                   # which held-out prompts are drawn
     batch_size: int = 32            # prompts / windows / episodes per forward pass
@@ -93,7 +98,7 @@ def suite_config(preset: str = "laptop", **overrides) -> SuiteConfig:
 
 
 def _check(cfg: SuiteConfig) -> None:
-    sizes = ("n_ladder", "n_bpb_batches", "n_math", "n_chat", "n_winrate", "n_env", "seq_len")
+    sizes = ("n_ladder", "n_bpb_batches", "n_math", "n_chat", "n_winrate", "n_env", "seq_len", "winrate_temperature")
     bad = [f"{k}={getattr(cfg, k)}" for k in sizes if getattr(cfg, k) < 0]
     bad += [f"{k}={getattr(cfg, k)}" for k in ("batch_size", "max_new_tokens", "math_new_tokens", "ladder_new_tokens")
             if getattr(cfg, k) < 1]
@@ -193,24 +198,38 @@ def weights_digest(model) -> str:
     return h.hexdigest()[:16]
 
 
-def reference_replies(reference, tokenizer, conversations, cfg: SuiteConfig, cache: dict | None) -> list[str]:
-    """The reference's greedy replies, computed once per (reference weights, prompts, budget)."""
-    # everything the replies depend on: the same key means the same greedy replies
-    key = (f"reference_replies/{weights_digest(reference)}/{cfg.seed}/{len(conversations)}/"
-           f"{cfg.sources}/{cfg.max_new_tokens}/{cfg.batch_size}")
+def sampled_replies(model, tokenizer, conversations, cfg: SuiteConfig) -> list[str]:
+    """One reply per prompt at cfg.winrate_temperature, from a generator seeded by cfg.seed, so that
+    two models draw the same random numbers; a prompt with no room for its budget gets ""."""
+    room = model.config.max_seq_len - cfg.max_new_tokens
+    prompts = [c["messages"][:-1] for c in conversations]
+    fits = [len(render_prompt(tokenizer, p)) <= room for p in prompts]
+    g = torch.Generator().manual_seed(cfg.seed)
+    drawn = iter(sample_replies(model, tokenizer, [p for p, f in zip(prompts, fits) if f], 1, cfg.max_new_tokens,
+                                cfg.winrate_temperature, batch_size=cfg.batch_size, generator=g))
+    return [next(drawn)[0][0] if f else "" for f in fits]
+
+
+def reference_replies(reference, tokenizer, conversations, cfg: SuiteConfig, cache: dict | None,
+                      sampled: bool = False) -> list[str]:
+    """The reference's greedy (or sampled) replies, computed once per (weights, prompts, budget)."""
+    # everything the replies depend on: the same key means the same replies
+    key = (f"reference_replies/{'sampled' if sampled else 'greedy'}/{weights_digest(reference)}/{cfg.seed}/"
+           f"{len(conversations)}/{cfg.sources}/{cfg.max_new_tokens}/{cfg.batch_size}/{cfg.winrate_temperature}")
     if cache is not None and key in cache:
         return cache[key]
-    replies = [j["reply"] for j in judged_replies(reference, tokenizer, conversations,
-                                                  cfg.max_new_tokens, cfg.batch_size)]
+    replies = (sampled_replies(reference, tokenizer, conversations, cfg) if sampled else
+               [j["reply"] for j in judged_replies(reference, tokenizer, conversations, cfg.max_new_tokens,
+                                                   cfg.batch_size)])
     if cache is not None:
         cache[key] = replies
     return replies
 
 
-def winrate_metrics(mine: list[str], theirs: list[str], conversations) -> dict:
+def winrate_metrics(mine: list[str], theirs: list[str], conversations, name: str = "winrate") -> dict:
     prompts = [c["messages"][:-1] for c in conversations]
     row = win_rate(head_to_head(ReferenceF1Judge(conversations), prompts, mine, theirs))
-    return {"winrate": row["win_rate"], "winrate_lo": row["lo"], "winrate_hi": row["hi"]}
+    return {name: row["win_rate"], f"{name}_lo": row["lo"], f"{name}_hi": row["hi"]}
 
 
 def chat_metrics(model, tokenizer, cfg: SuiteConfig, reference=None, cache: dict | None = None) -> dict:
@@ -233,6 +252,10 @@ def chat_metrics(model, tokenizer, cfg: SuiteConfig, reference=None, cache: dict
     if n_win:
         theirs = reference_replies(reference, tokenizer, convs[:n_win], cfg, cache)
         out.update(winrate_metrics([j["reply"] for j in judged[:n_win]], theirs, convs[:n_win]))
+    if n_win and cfg.winrate_temperature > 0:
+        theirs = reference_replies(reference, tokenizer, convs[:n_win], cfg, cache, sampled=True)
+        mine = sampled_replies(model, tokenizer, convs[:n_win], cfg)
+        out.update(winrate_metrics(mine, theirs, convs[:n_win], "winrate_sampled"))
     return out
 
 

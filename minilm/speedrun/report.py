@@ -34,7 +34,7 @@ import torch
 
 from minilm import MinilmError
 from minilm.speedrun.report_plots import PLOT_TEXT, write_plots
-from minilm.speedrun.run_folder import LADDER_COLUMNS, SUITE, RunFolder, is_number, load_run
+from minilm.speedrun.run_folder import LADDER_COLUMNS, SUITE, WINRATES, RunFolder, is_number, load_run
 from minilm.weights import write_text
 
 # (label, dotted path into stage.json's "result"): the one or two numbers that say how a stage went
@@ -94,12 +94,12 @@ def stage_table(run: RunFolder) -> list[str]:
     return lines
 
 
-def _winrate_cell(m: dict) -> str:
-    if not is_number(m.get("winrate")):
+def _winrate_cell(m: dict, name: str = "winrate") -> str:
+    if not is_number(m.get(name)):
         return "-"
-    interval = (f" [{m['winrate_lo']:.2f}, {m['winrate_hi']:.2f}]"
-                if is_number(m.get("winrate_lo")) and is_number(m.get("winrate_hi")) else "")
-    return f"{m['winrate']:.3f}{interval}"
+    lo, hi = m.get(f"{name}_lo"), m.get(f"{name}_hi")
+    interval = f" [{lo:.2f}, {hi:.2f}]" if is_number(lo) and is_number(hi) else ""
+    return f"{m[name]:.3f}{interval}"
 
 
 def gain_cell(m: dict) -> str:
@@ -121,10 +121,10 @@ def ladder_table(run: RunFolder) -> list[str]:
 
 
 def eval_table(run: RunFolder) -> list[str]:
-    header = [c if c != "winrate" else "winrate [lo, hi]" for c in SUITE]
+    header = [f"{c} [lo, hi]" if c in WINRATES else c for c in SUITE]
     lines = ["| model after | " + " | ".join(header) + " |", "|---|" + "---:|" * len(SUITE)]
     for name, m in run.evals.items():
-        cells = [_winrate_cell(m) if c == "winrate" else _fmt(m.get(c)) for c in SUITE]
+        cells = [_winrate_cell(m, c) if c in WINRATES else _fmt(m.get(c)) for c in SUITE]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 

@@ -22,8 +22,9 @@ from pathlib import Path
 # the held-out skill ladder first, then the secondary columns
 LADDER_COLUMNS = ("ladder_acc", "ladder_acc_mid", "ladder_ops1", "ladder_ops2", "ladder_ops3", "ladder_ops4",
                   "ladder_units", "ladder_word")
-SUITE = ("bpb", "math_acc", "end_rate", "form_rate", "correct", "winrate", "env_success_household",
-         "env_success_qa", "env_success_math")
+SUITE = ("bpb", "math_acc", "end_rate", "form_rate", "correct", "winrate", "winrate_sampled",
+         "env_success_household", "env_success_qa", "env_success_math")
+WINRATES = ("winrate", "winrate_sampled")   # cells "0.512 [0.44, 0.58]" in the report
 LOGGED = ("pretrain", "sft", "hydra-sft", "dpo", "ppo", "ltc", "prune")   # stages with a metrics.jsonl
 
 
