@@ -14,11 +14,12 @@ Learning through Communication (Wang et al. 2023, arXiv 2310.01444):
      seeds (Monologue, greedy, no teacher; Analogue runs also report success with the solved
      example they trained with); (e) checkpoint weights, heads, optimizer, buffer.
 Ablations (`loss`): full, lm, ppo; "no teacher" is pattern monologue. Presets: ci is a smoke test
-(seconds), tiny ~2 min, laptop ~3.5 min on the math environment (lesson 10 has the measurements).
+(seconds), tiny ~2 min, laptop ~2 min (Dialogue on the math environment; lesson 10 has the measurements).
 
 Deviations: full fine-tuning of a 1M-parameter model by default (--lora-r 16 gives the paper's
 LoRA); 64 tasks per iteration instead of 256-4096; as in the reference code, each update reads
-only the newest iteration's episodes; the teacher is scripted unless --teacher names a checkpoint.
+only the newest iteration's episodes; the teacher is scripted unless --teacher names a checkpoint;
+the imitation phase also replays `chat_replay` SFT conversations, so that the agent stays a chat model.
 """
 
 from __future__ import annotations
