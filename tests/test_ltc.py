@@ -331,3 +331,12 @@ def test_analogue_evaluation_reports_success_with_and_without_the_solved_example
     assert [c[:2] for c in calls] == [("monologue", [0, 1, 2]), ("analogue", [0, 1, 2])]
     assert all(m.startswith("Teacher: a solved example.") for m in calls[1][2])
     assert 0 <= out["success_with_example"] <= 1 and 0 <= out["score_with_example"] <= 1
+
+
+def test_bad_ltc_settings_are_refused_by_name():
+    from minilm import MinilmError
+    from minilm.stages.ltc import _check, ltc_config
+    for bad, word in ((dict(chat_replay=-1), "chat_replay"), (dict(iterations=0), "iterations"),
+                      (dict(pattern="chorus"), "pattern")):
+        with pytest.raises(MinilmError, match=word):
+            _check(ltc_config("ci", **bad))

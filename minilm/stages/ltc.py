@@ -114,6 +114,8 @@ def _check(cfg: LTCConfig) -> None:
         raise MinilmError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
     if cfg.iterations < 1 or cfg.episodes_per_iter < 1 or cfg.batch_size < 1:
         raise MinilmError("iterations, episodes_per_iter and batch_size must all be >= 1")
+    if cfg.chat_replay < 0:
+        raise MinilmError(f"chat_replay must be >= 0 (SFT conversations mixed into imitation), got {cfg.chat_replay}")
     if cfg.teacher and cfg.pattern == "monologue":
         raise MinilmError("--teacher is given but pattern monologue has no teacher; use dialogue or analogue")
 
