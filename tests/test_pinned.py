@@ -48,3 +48,30 @@ def test_a_changed_corpus_file_is_refused(tmp_path, monkeypatch):
         list(pinned.pinned_documents())
     monkeypatch.undo()
     pinned._records.cache_clear()
+
+
+def test_the_qa_table_is_pinned_and_the_qa_environment_never_reads_this_machines_stdlib(tmp_path, monkeypatch):
+    table = pinned.pinned_stdlib_qa()
+    assert table["python"] == "3.11.7" and len(table["functions"]) == 404 and len(table["summaries"]) == 44
+    assert ["shutil.copymode", "Copy mode bits from src to dst"] in table["functions"]
+    assert table["summaries"]["textwrap"] == "Text wrapping and filling"
+    import data_prep.stdlib_docs
+    from minilm.agents.envs import make_env, qa
+    before = (qa.corpus.cache_clear(), qa.corpus())[1]
+    # a machine whose stdlib is elsewhere (or another Python) builds the same environment
+    monkeypatch.setattr(data_prep.stdlib_docs, "stdlib_dir", lambda: tmp_path)
+    qa.corpus.cache_clear()
+    assert qa.corpus() == before
+    env = make_env("qa", "test")
+    assert env.reset(seed=5).startswith("Your task is to: answer the question.")
+
+
+def test_a_changed_qa_table_is_refused(tmp_path, monkeypatch):
+    tampered = tmp_path / "qa.json.xz"
+    tampered.write_bytes(lzma.compress(lzma.decompress(pinned.PINNED_QA.read_bytes()).replace(b"Text", b"Txet", 1)))
+    monkeypatch.setattr(pinned, "PINNED_QA", tampered)
+    pinned.pinned_stdlib_qa.cache_clear()
+    with pytest.raises(MinilmError, match="QA table .* is not the pinned version.*--qa"):
+        pinned.pinned_stdlib_qa()
+    monkeypatch.undo()
+    pinned.pinned_stdlib_qa.cache_clear()

@@ -13,9 +13,9 @@ current paragraph that has the keyword), finish[answer]; scored by exact match a
 HotpotQA's answer normalisation (lower case, no punctuation, no articles a/an/the).
 
 Real text: no HotpotQA ships offline, so paragraphs are the Python standard library's own
-documentation, which every machine has: one paragraph per public function (its docstring's first
-sentence, data_prep.instructions.stdlib_qa, and its module) and one per module (its summary and
-its functions). Two question types, both two-hop:
+documentation, pinned from CPython 3.11.7 (data_prep.pinned.pinned_stdlib_qa) so that every machine
+and Python version sees the same facts: one paragraph per public function (its docstring's first
+sentence and its module) and one per module (its summary and its functions). Two question types, both two-hop:
   bridge      "What is the summary of the module that defines `f`?"  f -> its module -> the answer
   comparison  "Are `f` and `g` defined in the same module?"            yes / no (two paragraphs)
 Each episode sees its two gold paragraphs plus 8 distractors (HotpotQA's distractor setting):
@@ -26,7 +26,6 @@ its split, so train and test share no question.
 
 from __future__ import annotations
 
-import ast
 import collections
 import difflib
 import random
@@ -34,12 +33,10 @@ import re
 import string
 from functools import lru_cache
 
-from data_prep.instructions import first_sentence, stdlib_qa
-from data_prep.stdlib_docs import stdlib_dir
+from data_prep.pinned import pinned_stdlib_qa
 from minilm.agents.envs.base import TextEnv, content_split
 
 N_DISTRACTORS = 8
-MAX_SUMMARY_WORDS = 8
 
 
 # ---- HotpotQA scoring
@@ -69,20 +66,6 @@ def f1_score(prediction: str, gold: str) -> float:
 
 # ---- the corpus (built once per process)
 
-def _module_summary(module: str) -> str | None:
-    root = stdlib_dir()
-    path = root / f"{module}.py"
-    path = path if path.exists() else root / module / "__init__.py"
-    try:
-        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
-    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
-        return None
-    s = first_sentence(doc) if doc else None
-    s = re.sub(rf"^{module}\s+--\s+", "", s).strip('"') if s else None
-    ok = s and 2 <= len(s.split()) <= MAX_SUMMARY_WORDS and not re.search(r"[`:*()\[\]{}<>=|\\\"]", s)
-    return s if ok else None
-
-
 @lru_cache(maxsize=1)
 def corpus() -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
     """(paragraphs by title, module of each function, summary of each module with one).
@@ -90,7 +73,8 @@ def corpus() -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
     Functions whose bare name is not unique, or equals a module's name, are left out so that
     every title names one paragraph.
     """
-    pairs = stdlib_qa()
+    table = pinned_stdlib_qa()
+    pairs = [tuple(f) for f in table["functions"]]
     counts = collections.Counter(f.split(".", 1)[1] for f, _ in pairs)
     modules = {f.split(".", 1)[0] for f, _ in pairs}
     func_module, paras, by_module = {}, {}, collections.defaultdict(list)
@@ -102,7 +86,7 @@ def corpus() -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
             paras[name] = f"{name}: {sentence}. Module: {module}."
     summary = {}
     for module, names in sorted(by_module.items()):
-        s = _module_summary(module)
+        s = table["summaries"].get(module)
         if s:
             summary[module] = s
         paras[module] = f"{module}: {s or 'A standard library module'}. Functions: {', '.join(sorted(names)[:6])}."
