@@ -1,29 +1,28 @@
-"""Does data quality beat data quantity? The Phi-3 thesis at laptop scale.
+"""Does the data make the model? Raw text against the filtered + synthetic recipe, at equal tokens.
 
-    python benchmarks/data_quality.py                  # ~5 minutes on 2 CPU cores
-    python benchmarks/data_quality.py --steps 240 --fresh   # quicker, noisier
+    python benchmarks/data_quality.py                              # 3 seeds, ~75 minutes on 2 CPU cores
+    python benchmarks/data_quality.py --seeds 1337 --steps 200     # one quick, noisy pair
 
-The SAME model (`tiny`, same seed and schedule) trains for the SAME number of steps and tokens on
-two data sets that share one tokenizer:
+The SAME model (`tiny`), schedule and number of training tokens, on two data sets of the default
+pinned corpus that share one tokenizer:
 
-  raw       every document the sources give (normalised whitespace only): no heuristic filters,
-            no deduplication, no classifier, no synthetic data;
-  filtered  the data pipeline's two phases: the first half of the steps on phase 1 (filtered and
-            deduplicated), then the second half on phase 2 (classifier-selected "educational" subset
-            plus synthetic exercises), continuing from the phase-1 checkpoint (optimizer included).
+  raw       every pinned document (whitespace normalised only): no heuristic filters, no
+            deduplication, no classifier, no synthetic textbook or skill-ladder data;
+  filtered  the speedrun's data stage (`minilm data`): the first half of the steps on phase 1
+            (filtered, deduplicated), the second half on phase 2 (the classifier's "educational"
+            subset plus synthetic textbook exercises and skill-ladder worksheets), as Phi-3 runs its
+            two phases (arXiv 2404.14219).
 
-Both are scored on the same bytes:
-  held-out bpb  bits per byte on the validation split of phase 2's *real* (non-synthetic) documents:
-                text that survived every filter, whose ids hash to validation in every data set;
-  probe         100 arithmetic word problems from `data_prep.synthetic.word_problem`. For the prompt
-                "Exercise: <question>\\nAnswer:" we compare the model's log-likelihood of " <answer>"
-                with that of " <answer +-1>" and " <answer +-10>"; a problem counts when the correct
-                answer ranks first. This is a likelihood-ranking probe, not generation: a 1M-parameter
-                model cannot do the arithmetic, and chance is 1/k for k candidates (usually 1/5).
+Then each model gets the same SFT (the speedrun's `laptop` SFT preset, its clean-text replay drawn
+from its own pretraining data) and is scored on:
 
-Fairness: raw training data drops any document that deduplication paired with a validation document,
-so neither run sees a (near-)copy of the held-out text. Writes runs/data_quality/results.json and
-data_quality.png (when matplotlib is installed).
+  held-out bpb   bits per byte of the pretrained model on the validation split of phase 2's real
+                 documents: text that every data set holds out;
+  ladder         greedy accuracy of the SFT model on 300 held-out skill-ladder problems (the eval
+                 suite's), with the paired 95% bootstrap of filtered - raw on the same items.
+
+Every (data, seed) pair is one pretraining + SFT run; finished runs in OUT are reused. Writes
+OUT/results.json and OUT/data_quality.png.
 """
 
 from __future__ import annotations
@@ -31,8 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
-import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,23 +40,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.document import Document
-from data_prep.pipeline import PipelineConfig, normalise, run_pipeline, write_phase
+from data_prep.pipeline import normalise, pipeline_config, run_pipeline, write_phase
 from data_prep.sources import iter_documents
-from data_prep.synthetic import word_problem
-from minilm.checkpoint import load_checkpoint, read_config
-from minilm.config import build
+from minilm.checkpoint import load_checkpoint
 from minilm.data import is_validation
-from minilm.stages.pretrain import TrainConfig, train
+from minilm.eval.ladder import ladder_items, ladder_metrics
+from minilm.eval.suite import judged_replies, load_for_eval
+from minilm.post.winrate import paired_gain
+from minilm.stages.pretrain import train, train_config
+from minilm.stages.sft import run_sft, sft_config
 from minilm.tokenizer import Tokenizer
 
-ROOT = Path("runs/data_quality")
 
-
-class _StopPhase(Exception):
-    """Raised from `on_step` to end phase 1 right after its checkpoint is written."""
-
-
-def build_raw(pcfg: PipelineConfig, tokenizer, out: Path) -> tuple[Path, list[Document]]:
+def build_raw(pcfg, tokenizer, out: Path) -> tuple[Path, list[Document]]:
     """The unfiltered data set (same sources, same tokenizer) and the clean held-out documents."""
     dropped = [json.loads(line) for line in (Path(pcfg.out) / "dropped.jsonl").read_text().splitlines()]
     dropped_ids = {d["id"] for d in dropped}
@@ -77,151 +71,106 @@ def build_raw(pcfg: PipelineConfig, tokenizer, out: Path) -> tuple[Path, list[Do
 
 
 @torch.no_grad()
-def held_out_bpb(model, tokenizer, docs: list[Document], seq_len: int, max_windows: int = 512) -> dict:
+def held_out_bpb(model, tokenizer, docs: list[Document], seq_len: int, max_windows: int = 256) -> float:
     """Bits per byte over the same token stream for every model: documents joined by <|endoftext|>."""
-    ids, n_bytes = [], 0
+    ids = []
     for d in docs:
-        toks = tokenizer.encode(d.text) + [tokenizer.eot_id]
-        ids += toks
-        n_bytes += len(d.text.encode("utf-8"))
+        ids += tokenizer.encode(d.text) + [tokenizer.eot_id]
         if len(ids) > max_windows * seq_len + 1:
             break
     n_windows = min(max_windows, (len(ids) - 1) // seq_len)
-    ids = ids[:n_windows * seq_len + 1]
-    data = torch.tensor(ids)
+    data = torch.tensor(ids[:n_windows * seq_len + 1])
     x, y = data[:-1].view(n_windows, seq_len), data[1:].view(n_windows, seq_len)
-    total = 0.0
-    for i in range(0, n_windows, 16):
-        logits, _ = model(x[i:i + 16])
-        total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y[i:i + 16].flatten(),
-                                                   reduction="sum").item()
-    n_tok = n_windows * seq_len
-    # bytes of exactly the scored tokens (decode the targets; <|endoftext|> counts as 0 bytes)
+    nats = sum(torch.nn.functional.cross_entropy(model(x[i:i + 16])[0].float().flatten(0, 1), y[i:i + 16].flatten(),
+                                                 reduction="sum").item() for i in range(0, n_windows, 16))
+    # bytes of exactly the scored tokens (<|endoftext|> counts as 0 bytes)
     scored_bytes = len(tokenizer.decode_bytes([t for t in y.flatten().tolist() if t != tokenizer.eot_id]))
-    return {"loss": total / n_tok, "bpb": total / math.log(2) / scored_bytes, "tokens": n_tok,
-            "bytes": scored_bytes}
+    return nats / math.log(2) / scored_bytes
 
 
-@torch.no_grad()
-def probe(model, tokenizer, n: int = 100, seed: int = 0) -> dict:
-    """Rank the correct answer against answer+-1, +-10 by summed log-likelihood after "Answer:"."""
-    rng, hits, chance = random.Random(seed), 0, 0.0
-    for _ in range(n):
-        question, answer = word_problem(rng)
-        cands = [answer] + [c for c in (answer - 1, answer + 1, answer - 10, answer + 10) if c >= 0]
-        prompt = tokenizer.encode(f"Exercise: {question}\nAnswer:")
-        scores = []
-        for c in cands:
-            cont = tokenizer.encode(f" {c}")
-            ids = torch.tensor([prompt + cont])
-            logp = torch.log_softmax(model(ids[:, :-1])[0].float(), -1)[0]
-            scores.append(sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(cont)))
-        hits += max(range(len(cands)), key=scores.__getitem__) == 0
-        chance += 1 / len(cands)
-    return {"accuracy": hits / n, "chance": chance / n, "n": n}
+def pretrain_and_sft(root: Path, data: dict, steps: int, sft_steps: int, seed: int) -> tuple[Path, Path]:
+    """One (data, seed) run: pretraining for `steps`, then the laptop SFT; resumes what exists."""
+    pre = root / f"{data['name']}-seed{seed}"
+    train(train_config("laptop", out_dir=str(pre), data_dir=str(data["dir"]), phase2_dir=str(data["phase2"]),
+                       phase2_fraction=0.5 if data["phase2"] else 0.0, max_steps=steps,
+                       warmup_steps=max(1, steps // 50), eval_every=10**9, ckpt_every=steps, seed=seed))
+    sft = root / f"{data['name']}-seed{seed}-sft"
+    run_sft(sft_config("laptop", init=str(pre / "checkpoint"), out_dir=str(sft), seed=seed, n_eval=8, max_steps=sft_steps,
+                       text_data=str(data["phase2"] or data["dir"])))
+    return pre / "checkpoint", sft / "checkpoint"
 
 
-def run(name: str, phases: list[tuple[str, int]], steps: int, args) -> Path:
-    """Train one model through `phases` [(data_dir, end_step)] in one out_dir (one LR schedule)."""
-    out = ROOT / name
-    if (out / "checkpoint" / "train_state.pt").exists() and args.fresh:
-        shutil.rmtree(out)
-    for data_dir, end in phases:
-        if (out / "checkpoint" / "config.json").exists() and read_config(out / "checkpoint")["meta"]["step"] >= end:
-            continue  # this phase finished in an earlier run
-        cfg = build(TrainConfig, preset="tiny", model=dict(args.model), out_dir=str(out), data_dir=str(data_dir),
-                          batch_size=args.batch_size, seq_len=args.seq_len, max_steps=steps, lr=3e-3,
-                          warmup_steps=max(1, steps // 20), eval_every=10**9, eval_batches=4,
-                          ckpt_every=end, seed=1337, device="cpu")
-
-        def stop(step, row, end=end):
-            if step == end and end < steps:
-                raise _StopPhase
-
-        try:
-            train(cfg, on_step=stop)
-        except _StopPhase:
-            pass
-    return out / "checkpoint"
-
-
-def plot(results: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    names = [r["data"] for r in results]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.5))
-    a.bar(names, [r["held_out_bpb"] for r in results], color=["gray", "tab:green"])
-    a.set(ylabel="bits per byte (lower is better)", title="held-out clean text")
-    b.bar(names, [r["probe_accuracy"] for r in results], color=["gray", "tab:green"])
-    b.axhline(results[0]["probe_chance"], linestyle="--", color="black", label="chance")
-    b.set(ylabel="accuracy", title="arithmetic probe (likelihood ranking)", ylim=(0, 1))
-    b.legend()
-    fig.suptitle(f"same model, same {results[0]['train_tokens']:,} training tokens")
+def plot(rows: list[dict], gains: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
+    for ax, key, title in [(axes[0], "bpb", "held-out bits per byte (lower is better)"),
+                           (axes[1], "ladder_acc", "held-out ladder accuracy after SFT")]:
+        for x, name in enumerate(["raw", "filtered"]):
+            values = [r[key] for r in rows if r["data"] == name]
+            ax.bar(x, statistics.mean(values), color=["gray", "tab:green"][x], alpha=0.6)
+            ax.scatter([x] * len(values), values, color="black", zorder=3, s=12, label="one seed" if x else None)
+        ax.set(xticks=[0, 1], xticklabels=["raw", "filtered + synthetic"], title=title)
+    axes[1].legend()
+    fig.suptitle(f"same model and {rows[0]['train_tokens']:,} tokens; {len(gains)} seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
 
 
-def main(argv=None) -> list[dict]:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps per model (split in half when phased)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--n-layer", type=int, default=0, help="override the tiny preset's depth (0: keep)")
-    p.add_argument("--limit-per-source", type=int, default=400)
-    p.add_argument("--synthetic", type=int, default=1500)
-    p.add_argument("--fresh", action="store_true", help="retrain even if checkpoints exist")
+    p.add_argument("--steps", type=int, default=800, help="pretraining steps of 16 x 256 tokens per model")
+    p.add_argument("--sft-steps", type=int, default=420, help="SFT steps (the laptop preset's)")
+    p.add_argument("--seeds", default="1337,1,2", help="comma list of training seeds")
+    p.add_argument("--per-rung", type=int, default=50, help="held-out ladder problems per rung")
+    p.add_argument("--out-dir", default="runs/data_quality")
     args = p.parse_args(argv)
-    args.model = {"n_layer": args.n_layer} if args.n_layer else {}
-    t0 = time.time()
-    torch.set_num_threads(2)
-
-    pcfg = PipelineConfig(out=str(ROOT / "pipeline"), sources=["stdlib", "doc", "pypi", "man"],
-                          limit_per_source=args.limit_per_source, vocab_size=2048, synthetic=args.synthetic,
-                          progress=False)
-    manifest = ROOT / "pipeline" / "manifest.json"
-    if manifest.exists() and {k: json.loads(manifest.read_text())["config"][k] for k in ("limit_per_source", "synthetic")} \
-            != {"limit_per_source": pcfg.limit_per_source, "synthetic": pcfg.synthetic}:
-        raise SystemExit(f"{ROOT} was built with other data settings; delete it (rm -r {ROOT}) and re-run")
-    if not manifest.exists():
+    seeds = [int(s) for s in args.seeds.split(",")]
+    root, t0 = Path(args.out_dir), time.time()
+    pcfg = pipeline_config("laptop", out=str(root / "pipeline"), progress=False)
+    if not (root / "pipeline" / "manifest.json").exists():
         run_pipeline(pcfg)
-    phase1, phase2 = ROOT / "pipeline" / "phase1", ROOT / "pipeline" / "phase2"
+    phase1, phase2 = root / "pipeline" / "phase1", root / "pipeline" / "phase2"
     tokenizer = Tokenizer.load(phase1)
-    raw_dir, held_out = build_raw(pcfg, tokenizer, ROOT / "raw")
-
-    half = args.steps // 2
-    ckpts = {"raw": run("raw", [(raw_dir, args.steps)], args.steps, args),
-             "filtered+synthetic": run("filtered", [(phase1, half), (phase2, args.steps)], args.steps, args)}
-    results = []
-    for name, ck_dir in ckpts.items():
-        ck = load_checkpoint(ck_dir)
-        assert ck.tokenizer.fingerprint() == tokenizer.fingerprint()
-        ck.model.eval()
-        ev, pr = held_out_bpb(ck.model, tokenizer, held_out, args.seq_len), probe(ck.model, tokenizer)
-        steps = read_config(ck_dir)["meta"]["step"]  # what was trained, even when reused from a past run
-        results.append({"data": name, "steps": steps, "train_tokens": steps * args.batch_size * args.seq_len,
-                        "held_out_bpb": ev["bpb"], "held_out_loss": ev["loss"], "held_out_tokens": ev["tokens"],
-                        "probe_accuracy": pr["accuracy"], "probe_chance": pr["chance"], "probe_n": pr["n"]})
-
-    print(f"\nheld-out: {len(held_out)} phase-2 real validation documents "
-          f"({results[0]['held_out_tokens']} tokens scored); probe: 100 word problems, candidates answer, +-1, +-10")
-    print("| data | train tokens | held-out bpb | held-out loss (nats/tok) | probe acc | chance |")
+    raw_dir, held_out = build_raw(pcfg, tokenizer, root / "raw")
+    datasets = [{"name": "raw", "dir": raw_dir, "phase2": ""}, {"name": "filtered", "dir": phase1, "phase2": phase2}]
+    items = ladder_items(args.per_rung)
+    rows, scores = [], {}
+    for seed in seeds:
+        for data in datasets:
+            pre, sft = pretrain_and_sft(root, data, args.steps, args.sft_steps, seed)
+            model = load_checkpoint(pre).model.eval()
+            sft_model, sft_tok = load_for_eval(sft)
+            scores[data["name"], seed] = [int(j["correct"]) for j in judged_replies(sft_model, sft_tok, items, 96, 64)]
+            rows.append({"data": data["name"], "seed": seed, "train_tokens": args.steps * 16 * 256,
+                         "bpb": held_out_bpb(model, tokenizer, held_out, model.config.max_seq_len),
+                         **ladder_metrics(scores[data["name"], seed], items)})
+            print(json.dumps(rows[-1]), flush=True)
+    gains = []
+    for seed in seeds:
+        g, lo, hi = paired_gain(scores["filtered", seed], scores["raw", seed])
+        bpb = {r["data"]: r["bpb"] for r in rows if r["seed"] == seed}
+        gains.append({"seed": seed, "ladder_gain": g, "ladder_gain_lo": lo, "ladder_gain_hi": hi,
+                      "bpb_gain": bpb["raw"] - bpb["filtered"]})
+    print(f"\n{len(held_out)} held-out documents; {len(items)} held-out ladder problems; "
+          f"{rows[0]['train_tokens']:,} pretraining tokens per model\n")
+    print("| seed | raw bpb | filtered bpb | raw ladder | filtered ladder | ladder gain [95%] |")
     print("|---|---:|---:|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['data']} | {r['train_tokens']:,} | {r['held_out_bpb']:.3f} | {r['held_out_loss']:.3f} | "
-              f"{r['probe_accuracy']:.2f} | {r['probe_chance']:.2f} |")
-    (ROOT / "results.json").write_text(json.dumps({"config": {k: v for k, v in vars(args).items()},
-                                                   "held_out_documents": len(held_out),
-                                                   "results": results}, indent=2))
-    if plot(results, ROOT / "data_quality.png"):
-        print(f"wrote {ROOT / 'data_quality.png'}")
-    print(f"wrote {ROOT / 'results.json'} in {time.time() - t0:.0f} s")
-    return results
+    for g in gains:
+        r = {x["data"]: x for x in rows if x["seed"] == g["seed"]}
+        print(f"| {g['seed']} | {r['raw']['bpb']:.3f} | {r['filtered']['bpb']:.3f} | {r['raw']['ladder_acc']:.3f} | "
+              f"{r['filtered']['ladder_acc']:.3f} | {g['ladder_gain']:+.3f} [{g['ladder_gain_lo']:+.3f}, "
+              f"{g['ladder_gain_hi']:+.3f}] |")
+    spread = lambda k: (statistics.mean(g[k] for g in gains), min(g[k] for g in gains), max(g[k] for g in gains))
+    print("\nover seeds: ladder gain %+.3f (min %+.3f, max %+.3f); bpb lower by %+.3f (min %+.3f, max %+.3f)"
+          % (*spread("ladder_gain"), *spread("bpb_gain")))
+    out = {"config": vars(args), "held_out_documents": len(held_out), "rows": rows, "gains": gains}
+    (root / "results.json").write_text(json.dumps(out, indent=2))
+    plot(rows, gains, root / "data_quality.png")
+    print(f"wrote {root / 'results.json'} and {root / 'data_quality.png'} in {time.time() - t0:.0f} s")
+    return out
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/ltc_experiment.py                      # household, ~17 min
     OMP_NUM_THREADS=1 python benchmarks/ltc_experiment.py --env all --out-dir runs/ltc-exp   # ~37 min
+    python benchmarks/ltc_experiment.py --env qa --arms full --il-steps 300 --init runs/speedrun-laptop/sft/checkpoint
 (times on 2 CPU cores shared with other jobs). Arms already finished in OUT are resumed, not rerun:
 delete OUT (or one arm's folder) after changing the code.
 
@@ -36,11 +37,12 @@ TEACHER_PATTERN = {"household": "dialogue", "qa": "dialogue", "math": "analogue"
 METRIC = {"household": ("success", "success"), "qa": ("EM", "F1"), "math": ("accuracy", "accuracy")}
 
 
-def arms(env: str) -> dict[str, dict]:
-    return {"LM loss only": dict(pattern=TEACHER_PATTERN[env], loss="lm"),
-            "PPO only": dict(pattern=TEACHER_PATTERN[env], loss="ppo"),
-            "no teacher (Monologue)": dict(pattern="monologue", loss="full"),
-            f"full LTC ({TEACHER_PATTERN[env]})": dict(pattern=TEACHER_PATTERN[env], loss="full")}
+def arms(env: str, keep: list[str]) -> dict[str, dict]:
+    every = {"lm": ("LM loss only", dict(pattern=TEACHER_PATTERN[env], loss="lm")),
+             "ppo": ("PPO only", dict(pattern=TEACHER_PATTERN[env], loss="ppo")),
+             "monologue": ("no teacher (Monologue)", dict(pattern="monologue", loss="full")),
+             "full": (f"full LTC ({TEACHER_PATTERN[env]})", dict(pattern=TEACHER_PATTERN[env], loss="full"))}
+    return dict(every[k] for k in keep)
 
 
 def run_env(env: str, args) -> dict:
@@ -50,10 +52,10 @@ def run_env(env: str, args) -> dict:
     # the baseline: instruction tuning once, evaluated on the test seeds (no LTC iteration yet)
     # the teacher pattern only decides what the evaluation measures (analogue: also with the example)
     base = instruction_tuned(ltc_config(init=args.init, out_dir=str(out / "il-only"), pattern=TEACHER_PATTERN[env],
-                                        **common), setup_runtime("auto"))[-1]
+                                        il_steps=args.il_steps, **common), setup_runtime("auto"))[-1]
     il_ckpt = str(out / "il-only" / "il" / "checkpoint")
     results = {"instruction-tuned baseline": {**base, "rows": []}}
-    for name, arm in arms(env).items():
+    for name, arm in arms(env, args.arms).items():
         t0 = time.time()
         r = run_ltc(ltc_config(init=il_ckpt, il_steps=0, out_dir=str(out / arm["loss"] / arm["pattern"]),
                                **common, **arm))
@@ -118,7 +120,13 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=64)
     p.add_argument("--n-test", type=int, default=100)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--il-steps", type=int, default=150, help="instruction-tuning steps of the shared baseline")
+    p.add_argument("--arms", default="lm,ppo,monologue,full",
+                   help="comma list of the LTC arms to run from the baseline: lm, ppo, monologue, full")
     args = p.parse_args()
+    args.arms = args.arms.split(",")
+    if not args.arms or set(args.arms) - {"lm", "ppo", "monologue", "full"}:
+        p.error(f"--arms takes a comma list of lm, ppo, monologue, full; got {','.join(args.arms)!r}")
     envs = ["household", "qa", "math"] if args.env == "all" else [args.env]
     all_results = {env: run_env(env, args) for env in envs}
     out = Path(args.out_dir)

@@ -248,27 +248,41 @@ def config_from_hf(hf: dict) -> ModelConfig:
         dropout=hf.get("resid_pdrop", 0.0))
 
 
-def export_hf(model: Phi3, out_dir) -> Path:
+def export_hf(model: Phi3, out_dir, tokenizer=None) -> Path:
     """Write `model` as a Hugging Face Phi-3 directory (config.json + weights), atomically.
 
     Active LoRA adapters and neuron masks are folded into the exported weights, and per-layer FFN
-    widths padded to one (see `_ffn_for_hf`): HF gets what the model computes now.
+    widths padded to one (see `_ffn_for_hf`): HF gets what the model computes now. With a
+    tokenizer, tokenizer.json and tokenizer_config.json (chat template included) are written too,
+    and generation stops at <|end|> or <|endoftext|>: `pipeline("text-generation", DIR)` works.
     """
     model = getattr(model, "module", model)
+    config = hf_config(model.config)
+    if tokenizer is not None:
+        eot = tokenizer.eot_id
+        stops = [tokenizer.special_tokens[s] for s in ("<|end|>", "<|endoftext|>") if s in tokenizer.special_tokens]
+        config.update(eos_token_id=stops, pad_token_id=eot)
 
     def write(tmp: Path):
-        (tmp / "config.json").write_text(json.dumps(hf_config(model.config), indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         sd = _ffn_for_hf(model, _weights_to_save(model, fold_adapters=True))
         if HAVE_SAFETENSORS:
             write_weights(sd, tmp)  # model.safetensors
         else:
             torch.save(sd, tmp / "pytorch_model.bin")  # the name HF looks for without safetensors
+        if tokenizer is not None:
+            from minilm.hf_tokenizer import save_hf_tokenizer
+            save_hf_tokenizer(tokenizer, tmp, max_length=model.config.max_seq_len)
+            (tmp / "generation_config.json").write_text(json.dumps(
+                {"eos_token_id": config["eos_token_id"], "pad_token_id": config["pad_token_id"]}, indent=2))
 
     return atomic_dir(Path(out_dir), write)
 
 
 def import_hf(hf_dir) -> Phi3:
-    """Build our model from a Hugging Face Phi-3 directory (single-file or sharded safetensors)."""
+    """Build our model from a Hugging Face Phi-3 directory (single-file or sharded safetensors).
+
+    Its tokenizer, when it has a byte-level BPE tokenizer.json, is `minilm.hf_tokenizer.load_hf_tokenizer`'s."""
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").exists():
         raise MinilmError(f"{hf_dir} has no config.json; is it a Hugging Face model directory?")

@@ -42,6 +42,7 @@ from minilm import MinilmError
 from minilm.agents.patterns import PATTERNS
 from minilm.chat_cli import run_chat
 from minilm.checkpoint import export_hf, import_hf, load_checkpoint, save_checkpoint
+from minilm.hf_tokenizer import load_hf_tokenizer
 from minilm.cli_flags import add_config_flags, parse_set, set_fields
 from minilm.cli_results import (show_cyclic_demo, show_dno, show_dpo, show_hydra_sft, show_ltc, show_ppo,
                                 show_prune, show_reward, show_sft)
@@ -168,11 +169,17 @@ def cmd_chat(args) -> None:
 
 
 def cmd_export_hf(args) -> None:
-    print(f"wrote {export_hf(load_checkpoint(args.checkpoint).model, args.out_dir)}")
+    ck = load_checkpoint(args.checkpoint)
+    print(f"wrote {export_hf(ck.model, args.out_dir, tokenizer=ck.tokenizer)}")
 
 
 def cmd_import_hf(args) -> None:
-    tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else None
+    if args.tokenizer:
+        tokenizer = Tokenizer.load(args.tokenizer)
+    elif (Path(args.hf_dir) / "tokenizer.json").exists():
+        tokenizer = load_hf_tokenizer(args.hf_dir)   # the exported (or any byte-level BPE) tokenizer
+    else:
+        tokenizer = None
     model = import_hf(args.hf_dir)
     print(f"wrote {save_checkpoint(args.out_dir, model, tokenizer, meta={'stage': 'import-hf'})}")
 
@@ -255,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-hf", help="read a Hugging Face Phi-3 directory into a checkpoint")
     p.add_argument("hf_dir")
     p.add_argument("out_dir")
-    p.add_argument("--tokenizer", default=None, help="a directory holding a minilm tokenizer to attach")
+    p.add_argument("--tokenizer", default=None, help="a directory holding a minilm tokenizer to attach "
+                                                    "(default: the HF directory's own tokenizer.json)")
     p.set_defaults(func=cmd_import_hf)
 
     for name, stage in STAGE_COMMANDS.items():
