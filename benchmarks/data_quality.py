@@ -163,9 +163,10 @@ def main(argv=None) -> dict:
         print(f"| {g['seed']} | {r['raw']['bpb']:.3f} | {r['filtered']['bpb']:.3f} | {r['raw']['ladder_acc']:.3f} | "
               f"{r['filtered']['ladder_acc']:.3f} | {g['ladder_gain']:+.3f} [{g['ladder_gain_lo']:+.3f}, "
               f"{g['ladder_gain_hi']:+.3f}] |")
-    spread = lambda k: (statistics.mean(g[k] for g in gains), min(g[k] for g in gains), max(g[k] for g in gains))
-    print("\nover seeds: ladder gain %+.3f (min %+.3f, max %+.3f); bpb lower by %+.3f (min %+.3f, max %+.3f)"
-          % (*spread("ladder_gain"), *spread("bpb_gain")))
+    def spread(key: str) -> str:
+        values = [g[key] for g in gains]
+        return f"{statistics.mean(values):+.3f} (min {min(values):+.3f}, max {max(values):+.3f})"
+    print(f"\nover seeds: ladder gain {spread('ladder_gain')}; bpb lower by {spread('bpb_gain')}")
     out = {"config": vars(args), "held_out_documents": len(held_out), "rows": rows, "gains": gains}
     (root / "results.json").write_text(json.dumps(out, indent=2))
     plot(rows, gains, root / "data_quality.png")

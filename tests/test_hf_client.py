@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from data_prep.pinned import pinned_documents
 from minilm import MinilmError
-from minilm.checkpoint import export_hf, load_checkpoint, save_checkpoint
+from minilm.checkpoint import load_checkpoint, save_checkpoint
 from minilm.cli import main as cli
 from minilm.config import ModelConfig
 from minilm.generate import generate

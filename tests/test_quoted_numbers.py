@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lessons"))
-import quoted_numbers as quoted  # noqa: E402  (lessons/quoted_numbers.py)
+import quoted_numbers as quoted  # lessons/quoted_numbers.py
 
 pytestmark = pytest.mark.lesson_12
 
@@ -31,7 +31,7 @@ def test_quoted_tables_are_read_by_their_headers_and_checked_as_rounded(tmp_path
     page.write_text(TABLE)
     assert quoted.check(page, RESULTS, tol=0.0) == (7, [])       # 2 + 5 numbers; "-" and other tables skipped
     page.write_text(TABLE.replace("0.327", "0.330"))
-    checked, errors = quoted.check(page, RESULTS, tol=0.0)
+    _, errors = quoted.check(page, RESULTS, tol=0.0)
     assert errors == [f"{page}:6: dno / ladder acc: quoted 0.330, the run has 0.3267 (ladder_acc)"]
     assert quoted.check(page, RESULTS, tol=0.005)[1] == []           # within the stated tolerance
 
