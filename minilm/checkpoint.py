@@ -26,6 +26,7 @@ so the export pads every layer to the widest with zero neurons, which add exactl
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,45 +208,63 @@ def _ffn_for_hf(model: Phi3, sd: dict) -> dict:
 
 def hf_config(cfg: ModelConfig) -> dict:
     """Our ModelConfig as a `transformers.Phi3Config` dictionary."""
+    longrope = None
+    if cfg.rope_original_max_len:   # spelled as Phi-3-128k's own config.json spells it
+        longrope = {"type": "longrope", "short_factor": list(cfg.rope_short_factor),
+                    "long_factor": list(cfg.rope_long_factor)}
     return {
         "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": hf_ffn_width(cfg),
         "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
         "num_key_value_heads": cfg.n_kv_head, "max_position_embeddings": cfg.max_seq_len,
-        "original_max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": None, "partial_rotary_factor": 1.0,
-        "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
+        "original_max_position_embeddings": cfg.rope_original_max_len or cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": longrope,
+        "partial_rotary_factor": 1.0, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
         "resid_pdrop": cfg.dropout, "embd_pdrop": 0.0, "attention_dropout": 0.0,
-        "sliding_window": None, "torch_dtype": "float32",
+        "sliding_window": cfg.sliding_window, "torch_dtype": "float32",
         # token ids belong to the tokenizer, not the model; HF's defaults (32000, Llama-2's) would
         # be out of range for a smaller vocab, and Phi3Model's nn.Embedding(padding_idx=) rejects that
         "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
     }
 
 
+def _longrope_from_hf(hf: dict, rope: dict, max_len: int) -> dict:
+    """ModelConfig's LongRoPE fields from rope_parameters (transformers 5) or rope_scaling (config.json)."""
+    original = rope.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+    if not original or "short_factor" not in rope or "long_factor" not in rope:
+        raise MinilmError("a longrope config needs short_factor, long_factor and original_max_position_embeddings")
+    stretch = max_len / original
+    implied = math.sqrt(1 + math.log(stretch) / math.log(original)) if stretch > 1 else 1.0
+    if rope.get("factor") not in (None, stretch) or rope.get("attention_factor") not in (None, implied):
+        raise MinilmError(f"longrope with factor {rope.get('factor')} / attention_factor {rope.get('attention_factor')} "
+                          f"is not supported: minilm derives both from max_position_embeddings / original "
+                          f"({stretch:g}, {implied:.6f}), as Phi-3's 128k models do")
+    return {"rope_original_max_len": original, "rope_short_factor": tuple(rope["short_factor"]),
+            "rope_long_factor": tuple(rope["long_factor"])}
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
     """Read a Phi3Config dictionary, refusing features our model does not implement."""
     if hf.get("model_type") != "phi3":
         raise MinilmError(f"model_type {hf.get('model_type')!r} is not phi3; minilm imports Phi-3 only")
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
     partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if rope_type != "default" or partial != 1.0:
+    # "su" is what the first Phi-3-128k configs called LongRoPE
+    if rope_type not in ("default", "longrope", "su") or partial != 1.0:
         raise MinilmError(f"RoPE type {rope_type!r} with partial_rotary_factor {partial} is not "
-                          f"supported (minilm implements plain RoPE, as phi-3-mini-4k uses)")
+                          f"supported (minilm implements plain RoPE and Phi-3's LongRoPE)")
     if hf.get("hidden_act", "silu") != "silu":
         raise MinilmError(f"hidden_act {hf['hidden_act']!r} is not supported; Phi-3 uses silu")
-    # Our attention has no sliding window (phi-3-mini-4k's config sets 2047). Capping the context
-    # at the window keeps every sequence the model accepts exactly equal to HF's computation.
-    max_seq_len = min(hf["max_position_embeddings"], hf.get("sliding_window") or 1 << 62)
+    max_seq_len = hf["max_position_embeddings"]
+    longrope = _longrope_from_hf(hf, rope, max_seq_len) if rope_type != "default" else {}
     return ModelConfig(
         vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
         n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], d_model=hf["hidden_size"],
         d_ff=hf["intermediate_size"], max_seq_len=max_seq_len,
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         norm_eps=hf.get("rms_norm_eps", 1e-5), tie_embeddings=hf.get("tie_word_embeddings", False),
-        dropout=hf.get("resid_pdrop", 0.0))
+        dropout=hf.get("resid_pdrop", 0.0), sliding_window=hf.get("sliding_window"), **longrope)
 
 
 def export_hf(model: Phi3, out_dir, tokenizer=None) -> Path:

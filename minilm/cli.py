@@ -177,7 +177,12 @@ def cmd_import_hf(args) -> None:
     if args.tokenizer:
         tokenizer = Tokenizer.load(args.tokenizer)
     elif (Path(args.hf_dir) / "tokenizer.json").exists():
-        tokenizer = load_hf_tokenizer(args.hf_dir)   # the exported (or any byte-level BPE) tokenizer
+        try:
+            tokenizer = load_hf_tokenizer(args.hf_dir)   # the exported (or any byte-level BPE) tokenizer
+        except MinilmError as e:
+            print(f"warning: {e}. The checkpoint is written without a tokenizer; attach one with --tokenizer DIR",
+                  file=sys.stderr)
+            tokenizer = None
     else:
         tokenizer = None
     model = import_hf(args.hf_dir)

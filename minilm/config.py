@@ -39,6 +39,14 @@ class ModelConfig:
     # FFN width of each layer after structured pruning (minilm/prune/compact.py); None: every layer
     # d_ff. d_ff stays the width before pruning; a layer may be pruned away entirely (width 0)
     d_ff_per_layer: tuple[int, ...] | None = None
+    # each query sees at most the last `sliding_window` keys, itself included (phi-3-mini-4k: 2047);
+    # None: the whole causal prefix
+    sliding_window: int | None = None
+    # LongRoPE (Phi-3's 128k models, arXiv 2402.13753): frequency i is divided by short_factor[i] up
+    # to rope_original_max_len positions and by long_factor[i] beyond; 0: plain RoPE (lesson 01)
+    rope_original_max_len: int = 0
+    rope_short_factor: tuple[float, ...] | None = None
+    rope_long_factor: tuple[float, ...] | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "max_seq_len"):
@@ -56,6 +64,23 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         self._check_ffn_widths()
+        self._check_long_context()
+
+    def _check_long_context(self):
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ConfigError(f"sliding_window must be None or a positive integer, got {self.sliding_window!r}")
+        factors = (self.rope_short_factor, self.rope_long_factor)
+        if not self.rope_original_max_len:
+            if any(f is not None for f in factors):
+                raise ConfigError("rope_short_factor/rope_long_factor need rope_original_max_len (LongRoPE)")
+            return
+        if any(f is None or len(f) != self.head_dim // 2 for f in factors):
+            raise ConfigError(f"LongRoPE needs rope_short_factor and rope_long_factor of head_dim / 2 = "
+                              f"{self.head_dim // 2} values each")
+        self.rope_short_factor, self.rope_long_factor = (tuple(float(x) for x in f) for f in factors)
+        if not 0 < self.rope_original_max_len <= self.max_seq_len:
+            raise ConfigError(f"rope_original_max_len={self.rope_original_max_len} must be in "
+                              f"(0, max_seq_len={self.max_seq_len}]")
 
     def _check_ffn_widths(self):
         widths = self.d_ff_per_layer

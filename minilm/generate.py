@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minilm.model import KVCache
+from minilm.model import KVCache, longrope_restart
 
 
 @dataclass
@@ -111,6 +111,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     done = torch.zeros(b, dtype=torch.bool, device=device)  # (B,) rows that emitted a stop token
     step_input = tokens  # the whole prompt first; then one token
     for _ in range(max_new_tokens):
+        if cache is not None and longrope_restart(model.config, cache.length, step_input.shape[1]):
+            cache.length, step_input = 0, tokens   # LongRoPE: every key again, with the long factors
         # (B, T_in, V): with the cache only the new positions run; the mask covers every position so far
         logits, _ = model(step_input if use_cache else tokens, kv_cache=cache, attention_mask=mask)
         token, lp = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,), (B,)
@@ -184,10 +186,13 @@ def _stream(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop, 
     param = next(model.parameters())
     cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, param.device, param.dtype)
     step_input = torch.tensor([prompt_ids], dtype=torch.long, device=param.device)  # (1, P)
+    seen = list(prompt_ids)   # the whole sequence, for a LongRoPE restart
     was_training = model.training
     model.eval()
     try:
         for _ in range(max_new_tokens):
+            if longrope_restart(model.config, cache.length, step_input.shape[1]):
+                cache.length, step_input = 0, torch.tensor([seen], device=param.device)
             # no attention mask: one unpadded row, so positions are simply 0, 1, 2, ... and the
             # unmasked attention path (our kernel on CPU) serves it
             logits, _ = model(step_input, kv_cache=cache)            # (1, T, V), T = P then 1
@@ -196,5 +201,6 @@ def _stream(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop, 
             if int(token) in stop:
                 return
             step_input = token[:, None]                               # (1, 1)
+            seen.append(int(token))
     finally:  # also runs when the caller stops early (closes the generator)
         model.train(was_training)

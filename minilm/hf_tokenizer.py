@@ -111,6 +111,9 @@ def load_hf_tokenizer(hf_dir) -> Tokenizer:
         raise MinilmError(f"cannot read a Hugging Face tokenizer from {path} ({e})") from e
     if model.get("type") != "BPE":
         raise MinilmError(f"{path} holds a {model.get('type')} model; minilm reads byte-level BPE only")
+    if model.get("byte_fallback"):
+        raise MinilmError(f"{path} is a SentencePiece-style BPE with byte fallback (Llama-2's, Phi-3-mini's); "
+                          f"minilm reads byte-level BPE only")
     config_path = Path(hf_dir) / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
     pattern = config.get("minilm_pattern") or _split_pattern(spec)

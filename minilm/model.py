@@ -48,12 +48,24 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)     # back to the input dtype before the gain, as HF does
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (max_len, head_dim): angle pos * theta^(-2i/D), halves repeated."""
+def rope_tables(head_dim: int, max_len: int, theta: float, factors=None,
+                scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (max_len, head_dim): angle pos * theta^(-2i/D), halves repeated.
+
+    LongRoPE divides frequency i by factors[i] (stretching its wavelength) and multiplies cos and
+    sin by `scale`, which sharpens attention's softmax back as the context grows."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if factors is not None:
+        inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, D/2)
     angles = torch.cat([angles, angles], dim=-1)  # first half and second half share frequencies
-    return angles.cos(), angles.sin()
+    return angles.cos() * scale, angles.sin() * scale
+
+
+def longrope_scale(cfg: ModelConfig) -> float:
+    """sqrt(1 + ln(s) / ln(L)) for a context stretched s = max_seq_len / L times (L the original)."""
+    stretch = cfg.max_seq_len / cfg.rope_original_max_len
+    return math.sqrt(1 + math.log(stretch) / math.log(cfg.rope_original_max_len)) if stretch > 1 else 1.0
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -61,6 +73,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)   # "rotate half": (x1, x2) -> (-x2, x1)
     return (x * cos + rotated * sin).to(x.dtype)
+
+
+def longrope_restart(cfg: ModelConfig, past: int, new: int) -> bool:
+    """Must a KV cache of `past` positions be rebuilt before a call adding `new` ones?
+
+    Under LongRoPE the cached keys were rotated with the short factors while the sequence fit the
+    original context; once it passes that length every key needs the long ones. Like Hugging Face's
+    Phi-3 generation, the caller then recomputes the whole sequence once (cache.length = 0)."""
+    original = cfg.rope_original_max_len
+    return bool(original) and 0 < past <= original < past + new
 
 
 class KVCache:
@@ -96,6 +118,7 @@ class Attention(nn.Module):
         # rows of qkv_proj: all query heads, then key heads, then value heads (HF's layout)
         self.qkv_proj = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.window = cfg.sliding_window
 
     def forward(self, x, cos, sin, layer_idx, kv_cache=None, key_mask=None):
         b, t, _ = x.shape
@@ -108,7 +131,7 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)                        # (B, H_kv, S, D)
         # each k/v head serves H / H_kv query heads (GQA); the causal mask is bottom-right aligned
-        y = ops.attention(q, k, v, causal=True, key_mask=key_mask)         # (B, H, T, D)
+        y = ops.attention(q, k, v, causal=True, key_mask=key_mask, window=self.window)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, q_size))
 
 
@@ -185,10 +208,16 @@ class Phi3Model(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.original_len = cfg.rope_original_max_len    # 0: plain RoPE, one table
+        scale = longrope_scale(cfg) if self.original_len else 1.0
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_short_factor, scale)
         # not saved in checkpoints: they are a pure function of the config
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        if self.original_len:   # LongRoPE's second table, for calls that reach past the original context
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_long_factor, scale)
+            self.register_buffer("rope_cos_long", cos, persistent=False)
+            self.register_buffer("rope_sin_long", sin, persistent=False)
 
     def forward(self, idx, kv_cache=None, attention_mask=None):
         b, t = idx.shape
@@ -201,8 +230,13 @@ class Phi3Model(nn.Module):
         if past + t > self.rope_cos.shape[0]:
             raise ValueError(f"sequence of {past + t} tokens exceeds max_seq_len="
                              f"{self.rope_cos.shape[0]}; crop the input or raise max_seq_len")
-        cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, D): broadcast over heads
-        sin = self.rope_sin[positions].unsqueeze(1)
+        cos_table, sin_table = self.rope_cos, self.rope_sin
+        # LongRoPE picks one table per call, as Hugging Face's Phi-3 does: the long factors once any
+        # position of this call lies past the original context (cached keys keep their rotation)
+        if self.original_len and int(positions.max()) + 1 > self.original_len:
+            cos_table, sin_table = self.rope_cos_long, self.rope_sin_long
+        cos = cos_table[positions].unsqueeze(1)  # (B, 1, T, D): broadcast over heads
+        sin = sin_table[positions].unsqueeze(1)
         x = self.embed_tokens(idx)                   # (B, T, d_model): the residual stream
         for layer in self.layers:
             x = layer(x, cos, sin, kv_cache, attention_mask)

@@ -187,7 +187,8 @@ def test_save_killed_between_renames_is_recovered(tmp_path):
     assert not list(tmp_path.glob(".ckpt.*"))
 
 
-def test_import_caps_context_at_the_sliding_window():
+def test_import_keeps_the_full_context_and_the_sliding_window():
     from minilm.checkpoint import config_from_hf, hf_config
     hf = {**hf_config(tiny_config(max_seq_len=64)), "sliding_window": 32}
-    assert config_from_hf(hf).max_seq_len == 32
+    cfg = config_from_hf(hf)
+    assert (cfg.max_seq_len, cfg.sliding_window) == (64, 32)   # tests/test_long_context.py: HF parity

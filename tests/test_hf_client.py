@@ -128,3 +128,17 @@ def _auto(root):
 def _ids(encoded) -> list[int]:
     """apply_chat_template returns a list in transformers 4 and a BatchEncoding in 5."""
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def test_import_hf_of_a_sentencepiece_tokenizer_keeps_the_model_and_says_why(exported, tmp_path, capsys):
+    """Phi-3-mini ships a Llama-2 SentencePiece BPE (byte fallback): the weights import, the tokenizer
+    is named as unsupported, and the checkpoint is written without one."""
+    import shutil
+    _, root = exported
+    shutil.copytree(root / "hf", tmp_path / "hf")
+    spec = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+    spec["model"]["byte_fallback"] = True
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(spec))
+    assert cli(["import-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) in (None, 0)
+    assert "SentencePiece-style BPE with byte fallback" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "back").tokenizer is None

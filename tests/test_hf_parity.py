@@ -173,14 +173,10 @@ def test_import_hf_reads_save_pretrained(pair, tmp_path):
     torch.testing.assert_close(model(idx)[0], hf(idx).logits, **TOL)
 
 
-def _longrope(d):
-    d["rope_scaling"] = {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}
-
-
 UNSUPPORTED = {  # what a config.json may hold that our model does not implement -> words in the error
-    "longrope (phi-3-128k, old rope_scaling key)": (_longrope, "longrope"),
-    "su scaling": (lambda d: d.update(rope_scaling={"type": "su"}), "'su'"),
-    "longrope (rope_parameters)": (lambda d: d.update(rope_parameters={"rope_type": "longrope"}), "longrope"),
+    "yarn (rope_scaling)": (lambda d: d.update(rope_scaling={"type": "yarn", "factor": 4.0}), "'yarn'"),
+    "dynamic (rope_parameters)": (lambda d: d.update(rope_parameters={"rope_type": "dynamic"}), "'dynamic'"),
+    "longrope without its factors": (lambda d: d.update(rope_scaling={"type": "longrope"}), "short_factor"),
     "partial rotary": (lambda d: d.update(partial_rotary_factor=0.5), "partial_rotary_factor 0.5"),
     "gelu": (lambda d: d.update(hidden_act="gelu_pytorch_tanh"), "hidden_act 'gelu_pytorch_tanh'"),
     "not phi3": (lambda d: d.update(model_type="llama"), "'llama' is not phi3"),
@@ -193,19 +189,9 @@ def test_config_from_hf_rejects_unsupported(case):
     d = hf_config(tiny_config())
     assert config_from_hf(d) == tiny_config()  # the unedited dict is accepted
     edit(d)
-    with pytest.raises(MinilmError, match="not supported|phi3") as e:
+    with pytest.raises(MinilmError, match="not supported|phi3|needs short_factor") as e:
         config_from_hf(d)
     assert words in str(e.value)
-
-
-def test_config_from_hf_rejects_longrope_written_by_transformers():
-    d = Phi3Config(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                   num_attention_heads=4, max_position_embeddings=256, pad_token_id=None,
-                   bos_token_id=None, eos_token_id=None, original_max_position_embeddings=64,
-                   rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
-                                    "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}).to_dict()
-    with pytest.raises(MinilmError, match="longrope"):
-        config_from_hf(d)
 
 
 def test_phi3_mini_parameter_count_matches_hf_on_meta():

@@ -14,20 +14,22 @@ import torch
 import torch.nn.functional as F
 
 
-def causal_mask(t: int, s: int, device=None) -> torch.Tensor:
+def causal_mask(t: int, s: int, device=None, window: int | None = None) -> torch.Tensor:
     """(T, S) boolean mask, True where query i may attend to key j.
 
     Bottom-right aligned: the T queries are the *last* T positions of the S keys, so query i sees
     keys j <= i + (S - T). With T == S this is the usual lower triangle; when decoding with a KV
-    cache (T == 1) the one new query sees every cached key.
+    cache (T == 1) the one new query sees every cached key. A sliding `window` W keeps only the
+    last W of them, the query's own key included: j > i + (S - T) - W.
     """
     i = torch.arange(t, device=device).unsqueeze(1)  # (T, 1) query positions
     j = torch.arange(s, device=device).unsqueeze(0)  # (1, S) key positions
-    return j <= i + (s - t)
+    mask = j <= i + (s - t)
+    return mask if window is None else mask & (j > i + (s - t) - window)
 
 
 def attention_mask(t: int, s: int, causal: bool, key_mask: torch.Tensor | None,
-                   device=None) -> torch.Tensor | None:
+                   device=None, window: int | None = None) -> torch.Tensor | None:
     """Combine causality and key padding into one boolean mask broadcastable to (B, H, T, S).
 
     key_mask: (B, S) with 1/True for real tokens and 0/False for padding. A query row that would
@@ -36,7 +38,7 @@ def attention_mask(t: int, s: int, causal: bool, key_mask: torch.Tensor | None,
     """
     if not causal and key_mask is None:
         return None
-    mask = causal_mask(t, s, device) if causal else torch.ones(t, s, dtype=torch.bool, device=device)
+    mask = causal_mask(t, s, device, window) if causal else torch.ones(t, s, dtype=torch.bool, device=device)
     mask = mask.view(1, 1, t, s)  # broadcast over batch and heads
     if key_mask is not None:
         mask = mask & key_mask.bool().view(-1, 1, 1, s)  # (B, 1, T, S)
@@ -45,11 +47,12 @@ def attention_mask(t: int, s: int, causal: bool, key_mask: torch.Tensor | None,
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                        scale: float | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                        scale: float | None = None, key_mask: torch.Tensor | None = None,
+                        window: int | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v, the definition of attention.
 
     q: (B, H, T, D); k, v: (B, H_kv, S, D) with H a multiple of H_kv (query head h uses k/v head
-    h // (H / H_kv)); key_mask: optional (B, S). Returns (B, H, T, D).
+    h // (H / H_kv)); key_mask: optional (B, S); window: see `causal_mask`. Returns (B, H, T, D).
     """
     b, h, t, d = q.shape
     h_kv, s = k.shape[1], k.shape[2]
@@ -57,7 +60,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     k = k.repeat_interleave(h // h_kv, dim=1)  # (B, H, S, D)
     v = v.repeat_interleave(h // h_kv, dim=1)  # (B, H, S, D)
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
-    mask = attention_mask(t, s, causal, key_mask, q.device)
+    mask = attention_mask(t, s, causal, key_mask, q.device, window)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     # softmax in at least float32 (bf16/fp16 inputs), in float64 for float64 inputs (gradcheck)
