@@ -2,6 +2,7 @@
 
     python benchmarks/attention.py                     # CPU: tiny/small preset shapes, T up to 2048
     python benchmarks/attention.py --shapes tiny --repeat 5
+    python benchmarks/attention.py --shapes small T1024 T2048 --dtype bfloat16   # on a GPU: + sdpa-flash
 
 For each shape (causal, grouped-query as in the presets) and each implementation it measures
   - forward time and forward+backward time: the fastest of --repeat runs after a warm-up
@@ -45,6 +46,13 @@ def implementations(device: str) -> dict:
         "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
         "naive": lambda q, k, v: attention_reference(q, k, v, causal=True),
     }
+    if device == "cuda":   # SDPA pinned to its FlashAttention-2 backend, the GPU peer to beat
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def flash(q, k, v):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        impls["sdpa-flash"] = flash
     if ours in ops.available_backends():
         impls["minilm"] = lambda q, k, v: ops.attention(q, k, v, causal=True, backend=ours)
     return impls
