@@ -41,12 +41,13 @@ from data_prep.prepare import default_data, prepare_data
 from minilm import MinilmError
 from minilm.agents.patterns import PATTERNS
 from minilm.chat_cli import run_chat
-from minilm.checkpoint import export_hf, import_hf, load_checkpoint, save_checkpoint
+from minilm.checkpoint import export_hf, import_hf, load_checkpoint, read_config, save_checkpoint
 from minilm.hf_tokenizer import load_hf_tokenizer
 from minilm.cli_flags import add_config_flags, parse_set, set_fields
 from minilm.cli_results import (show_cyclic_demo, show_dno, show_dpo, show_hydra_sft, show_ltc, show_ppo,
                                 show_prune, show_reward, show_sft)
 from minilm.config import PRESETS, ConfigError, ModelConfig, get_preset
+from minilm.memory import plan_for_stage, plan_memory
 from minilm.generate import generate_text
 from minilm.post.ppo_models import VARIANTS
 from minilm.speedrun.run import parse_overrides, plan, run_speedrun
@@ -106,6 +107,8 @@ def cmd_stage(args) -> None:
     cfg = stage.make_config(args.preset, **set_fields(args, stage.cls), **parse_set(args.set, stage.cls))
     if args.dry_run:
         print(cfg)
+        if Path(cfg.init).is_dir():   # the plan needs the model's shape, from the checkpoint it starts from
+            print(plan_for_stage(cfg, ModelConfig.from_dict(read_config(cfg.init)["model"]), world_size()).table())
         return
     stage.show(stage.run(cfg))
 
@@ -127,6 +130,7 @@ def cmd_train(args) -> None:
         cfg.data_dir, cfg.phase2_dir = str(phase1), cfg.phase2_dir or str(phase2)
     if args.dry_run:
         print(cfg)
+        print(plan_for_stage(cfg, get_preset(cfg.preset, **cfg.model), world_size()).table())
         return
     summary = pretrain.train(cfg)
     if summary.get("val_loss") is None:
@@ -189,12 +193,25 @@ def cmd_import_hf(args) -> None:
     print(f"wrote {save_checkpoint(args.out_dir, model, tokenizer, meta={'stage': 'import-hf'})}")
 
 
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))   # set by torchrun
+
+
+def cmd_memory(args) -> None:
+    cfg = get_preset(args.preset)
+    print(plan_memory(cfg, args.batch_size, args.seq_len or cfg.max_seq_len, dtype=args.dtype, lora_r=args.lora_r,
+                      world=args.world, fsdp=args.fsdp, checkpointing=args.checkpointing).table())
+
+
 def cmd_speedrun(args) -> None:
     cfg = SpeedrunConfig(preset=args.preset, out_dir=args.out_dir, only=args.only, device=args.device,
                          dtype=args.dtype, dry_run=args.dry_run, overrides=parse_overrides(args.set))
     if cfg.dry_run:
+        model_cfg = get_preset(SPEEDRUN_PRESETS[cfg.preset])
         for name, stage_cfg in plan(cfg):
             print(f"{name}: {stage_cfg}")
+            if hasattr(stage_cfg, "batch_size"):   # the stages that train a model
+                print(plan_for_stage(stage_cfg, model_cfg, world_size()).table())
         return
     records = run_speedrun(cfg)
     for name, rec in records.items():
@@ -292,6 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list the model presets")
     p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("memory", help="the per-GPU memory plan of training a model preset (minilm/memory.py)")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--batch-size", type=int, default=1, help="micro-batch per GPU")
+    p.add_argument("--seq-len", type=int, default=0, help="0: the preset's max_seq_len")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="activations' dtype")
+    p.add_argument("--lora-r", type=int, default=0, help="0: full fine-tuning")
+    p.add_argument("--world", type=int, default=1, help="GPUs")
+    p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over --world")
+    p.add_argument("--checkpointing", action="store_true", help="keep only each layer's input for backward")
+    p.set_defaults(func=cmd_memory)
     return parser
 
 

@@ -35,7 +35,9 @@ BACKENDS = ("cuda", "cpu", "torch", "reference")
 # what each of our kernels computes; any other call goes to SDPA. The CUDA head dims are
 # attention_cuda_supports_head_dim() in csrc/attention/attention_cuda.h; the CPU kernel takes any D.
 KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64, torch.bfloat16),
-                 "cuda": (torch.float16, torch.bfloat16)}
+                 "cuda": (torch.float16, torch.bfloat16),
+                 # shapes only: the kernels' fake implementations (minilm/memory.py plans with them)
+                 "meta": (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
 CUDA_HEAD_DIMS = (64, 128)
 
 
@@ -67,8 +69,8 @@ def _minilm_kernel(q, k, v, causal=True, scale=None, key_mask=None, window=None,
 
 
 _IMPLS = {
-    "cuda": functools.partial(_minilm_kernel, devices=("cuda", "cpu")),  # CPU tensors: the CPU kernel
-    "cpu": functools.partial(_minilm_kernel, devices=("cpu",)),
+    "cuda": functools.partial(_minilm_kernel, devices=("cuda", "cpu", "meta")),  # CPU tensors: the CPU kernel
+    "cpu": functools.partial(_minilm_kernel, devices=("cpu", "meta")),
     "torch": _torch_sdpa,
     "reference": attention_reference,
 }
