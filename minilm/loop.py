@@ -112,14 +112,16 @@ def optimizer_step(optimizer: torch.optim.Optimizer, params, grad_clip: float, w
     it before the next save. `where` names the step in the message."""
     params = list(params)
     # one norm over all of `params` together (not per tensor), so clipping keeps the update's direction
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()   # FSDP: a DTensor
     if not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise MinilmError(f"the gradient norm became {grad_norm} at {where}: the run diverged. The last "
                           f"checkpoint is kept; train again with a lower --lr into a new --out-dir")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # None, not zeros: frees the memory
-    if not torch.stack([p.detach().isfinite().all() for p in params]).all():  # one sync for all tensors
+    # one sync for all tensors; an FSDP rank checks its own shards
+    if not torch.stack([local_tensor(p).detach().isfinite().all() for p in params]).all():
         raise MinilmError(f"the weights became non-finite at {where} (the update overflowed). The last "
                           f"checkpoint is kept; train again with a lower --lr into a new --out-dir")
     return grad_norm
@@ -170,6 +172,11 @@ def count_tokens(batch) -> int:
 
 # ---- resume and logs -----------------------------------------------------------------------------
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP parameter (a DTensor); a plain tensor as is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def rng_state() -> dict:
     """The RNG states a resumed run must restore (CPU, and every GPU's when there are GPUs)."""
     state = {"cpu": torch.get_rng_state()}
@@ -206,7 +213,12 @@ def restore(state: dict, optimizer, model=None, source: str = "the checkpoint") 
             for n, p in params.items():
                 p.copy_(saved[n])
     optimizer.load_state_dict(state["optimizer"])  # AdamW moments and step counts
-    # the RNG too: sampling, dropout and minibatch order continue exactly where the run stopped
+    return restore_rng(state)
+
+
+def restore_rng(state: dict) -> int:
+    """The RNG part of `restore`; returns the step."""
+    # sampling, dropout and minibatch order continue exactly where the run stopped
     # (a loop that reseeds every iteration, as LTC does, saves none)
     if "rng" in state:
         torch.set_rng_state(state["rng"]["cpu"])

@@ -29,6 +29,7 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from minilm import ops
 from minilm.config import ModelConfig
@@ -208,6 +209,9 @@ class Phi3Model(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        # activation checkpointing: in training, keep each layer's input only and recompute the layer
+        # in backward (minilm/memory.py plans both ways); set by TrainConfig.activation_checkpointing
+        self.checkpointing = False
         self.original_len = cfg.rope_original_max_len    # 0: plain RoPE, one table
         scale = longrope_scale(cfg) if self.original_len else 1.0
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_short_factor, scale)
@@ -238,8 +242,12 @@ class Phi3Model(nn.Module):
         cos = cos_table[positions].unsqueeze(1)  # (B, 1, T, D): broadcast over heads
         sin = sin_table[positions].unsqueeze(1)
         x = self.embed_tokens(idx)                   # (B, T, d_model): the residual stream
+        recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos, sin, kv_cache, attention_mask)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, kv_cache, attention_mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, kv_cache, attention_mask)
         if kv_cache is not None:
             kv_cache.length += t
         return self.norm(x)

@@ -8,7 +8,8 @@ the old run's checkpoint and print the old numbers as its own. So the first run 
 config (flat names, as flags spell them) in OUT/settings.json, and a rerun that finds progress
 there compares: any field that differs stops it, before anything is loaded, with one message
 naming the fields and the two ways on (a new --out-dir, or --no-resume to train over it from
-scratch). What may differ is where the run executes and how much it logs (MAY_CHANGE), and
+scratch). What may differ is where and how the run executes (device, dtype, FSDP sharding,
+activation checkpointing: none changes the math) and how much it logs (MAY_CHANGE), and
 max_steps may grow: training longer is continuing. A folder holding another stage's checkpoint,
 or the checkpoint the stage starts from (--init), is refused as well.
 """
@@ -23,7 +24,7 @@ from minilm.checkpoint import read_config
 from minilm.config import flatten
 from minilm.weights import write_json
 
-MAY_CHANGE = ("out_dir", "device", "dtype", "resume", "log_every")
+MAY_CHANGE = ("out_dir", "device", "dtype", "resume", "log_every", "fsdp", "activation_checkpointing")
 SETTINGS = "settings.json"
 
 

@@ -1,14 +1,16 @@
-"""Pretraining: next-token prediction with AdamW, warmup + cosine decay, exact resume, and DDP.
+"""Pretraining: next-token prediction with AdamW, warmup + cosine decay, exact resume, DDP or FSDP.
 
     minilm train --preset tiny                       # CPU, a few minutes
     torchrun --nproc_per_node 4 -m minilm train --preset small --device cuda
+    torchrun --nproc_per_node 8 -m minilm train --preset phi3-mini --fsdp --activation-checkpointing
 
     from minilm.stages.pretrain import TrainConfig, train
     summary = train(train_config("tiny", data_dir="runs/data/stdlib-2048", max_steps=50))
 
 One step (phi-3 and nanoGPT follow the same recipe):
   1. for each of `grad_accum` micro-batches: forward, loss / grad_accum, backward
-     (under DDP the gradients are averaged across ranks on the last micro-batch only);
+     (under DDP or FSDP the gradients are averaged across ranks on the last micro-batch only;
+     FSDP, minilm/fsdp.py, also shards weights and AdamW state, and checkpoints stay unsharded);
   2. clip the global gradient norm; set the learning rate from the schedule; AdamW step;
   3. every `eval_every` steps: validation loss and bits per byte on fixed windows;
   4. every `ckpt_every` steps: an atomic checkpoint with the optimizer state, so a killed run
@@ -24,7 +26,6 @@ data pipeline's two phases first (lesson 05, data_prep/pipeline.py); train() its
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,9 @@ from minilm import MinilmError
 from minilm.checkpoint import load_checkpoint, save_checkpoint
 from minilm.config import ConfigError, build, get_preset
 from minilm.data import TokenDataset, bits_per_byte
-from minilm.loop import (OptimConfig, lr_at, make_optimizer, optimizer_step, read_metrics, restore, rng_state,
+from minilm.fsdp import (full_state, gradient_sync, is_sharded, load_full_optimizer_state, param_names,
+                         shard_model)
+from minilm.loop import (OptimConfig, lr_at, make_optimizer, optimizer_step, read_metrics, restore_rng, rng_state,
                          set_lr, write_metrics)
 from minilm.model import Phi3
 from minilm.run_dir import check_settings
@@ -70,6 +73,8 @@ class TrainConfig:
     device: str = "auto"            # auto (a GPU when torch sees one), cpu, cuda
     dtype: str = "auto"             # auto (bf16 where the chip has it natively), bf16, fp32
     compile: bool = False           # torch.compile, opt-in
+    fsdp: bool = False              # under torchrun: shard weights, gradients and AdamW (FSDP2) instead of DDP
+    activation_checkpointing: bool = False  # keep each layer's input only; recompute the layer in backward
     resume: bool = True             # continue from out_dir/checkpoint if it exists
 
 
@@ -82,7 +87,7 @@ TRAIN_PRESETS = {
 }
 # the fields `minilm train --help` shows; every other field is set with --set FIELD=VALUE
 FLAGS = ("out_dir", "data_dir", "phase2_dir", "batch_size", "grad_accum", "max_steps", "lr", "warmup_steps",
-         "eval_every", "seed", "device", "dtype", "compile", "resume")
+         "eval_every", "seed", "device", "dtype", "compile", "fsdp", "activation_checkpointing", "resume")
 # the speedrun's presets: `preset` names the model preset they train
 TRAIN_PRESETS["ci"] = dict(TRAIN_PRESETS["tiny"], preset="tiny", max_steps=120, batch_size=8, warmup_steps=10,
                            eval_every=60, ckpt_every=60, eval_batches=4)
@@ -163,8 +168,8 @@ def train_step(model, optimizer, data: TokenDataset, cfg: TrainConfig, rt, step:
         # rank r takes global micro-batch indices r, r + W, ...: see minilm/data.py
         x, y = data.batch(cfg.batch_size, cfg.seq_len, cfg.seed, step, micro * rt.world_size + rt.rank)
         last = micro == cfg.grad_accum - 1
-        # no_sync: DDP skips its all-reduce on all but the last micro-batch, one gradient exchange per step
-        with (model.no_sync() if rt.distributed and not last else contextlib.nullcontext()), rt.autocast():
+        # DDP and FSDP skip their gradient exchange on all but the last micro-batch: one per step
+        with gradient_sync(model, last), rt.autocast():
             # divided by grad_accum so the summed gradients are those of the mean over all micro-batches
             loss = model(x.to(rt.device), y.to(rt.device))[1] / cfg.grad_accum
         loss.backward()  # under DDP, the last micro-batch's backward averages gradients over ranks
@@ -178,17 +183,33 @@ def train_step(model, optimizer, data: TokenDataset, cfg: TrainConfig, rt, step:
     return {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm}
 
 
-def _resume(ckpt_dir: Path, model, optimizer, model_cfg, rt) -> int:
-    """Load weights, optimizer state and RNG from `ckpt_dir`; returns the step to continue from."""
+def _resume_weights(ckpt_dir: Path, model, model_cfg, rt) -> dict:
+    """Load the weights of `ckpt_dir` into the (unsharded) model; returns its train_state."""
     ck = load_checkpoint(ckpt_dir, device=rt.device, with_train_state=True)
     if ck.config != model_cfg:
         raise MinilmError(f"{ckpt_dir} holds a different model ({ck.config}); use another "
                           f"--out-dir or --no-resume to start over")
     model.load_state_dict(ck.model.state_dict())   # every weight trains: the checkpoint holds them all
-    step = restore(ck.train_state, optimizer)       # optimizer and RNG
     if rt.is_main:
-        tqdm.write(f"resuming from {ckpt_dir} at step {step}")
-    return step
+        tqdm.write(f"resuming from {ckpt_dir} at step {ck.train_state['step']}")
+    return ck.train_state
+
+
+def _save(ckpt_dir: Path, model, optimizer, tokenizer, model_cfg, cfg: TrainConfig, step: int, rt,
+          names: list[str]) -> None:
+    """An atomic checkpoint, unsharded whether or not the run is (every rank calls it under FSDP)."""
+    if is_sharded(model):
+        weights, optim_state = full_state(model, optimizer, names)   # a collective; full tensors on rank 0
+        if rt.is_main:
+            model = Phi3(model_cfg)
+            model.load_state_dict(weights)
+    else:
+        optim_state = optimizer.state_dict()
+    if rt.is_main:
+        # with the weights, all an exact resume needs: batches follow from (seed, step)
+        state = {"optimizer": optim_state, "step": step, "rng": rng_state(), "train_config": dataclasses.asdict(cfg)}
+        save_checkpoint(ckpt_dir, getattr(model, "_orig_mod", model), tokenizer, state,
+                        meta={"stage": "pretrain", "step": step})
 
 
 def _train(cfg: TrainConfig, rt, on_step) -> dict:
@@ -198,16 +219,28 @@ def _train(cfg: TrainConfig, rt, on_step) -> dict:
     out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoint"
     torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
     model = raw_model = Phi3(model_cfg).to(rt.device)  # raw_model: unwrapped, for eval and saving
-    # built before resume, so the saved AdamW moments load into it
-    optimizer = make_optimizer(model, cfg.optim)
-    start = 0
+    model.model.checkpointing = cfg.activation_checkpointing
+    saved = None
     if cfg.resume and (ckpt_dir / "train_state.pt").exists():
-        start = _resume(ckpt_dir, model, optimizer, model_cfg, rt)
+        saved = _resume_weights(ckpt_dir, model, model_cfg, rt)   # full weights, before any sharding
+    sharded = cfg.fsdp and rt.distributed
+    if sharded:   # in place: raw_model is the sharded model, its parameters DTensors
+        shard_model(model, rt, bf16=rt.autocast_dtype == torch.bfloat16)
+    # after sharding (AdamW's state is then sharded too), before loading its saved state
+    optimizer = make_optimizer(model, cfg.optim)
+    names = param_names(optimizer, model)   # AdamW's state by index <-> by name (FSDP's helpers)
+    start = 0
+    if saved is not None:
+        if sharded:   # a full state, sharded on load: a checkpoint does not care how it was trained
+            load_full_optimizer_state(model, optimizer, saved["optimizer"], names)
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
+        start = restore_rng(saved)
     metrics = read_metrics(out_dir / "metrics.jsonl", start) if rt.is_main else []  # rows past start are dropped
     # wrap only after resume: the checkpoint's state_dict keys are the raw model's, without prefixes
     if cfg.compile:
         model = torch.compile(model)
-    if rt.distributed:
+    if rt.distributed and not sharded:
         model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     tokens_per_step = cfg.grad_accum * rt.world_size * cfg.batch_size * cfg.seq_len  # over all ranks
 
@@ -222,9 +255,11 @@ def _train(cfg: TrainConfig, rt, on_step) -> dict:
             row["phase"] = 1 if step < switch else 2
             done = row["step"] == cfg.max_steps
             # 3. validation loss and bits per byte on fixed windows (on the unwrapped model)
-            # rank 0 alone evaluates and logs; the other ranks return no val_loss to the CLI
-            if rt.is_main and (row["step"] % cfg.eval_every == 0 or done):
-                row.update(evaluate(raw_model, val_data, cfg, rt))
+            # rank 0 alone logs (the other ranks return no val_loss to the CLI); under FSDP every
+            # rank evaluates, since each forward all-gathers the layers' shards
+            if (rt.is_main or sharded) and (row["step"] % cfg.eval_every == 0 or done):
+                ev = evaluate(raw_model, val_data, cfg, rt)
+                row.update(ev if rt.is_main else {})
             row["tokens_per_s"] = tokens_per_step * (row["step"] - start) / (time.time() - t0)
             if rt.is_main and (row["step"] % cfg.log_every == 0 or "val_loss" in row or done):
                 metrics.append(row)
@@ -233,12 +268,8 @@ def _train(cfg: TrainConfig, rt, on_step) -> dict:
             # 4. an atomic checkpoint first, then metrics.jsonl: the log never lists a step no checkpoint holds
             # (a killed run resumes from the checkpoint and read_metrics drops any rows past it)
             if row["step"] % cfg.ckpt_every == 0 or done:
+                _save(ckpt_dir, raw_model, optimizer, tokenizer, model_cfg, cfg, row["step"], rt, names)
                 if rt.is_main:
-                    # with the weights, all an exact resume needs: batches follow from (seed, step)
-                    state = {"optimizer": optimizer.state_dict(), "step": row["step"],
-                             "rng": rng_state(), "train_config": dataclasses.asdict(cfg)}
-                    save_checkpoint(ckpt_dir, raw_model, tokenizer, state,
-                                    meta={"stage": "pretrain", "step": row["step"]})
                     write_metrics(metrics, out_dir, train_data.info["unigram_entropy"])
                 if rt.distributed:
                     dist.barrier()  # no rank runs ahead of a checkpoint it might need
