@@ -144,3 +144,8 @@ def plan_for_stage(cfg, model_cfg: ModelConfig, world: int = 1) -> MemoryPlan:
                        dtype="fp32" if getattr(cfg, "dtype", "auto") == "fp32" else "bf16", lora_r=lora_r,
                        world=world, frozen_copies=frozen, kv_batch=cfg.batch_size if sampling else 0,
                        kv_len=model_cfg.max_seq_len if sampling else 0)
+
+
+def needs_fsdp(plan_ddp: MemoryPlan, gpu_bytes: float, headroom: float = 0.85) -> bool:
+    """Shard when a DDP replica would fill more than `headroom` of one GPU (the speedrun's gpu choice)."""
+    return plan_ddp.total > headroom * gpu_bytes

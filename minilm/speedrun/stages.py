@@ -27,6 +27,7 @@ from minilm import MinilmError
 from minilm.checkpoint import load_checkpoint
 from minilm.config import get_preset
 from minilm.eval.ladder import ladder_gains
+from minilm.memory import needs_fsdp, plan_for_stage
 from minilm.eval.suite import evaluate_checkpoint, suite_config
 from minilm.speedrun.report import write_report
 from minilm.stages.dno import dno_config, run_dno
@@ -116,9 +117,15 @@ def run_data(run: Run, cfg) -> tuple[dict, None]:
 
 def pretrain_stage(run: Run):
     data = run.dir("data")
-    return train_config(run.cfg.preset, out_dir=str(run.dir("pretrain")), data_dir=str(data / "phase1"),
-                        phase2_dir=str(data / "phase2"), device=run.cfg.device, dtype=run.cfg.dtype,
-                        **run.overrides("pretrain"))
+    cfg = train_config(run.cfg.preset, out_dir=str(run.dir("pretrain")), data_dir=str(data / "phase1"),
+                       phase2_dir=str(data / "phase2"), device=run.cfg.device, dtype=run.cfg.dtype,
+                       **run.overrides("pretrain"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and torch.cuda.is_available() and "fsdp" not in run.overrides("pretrain"):
+        # DDP while a full replica fits a GPU with room to spare, FSDP when the memory plan says not
+        plan = plan_for_stage(cfg, get_preset(cfg.preset, **cfg.model), world)
+        cfg.fsdp = needs_fsdp(plan, torch.cuda.get_device_properties(0).total_memory)
+    return cfg
 
 
 def run_pretrain(run: Run, cfg) -> tuple[dict, str | None]:
