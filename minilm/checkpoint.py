@@ -139,6 +139,14 @@ def read_config(directory) -> dict:
     return config
 
 
+def has_train_state(directory) -> bool:
+    """Whether `directory` holds a run to resume, after finishing a save a kill interrupted (a
+    checkpoint caught between its two renames is not missing: it is put back first)."""
+    directory = Path(directory)
+    recover(directory)
+    return (directory / "train_state.pt").exists()
+
+
 def load_checkpoint(directory, device="cpu", with_train_state: bool = False) -> Checkpoint:
     """Load a checkpoint written by `save_checkpoint`, checking config, tokenizer and weights.
 
@@ -165,6 +173,9 @@ def load_checkpoint(directory, device="cpu", with_train_state: bool = False) -> 
             raise MinilmError(f"{directory}: tokenizer has {tokenizer.n_vocab} tokens but the model's "
                               f"vocab_size is {model_cfg.vocab_size}")
     model = Phi3(model_cfg)
+    if tokenizer is not None and tokenizer.n_vocab < model_cfg.vocab_size:
+        # ids past the tokenizer have no text: generation never samples them (minilm/generate.py)
+        model.tokenizer_vocab = tokenizer.n_vocab
     # the base first; saved adapters are re-applied on top, active as saved
     load_weights(model, read_weights(directory), source=str(directory))
     if (directory / "adapter_config.json").exists():

@@ -114,14 +114,26 @@ class TokenDataset:
         if not meta_path.exists():
             raise MinilmError(f"{self.directory} holds no prepared data (no meta.json); "
                               f"run `minilm prepare --data-dir {self.directory}`")
-        self.meta = json.loads(meta_path.read_text())
-        self.info = self.meta["splits"][split]
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            self.info = self.meta["splits"][split]
+            self.info["shards"], self.info["tokens"], self.info["bytes"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise MinilmError(f"{meta_path} is corrupt ({e!r}); prepare the data again (`minilm data` or "
+                              f"`minilm prepare`) into a fresh folder") from e
         paths = sorted(self.directory.glob(f"{split}_*.bin"))
         if len(paths) != self.info["shards"]:
             raise MinilmError(f"{self.directory}: meta.json lists {self.info['shards']} {split} shards, "
                               f"found {len(paths)}; re-run `minilm prepare`")
         self.shards = [read_shard(p) for p in paths]
         self.n_tokens = sum(len(s) for s in self.shards)
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """The shards must be the ids of `tokenizer` (meta.json records the one that wrote them)."""
+        recorded = self.meta.get("tokenizer", {}).get("fingerprint")
+        if recorded is not None and recorded != tokenizer.fingerprint():
+            raise MinilmError(f"{self.directory}: its shards were written by tokenizer {recorded}, but its "
+                              f"tokenizer files are {tokenizer.fingerprint()}; prepare the data again")
 
     @property
     def bytes_per_token(self) -> float:

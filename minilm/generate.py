@@ -66,16 +66,24 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None):
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None):
-    """Pick one token per row from logits (B, V); returns (tokens (B,), their log-probs (B,))."""
+                top_p: float | None = None, generator: torch.Generator | None = None,
+                vocab_limit: int | None = None):
+    """Pick one token per row from logits (B, V); returns (tokens (B,), their log-probs (B,)).
+
+    Ids >= vocab_limit (a model wider than its tokenizer) are never picked; like top-k and top-p
+    this truncates the sampling distribution, not the recorded log-probs."""
     logits = logits.float()  # (B, V); sample in fp32 even under bf16
+    cut = vocab_limit is not None and vocab_limit < logits.shape[-1]
     if temperature <= 0:  # greedy
-        token = logits.argmax(-1)
+        token = (logits.index_fill(-1, torch.arange(vocab_limit, logits.shape[-1], device=logits.device),
+                                   float("-inf")) if cut else logits).argmax(-1)
         # greedy records temperature-1 log-probs
         return token, torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
     # the recorded log-probs come from this untruncated distribution, as PPO's recompute sees it
     logprobs = torch.log_softmax(logits / temperature, dim=-1)
     filtered = logprobs.clone()
+    if cut:
+        filtered[:, vocab_limit:] = float("-inf")
     if top_k is not None and top_k < filtered.shape[-1]:
         kth = filtered.topk(top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest
         filtered[filtered < kth] = float("-inf")
@@ -115,7 +123,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
             cache.length, step_input = 0, tokens   # LongRoPE: every key again, with the long factors
         # (B, T_in, V): with the cache only the new positions run; the mask covers every position so far
         logits, _ = model(step_input if use_cache else tokens, kv_cache=cache, attention_mask=mask)
-        token, lp = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,), (B,)
+        token, lp = sample_next(logits[:, -1], temperature, top_k, top_p, generator,
+                                getattr(model, "tokenizer_vocab", None))  # (B,), (B,)
         alive = ~done
         # finished rows get padding, masked out of attention, gen_mask and logprobs
         token = torch.where(alive, token, torch.full_like(token, pad_id))
@@ -196,7 +205,8 @@ def _stream(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop, 
             # no attention mask: one unpadded row, so positions are simply 0, 1, 2, ... and the
             # unmasked attention path (our kernel on CPU) serves it
             logits, _ = model(step_input, kv_cache=cache)            # (1, T, V), T = P then 1
-            token, _ = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            token, _ = sample_next(logits[:, -1], temperature, top_k, top_p, generator,
+                                   getattr(model, "tokenizer_vocab", None))
             yield int(token)
             if int(token) in stop:
                 return

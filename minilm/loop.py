@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from minilm import MinilmError
-from minilm.checkpoint import read_config, save_checkpoint
+from minilm.checkpoint import has_train_state, read_config, save_checkpoint
 from minilm.plots import plot_losses
 from minilm.runtime import setup_runtime
 from minilm.weights import write_text
@@ -281,7 +281,7 @@ def run_loop(cfg, model, batch_fn: Callable, loss_fn: Callable, eval_fn: Callabl
     if not trained_params(optimizer):
         raise MinilmError("the model has no trainable parameters (every requires_grad is False)")
     start, tokens = 0, 0
-    if cfg.resume and (ckpt_dir / "train_state.pt").exists():
+    if cfg.resume and has_train_state(ckpt_dir):
         state = load_train_state(ckpt_dir)
         start, tokens = restore(state, optimizer, model, source=str(ckpt_dir)), state.get("tokens", 0)
         tqdm.write(f"resuming from {ckpt_dir} at step {start}")

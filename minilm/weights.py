@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -30,10 +31,18 @@ except ImportError:  # optional: torch.save is the fallback
 HAVE_SAFETENSORS = _st is not None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_weights(sd: dict, directory: Path, stem: str = "model") -> None:
     """`sd` as STEM.safetensors (STEM.pt when safetensors is not installed) inside `directory`."""
     if _st is not None:
-        _st.save_file(sd, str(directory / f"{stem}.safetensors"), metadata={"format": "pt"})
+        path = directory / f"{stem}.safetensors"
+        _st.save_file(sd, str(path), metadata={"format": "pt"})
+        os.chmod(path, 0o666 & ~_umask())   # safetensors writes 0600; others on the machine may read it
     else:
         torch.save(sd, directory / f"{stem}.pt")
 
@@ -63,12 +72,39 @@ def load_safetensors(path) -> dict:
     return _st.load_file(str(path))
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (a save's temp folders carry their writer's pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process: alive
+        return True
+    return True
+
+
+def _pid(path: Path) -> int:
+    tail = path.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
 def recover(directory: Path) -> None:
-    """Finish what a swap killed between its two renames left: put the previous directory back."""
-    if directory.exists():
+    """Finish what a swap killed between its two renames left: put the previous directory back.
+
+    A writer that is alive is merely between its renames: wait for it (up to 2 s) instead of
+    putting the old directory back under it, which would make its second rename fail."""
+    for _ in range(100):
+        if directory.exists():
+            return
+        olds = sorted(directory.parent.glob(f".{directory.name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if not olds:
+            return
+        if _pid(olds[-1]) == os.getpid() or not _alive(_pid(olds[-1])):
+            break
+        time.sleep(0.02)
+    else:
         return
-    olds = sorted(directory.parent.glob(f".{directory.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if olds:
+    if not directory.exists() and olds[-1].exists():
         olds[-1].rename(directory)
 
 
@@ -82,7 +118,8 @@ def atomic_dir(directory: Path, write) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     recover(directory)
     for stale in directory.parent.glob(f".{directory.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a save that crashed mid-write
+        if not _alive(_pid(stale)):   # left by a save that crashed mid-write; a live writer's is its own
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
     tmp.mkdir()

@@ -86,7 +86,10 @@ class Run:
         """The checkpoint a finished stage left (its planned path when planning a dry run)."""
         rec = self.record(stage)
         if rec is not None and rec.get("checkpoint"):
-            return rec["checkpoint"]
+            # recorded relative to the run folder, so a copied or moved run reads its own checkpoints
+            path = Path(rec["checkpoint"])
+            here = path if path.is_absolute() else self.root / path
+            return str(here if here.exists() or not path.exists() else path)   # (older records: cwd-relative)
         return str(self.dir(stage) / "checkpoint")
 
     def overrides(self, stage: str) -> dict:
@@ -253,5 +256,6 @@ def stage_record(run: Run, name: str, title: str, seconds: float, result: dict, 
     tokens = result["tokens"] if isinstance(result.get("tokens"), int) else _tokens(stage_dir)
     plots = sorted(str(p.relative_to(run.root)) for p in stage_dir.rglob("*.png"))
     return {"stage": name, "title": title, "preset": run.cfg.preset, "seconds": round(seconds, 1), "resumed": resumed,
-            "tokens": tokens, "params": params, "trainable_params": trainable, "checkpoint": ckpt,
+            "tokens": tokens, "params": params, "trainable_params": trainable,
+            "checkpoint": os.path.relpath(ckpt, run.root) if ckpt else None,
             "result": json.loads(json.dumps(result, default=str)), "plots": plots}  # JSON-safe

@@ -37,7 +37,7 @@ from minilm import MinilmError
 from minilm.agents.envs import make_env
 from minilm.agents.ltc_data import LossWeights, collate_episodes, expert_demos, ltc_loss
 from minilm.agents.patterns import PATTERNS, SAMPLED, ModelTeacher, RolloutConfig, make_pattern, run_episodes
-from minilm.checkpoint import load_checkpoint, save_checkpoint
+from minilm.checkpoint import has_train_state, load_checkpoint, save_checkpoint
 from minilm.config import from_preset
 from minilm.loop import (LoopConfig, OptimConfig, make_optimizer, optimizer_step, restore, run_loop, set_lr,
                          trained_params, write_metrics)
@@ -274,7 +274,7 @@ def run_ltc(cfg: LTCConfig) -> dict:
     optimizer = make_optimizer(hydra, cfg.optim)  # one AdamW: LM and value head
     ckpt_dir = out / "checkpoint"
     state = {"iteration": 0, "rows": [], "buffer": []}  # what _save writes and _resume reads
-    if cfg.resume and (ckpt_dir / "train_state.pt").exists():
+    if cfg.resume and has_train_state(ckpt_dir):
         state = _resume(ckpt_dir, hydra, optimizer)
     example_env = make_envs(cfg, "train", 1)[0]     # Analogue's examples, in training and evaluation
     pattern = make_pattern(cfg.pattern, teacher=teacher, example_env=example_env)

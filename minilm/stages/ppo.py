@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from data_prep.instructions import instruction_examples
 from minilm import MinilmError
-from minilm.checkpoint import load_checkpoint, save_checkpoint
+from minilm.checkpoint import has_train_state, load_checkpoint, save_checkpoint
 from minilm.config import from_preset
 from minilm.generate import SampleConfig, generate
 from minilm.loop import (OptimConfig, load_train_state, lr_at, make_optimizer, optimizer_step, read_metrics,
@@ -281,7 +281,7 @@ def resume_state(cfg: PPOConfig, models, optimizer, kl_ctl) -> tuple[int, dict, 
     """(step, before, metrics) of cfg.out_dir/checkpoint, restored into models/optimizer/kl_ctl/RNG;
     (0, {}, []) when there is nothing to resume (or cfg.resume is False)."""
     ckpt_dir = Path(cfg.out_dir) / "checkpoint"
-    if not (cfg.resume and (ckpt_dir / "train_state.pt").exists()):
+    if not (cfg.resume and has_train_state(ckpt_dir)):
         return 0, {}, []
     state = load_train_state(ckpt_dir)
     step = restore(state, optimizer, models, source=str(ckpt_dir))   # checks the trainable names

@@ -27,6 +27,7 @@ data pipeline's two phases first (lesson 05, data_prep/pipeline.py); train() its
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from minilm import MinilmError
-from minilm.checkpoint import load_checkpoint, save_checkpoint
+from minilm.checkpoint import has_train_state, load_checkpoint, save_checkpoint
 from minilm.config import ConfigError, build, get_preset
 from minilm.data import TokenDataset, bits_per_byte
 from minilm.fsdp import (full_state, gradient_sync, is_sharded, load_full_optimizer_state, param_names,
@@ -77,6 +78,8 @@ class TrainConfig:
     activation_checkpointing: bool = False  # keep each layer's input only; recompute the layer in backward
     resume: bool = True             # continue from out_dir/checkpoint if it exists
 
+
+log = logging.getLogger("minilm")
 
 # Stage presets: what `--preset NAME` sets besides the model shape.
 TRAIN_PRESETS = {
@@ -127,10 +130,15 @@ def _setup(cfg: TrainConfig, rt):
                           "runs the pipeline and `minilm prepare` makes a quick one-phase corpus")
     train_data, val_data = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
     tokenizer = Tokenizer.load(data_dir)
+    train_data.check_tokenizer(tokenizer)
     phase2 = TokenDataset(phase2_dir, "train") if phase2_dir and cfg.phase2_fraction > 0 else None
     if phase2 is not None and Tokenizer.load(phase2_dir).fingerprint() != tokenizer.fingerprint():
         raise MinilmError(f"{phase2_dir} was tokenized with a different tokenizer than {data_dir}; "
                           f"build both phases in one pipeline run (python -m data_prep.pipeline)")
+    if tokenizer.n_vocab < model_cfg.vocab_size:
+        log.warning("the model's vocab_size %d exceeds the tokenizer's %d ids: %d output rows train toward "
+                    "zero probability, and generation never samples them", model_cfg.vocab_size,
+                    tokenizer.n_vocab, model_cfg.vocab_size - tokenizer.n_vocab)
     if tokenizer.n_vocab > model_cfg.vocab_size:
         raise MinilmError(f"vocab mismatch: the data in {data_dir} uses {tokenizer.n_vocab} tokens but the "
                           f"model's vocab_size is {model_cfg.vocab_size}; pass --vocab-size "
@@ -221,7 +229,7 @@ def _train(cfg: TrainConfig, rt, on_step) -> dict:
     model = raw_model = Phi3(model_cfg).to(rt.device)  # raw_model: unwrapped, for eval and saving
     model.model.checkpointing = cfg.activation_checkpointing
     saved = None
-    if cfg.resume and (ckpt_dir / "train_state.pt").exists():
+    if cfg.resume and has_train_state(ckpt_dir):
         saved = _resume_weights(ckpt_dir, model, model_cfg, rt)   # full weights, before any sharding
     sharded = cfg.fsdp and rt.distributed
     if sharded:   # in place: raw_model is the sharded model, its parameters DTensors

@@ -1,0 +1,108 @@
+"""Nothing lost, nothing silently wrong: saves caught between renames, a reader beside a live writer,
+weight files others can read, ids the tokenizer lacks, shards from another tokenizer, a copied run.
+
+    pytest -m lesson_03 tests/test_nothing_lost.py -q
+"""
+
+import json
+import os
+import shutil
+import threading
+import time
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from minilm import MinilmError
+from minilm.checkpoint import has_train_state, load_checkpoint, read_config, save_checkpoint
+from minilm.data import TokenDataset
+from minilm.generate import generate, sample_next
+from minilm.model import Phi3
+from minilm.tokenizer import Tokenizer
+from minilm.weights import recover, write_weights
+
+pytestmark = pytest.mark.lesson_03
+
+
+def _checkpoint(path, tokenizer=None):
+    return save_checkpoint(path, Phi3(tiny_config()), tokenizer, {"step": 3, "optimizer": {}})
+
+
+def test_weight_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_weights({"w": torch.zeros(2)}, tmp_path)
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "model.safetensors").st_mode & 0o777) == "0o644"   # safetensors alone: 0600
+
+
+def test_a_save_killed_between_its_renames_is_resumed_not_restarted(tmp_path):
+    ckpt = _checkpoint(tmp_path / "checkpoint")
+    ckpt.rename(tmp_path / ".checkpoint.old-999999999")      # the writer died here (no such pid)
+    assert has_train_state(tmp_path / "checkpoint")           # put back first, then found
+    assert (tmp_path / "checkpoint" / "train_state.pt").exists()
+
+
+def test_a_reader_waits_for_a_live_writer_between_its_renames(tmp_path):
+    ckpt = _checkpoint(tmp_path / "checkpoint")
+    writer = os.getppid()                                      # alive: stands for the saving process
+    old = tmp_path / f".checkpoint.old-{writer}"
+    ckpt.rename(old)
+    new = tmp_path / ".checkpoint.tmp"
+    _checkpoint(new)
+    threading.Timer(0.2, lambda: new.rename(ckpt)).start()     # the writer's second rename, a moment later
+    t0 = time.time()
+    recover(ckpt)
+    assert time.time() - t0 >= 0.15 and old.exists()           # waited, and did not put the old one back
+    assert read_config(ckpt)["format"]
+
+
+def test_ids_past_the_tokenizer_are_never_sampled():
+    logits = torch.zeros(4, 10)
+    logits[:, 8:] = 5.0                                        # the model prefers ids the tokenizer lacks
+    greedy, _ = sample_next(logits, temperature=0, vocab_limit=8)
+    sampled, lp = sample_next(logits, temperature=1.0, vocab_limit=8, generator=torch.Generator().manual_seed(0))
+    assert (greedy < 8).all() and (sampled < 8).all()
+    # the recorded log-probs stay those of the untruncated distribution (what PPO recomputes)
+    torch.testing.assert_close(lp, torch.log_softmax(logits, -1).gather(-1, sampled[:, None]).squeeze(-1))
+
+
+def test_a_checkpoint_wider_than_its_tokenizer_generates_only_decodable_ids(tmp_path):
+    tok = Tokenizer.train(["the cat sat on the mat, and the dog ran to the barn " * 20], vocab_size=270,
+                          progress=False)
+    torch.manual_seed(0)
+    model = Phi3(tiny_config(vocab_size=320))
+    with torch.no_grad():
+        model.lm_head.weight[270:] += 3.0                      # push probability onto ids 270..319
+    save_checkpoint(tmp_path / "ck", model, tok)
+    ck = load_checkpoint(tmp_path / "ck")
+    out = generate(ck.model, [tok.encode("the cat")], max_new_tokens=20, temperature=1.0,
+                   generator=torch.Generator().manual_seed(0))
+    assert max(out.responses()[0]) < tok.n_vocab
+    tok.decode(out.responses()[0])                             # decodes: no "cannot decode" mid-chat
+
+
+def test_shards_written_by_another_tokenizer_are_refused(data_dir, tmp_path):
+    bad = tmp_path / "data"
+    shutil.copytree(data_dir, bad)
+    Tokenizer.train(["something else entirely, with other words in it " * 30], vocab_size=270, progress=False).save(bad)
+    with pytest.raises(MinilmError, match="written by tokenizer .* but its tokenizer files are"):
+        TokenDataset(bad, "train").check_tokenizer(Tokenizer.load(bad))
+    (bad / "meta.json").write_text("{not json")
+    with pytest.raises(MinilmError, match="meta.json is corrupt"):
+        TokenDataset(bad, "train")
+
+
+def test_a_copied_speedrun_reads_its_own_checkpoints(tmp_path):
+    from minilm.speedrun import stages as table
+    run = table.Run(table.SpeedrunConfig(preset="ci", out_dir=str(tmp_path / "a")))
+    _checkpoint(run.dir("sft") / "checkpoint")
+    record = {"checkpoint": os.path.relpath(run.dir("sft") / "checkpoint", run.root)}
+    (run.dir("sft") / "stage.json").write_text(json.dumps(record))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "a")                               # the original is gone
+    copy = table.Run(table.SpeedrunConfig(preset="ci", out_dir=str(tmp_path / "b")))
+    assert copy.checkpoint("sft") == str(tmp_path / "b" / "sft" / "checkpoint")
+    assert record["checkpoint"] == "sft/checkpoint"
