@@ -12,17 +12,26 @@ scratch). What may differ is where and how the run executes (device, dtype, FSDP
 activation checkpointing: none changes the math) and how much it logs (MAY_CHANGE), and
 max_steps may grow: training longer is continuing. A folder holding another stage's checkpoint,
 or the checkpoint the stage starts from (--init), is refused as well.
+
+One writer per folder: `writer_lock(out_dir)` (and the `one_writer` decorator on every run_<stage>)
+holds OUT/.lock with the writer's pid and host, so a second run into the same folder stops with
+one message instead of deleting the first one's temporary checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
+import socket
+import time
 from pathlib import Path
 
 from minilm import MinilmError
 from minilm.checkpoint import read_config
 from minilm.config import flatten
-from minilm.weights import write_json
+from minilm.weights import process_alive, write_json
 
 MAY_CHANGE = ("out_dir", "device", "dtype", "resume", "log_every", "fsdp", "activation_checkpointing")
 SETTINGS = "settings.json"
@@ -70,3 +79,59 @@ def check_settings(cfg, stage: str, write: bool = True) -> None:
                               f"or --no-resume to train over it from scratch")
     if write:
         write_json(out / SETTINGS, {"stage": stage, "config": now})
+
+
+# ---- one writer per folder --------------------------------------------------------------------------
+
+LOCK = ".lock"
+_held: dict[Path, int] = {}   # folders this process holds -> nesting depth
+
+
+@contextlib.contextmanager
+def writer_lock(out_dir):
+    """Hold OUT/.lock (pid and host) while a run writes OUT; a second writer is refused.
+
+    A lock whose process is gone (killed, crashed) is taken over; one from another host cannot be
+    checked, so it is refused with its path to delete. Nested use in one process is fine."""
+    out = Path(out_dir).resolve()
+    if out in _held:
+        _held[out] += 1
+        try:
+            yield
+        finally:
+            _held[out] -= 1
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    while True:
+        try:
+            fd = os.open(out / LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads((out / LOCK).read_text())
+            except (OSError, ValueError):   # half-written by a writer that died at once
+                owner = {"pid": -1, "host": me["host"]}
+            if owner.get("host") == me["host"] and not process_alive(owner.get("pid", -1)):
+                (out / LOCK).unlink(missing_ok=True)     # its writer is dead: take over
+                continue
+            where = "" if owner.get("host") == me["host"] else f" on {owner.get('host')} (delete {out / LOCK} if it has stopped)"
+            raise MinilmError(f"{out_dir} is being written by another run (pid {owner.get('pid')}{where}, "
+                              f"since {owner.get('since')}); wait for it to finish or pass another --out-dir")
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    _held[out] = 1
+    try:
+        yield
+    finally:
+        del _held[out]
+        (out / LOCK).unlink(missing_ok=True)
+
+
+def one_writer(run):
+    """Decorate a `run_<stage>(cfg, ...)`: it holds cfg.out_dir's lock while it runs."""
+    @functools.wraps(run)
+    def locked(cfg, *args, **kwargs):
+        with writer_lock(cfg.out_dir):
+            return run(cfg, *args, **kwargs)
+    return locked

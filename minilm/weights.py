@@ -72,7 +72,7 @@ def load_safetensors(path) -> dict:
     return _st.load_file(str(path))
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether process `pid` runs on this machine (a save's temp folders carry their writer's pid)."""
     try:
         os.kill(pid, 0)
@@ -99,7 +99,7 @@ def recover(directory: Path) -> None:
         olds = sorted(directory.parent.glob(f".{directory.name}.old-*"), key=lambda p: p.stat().st_mtime)
         if not olds:
             return
-        if _pid(olds[-1]) == os.getpid() or not _alive(_pid(olds[-1])):
+        if _pid(olds[-1]) == os.getpid() or not process_alive(_pid(olds[-1])):
             break
         time.sleep(0.02)
     else:
@@ -118,7 +118,7 @@ def atomic_dir(directory: Path, write) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     recover(directory)
     for stale in directory.parent.glob(f".{directory.name}.tmp-*"):
-        if not _alive(_pid(stale)):   # left by a save that crashed mid-write; a live writer's is its own
+        if not process_alive(_pid(stale)):   # left by a save that crashed mid-write; a live writer's is its own
             shutil.rmtree(stale, ignore_errors=True)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     old = directory.with_name(f".{directory.name}.old-{os.getpid()}")

@@ -106,3 +106,34 @@ def test_a_copied_speedrun_reads_its_own_checkpoints(tmp_path):
     copy = table.Run(table.SpeedrunConfig(preset="ci", out_dir=str(tmp_path / "b")))
     assert copy.checkpoint("sft") == str(tmp_path / "b" / "sft" / "checkpoint")
     assert record["checkpoint"] == "sft/checkpoint"
+
+
+def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    from minilm.run_dir import LOCK, writer_lock
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / LOCK).write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename, "since": "now"}))
+        with pytest.raises(MinilmError, match=f"being written by another run \\(pid {holder.pid}"):
+            with writer_lock(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with writer_lock(tmp_path):                                # its writer is gone: taken over
+        assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+        with writer_lock(tmp_path):                            # nested in one process: fine
+            pass
+        assert (tmp_path / LOCK).exists()
+    assert not (tmp_path / LOCK).exists()                      # released when the run ends
+
+
+def test_two_sft_runs_into_one_folder_the_second_stops_with_one_message(tmp_path):
+    from minilm.stages.sft import run_sft, sft_config
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename,
+                                                        "since": "now"}))   # a live process holds it
+    with pytest.raises(MinilmError, match="being written by another run"):
+        run_sft(sft_config("ci", init=str(tmp_path / "none"), out_dir=str(tmp_path / "sft")))

@@ -26,12 +26,14 @@ import json
 import os
 import shutil
 import time
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
 
 from minilm import MinilmError
+from minilm.run_dir import writer_lock
 from minilm.speedrun.stages import STAGES, Run, SpeedrunConfig, stage_record
 from minilm.weights import write_json
 
@@ -118,6 +120,13 @@ def check_run(run: Run, write: bool = True) -> None:
 
 def run_speedrun(cfg: SpeedrunConfig) -> dict:
     """Every stage in order, skipping finished ones (or exactly the --only stages, from scratch)."""
+    rank = int(os.environ.get("RANK", "0"))
+    # one speedrun per folder (rank 0 holds it; each stage also locks its own subfolder)
+    with writer_lock(cfg.out_dir) if rank == 0 else contextlib.nullcontext():
+        return _run_stages(cfg)
+
+
+def _run_stages(cfg: SpeedrunConfig) -> dict:
     run = Run(cfg)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     names = cfg.only_stages() or list(STAGES)

@@ -49,7 +49,7 @@ from minilm.post.oracles import JudgeOracle, RewardModelOracle, VerifierOracle
 from minilm.post.preferences import encode_pairs, sample_replies, step_end_ids
 from minilm.post.reward import load_reward_model
 from minilm.post.winrate import head_to_head, plot_winrates, win_rate, winrate_table
-from minilm.run_dir import check_settings
+from minilm.run_dir import check_settings, one_writer
 from minilm.runtime import setup_runtime
 from minilm.weights import write_json
 
@@ -269,6 +269,7 @@ def run_iteration(cfg: DNOConfig, t: int, data: dict, oracle, monitor, sft_model
     return {"model": model.eval(), "pair_stats": stats, "train_stats": train_stats}
 
 
+@one_writer
 def run_dno(cfg: DNOConfig) -> dict:
     """T iterations of DNO-Prct from cfg.init; returns the per-iteration table and the best iterate."""
     check_settings(cfg, "dno")   # a rerun into this out_dir must have the same settings

@@ -41,7 +41,7 @@ from minilm.post.dpo import dpo_batch_loss, evaluate_dpo, preferred_rate, summar
 from minilm.post.oracles import AnswerOracle
 from minilm.post.preferences import build_preference_pairs, encode_pairs, make_pair_batch_fn, step_end_ids
 from minilm.post.sft import greedy_judgements
-from minilm.run_dir import check_settings
+from minilm.run_dir import check_settings, one_writer
 from minilm.runtime import setup_runtime
 from minilm.weights import write_json
 
@@ -156,6 +156,7 @@ def dpo_data(cfg: DPOConfig, model, tokenizer):
     return train, heldout, judge, AnswerOracle(judge)
 
 
+@one_writer
 def run_dpo(cfg: DPOConfig, on_step=None) -> dict:
     """DPO from cfg.init; returns implicit-reward metrics and the held-out judgement before/after."""
     check_settings(cfg, "dpo")   # a rerun into this out_dir must have the same settings

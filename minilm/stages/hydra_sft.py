@@ -35,7 +35,7 @@ from minilm.post.oracles import AnswerOracle
 from minilm.post.preferences import make_pair_batch_fn
 from minilm.post.reward import evaluate_pairs, hydra_sft_loss, load_reward_model, reward_data
 from minilm.post.sft import evaluate_chat, make_batch_fn, render_examples
-from minilm.run_dir import check_settings
+from minilm.run_dir import check_settings, one_writer
 from minilm.runtime import setup_runtime
 from minilm.weights import write_json
 
@@ -94,6 +94,7 @@ def _sft_conversations(cfg: HydraSFTConfig):
     return train, instruction_examples(cfg.n_eval, cfg.data_seed + 1, sources, split="heldout")
 
 
+@one_writer
 def run_hydra_sft(cfg: HydraSFTConfig, on_step=None) -> dict:
     """Train a Hydra-SFT model; returns held-out pair accuracy and chat quality before/after."""
     check_settings(cfg, "hydra-sft")   # a rerun into this out_dir must have the same settings

@@ -45,7 +45,7 @@ from minilm.plots import plot_curves
 from minilm.post.base_model import LoRAConfig, init_model
 from minilm.post.heads import HydraModel
 from minilm.post.sft import make_batch_fn, render_examples, sft_loss
-from minilm.run_dir import check_settings
+from minilm.run_dir import check_settings, one_writer
 from minilm.runtime import setup_runtime
 from minilm.weights import write_json
 
@@ -260,6 +260,7 @@ def instruction_tuned(cfg: LTCConfig, rt) -> tuple:
     return model, tok, train_envs, test_envs, il, baseline
 
 
+@one_writer
 def run_ltc(cfg: LTCConfig) -> dict:
     """Instruction tuning, then cfg.iterations of explore / buffer / update / evaluate / checkpoint."""
     _check(cfg)

@@ -51,7 +51,7 @@ from minilm.post.ppo import (entropy_from_logits, gae, kl_penalty, make_kl_contr
                              ppo_policy_loss, scaled_logprobs, shape_rewards, value_loss)
 from minilm.post.ppo_models import VARIANTS, HydraModels, build_models, reply_scores
 from minilm.post.reward import load_reward_model
-from minilm.run_dir import check_settings
+from minilm.run_dir import check_settings, one_writer
 from minilm.runtime import setup_runtime
 from minilm.weights import write_json
 
@@ -305,6 +305,7 @@ def save_ppo(cfg: PPOConfig, metrics: list[dict], before: dict) -> dict:
     return result
 
 
+@one_writer
 def run_ppo(cfg: PPOConfig, on_step=None) -> dict:
     """Train with PPO in cfg.variant; returns held-out greedy judgements before/after, KL, timings.
 

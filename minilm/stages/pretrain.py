@@ -26,6 +26,7 @@ data pipeline's two phases first (lesson 05, data_prep/pipeline.py); train() its
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -47,7 +48,7 @@ from minilm.fsdp import (full_state, gradient_sync, is_sharded, load_full_optimi
 from minilm.loop import (OptimConfig, lr_at, make_optimizer, optimizer_step, read_metrics, restore_rng, rng_state,
                          set_lr, write_metrics)
 from minilm.model import Phi3
-from minilm.run_dir import check_settings
+from minilm.run_dir import check_settings, writer_lock
 from minilm.runtime import setup_runtime, teardown_runtime
 from minilm.tokenizer import Tokenizer
 
@@ -161,7 +162,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     """
     rt = setup_runtime(cfg.device, cfg.dtype)
     try:
-        return _train(cfg, rt, on_step)
+        # rank 0 alone writes out_dir, so it alone holds the folder's lock
+        with writer_lock(cfg.out_dir) if rt.is_main else contextlib.nullcontext():
+            return _train(cfg, rt, on_step)
     finally:
         teardown_runtime(rt)
 

@@ -43,7 +43,7 @@ from minilm.prune import scores as S
 from minilm.prune.compact import compact_model
 from minilm.prune.redundancy import NeuronMasker, redundancy_report
 from minilm.prune.schedule import SparsitySchedule, distill_loss
-from minilm.run_dir import check_settings
+from minilm.run_dir import check_settings, one_writer
 from minilm.runtime import setup_runtime
 from minilm.weights import write_json
 
@@ -238,6 +238,7 @@ def _compact(lm, masks, tokenizer, directory: Path, meta: dict, batches) -> dict
     return {"path": str(directory), "params": small.num_params(), **heldout_loss(small, batches)}
 
 
+@one_writer
 def run_prune(cfg: PruneConfig, on_step=None) -> dict:
     """Fine-tune cfg.init while pruning cfg.sparsity of its FFN neurons with cfg.method."""
     check_settings(cfg, "prune")   # a rerun into this out_dir must have the same settings

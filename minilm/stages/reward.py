@@ -34,7 +34,7 @@ from minilm.loop import OptimConfig, run_loop
 from minilm.post.base_model import LoRAConfig, add_lora
 from minilm.post.preferences import make_pair_batch_fn
 from minilm.post.reward import evaluate_pairs, load_reward_model, reward_data, reward_loss
-from minilm.run_dir import check_settings
+from minilm.run_dir import check_settings, one_writer
 from minilm.runtime import setup_runtime
 from minilm.weights import write_json
 
@@ -76,6 +76,7 @@ def reward_config(preset: str = "tiny", **overrides) -> RewardConfig:
     return from_preset(RewardConfig, REWARD_PRESETS, preset, "reward", **overrides)
 
 
+@one_writer
 def run_reward(cfg: RewardConfig, on_step=None) -> dict:
     """Train a reward head (Hydra-SFT when cfg.lm_weight > 0); returns held-out accuracy before/after."""
     check_settings(cfg, "reward")   # a rerun into this out_dir must have the same settings

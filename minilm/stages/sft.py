@@ -41,7 +41,7 @@ from minilm.post.base_model import LoRAConfig, init_model
 from minilm.post.chat import prompts_that_fit
 from minilm.post.oracles import AnswerOracle
 from minilm.post.sft import clean_text_loss, evaluate_chat, make_batch_fn, render_examples, sft_data, sft_loss
-from minilm.run_dir import check_settings
+from minilm.run_dir import check_settings, one_writer
 from minilm.runtime import setup_runtime
 from minilm.weights import write_json
 
@@ -124,6 +124,7 @@ def find_text_data(cfg: SFTConfig, tokenizer) -> Path | None:
     return directory
 
 
+@one_writer
 def run_sft(cfg: SFTConfig, on_step=None) -> dict:
     """Fine-tune cfg.init on chat data; returns {"before", "after", ...} measured on held-out prompts."""
     check_settings(cfg, "sft")   # a rerun into this out_dir must have the same settings
