@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from minilm import MinilmError
+from minilm.config import ConfigError, check_values
 from minilm.checkpoint import load_checkpoint
 from minilm.generate import stream
 from minilm.lora import adapter_names, merge_and_unload
@@ -50,12 +51,11 @@ class ChatConfig:
     seed: int = 0
 
     def check(self) -> None:
-        if self.max_new_tokens < 1:
-            raise MinilmError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.top_k is not None and self.top_k < 1:
-            raise MinilmError(f"top_k must be at least 1 (or unset), got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise MinilmError(f"top_p must be in (0, 1] (or unset), got {self.top_p}")
+        try:   # the same rules as every stage's sampling settings (minilm/config.py)
+            check_values(max_new_tokens=self.max_new_tokens, top_k=self.top_k, top_p=self.top_p,
+                         temperature=max(self.temperature, 0.0))   # <= 0 is greedy; nan stays nan
+        except ConfigError as e:
+            raise MinilmError(str(e)) from e
 
 
 @dataclass

@@ -46,7 +46,7 @@ from minilm.hf_tokenizer import load_hf_tokenizer
 from minilm.cli_flags import add_config_flags, parse_set, set_fields
 from minilm.cli_results import (show_cyclic_demo, show_dno, show_dpo, show_hydra_sft, show_ltc, show_ppo,
                                 show_prune, show_reward, show_sft)
-from minilm.config import PRESETS, ConfigError, ModelConfig, get_preset
+from minilm.config import PRESETS, ConfigError, ModelConfig, check_values, get_preset
 from minilm.memory import plan_for_stage, plan_memory
 from minilm.generate import generate_text
 from minilm.post.ppo_models import VARIANTS
@@ -160,9 +160,14 @@ def cmd_generate(args) -> None:
     ck = load_checkpoint(args.checkpoint)
     if ck.tokenizer is None:
         raise MinilmError(f"{args.checkpoint} has no tokenizer; it cannot turn text into tokens")
+    check_values(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p)
     g = torch.Generator().manual_seed(args.seed)  # the same seed, the same samples
-    texts = generate_text(ck.model, ck.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=g)
+    try:
+        texts = generate_text(ck.model, ck.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=g)
+    except ValueError as e:   # a prompt plus its budget past the context
+        raise MinilmError(f"{e}; shorten the prompt or lower --max-new-tokens") from e
     for prompt, text in zip(args.prompt, texts):
         print(f"{prompt}{text}\n")
 

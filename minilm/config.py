@@ -14,6 +14,7 @@ published shapes; build them on the `meta` device to count parameters without al
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from minilm import MinilmError
@@ -146,6 +147,57 @@ def get_preset(name: str, **overrides) -> ModelConfig:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     fields, _ = PRESETS[name]
     return ModelConfig(**{**fields, **overrides})
+
+
+# ---- stage configs: every field checked when the config is made ---------------------------------
+# One table of rules by field name, applied by `Validated.__post_init__` to every stage config and
+# its nested configs, so the CLI, the speedrun and the Python API refuse the same bad values the
+# same way, before any work starts (a ConfigError; the CLI prints it and exits 2).
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+RULES = {   # field name -> (test, what the value must be)
+    **{name: (lambda v: _int(v) and v >= 1, "a positive integer") for name in (
+        "batch_size", "max_steps", "grad_accum", "eval_every", "ckpt_every", "log_every", "eval_batches",
+        "iterations", "episodes_per_iter", "rollout_batch", "max_len", "max_new_tokens", "minibatch_size",
+        "ppo_epochs", "samples", "text_batch_size", "text_seq_len", "mask_every")},
+    **{name: (lambda v: _int(v) and v >= 0, "an integer >= 0") for name in (
+        "warmup_steps", "seq_len", "il_steps", "chat_replay", "n_demos")},
+    **{name: (lambda v: _real(v) and v > 0, "a finite number > 0") for name in ("lr", "il_lr", "grad_clip", "beta")},
+    **{name: (lambda v: _real(v) and v >= 0, "a finite number >= 0") for name in (
+        "weight_decay", "temperature", "sft_weight", "text_mix", "ppo_coef", "ent_coef", "vf_coef", "kl_coef")},
+    "min_lr_ratio": (lambda v: _real(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "top_p": (lambda v: v is None or (_real(v) and 0 < v <= 1), "a number in (0, 1]"),
+    "top_k": (lambda v: v is None or (_int(v) and v >= 1), "None or an integer >= 1"),
+    "betas": (lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_real(b) and 0 <= b < 1 for b in v),
+              "two numbers in [0, 1), e.g. 0.9,0.95"),
+}
+
+
+def check_values(**values) -> None:
+    """Apply RULES to named values (command-line settings that are not a config dataclass)."""
+    for name, value in values.items():
+        rule = RULES.get(name)
+        if rule and not rule[0](value):
+            raise ConfigError(f"{name} must be {rule[1]}, got {value!r}")
+
+
+class Validated:
+    """Mixin for config dataclasses: check every field that RULES names, at construction."""
+
+    def __post_init__(self):
+        prefix = getattr(type(self), "PREFIX", "")
+        for f in dataclasses.fields(self):
+            rule = RULES.get(f.name)
+            value = getattr(self, f.name)
+            if rule and not rule[0](value):
+                raise ConfigError(f"{prefix + f.name} must be {rule[1]}, got {value!r}")
 
 
 # ---- stage configs: presets, and nested configs set by flat names --------------------------------

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 import torch
 
 from minilm.model import KVCache, longrope_restart
+from minilm.config import Validated
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(Validated):
     """How a stage samples replies: the token budget and the sampling distribution."""
     max_new_tokens: int = 32        # tokens sampled at most per reply
     temperature: float = 1.0        # 0: greedy

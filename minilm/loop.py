@@ -38,10 +38,11 @@ from minilm.checkpoint import has_train_state, read_config, save_checkpoint
 from minilm.plots import plot_losses
 from minilm.runtime import setup_runtime
 from minilm.weights import write_text
+from minilm.config import Validated
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Validated):
     """AdamW and its schedule: linear warmup to lr, then cosine decay to lr * min_lr_ratio."""
     lr: float = 1e-3                # peak learning rate, reached after the warmup
     min_lr_ratio: float = 0.1       # cosine decays to lr * min_lr_ratio at max_steps
@@ -52,7 +53,7 @@ class OptimConfig:
 
 
 @dataclass
-class LoopConfig:
+class LoopConfig(Validated):
     """What `run_loop` reads. The stage configs that call run_loop have these fields themselves; this
     class serves loops that are a part of a stage (LTC's imitation phase, each DNO iteration)."""
     out_dir: str

@@ -42,8 +42,10 @@ def test_an_unknown_field_names_the_fields():
 def test_no_config_inherits_fields_it_does_not_use():
     """Composition, not a 20-field base: pruning fine-tunes every weight, so it has no LoRA at all."""
     assert not any(name.startswith("lora_") for name, _ in flat_fields(PruneConfig))
+    from minilm.config import Validated
+    assert not dataclasses.is_dataclass(Validated)        # the one base: checks values, adds no field
     for cmd in STAGE_COMMANDS.values():
-        assert cmd.cls.__bases__ == (object,), cmd.cls
+        assert cmd.cls.__bases__ == (Validated,), cmd.cls
 
 
 @pytest.mark.parametrize("stage", ["train", *STAGE_COMMANDS])
@@ -105,3 +107,30 @@ def test_minilm_train_resolves_the_default_data_without_building_it_in_a_dry_run
     assert main(["train", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "data_dir='runs/data/pinned-2048/phase1'" in out and not (tmp_path / "runs").exists()
+
+
+BAD_VALUES = [("batch_size", 0), ("max_steps", -5), ("grad_accum", 0), ("eval_every", 0), ("ckpt_every", 0),
+              ("log_every", 0), ("lr", float("nan")), ("lr", -1.0), ("grad_clip", 0.0), ("warmup_steps", -1),
+              ("betas", (0.9, 2.0)), ("min_lr_ratio", 1.5)]
+
+
+@pytest.mark.parametrize("field, value", BAD_VALUES)
+def test_every_stage_config_refuses_a_bad_value_when_it_is_made(field, value):
+    """One rule table (minilm/config.py RULES) for the CLI, the speedrun and the Python API alike."""
+    from minilm.config import ConfigError
+    from minilm.stages.pretrain import train_config
+    from minilm.stages.sft import sft_config
+    from minilm.stages.pretrain import TrainConfig
+    from minilm.stages.sft import SFTConfig
+    makers = [make for make, cls in ((train_config, TrainConfig), (sft_config, SFTConfig))
+              if field in dict(flat_fields(cls))]
+    assert makers
+    for make in makers:
+        with pytest.raises(ConfigError, match=f"{field} must be"):
+            make("tiny", **{field: value})
+
+
+def test_a_bad_flag_is_one_line_and_exit_2(capsys):
+    assert main(["train", "--batch-size", "0", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["minilm train: error: batch_size must be a positive integer, got 0"]

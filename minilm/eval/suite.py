@@ -43,7 +43,7 @@ from minilm import MinilmError
 from minilm.agents.envs import ENVS
 from minilm.agents.envs.base import content_split
 from minilm.checkpoint import load_checkpoint
-from minilm.config import from_preset
+from minilm.config import Validated, from_preset
 from minilm.data import TokenDataset
 from minilm.eval.ladder import ladder_items, ladder_metrics
 from minilm.lora import adapter_names, merge_and_unload
@@ -67,7 +67,7 @@ FAILED = {"correct": False, "in_form": False, "ended": False, "f1": 0.0, "reward
 
 
 @dataclass
-class SuiteConfig:
+class SuiteConfig(Validated):
     n_ladder: int = 50              # held-out skill-ladder problems per rung
     ladder_new_tokens: int = 96     # reply budget for ladder problems (worked replies run 15-90 tokens)
     n_bpb_batches: int = 8          # validation windows: n_bpb_batches * batch_size of seq_len tokens

@@ -13,10 +13,11 @@ from typing import ClassVar
 
 from minilm import MinilmError, lora
 from minilm.checkpoint import load_checkpoint
+from minilm.config import Validated
 
 
 @dataclass
-class LoRAConfig:
+class LoRAConfig(Validated):
     """LoRA adapters of a stage (Hu et al. 2021, arXiv 2106.09685); flags and presets name the fields
     lora_r, lora_alpha, lora_dropout, lora_targets."""
     PREFIX: ClassVar[str] = "lora_"

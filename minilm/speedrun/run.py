@@ -167,8 +167,9 @@ def parse_overrides(items: list[str]) -> dict:
         if not (eq and dot and name) or stage not in STAGES:
             raise MinilmError(f"--set {item!r}: expected STAGE.FIELD=VALUE with STAGE one of "
                               f"{', '.join(STAGES)} (e.g. --set sft.max_steps=100)")
+        fields = out.setdefault(stage, {})
         try:
-            out.setdefault(stage, {})[name.replace("-", "_")] = json.loads(value)  # 100 -> int, true -> bool
+            fields[name.replace("-", "_")] = json.loads(value)  # 100 -> int, true -> bool
         except json.JSONDecodeError:
-            out[stage][name.replace("-", "_")] = value
+            fields[name.replace("-", "_")] = value              # qa -> "qa"
     return out

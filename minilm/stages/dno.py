@@ -38,7 +38,7 @@ import torch
 from data_prep.instructions import instruction_examples
 from minilm import MinilmError
 from minilm.checkpoint import load_checkpoint
-from minilm.config import from_preset
+from minilm.config import Validated, from_preset
 from minilm.generate import SampleConfig, token_logprobs
 from minilm.loop import LoopConfig, OptimConfig, run_loop
 from minilm.post.base_model import LoRAConfig, init_model
@@ -55,7 +55,7 @@ from minilm.weights import write_json
 
 
 @dataclass
-class DNOConfig:
+class DNOConfig(Validated):
     out_dir: str = "runs/dno-tiny"  # checkpoint/, metrics.jsonl and the stage's results
     init: str = "runs/sft-tiny/checkpoint"  # the checkpoint this stage starts from
     batch_size: int = 32            # examples per step

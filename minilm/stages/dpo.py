@@ -32,7 +32,7 @@ import torch
 from data_prep.instructions import instruction_examples, preference_pairs
 from minilm import MinilmError
 from minilm.checkpoint import load_checkpoint, save_checkpoint
-from minilm.config import from_preset
+from minilm.config import Validated, from_preset
 from minilm.loop import OptimConfig, run_loop
 from minilm.lora import adapter_names, merge_and_unload
 from minilm.post.base_model import LoRAConfig, add_lora
@@ -47,7 +47,7 @@ from minilm.weights import write_json
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(Validated):
     out_dir: str = "runs/dpo-tiny"  # checkpoint/, metrics.jsonl and the stage's results
     init: str = "runs/sft-tiny/checkpoint"  # the checkpoint this stage starts from
     max_steps: int = 100            # optimizer steps

@@ -27,7 +27,7 @@ from pathlib import Path
 from data_prep.instructions import instruction_examples
 from minilm import MinilmError
 from minilm.checkpoint import save_checkpoint
-from minilm.config import from_preset
+from minilm.config import Validated, from_preset
 from minilm.loop import OptimConfig, run_loop
 from minilm.post.base_model import LoRAConfig, add_lora
 from minilm.post.chat import prompts_that_fit
@@ -41,7 +41,7 @@ from minilm.weights import write_json
 
 
 @dataclass
-class HydraSFTConfig:
+class HydraSFTConfig(Validated):
     out_dir: str = "runs/hydra-sft-tiny"  # checkpoint/, metrics.jsonl and the stage's results
     init: str = "runs/sft-tiny/checkpoint"  # the checkpoint this stage starts from
     max_steps: int = 100            # optimizer steps

@@ -38,7 +38,7 @@ from minilm.agents.envs import make_env
 from minilm.agents.ltc_data import LossWeights, collate_episodes, expert_demos, ltc_loss
 from minilm.agents.patterns import PATTERNS, SAMPLED, ModelTeacher, RolloutConfig, make_pattern, run_episodes
 from minilm.checkpoint import has_train_state, load_checkpoint, save_checkpoint
-from minilm.config import from_preset
+from minilm.config import Validated, from_preset
 from minilm.loop import (LoopConfig, OptimConfig, make_optimizer, optimizer_step, restore, run_loop, set_lr,
                          trained_params, write_metrics)
 from minilm.plots import plot_curves
@@ -54,7 +54,7 @@ EXPLORE_SEED_BASE = 100_000        # demos use train seeds [0, n_demos); explora
 
 
 @dataclass
-class LTCConfig:
+class LTCConfig(Validated):
     out_dir: str = "runs/ltc"       # checkpoint/, metrics.jsonl and the stage's results
     init: str = "runs/sft-tiny/checkpoint"  # the checkpoint this stage starts from
     batch_size: int = 16            # episodes per update minibatch

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from data_prep.instructions import instruction_examples
 from minilm import MinilmError
 from minilm.checkpoint import has_train_state, load_checkpoint, save_checkpoint
-from minilm.config import from_preset
+from minilm.config import Validated, from_preset
 from minilm.generate import SampleConfig, generate
 from minilm.loop import (OptimConfig, load_train_state, lr_at, make_optimizer, optimizer_step, read_metrics,
                          restore, rng_state, set_lr, trainable_state, trained_params, write_metrics)
@@ -57,7 +57,7 @@ from minilm.weights import write_json
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(Validated):
     out_dir: str = "runs/ppo-tiny"  # checkpoint/, metrics.jsonl and the stage's results
     init: str = "runs/sft-tiny/checkpoint"          # ppo, lora: the SFT model; hydra, jhydra: Hydra-SFT
     max_steps: int = 40             # rollout batches

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from minilm import MinilmError
 from minilm.checkpoint import has_train_state, load_checkpoint, save_checkpoint
-from minilm.config import ConfigError, build, get_preset
+from minilm.config import ConfigError, Validated, build, get_preset
 from minilm.data import TokenDataset, bits_per_byte
 from minilm.fsdp import (full_state, gradient_sync, is_sharded, load_full_optimizer_state, param_names,
                          shard_model)
@@ -54,7 +54,7 @@ from minilm.tokenizer import Tokenizer
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Validated):
     preset: str = "tiny"            # model preset, see minilm/config.py
     model: dict = field(default_factory=dict)  # ModelConfig fields overriding the preset
     out_dir: str = "runs/tiny"      # checkpoint/, metrics.jsonl, loss.png
@@ -91,7 +91,7 @@ TRAIN_PRESETS = {
 }
 # the fields `minilm train --help` shows; every other field is set with --set FIELD=VALUE
 FLAGS = ("out_dir", "data_dir", "phase2_dir", "batch_size", "grad_accum", "max_steps", "lr", "warmup_steps",
-         "eval_every", "seed", "device", "dtype", "compile", "fsdp", "activation_checkpointing", "resume")
+         "eval_every", "seed", "device", "dtype", "fsdp", "resume")
 # the speedrun's presets: `preset` names the model preset they train
 TRAIN_PRESETS["ci"] = dict(TRAIN_PRESETS["tiny"], preset="tiny", max_steps=120, batch_size=8, warmup_steps=10,
                            eval_every=60, ckpt_every=60, eval_batches=4)

@@ -32,7 +32,7 @@ from torch import nn
 
 from minilm import MinilmError
 from minilm.checkpoint import save_checkpoint
-from minilm.config import from_preset
+from minilm.config import Validated, from_preset
 from minilm.loop import OptimConfig, run_loop
 from minilm.model import set_neuron_masks
 from minilm.post.base_model import init_model
@@ -52,7 +52,7 @@ LEARNED = ("movement", "gum")
 
 
 @dataclass
-class PruneConfig:
+class PruneConfig(Validated):
     out_dir: str = "runs/prune-tiny"  # checkpoint/, metrics.jsonl and the stage's results
     init: str = "runs/sft-tiny/checkpoint"  # the checkpoint this stage starts from
     max_steps: int = 150            # optimizer steps

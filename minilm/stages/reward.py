@@ -29,7 +29,7 @@ import torch
 
 from minilm import MinilmError
 from minilm.checkpoint import save_checkpoint
-from minilm.config import from_preset
+from minilm.config import Validated, from_preset
 from minilm.loop import OptimConfig, run_loop
 from minilm.post.base_model import LoRAConfig, add_lora
 from minilm.post.preferences import make_pair_batch_fn
@@ -40,7 +40,7 @@ from minilm.weights import write_json
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(Validated):
     out_dir: str = "runs/reward-tiny"  # checkpoint/, metrics.jsonl and the stage's results
     init: str = "runs/sft-tiny/checkpoint"  # the checkpoint this stage starts from
     max_steps: int = 100            # optimizer steps

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from data_prep.prepare import default_data
 from minilm import MinilmError
 from minilm.checkpoint import save_checkpoint
-from minilm.config import from_preset
+from minilm.config import Validated, from_preset
 from minilm.data import TokenDataset
 from minilm.loop import OptimConfig, run_loop
 from minilm.post.base_model import LoRAConfig, init_model
@@ -47,7 +47,7 @@ from minilm.weights import write_json
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(Validated):
     out_dir: str = "runs/sft-tiny"  # checkpoint/, metrics.jsonl and the stage's results
     init: str = "runs/tiny/checkpoint"  # the checkpoint this stage starts from (`minilm train` writes it)
     max_steps: int = 600            # optimizer steps
