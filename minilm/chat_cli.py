@@ -190,6 +190,8 @@ def _read(stdin, out, interactive: bool) -> str | None:
     if not line:
         return None
     line = line.rstrip("\r\n")
+    if "\ufffd" in line:
+        out.write("(bytes that are not UTF-8 were replaced by \ufffd)\n")
     if line.strip():
         out.write(f"user: {line}\n")  # piped input is not echoed: write it, for a readable transcript
     return line
@@ -201,6 +203,8 @@ def run_chat(checkpoint, system: str | None = None, temperature: float = 0.7, to
     """Chat with `checkpoint` until /quit or end of input; returns every completed turn.
     device: auto (a GPU when torch sees one), cpu or cuda[:N]."""
     stdin, out, err = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    if hasattr(stdin, "reconfigure"):   # a stray invalid byte must not end the conversation
+        stdin.reconfigure(errors="replace")
     cfg = ChatConfig(system, temperature, top_k, top_p, max_new_tokens, seed)
     cfg.check()
     model, tokenizer, warnings = load_chat_model(checkpoint, setup_runtime(device).device)

@@ -139,6 +139,16 @@ def read_config(directory) -> dict:
     return config
 
 
+def read_train_state(path: Path) -> dict:
+    """A train_state.pt (optimizer, step, RNG), or one clear error when it is truncated or corrupt."""
+    try:
+        # weights_only=False: it holds our own dicts (config, RNG states), written by save_checkpoint
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:   # torch raises RuntimeError, EOFError, UnpicklingError, ... for bad files
+        raise MinilmError(f"{path} is truncated or corrupt ({type(e).__name__}); restore it, resume from "
+                          f"an earlier checkpoint, or pass --no-resume to start over") from e
+
+
 def has_train_state(directory) -> bool:
     """Whether `directory` holds a run to resume, after finishing a save a kill interrupted (a
     checkpoint caught between its two renames is not missing: it is put back first)."""
@@ -184,8 +194,7 @@ def load_checkpoint(directory, device="cpu", with_train_state: bool = False) -> 
              for name in config.get("extra", [])}
     train_state = None
     if with_train_state and (directory / "train_state.pt").exists():
-        # weights_only=False: it holds our own dicts (config, RNG states), written by save_checkpoint
-        train_state = torch.load(directory / "train_state.pt", map_location="cpu", weights_only=False)
+        train_state = read_train_state(directory / "train_state.pt")
     return Checkpoint(model.to(device), model_cfg, tokenizer, config.get("meta", {}), train_state,
                       directory, extra)
 

@@ -333,7 +333,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (MinilmError, ConfigError, TokenizerError, FileNotFoundError) as e:
+    except (MinilmError, ConfigError, TokenizerError, OSError) as e:   # OSError: a full disk, a read-only folder
         print(f"minilm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except TypeError as e:  # a --set value of the wrong kind reaches a dataclass or a check

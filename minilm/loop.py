@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from minilm import MinilmError
-from minilm.checkpoint import has_train_state, read_config, save_checkpoint
+from minilm.checkpoint import has_train_state, read_config, read_train_state, save_checkpoint
 from minilm.plots import plot_losses
 from minilm.runtime import setup_runtime
 from minilm.weights import write_text
@@ -195,7 +195,7 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 def load_train_state(ckpt_dir: Path) -> dict:
     """ckpt_dir/train_state.pt, after finishing any save that was killed between its renames."""
     read_config(ckpt_dir)  # recovers an interrupted save
-    return torch.load(Path(ckpt_dir) / "train_state.pt", map_location="cpu", weights_only=False)
+    return read_train_state(Path(ckpt_dir) / "train_state.pt")
 
 
 def restore(state: dict, optimizer, model=None, source: str = "the checkpoint") -> int:

@@ -137,3 +137,34 @@ def test_two_sft_runs_into_one_folder_the_second_stops_with_one_message(tmp_path
                                                         "since": "now"}))   # a live process holds it
     with pytest.raises(MinilmError, match="being written by another run"):
         run_sft(sft_config("ci", init=str(tmp_path / "none"), out_dir=str(tmp_path / "sft")))
+
+
+def test_a_truncated_train_state_is_one_clear_error(tmp_path):
+    ckpt = _checkpoint(tmp_path / "checkpoint")
+    data = (ckpt / "train_state.pt").read_bytes()
+    (ckpt / "train_state.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(MinilmError, match="train_state.pt is truncated or corrupt"):
+        load_checkpoint(ckpt, with_train_state=True)
+
+
+def test_an_out_dir_that_cannot_be_written_is_one_line_before_any_step(tmp_path, data_dir, capsys):
+    """An OSError (here a folder path through a file; a read-only or full disk alike) is exit 2."""
+    from minilm.cli import main
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    assert main(["train", "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "blocker" / "run"),
+                 "--max-steps", "2", "--no-samples"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Not a directory" in err[0]
+
+
+def test_chat_survives_bytes_that_are_not_utf8(tmp_path):
+    import io
+
+    from minilm.chat_cli import run_chat
+    tok = Tokenizer.train(["the cat sat on the mat, and the dog ran to the barn " * 20], vocab_size=270,
+                          progress=False)
+    save_checkpoint(tmp_path / "ck", Phi3(tiny_config(vocab_size=270)), tok)
+    stdin = io.TextIOWrapper(io.BytesIO(b"hi \xff there\nhello\n"), encoding="utf-8")   # strict by default
+    out = io.StringIO()
+    turns = run_chat(tmp_path / "ck", stdin=stdin, stdout=out, stderr=io.StringIO(), max_new_tokens=4)
+    assert len(turns) == 2 and "not UTF-8 were replaced" in out.getvalue()

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from data_prep.prepare import default_data
 from minilm import MinilmError
-from minilm.checkpoint import save_checkpoint
+from minilm.checkpoint import read_train_state, save_checkpoint
 from minilm.config import Validated, from_preset
 from minilm.data import TokenDataset
 from minilm.loop import OptimConfig, run_loop
@@ -104,7 +104,7 @@ def find_text_data(cfg: SFTConfig, tokenizer) -> Path | None:
     directory = Path(cfg.text_data) if explicit else None
     state_path = Path(cfg.init) / "train_state.pt"
     if directory is None and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = read_train_state(state_path)
         recorded = state.get("train_config")  # only pretraining (minilm/stages/pretrain.py) writes this
         if isinstance(recorded, dict) and recorded.get("data_dir"):
             directory = Path(recorded["data_dir"])
