@@ -74,6 +74,8 @@ def load_safetensors(path) -> dict:
 
 def process_alive(pid: int) -> bool:
     """Whether process `pid` runs on this machine (a save's temp folders carry their writer's pid)."""
+    if pid <= 0:   # unknown; and os.kill(-1, 0) would ask about every process
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

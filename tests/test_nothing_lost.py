@@ -122,6 +122,7 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path)
     finally:
         holder.kill()
         holder.wait()
+    (tmp_path / LOCK).write_text('{"pid": ')                   # a writer that died while writing it
     with writer_lock(tmp_path):                                # its writer is gone: taken over
         assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
         with writer_lock(tmp_path):                            # nested in one process: fine

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from data_prep.prepare import default_data
