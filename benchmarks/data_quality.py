@@ -14,7 +14,7 @@ pinned corpus that share one tokenizer:
             two phases (arXiv 2404.14219).
 
 Then each model gets the same SFT (the speedrun's `laptop` SFT preset, its clean-text replay drawn
-from its own pretraining data) and is scored on:
+from its own real text: raw, or phase 1) and is scored on:
 
   held-out bpb   bits per byte of the pretrained model on the validation split of phase 2's real
                  documents: text that every data set holds out;
@@ -95,8 +95,9 @@ def pretrain_and_sft(root: Path, data: dict, steps: int, sft_steps: int, seed: i
                        phase2_fraction=0.5 if data["phase2"] else 0.0, max_steps=steps,
                        warmup_steps=max(1, steps // 50), eval_every=10**9, ckpt_every=steps, seed=seed))
     sft = root / f"{data['name']}-seed{seed}-sft"
+    # the clean-text replay reads each arm's real text, as the speedrun's SFT reads phase 1
     run_sft(sft_config("laptop", init=str(pre / "checkpoint"), out_dir=str(sft), seed=seed, n_eval=8, max_steps=sft_steps,
-                       text_data=str(data["phase2"] or data["dir"])))
+                       text_data=str(data["dir"])))
     return pre / "checkpoint", sft / "checkpoint"
 
 
