@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from minilm import MinilmError
 
 
-class ConfigError(ValueError):
+class ConfigError(MinilmError, ValueError):
     """A configuration that cannot describe a model; the message says which field and why."""
 
 
