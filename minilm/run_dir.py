@@ -101,6 +101,7 @@ def writer_lock(out_dir):
         finally:
             _held[out] -= 1
         return
+    created = not out.exists()   # a run refused before it wrote anything leaves no folder behind
     out.mkdir(parents=True, exist_ok=True)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     while True:
@@ -126,6 +127,8 @@ def writer_lock(out_dir):
     finally:
         del _held[out]
         (out / LOCK).unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
 
 
 def one_writer(run):

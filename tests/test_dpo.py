@@ -153,7 +153,7 @@ def test_dpo_cli_reports_bad_input(base_checkpoint, tmp_path, capsys):
     assert main(["dpo", "--init", str(tmp_path / "nowhere")]) == 2
     assert "not a minilm checkpoint" in capsys.readouterr().err
     assert main(["dpo", "--init", str(base_checkpoint), "--beta", "0"]) == 2
-    assert "beta must be > 0" in capsys.readouterr().err
+    assert "beta must be a finite number > 0" in capsys.readouterr().err
     out = str(tmp_path / "credit")
     assert main(["dpo", "--init", str(base_checkpoint), "--out-dir", out, "--set", "credit=tokens"]) == 2
     assert "credit must be reply or step" in capsys.readouterr().err

@@ -22,8 +22,9 @@ FLOORS = [
     ("stages",     ["minilm/stages/"]),
     ("pieces",     ["minilm/post/", "minilm/agents/", "minilm/prune/"]),
     ("loop",       ["minilm/loop.py", "minilm/run_dir.py"]),
-    ("services",   ["data_prep/", "minilm/checkpoint.py", "minilm/generate.py", "minilm/lora.py", "minilm/lora_io.py"]),
-    ("core",       ["minilm/model.py", "minilm/data.py", "minilm/runtime.py", "minilm/weights.py"]),
+    ("services",   ["data_prep/", "minilm/checkpoint.py", "minilm/generate.py", "minilm/lora.py", "minilm/lora_io.py",
+                    "minilm/memory.py", "minilm/hf_tokenizer.py"]),
+    ("core",       ["minilm/model.py", "minilm/data.py", "minilm/runtime.py", "minilm/weights.py", "minilm/fsdp.py"]),
     ("base",       ["minilm/ops/", "minilm/tokenizer.py", "minilm/config.py", "minilm/plots.py",
                     "minilm/__init__.py"]),
 ]
