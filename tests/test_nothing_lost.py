@@ -169,3 +169,17 @@ def test_chat_survives_bytes_that_are_not_utf8(tmp_path):
     out = io.StringIO()
     turns = run_chat(tmp_path / "ck", stdin=stdin, stdout=out, stderr=io.StringIO(), max_new_tokens=4)
     assert len(turns) == 2 and "not UTF-8 were replaced" in out.getvalue()
+
+
+def test_a_killed_only_rerun_resumes_and_keeps_the_finished_original(tmp_path):
+    from minilm.speedrun.run import _set_aside
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "stage.json").write_text("{}")                      # the finished original
+    _set_aside(sft)                                            # --only sft: set it aside, start anew
+    assert (tmp_path / "sft.prev" / "stage.json").exists() and not sft.exists()
+    sft.mkdir()
+    (sft / "partial").write_text("the --only run, killed mid-way")
+    _set_aside(sft)                                            # the same command again
+    assert (sft / "partial").exists()                          # resumed, not thrown away
+    assert (tmp_path / "sft.prev" / "stage.json").exists()     # the original is still kept

@@ -57,8 +57,11 @@ def _wait_for(path: Path, newer_than: float = 0.0, poll_s: float = 5.0) -> None:
 
 
 def _set_aside(stage_dir: Path) -> None:
-    """--only re-runs a stage from scratch; its previous folder is kept as <stage>.prev, not deleted."""
-    if stage_dir.exists():
+    """--only re-runs a stage from scratch; its previous folder is kept as <stage>.prev, not deleted.
+
+    Only a finished folder (one with stage.json) is set aside: an unfinished one is an --only run
+    that was killed, so the same command again resumes it and the kept original stays."""
+    if (stage_dir / "stage.json").exists():
         prev = stage_dir.with_name(stage_dir.name + ".prev")
         shutil.rmtree(prev, ignore_errors=True)
         stage_dir.rename(prev)
