@@ -38,7 +38,8 @@ from minilm.lora import base_state_dict, lora_layers
 from minilm.lora_io import load_adapters, write_adapters
 from minilm.model import Phi3, get_neuron_masks
 from minilm.tokenizer import Tokenizer, TokenizerError
-from minilm.weights import HAVE_SAFETENSORS, atomic_dir, load_safetensors, read_weights, recover, write_weights
+from minilm.weights import (HAVE_SAFETENSORS, atomic_dir, load_safetensors, read_json, read_weights, recover,
+                            write_weights)
 
 FORMAT, VERSION = "minilm-checkpoint", 1
 
@@ -66,14 +67,16 @@ def load_weights(model: Phi3, state_dict: dict, source: str = "checkpoint") -> N
     expected = _weights_to_save(model)  # names and shapes the model wants
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected) - {"lm_head.weight"})  # a tied lm_head may be saved
-    shapes = [f"{k}: {source} has {tuple(state_dict[k].shape)}, model expects {tuple(v.shape)}"
+    shapes = [f"{k} is {tuple(state_dict[k].shape)}, the model's {tuple(v.shape)}"
               for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
     if missing or unexpected or shapes:
-        lines = [f"{source} does not fit the model:"]
-        lines += [f"  missing: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"] if missing else []
-        lines += [f"  unexpected: {', '.join(unexpected[:8])}"] if unexpected else []
-        lines += [f"  shape {s}" for s in shapes[:8]]
-        raise MinilmError("\n".join(lines))
+        def some(names):   # the first three, and how many more
+            return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        found = ([f"missing {some(missing)}"] if missing else []) + \
+                ([f"unexpected {some(unexpected)}"] if unexpected else []) + ([some(shapes)] if shapes else [])
+        # one line: the weights and the model config disagree, so neither can be trusted on its own
+        raise MinilmError(f"{source}: the weights do not fit the model its config describes ({'; '.join(found)}); "
+                          f"use an earlier or the original checkpoint")
     model.load_state_dict({k: state_dict[k] for k in expected}, strict=False)  # non-strict: tied lm_head, LoRA
 
 
@@ -128,7 +131,7 @@ def read_config(directory) -> dict:
         raise MinilmError(f"{directory} is not a minilm checkpoint: no config.json{hint}")
     try:
         config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, ValueError) as e:   # ValueError: json.JSONDecodeError
         raise MinilmError(f"{path} is corrupt ({e}); use an earlier checkpoint") from e
     if not isinstance(config, dict):
         raise MinilmError(f"{path} is corrupt (a JSON {type(config).__name__}, not an object); "
@@ -325,10 +328,10 @@ def import_hf(hf_dir) -> Phi3:
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").exists():
         raise MinilmError(f"{hf_dir} has no config.json; is it a Hugging Face model directory?")
-    model = Phi3(config_from_hf(json.loads((hf_dir / "config.json").read_text())))
+    model = Phi3(config_from_hf(read_json(hf_dir / "config.json", fix="download the model again")))
     index = hf_dir / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(read_json(index, fix="download the model again").get("weight_map", {}).values()))
         sd = {k: v for shard in shards for k, v in load_safetensors(hf_dir / shard).items()}
     else:
         sd = read_weights(hf_dir, names=("model.safetensors", "pytorch_model.bin"))

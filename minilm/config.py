@@ -189,7 +189,8 @@ def check_values(**values) -> None:
 
 
 class Validated:
-    """Mixin for config dataclasses: check every field that RULES names, at construction."""
+    """Mixin for config dataclasses: check every field that RULES names, then the class's own
+    `check()`, at construction, so a bad value is refused before a stage touches its out_dir."""
 
     def __post_init__(self):
         prefix = getattr(type(self), "PREFIX", "")
@@ -198,6 +199,10 @@ class Validated:
             value = getattr(self, f.name)
             if rule and not rule[0](value):
                 raise ConfigError(f"{prefix + f.name} must be {rule[1]}, got {value!r}")
+        self.check()
+
+    def check(self) -> None:
+        """A stage's own rules (a choice among names, fields that constrain each other): raise ConfigError."""
 
 
 # ---- stage configs: presets, and nested configs set by flat names --------------------------------

@@ -66,7 +66,7 @@ def load_adapters(model, directory) -> list[str]:
     try:
         config = json.loads(path.read_text())
         adapters = config["adapters"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:   # ValueError: bad JSON
         raise MinilmError(f"{path} is corrupt ({e}); save the adapters again") from e
     model = getattr(model, "module", model)  # DDP keeps the real model in .module
     if any(m.merged is not None for _, m in lora_layers(model)):

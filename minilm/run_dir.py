@@ -15,7 +15,8 @@ or the checkpoint the stage starts from (--init), is refused as well.
 
 One writer per folder: `writer_lock(out_dir)` (and the `one_writer` decorator on every run_<stage>)
 holds OUT/.lock with the writer's pid and host, so a second run into the same folder stops with
-one message instead of deleting the first one's temporary checkpoint.
+one message instead of deleting the first one's temporary checkpoint. A run refused (MinilmError)
+before its first save puts settings.json back, and removes the folder if it made it.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ import time
 from pathlib import Path
 
 from minilm import MinilmError
-from minilm.checkpoint import read_config
+from minilm.checkpoint import has_train_state, read_config
 from minilm.config import flatten
-from minilm.weights import process_alive, write_json
+from minilm.weights import process_alive, read_json, write_json
 
+_before: dict[Path, tuple] = {}   # out_dir -> (settings.json's bytes or None, progress stamp) before this run
 MAY_CHANGE = ("out_dir", "device", "dtype", "resume", "log_every", "fsdp", "activation_checkpointing")
 SETTINGS = "settings.json"
 
@@ -67,9 +69,16 @@ def check_settings(cfg, stage: str, write: bool = True) -> None:
     if init and Path(init).resolve() in (out.resolve(), (out / "checkpoint").resolve()):
         raise MinilmError(f"--out-dir {out} is where --init {init} lives: the {stage} run would overwrite the "
                           f"checkpoint it starts from; pass another --out-dir")
+    ckpt = out / "checkpoint"
+    if cfg.resume and (ckpt / "config.json").exists() and not has_train_state(ckpt):
+        # a final, exported or imported checkpoint: nothing to continue, and training would overwrite it
+        raise MinilmError(f"{ckpt} is a checkpoint without train_state.pt, so it cannot be continued and a "
+                          f"new run would overwrite it; pass --out-dir NEW, or --no-resume to train over it")
     if cfg.resume and _has_progress(out):
         path = out / SETTINGS
-        saved = json.loads(path.read_text()) if path.exists() else {"stage": _stage_of(out), "config": None}
+        saved = (read_json(path, fix=f"it records the settings of the run in {out}; pass --out-dir NEW for a new "
+                                     f"run, or --no-resume to train over it from scratch")
+                 if path.exists() else {"stage": _stage_of(out), "config": None})
         if saved["stage"] not in (None, stage):
             raise MinilmError(f"{out} holds a {saved['stage']} run, not a {stage} run; pass another --out-dir")
         changed = differences(saved["config"], now) if saved["config"] is not None else []
@@ -78,7 +87,27 @@ def check_settings(cfg, stage: str, write: bool = True) -> None:
                               f"Rerun with its settings to continue it, pass --out-dir NEW for a new run, "
                               f"or --no-resume to train over it from scratch")
     if write:
-        write_json(out / SETTINGS, {"stage": stage, "config": now})
+        path = out / SETTINGS
+        _before[out.resolve()] = (path.read_bytes() if path.exists() else None, _progress_stamp(out.resolve()))
+        write_json(path, {"stage": stage, "config": now})
+
+
+def _progress_stamp(out: Path) -> list:
+    """Which train states `out` holds, and when each was written: changes with every save."""
+    return sorted((str(p), p.stat().st_mtime_ns) for p in out.rglob("train_state.pt")) if out.is_dir() else []
+
+
+def _undo_settings(out: Path) -> None:
+    """A run refused after check_settings but before its first save puts settings.json back as it was."""
+    if out not in _before:
+        return
+    text, stamp = _before.pop(out)
+    if _progress_stamp(out) != stamp:
+        return                              # it saved: the new settings describe the folder now
+    if text is None:
+        (out / SETTINGS).unlink(missing_ok=True)
+    else:
+        (out / SETTINGS).write_bytes(text)
 
 
 # ---- one writer per folder --------------------------------------------------------------------------
@@ -124,7 +153,11 @@ def writer_lock(out_dir):
     _held[out] = 1
     try:
         yield
+    except MinilmError:
+        _undo_settings(out)   # refused (bad data, a corrupt train state): the folder stays as it was
+        raise
     finally:
+        _before.pop(out, None)
         del _held[out]
         (out / LOCK).unlink(missing_ok=True)
         if created and not any(out.iterdir()):

@@ -41,6 +41,8 @@ import regex
 import tiktoken
 from tqdm import tqdm
 
+from minilm import MinilmError
+
 # cl100k_base's pre-tokenizer: contractions | optional non-letter + letters | 1-3 digits |
 # optional space + punctuation run | newlines | trailing whitespace | other whitespace.
 GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+|"""
@@ -50,8 +52,9 @@ SPLIT_PATTERN = GPT4_SPLIT_PATTERN.replace(r"\p{N}{1,3}+", r"\p{N}")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
 
-class TokenizerError(ValueError):
-    """A tokenizer could not be built, loaded or used; the message says what to do."""
+class TokenizerError(MinilmError, ValueError):
+    """A tokenizer could not be built, loaded or used; the message says what to do (a user's input
+    error like any MinilmError, and a ValueError for callers that catch those)."""
 
 
 def count_chunks(texts: Iterable[str], pattern: str = SPLIT_PATTERN) -> Counter[bytes]:

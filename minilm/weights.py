@@ -150,3 +150,18 @@ def write_text(path, text: str) -> Path:
 def write_json(path, obj, indent: int | None = 2) -> Path:
     """`obj` as JSON at `path`, atomically; values JSON does not know (paths, ...) become strings."""
     return write_text(path, json.dumps(obj, indent=indent, default=str))
+
+
+def read_json(path, expect: type = dict, fix: str = "delete it, or use another folder"):
+    """The JSON object (or `expect`) at `path`; a missing, unreadable or malformed file is one MinilmError
+    that names it and says what to do (`fix`), never a traceback."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MinilmError(f"{path} is missing; {fix}") from None
+    except (UnicodeDecodeError, ValueError) as e:   # ValueError: json.JSONDecodeError
+        raise MinilmError(f"{path} is corrupt ({type(e).__name__}: {e}); {fix}") from None
+    if not isinstance(value, expect):
+        raise MinilmError(f"{path} is corrupt (a JSON {type(value).__name__}, expected a {expect.__name__}); {fix}")
+    return value

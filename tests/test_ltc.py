@@ -334,9 +334,10 @@ def test_analogue_evaluation_reports_success_with_and_without_the_solved_example
 
 
 def test_bad_ltc_settings_are_refused_by_name():
-    from minilm import MinilmError
-    from minilm.stages.ltc import _check, ltc_config
+    from minilm.config import ConfigError
+    from minilm.stages.ltc import ltc_config
     for bad, word in ((dict(chat_replay=-1), "chat_replay"), (dict(iterations=0), "iterations"),
-                      (dict(pattern="chorus"), "pattern")):
-        with pytest.raises(MinilmError, match=word):
-            _check(ltc_config("ci", **bad))
+                      (dict(pattern="chorus"), "pattern"), (dict(env="garden"), "env"),
+                      (dict(teacher="t", pattern="monologue"), "teacher")):
+        with pytest.raises(ConfigError, match=word):      # refused when the config is made
+            ltc_config("ci", **bad)

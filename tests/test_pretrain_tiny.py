@@ -1,17 +1,21 @@
 """Pretraining alone, whole (`minilm train --preset tiny`): build the two-phase data, train `tiny`, beat the unigram entropy (slow, ~6 min)."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.lesson_03]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_tiny_preset_learns_far_below_the_unigram_entropy(tmp_path):
     result = subprocess.run([sys.executable, "-m", "minilm", "train", "--preset", "tiny"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+                            cwd=tmp_path, capture_output=True, text=True, timeout=1200,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})  # this checkout's minilm
     assert result.returncode == 0, result.stderr[-2000:]
     data = tmp_path / "runs/data/pinned-2048"
     assert (data / "manifest.json").exists() and (data / "phase2/meta.json").exists()

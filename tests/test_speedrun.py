@@ -3,12 +3,15 @@ and (slow) the whole `ci` preset from an empty folder to report.md."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
 from minilm import MinilmError
 from minilm.speedrun import run as sr
 from minilm.speedrun import stages as table
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.lesson_12
 
@@ -157,8 +160,10 @@ def test_under_torchrun_pretraining_is_data_parallel_and_sft_runs_on_rank0(tmp_p
            "--set", "pretrain.max_steps=20", "--set", "pretrain.eval_every=10", "--set", "sft.max_steps=5",
            "--set", "sft.eval_every=5"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "DDP over 2 processes" in done.stderr + done.stdout
     assert json.loads((out / "pretrain" / "stage.json").read_text())["tokens"] == 20 * 2 * 8 * 256
-    assert json.loads((out / "sft" / "stage.json").read_text())["checkpoint"] == str(out / "sft" / "checkpoint")
+    # recorded relative to the run folder, so a moved run still finds it
+    assert json.loads((out / "sft" / "stage.json").read_text())["checkpoint"] == "sft/checkpoint"
+    assert (out / "sft" / "checkpoint").is_dir()

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from minilm import MinilmError
 from minilm.run_dir import writer_lock
 from minilm.speedrun.stages import STAGES, Run, SpeedrunConfig, stage_record
-from minilm.weights import write_json
+from minilm.weights import read_json, write_json
 
 # ---- the driver ----------------------------------------------------------------------------------
 
@@ -107,7 +107,8 @@ def check_run(run: Run, write: bool = True) -> None:
     stage that has finished there (it would be skipped and its old numbers reported as the new run's);
     record the preset and --set values in OUT/speedrun.json."""
     path, cfg = run.root / "speedrun.json", run.cfg
-    saved = json.loads(path.read_text()) if path.exists() else {"preset": cfg.preset, "overrides": {}}
+    saved = (read_json(path, fix="it records the run's preset and --set values; pass another --out-dir")
+             if path.exists() else {"preset": cfg.preset, "overrides": {}})
     if saved["preset"] != cfg.preset:
         raise MinilmError(f"{run.root} holds a --preset {saved['preset']} speedrun, not {cfg.preset}; pass "
                           f"--out-dir NEW (the default for --preset {cfg.preset} is runs/speedrun-{cfg.preset})")

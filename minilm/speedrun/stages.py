@@ -38,7 +38,7 @@ from minilm.stages.ppo import ppo_config, run_ppo
 from minilm.stages.pretrain import train, train_config
 from minilm.stages.prune import prune_config, run_prune
 from minilm.stages.sft import run_sft, sft_config
-from minilm.weights import write_json
+from minilm.weights import read_json, write_json
 
 # speedrun preset -> the model preset it trains. Every stage has a preset of the same name.
 SPEEDRUN_PRESETS = {"ci": "tiny", "laptop": "tiny", "gpu": "small"}
@@ -80,7 +80,8 @@ class Run:
 
     def record(self, stage: str) -> dict | None:
         path = self.dir(stage) / "stage.json"
-        return json.loads(path.read_text()) if path.exists() else None  # None: not finished
+        # None: not finished
+        return read_json(path, fix=f"delete {path} to run the stage again") if path.exists() else None
 
     def checkpoint(self, stage: str) -> str:
         """The checkpoint a finished stage left (its planned path when planning a dry run)."""
@@ -160,8 +161,9 @@ def run_eval(run: Run, cfg) -> tuple[dict, None]:
     """The suite on every finished stage's model, against the SFT model; OUT/eval.json grows one row
     per model (a killed eval continues), and a row is recomputed when its checkpoint changed."""
     path, stamps_path = run.root / "eval.json", run.dir("eval") / "stamps.json"
-    rows = json.loads(path.read_text()) if path.exists() else {}
-    stamps = json.loads(stamps_path.read_text()) if stamps_path.exists() else {}
+    redo = "delete it to evaluate every model again"
+    rows = read_json(path, fix=redo) if path.exists() else {}
+    stamps = read_json(stamps_path, fix=redo) if stamps_path.exists() else {}
     cache: dict = {}  # the SFT model's replies, computed once for every win-rate
     for stage in EVALUATED:
         if run.record(stage) is None:

@@ -51,7 +51,7 @@ from minilm.post.reward import load_reward_model
 from minilm.post.winrate import head_to_head, plot_winrates, win_rate, winrate_table
 from minilm.run_dir import check_settings, one_writer
 from minilm.runtime import setup_runtime
-from minilm.weights import write_json
+from minilm.weights import read_json, write_json
 
 
 @dataclass
@@ -210,7 +210,7 @@ def load_reference(cfg: DNOConfig, model, sft_model):
 
 
 def _read_pairs(path: Path) -> list[dict]:
-    pairs = json.loads(path.read_text()) if path.exists() else []
+    pairs = read_json(path, list, fix="delete the iteration's folder to sample it again") if path.exists() else []
     if any("chosen_positive" not in p for p in pairs):   # written before the NLL filter existed
         raise MinilmError(f"{path} was written by an older minilm (its pairs lack 'chosen_positive'); "
                           f"start this run in a new --out-dir")
@@ -245,7 +245,7 @@ def run_iteration(cfg: DNOConfig, t: int, data: dict, oracle, monitor, sft_model
         write_json(stats_path, stats, indent=None)
         write_json(it_dir / "pairs.json", pairs, indent=None)   # written last: the check above reads it
     # an interrupted iteration reads its pairs back instead of sampling them again
-    pairs, stats = _read_pairs(it_dir / "pairs.json"), json.loads(stats_path.read_text())
+    pairs, stats = _read_pairs(it_dir / "pairs.json"), read_json(stats_path, fix="delete the iteration's folder to sample it again")
     earlier = [_read_pairs(Path(cfg.out_dir, f"iter_{s}", "pairs.json")) for s in range(t - 1, 0, -1)]
     shares = tuple(float(x) for x in cfg.replay.split(",") if x.strip()) or (0.0,)
     train = pairs + replay_pairs(earlier, shares, seed=cfg.seed + t)                       # 4.
@@ -285,7 +285,8 @@ def run_dno(cfg: DNOConfig) -> dict:
     oracle, monitor = make_oracle(cfg, train_convs), VerifierOracle(train_convs)
     judge = VerifierOracle(data["val"] + data["test"])   # held-out: its calls are not the budget
     state_path = out / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"rows": [], "replies": {}}
+    state = (read_json(state_path, fix="pass --out-dir NEW, or --no-resume to start over") if state_path.exists()
+             else {"rows": [], "replies": {}})
     # state.json is only valid for the same prompts: a changed data config must not resume
     data_key = [cfg.iterations * cfg.n_prompts, cfg.n_prompts, cfg.n_val, cfg.n_test, cfg.sources, cfg.data_seed]
     if state.setdefault("data_key", data_key) != data_key:

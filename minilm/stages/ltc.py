@@ -24,7 +24,6 @@ the imitation phase also replays `chat_replay` SFT conversations, so that the ag
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,11 +33,11 @@ from tqdm import tqdm
 
 from data_prep.instructions import DEFAULT_SOURCES, instruction_examples
 from minilm import MinilmError
-from minilm.agents.envs import make_env
+from minilm.agents.envs import ENVS, make_env
 from minilm.agents.ltc_data import LossWeights, collate_episodes, expert_demos, ltc_loss
 from minilm.agents.patterns import PATTERNS, SAMPLED, ModelTeacher, RolloutConfig, make_pattern, run_episodes
 from minilm.checkpoint import has_train_state, load_checkpoint, save_checkpoint
-from minilm.config import Validated, from_preset
+from minilm.config import ConfigError, Validated, from_preset
 from minilm.loop import (LoopConfig, OptimConfig, make_optimizer, optimizer_step, restore, run_loop, set_lr,
                          trained_params, write_metrics)
 from minilm.plots import plot_curves
@@ -47,7 +46,7 @@ from minilm.post.heads import HydraModel
 from minilm.post.sft import make_batch_fn, render_examples, sft_loss
 from minilm.run_dir import check_settings, one_writer
 from minilm.runtime import setup_runtime
-from minilm.weights import write_json
+from minilm.weights import read_json, write_json
 
 LOSSES = ("full", "lm", "ppo")
 EXPLORE_SEED_BASE = 100_000        # demos use train seeds [0, n_demos); exploration starts here
@@ -86,6 +85,14 @@ class LTCConfig(Validated):
     whiten_advantages: bool = False  # not the paper: whiten advantages per minibatch (failures can get A > 0)
     teacher: str = ""               # a chat checkpoint as the teacher (ModelTeacher); "": scripted
 
+    def check(self) -> None:
+        for name, value, choices in (("env", self.env, ENVS), ("pattern", self.pattern, PATTERNS),
+                                     ("loss", self.loss, LOSSES)):
+            if value not in choices:
+                raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        if self.teacher and self.pattern == "monologue":
+            raise ConfigError("--teacher is given but pattern monologue has no teacher; use dialogue or analogue")
+
 
 LTC_PRESETS = {
     "tiny": dict(),
@@ -105,19 +112,6 @@ FLAGS = ("init", "out_dir", "env", "pattern", "loss", "n_demos", "il_steps", "il
 
 def ltc_config(preset: str = "tiny", **overrides) -> LTCConfig:
     return from_preset(LTCConfig, LTC_PRESETS, preset, "ltc", **overrides)
-
-
-def _check(cfg: LTCConfig) -> None:
-    if cfg.pattern not in PATTERNS:
-        raise MinilmError(f"unknown pattern {cfg.pattern!r}; choose one of {', '.join(PATTERNS)}")
-    if cfg.loss not in LOSSES:
-        raise MinilmError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
-    if cfg.iterations < 1 or cfg.episodes_per_iter < 1 or cfg.batch_size < 1:
-        raise MinilmError("iterations, episodes_per_iter and batch_size must all be >= 1")
-    if cfg.chat_replay < 0:
-        raise MinilmError(f"chat_replay must be >= 0 (SFT conversations mixed into imitation), got {cfg.chat_replay}")
-    if cfg.teacher and cfg.pattern == "monologue":
-        raise MinilmError("--teacher is given but pattern monologue has no teacher; use dialogue or analogue")
 
 
 def loss_weights(cfg: LTCConfig) -> LossWeights:
@@ -242,7 +236,6 @@ def make_envs(cfg: LTCConfig, split: str, n: int) -> list:
 
 def instruction_tuned(cfg: LTCConfig, rt) -> tuple:
     """Step 1: (model, tok, train_envs, test_envs, il_summary, baseline metrics), both cached in OUT."""
-    _check(cfg)
     out = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     model, tok = init_model(cfg.init, cfg.lora)
@@ -252,7 +245,7 @@ def instruction_tuned(cfg: LTCConfig, rt) -> tuple:
     baseline_path = out / "baseline.json"
     # the baseline's eval is cached: resuming or ablating does not re-run it
     if baseline_path.exists():
-        baseline = json.loads(baseline_path.read_text())
+        baseline = read_json(baseline_path, fix="delete it to evaluate the baseline again")
     else:
         baseline = evaluate(model.to(rt.device), tok, test_envs, cfg)
         out.mkdir(parents=True, exist_ok=True)
@@ -263,7 +256,6 @@ def instruction_tuned(cfg: LTCConfig, rt) -> tuple:
 @one_writer
 def run_ltc(cfg: LTCConfig) -> dict:
     """Instruction tuning, then cfg.iterations of explore / buffer / update / evaluate / checkpoint."""
-    _check(cfg)
     rt = setup_runtime(cfg.device, cfg.dtype)
     out = Path(cfg.out_dir)
     teacher = ModelTeacher.from_checkpoint(cfg.teacher, rt.device) if cfg.teacher else None   # fail early

@@ -30,9 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minilm import MinilmError
 from minilm.checkpoint import save_checkpoint
-from minilm.config import Validated, from_preset
+from minilm.config import ConfigError, Validated, from_preset
 from minilm.loop import OptimConfig, run_loop
 from minilm.model import set_neuron_masks
 from minilm.post.base_model import init_model
@@ -84,6 +83,14 @@ class PruneConfig(Validated):
     chat_eval: bool = False         # also judge greedy replies at the end (slow-ish, noisy at this size)
     max_new_tokens: int = 96        # reply budget of the greedy judgement (worked replies: 15-90 tokens)
 
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ConfigError(f"--sparsity must be in [0, 1), got {self.sparsity} (0.5 removes half the neurons)")
+        if self.ranking not in ("auto", "local", "global"):
+            raise ConfigError(f"--ranking must be local, global or auto, got {self.ranking!r}")
+
 
 PRUNE_PRESETS = {
     "tiny": dict(),  # ~1M-param SFT model, 2 CPU cores, ~1 minute
@@ -100,15 +107,6 @@ FLAGS = ("init", "out_dir", "method", "sparsity", "ranking", "max_steps", "batch
 
 def prune_config(preset: str = "tiny", **overrides) -> PruneConfig:
     return from_preset(PruneConfig, PRUNE_PRESETS, preset, "prune", **overrides)
-
-
-def _check(cfg: PruneConfig) -> None:
-    if cfg.method not in METHODS:
-        raise MinilmError(f"unknown --method {cfg.method!r}; choose one of {', '.join(METHODS)}")
-    if not 0.0 <= cfg.sparsity < 1.0:
-        raise MinilmError(f"--sparsity must be in [0, 1), got {cfg.sparsity} (0.5 removes half the neurons)")
-    if cfg.ranking not in ("auto", "local", "global"):
-        raise MinilmError(f"--ranking must be local, global or auto, got {cfg.ranking!r}")
 
 
 def global_ranking(cfg: PruneConfig) -> bool:
@@ -242,7 +240,6 @@ def _compact(lm, masks, tokenizer, directory: Path, meta: dict, batches) -> dict
 def run_prune(cfg: PruneConfig, on_step=None) -> dict:
     """Fine-tune cfg.init while pruning cfg.sparsity of its FFN neurons with cfg.method."""
     check_settings(cfg, "prune")   # a rerun into this out_dir must have the same settings
-    _check(cfg)
     rt = setup_runtime(cfg.device, cfg.dtype)
     lm, tokenizer = init_model(cfg.init, None, rt.device)                                    # 1.
     teacher = None

@@ -23,7 +23,6 @@ keeps SFT from wrecking the language model (lesson 06, "SFT forgets text"); padd
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -42,7 +41,7 @@ from minilm.post.oracles import AnswerOracle
 from minilm.post.sft import clean_text_loss, evaluate_chat, make_batch_fn, render_examples, sft_data, sft_loss
 from minilm.run_dir import check_settings, one_writer
 from minilm.runtime import setup_runtime
-from minilm.weights import write_json
+from minilm.weights import read_json, write_json
 
 
 @dataclass
@@ -115,7 +114,8 @@ def find_text_data(cfg: SFTConfig, tokenizer) -> Path | None:
             raise MinilmError(f"text_data {cfg.text_data} holds no prepared shards (no meta.json); "
                               f"pass the phase-1 directory of `minilm prepare` / data_prep/pipeline.py")
         return None
-    fingerprint = json.loads((directory / "meta.json").read_text())["tokenizer"]["fingerprint"]
+    meta = read_json(directory / "meta.json", fix="prepare the data again into a fresh folder")
+    fingerprint = meta.get("tokenizer", {}).get("fingerprint")
     if fingerprint != tokenizer.fingerprint():
         if explicit:
             raise MinilmError(f"{directory} was tokenized with another tokenizer than {cfg.init}'s")
