@@ -1,4 +1,5 @@
-"""Tokenizer speed: BPE training throughput, and tiktoken vs the pure-Python reference encoder.
+"""Tokenizer speed: BPE training (the compiled and the Python merge loop, rustbpe and HF tokenizers
+when installed), and tiktoken vs the pure-Python reference encoder.
 
     python benchmarks/tokenizer_speed.py                    # 4096-token vocab on ~10 MB of text
     python benchmarks/tokenizer_speed.py --mb 2 --vocab 1024
@@ -14,7 +15,9 @@ import os
 import time
 
 from data_prep.stdlib_docs import stdlib_dir
-from minilm.tokenizer import Tokenizer, TokenizerError, reference_encode
+from minilm.ops.bpe import compiled_merges
+from minilm.tokenizer import (SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, TokenizerError, count_chunks, learn_merges,
+                              reference_encode)
 
 # Third-party packages are not the stdlib; leaving them out keeps the corpus the same everywhere.
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -54,6 +57,41 @@ def bytes_per_token(tok: Tokenizer, texts: list[str]) -> float:
     return sum(len(t.encode("utf-8")) for t in texts) / n_tokens
 
 
+def ranks_of(merges) -> dict[bytes, int]:
+    ranks = {bytes([b]): b for b in range(256)}
+    for a, b in merges:
+        ranks[a + b] = len(ranks)
+    return ranks
+
+
+def peers(texts: list[str], vocab: int):
+    """(name, train() -> ranks) for the installed peers, with minilm's split pattern and no specials."""
+    try:
+        import rustbpe
+
+        def train_rustbpe():
+            tok = rustbpe.Tokenizer()
+            tok.train_from_iterator(iter(texts), vocab, pattern=SPLIT_PATTERN)
+            return dict(tok.get_mergeable_ranks())
+        yield "rustbpe", train_rustbpe
+    except ImportError:
+        print("train   rustbpe: not installed (pip install rustbpe), skipped")
+    try:
+        from tokenizers import Regex, Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+
+        def train_hf():
+            tok = HFTokenizer(models.BPE())
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            tok.train_from_iterator(texts, trainers.BpeTrainer(
+                vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+            return tok.get_vocab()   # byte-level strings, not bytes: compared by time only
+        yield "HF tokenizers", train_hf
+    except ImportError:
+        print("train   HF tokenizers: not installed, skipped")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mb", type=float, default=10.0, help="MB (millions of chars) to train on")
@@ -68,9 +106,24 @@ def main() -> None:
     print(f"corpus: {len(train)} stdlib files, {n_train / 1e6:.2f} M chars for training, "
           f"{sum(map(len, held)) / 1e6:.2f} M held out; {os.cpu_count()} CPU cores")
 
-    # 1. Training: pure Python, one core.
-    tok, t_train = timed(lambda: Tokenizer.train(train, args.vocab, progress=True))
-    print(f"train   {tok.name}: {t_train:.1f} s, {n_train / t_train / 1e6:.2f} M chars/s")
+    # 1. Training: the two phases, each timed; then the peers on the same text and vocabulary.
+    chunks, t_count = timed(lambda: count_chunks(train))
+    n_merges = args.vocab - 256 - len(SPECIAL_TOKENS)
+    compiled, t_compiled = timed(lambda: compiled_merges(chunks, n_merges))
+    merges, t_python = timed(lambda: learn_merges(chunks, n_merges, progress=True))
+    assert compiled in (None, merges), "the compiled trainer's merges differ from the reference's"
+    t_ours = t_count + (t_compiled if compiled is not None else t_python)
+    print(f"train   count chunks ({len(chunks):,} distinct, {os.cpu_count()} threads): {t_count:.2f} s")
+    print(f"train   merges, pure Python (the reference): {t_python:.2f} s")
+    if compiled is not None:
+        print(f"train   merges, compiled (csrc/tokenizer): {t_compiled:.2f} s "
+              f"({t_python / t_compiled:.1f}x the reference; identical merges)")
+    print(f"train   minilm total: {t_ours:.2f} s, {n_train / t_ours / 1e6:.2f} M chars/s")
+    for name, peer in peers(train, args.vocab - len(SPECIAL_TOKENS)):
+        ranks, t_peer = timed(peer)
+        same = "identical ranks" if ranks == ranks_of(merges) else "other merges (another pre-tokenizer)"
+        print(f"train   {name}: {t_peer:.2f} s; minilm is {t_peer / t_ours:.2f}x its speed; {same}")
+    tok = Tokenizer.train(train, args.vocab, progress=False)
 
     # 2. Encoding: the reference on a sample (it is slow), tiktoken on all the training text.
     sample, _ = split_at(train, int(args.ref_mb * 1e6))

@@ -5,7 +5,7 @@
 // attention/attention_cuda_binding.cpp in CUDA builds; likewise masking/). Autograd and the fake (meta) kernels that
 // torch.compile traces with are registered from Python in minilm/ops/_kernels.py.
 // After `import minilm._C` the ops are torch.ops.minilm.attention_fwd / attention_bwd,
-// masked_ffn_fwd / masked_ffn_bwd and ffn_compact.
+// masked_ffn_fwd / masked_ffn_bwd, ffn_compact and bpe_train.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -48,4 +48,9 @@ TORCH_LIBRARY(minilm, m) {
         "Tensor hidden) -> (Tensor grad_x, Tensor grad_gate_up, Tensor grad_down)");
   // Compaction: the kept neurons' weights as new dense tensors (2K, D) and (D, K), in order.
   m.def("ffn_compact(Tensor gate_up_weight, Tensor down_weight, Tensor mask) -> (Tensor gate_up, Tensor down)");
+
+  // BPE training (csrc/tokenizer/bpe_train.cpp), CPU only: the distinct chunks as bytes (uint8, all
+  // concatenated), their offsets (N + 1,) and counts (N,). Returns merges (M, 2) int64: row k holds
+  // the ids joined into token 256 + k; M < n_merges when the text runs out of pairs.
+  m.def("bpe_train(Tensor chunks, Tensor offsets, Tensor freqs, int n_merges) -> Tensor");
 }

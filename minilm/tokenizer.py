@@ -18,7 +18,8 @@ digit by digit instead of memorising a sum table for each of 1,000 three-digit t
 Training (`learn_merges`) is incremental: unique chunks are counted once, pair counts and an
 inverted index (pair -> chunks) are updated only where a merge changes them, and a max-heap with
 lazy invalidation finds the next pair. Ties go to the highest count, then the smallest pair, so
-the same text always gives the same vocabulary. Encoding and decoding go through tiktoken (Rust,
+the same text always gives the same vocabulary. `Tokenizer.train` runs the same loop compiled
+(minilm/ops/bpe.py) when the kernels are built. Encoding and decoding go through tiktoken (Rust,
 ~20x faster); `reference_encode` is the slow textbook version the tests compare it with.
 Benchmark: python benchmarks/tokenizer_speed.py.
 
@@ -32,8 +33,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import heapq
+import itertools
 import json
+import os
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
@@ -57,13 +61,26 @@ class TokenizerError(MinilmError, ValueError):
     error like any MinilmError, and a ValueError for callers that catch those)."""
 
 
-def count_chunks(texts: Iterable[str], pattern: str = SPLIT_PATTERN) -> Counter[bytes]:
-    """Split every text with `pattern` and count each distinct chunk, as UTF-8 bytes."""
+def count_chunks(texts: Iterable[str], pattern: str = SPLIT_PATTERN, threads: int | None = None) -> Counter[bytes]:
+    """Split every text with `pattern` and count each distinct chunk, as UTF-8 bytes.
+
+    Batches of texts are split on `threads` threads (default: one per core): `regex` releases the
+    GIL while it matches (concurrent=True), and the sum of the counts does not depend on the order."""
     split = regex.compile(pattern)
-    counts: Counter[str] = Counter()
-    for text in texts:
-        counts.update(split.findall(text))
-    return Counter({chunk.encode("utf-8"): n for chunk, n in counts.items()})
+
+    def count(batch: list[str]) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        for text in batch:
+            counts.update(split.findall(text, concurrent=True))
+        return counts
+
+    texts = iter(texts)
+    batches = iter(lambda: list(itertools.islice(texts, 64)), [])
+    total: Counter[str] = Counter()
+    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+        for counts in pool.map(count, batches):
+            total.update(counts)
+    return Counter({chunk.encode("utf-8"): n for chunk, n in total.items()})
 
 
 def count_pairs(chunks: dict[bytes, int]) -> Counter[tuple[int, int]]:
@@ -121,9 +138,7 @@ def learn_merges(chunks: dict[bytes, int], n_merges: int,
     while len(merges) < n_merges:
         pair = _pop_best(heap, counts, skipped)
         if pair is None:
-            raise TokenizerError(
-                f"the training text ran out of pairs after {len(merges)} merges; pass more text "
-                f"or a vocab_size of at most {256 + len(merges)} + the number of special tokens")
+            raise _ran_out(len(merges))
         new_bytes = vocab[pair[0]] + vocab[pair[1]]
         if new_bytes in known:  # same bytes reached by another split: keep ranks one-to-one
             skipped.add(pair)
@@ -136,6 +151,11 @@ def learn_merges(chunks: dict[bytes, int], n_merges: int,
         bar.update(1)
     bar.close()
     return merges
+
+
+def _ran_out(n_merges: int) -> TokenizerError:
+    return TokenizerError(f"the training text ran out of pairs after {n_merges} merges; pass more text "
+                          f"or a vocab_size of at most {256 + n_merges} + the number of special tokens")
 
 
 def _apply_merge(pair, new_id, words, freqs, counts, where, heap) -> None:
@@ -197,8 +217,11 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, pattern: str = SPLIT_PATTERN,
-              special_tokens=SPECIAL_TOKENS, progress: bool = True) -> "Tokenizer":
-        """Learn a vocabulary of exactly `vocab_size` ids: 256 bytes, merges, then specials."""
+              special_tokens=SPECIAL_TOKENS, progress: bool = True, backend: str = "auto") -> "Tokenizer":
+        """Learn a vocabulary of exactly `vocab_size` ids: 256 bytes, merges, then specials.
+
+        backend "auto" runs the merge loop compiled (minilm/ops/bpe.py) when minilm._C is built, and
+        "python" always runs `learn_merges`, the reference; both give the same merges."""
         special_tokens = tuple(special_tokens)
         n_merges = vocab_size - 256 - len(special_tokens)
         if "<|endoftext|>" not in special_tokens:  # fail before training, not after
@@ -206,7 +229,17 @@ class Tokenizer:
         if n_merges < 0:
             raise TokenizerError(f"vocab_size={vocab_size} is too small: it must hold the 256 byte "
                                  f"tokens and {len(special_tokens)} special tokens")
-        merges = learn_merges(count_chunks(texts, pattern), n_merges, progress)
+        if backend not in ("auto", "python"):
+            raise TokenizerError(f"backend must be 'auto' or 'python', not {backend!r}")
+        chunks = count_chunks(texts, pattern)
+        merges = None
+        if backend == "auto":
+            from minilm.ops.bpe import compiled_merges   # imports torch: only when training
+            merges = compiled_merges(chunks, n_merges)
+            if merges is not None and len(merges) < n_merges:
+                raise _ran_out(len(merges))
+        if merges is None:
+            merges = learn_merges(chunks, n_merges, progress)
         ranks = {bytes([b]): b for b in range(256)}
         for a, b in merges:
             ranks[a + b] = len(ranks)

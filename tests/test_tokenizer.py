@@ -48,6 +48,48 @@ def test_first_merges_hand_computed():
     assert merges == [(b"u", b"g"), (b"h", b"ug"), (b" ", b"p")]
 
 
+def _compiled_merges():
+    from minilm.ops._kernels import LOADED, LOAD_ERROR
+    if not LOADED:
+        pytest.skip(f"minilm._C is not built ({LOAD_ERROR}); the compiled BPE trainer needs it")
+    from minilm.ops.bpe import compiled_merges
+    return compiled_merges
+
+
+def test_compiled_trainer_equals_the_reference_on_the_hand_computed_case():
+    chunks = count_chunks(["hug hug hug pug pun bun"])
+    assert _compiled_merges()(chunks, 3) == [(b"u", b"g"), (b"h", b"ug"), (b" ", b"p")]
+    assert _compiled_merges()(chunks, 100) == learn_merges(chunks, 9)   # every chunk is one token after 9
+    with pytest.raises(TokenizerError, match="ran out of pairs after 9 merges"):
+        Tokenizer.train(["hug hug hug pug pun bun"], vocab_size=256 + 10 + len(SPECIAL_TOKENS), progress=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(alphabet="ab \n1é", max_size=30), min_size=1, max_size=8), st.integers(1, 40))
+def test_compiled_trainer_equals_the_reference_on_random_text(texts, n_merges):
+    """Few letters, many ties and repeats: every tie-break and the 'bytes already known' skip get hit."""
+    chunks = count_chunks(texts)
+    reference = []
+    try:
+        reference = learn_merges(chunks, n_merges)
+    except TokenizerError:   # ran out of pairs: the compiled trainer returns what it found
+        for n in range(n_merges - 1, -1, -1):
+            try:
+                reference = learn_merges(chunks, n)
+                break
+            except TokenizerError:
+                continue
+    assert _compiled_merges()(chunks, n_merges) == reference
+
+
+def test_compiled_trainer_equals_the_reference_on_real_text(docs):
+    chunks = count_chunks(docs[0])
+    assert _compiled_merges()(chunks, VOCAB - 256) == learn_merges(chunks, VOCAB - 256)
+    fast = Tokenizer.train(docs[0], vocab_size=VOCAB, progress=False)                 # compiled
+    slow = Tokenizer.train(docs[0], vocab_size=VOCAB, progress=False, backend="python")
+    assert fast.ranks == slow.ranks and fast.fingerprint() == slow.fingerprint()
+
+
 def test_merge_pair_is_left_to_right_and_non_overlapping():
     assert merge_pair([97, 97, 97], (97, 97), 256) == [256, 97]
     assert merge_pair([1, 2, 1, 2, 3], (1, 2), 300) == [300, 300, 3]
