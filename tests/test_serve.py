@@ -296,6 +296,35 @@ def test_past_the_queue_bound_clients_get_429_and_the_rest_finish(ckpt, monkeypa
     assert running[0][0] == 200 and waiting[0][0] == 200
 
 
+def test_a_client_that_leaves_mid_stream_stops_its_decoding(ckpt, tok, monkeypatch):
+    app = create_app(ckpt)
+    pulled, closed = [], threading.Event()
+
+    def slow(model, prompt, max_new_tokens, *args):   # a token every 20 ms, never a stop token
+        try:
+            for _ in range(max_new_tokens):
+                time.sleep(0.02)
+                pulled.append(1)
+                yield tok.encode("a")[0]
+        finally:
+            closed.set()
+    monkeypatch.setattr(worker_module, "stream", slow)
+    with live(app) as (host, port):
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        conn.request("POST", "/v1/chat/completions", json.dumps({"messages": USER, "max_tokens": 100, "stream": True}),
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")
+        conn.sock.shutdown(socket.SHUT_RDWR)   # the client goes away after the first event
+        conn.close()
+        assert closed.wait(30)
+        assert len(pulled) < 100   # stopped early: the job was cancelled, not run to max_tokens
+        r = urllib.request.urlopen(urllib.request.Request(
+            f"http://{host}:{port}/v1/chat/completions", json.dumps({"messages": USER, "max_tokens": 2}).encode(),
+            {"Content-Type": "application/json"}), timeout=30)
+        assert r.status == 200   # and the worker serves the next request
+
+
 def test_stop_text_cuts_before_the_stop_string_across_any_split():
     text, stop = "The answer is 4.\nUser: next", "\nUser:"
     for i in range(len(text)):

@@ -82,7 +82,8 @@ def create_app(checkpoint, run_dir=None, max_queue: int = 16, device="cpu") -> F
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(what, value):   # called on the worker thread: hand the event to this loop
-            loop.call_soon_threadsafe(events.put_nowait, (what, value))
+            if not loop.is_closed():   # (closed only when the server is shutting down)
+                loop.call_soon_threadsafe(events.put_nowait, (what, value))
         try:
             job = worker.submit(req.prompt, req.sampling, emit)
         except Busy as e:

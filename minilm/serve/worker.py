@@ -21,6 +21,7 @@ and no top_k (the OpenAI API has none).
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import random
 import threading
@@ -125,7 +126,8 @@ class Worker:
             try:
                 job.emit("done", self.run(job))
             except Exception as e:  # noqa: BLE001 (a failed job must not end the worker)
-                job.emit("error", f"decoding failed: {type(e).__name__}: {e}")
+                with contextlib.suppress(Exception):
+                    job.emit("error", f"decoding failed: {type(e).__name__}: {e}")
 
     def run(self, job: Job) -> str:
         """Sample the job's reply, emitting its text piece by piece; returns the finish reason."""
