@@ -198,6 +198,8 @@ BAD = [
     ("five stops", {"messages": USER, "stop": list("abcde")}, 400, "stop"),
     ("stream a string", {"messages": USER, "stream": "yes"}, 400, "stream"),
     ("n 2", {"messages": USER, "n": 2}, 400, "'n'"),
+    ("seed negative", {"messages": USER, "seed": -1}, 400, "seed"),
+    ("a body over 1 MB", {"messages": [{"role": "user", "content": "x" * (1 << 20)}]}, 413, "over"),
 ]
 
 
@@ -418,8 +420,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(ckpt, tmp_path, capsys, argv, word
     argv = [a.format(missing=tmp_path / "missing", ck=ckpt) for a in argv]
     assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and words in err, err
-    assert len([line for line in err.splitlines() if "error:" in line]) == 1, err
+    assert "Traceback" not in err and words in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_cli_a_busy_port_is_one_line_and_exit_2(ckpt, capsys):
@@ -429,5 +430,11 @@ def test_cli_a_busy_port_is_one_line_and_exit_2(ckpt, capsys):
     finally:
         taken.close()
     err = capsys.readouterr().err
-    assert "cannot listen on 127.0.0.1" in err and "Traceback" not in err, err
-    assert len([line for line in err.splitlines() if "error:" in line]) == 1, err
+    assert "cannot listen on 127.0.0.1" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_the_real_entry_point_prints_one_line_and_exits_2(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "minilm", "serve", str(tmp_path / "missing")], capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"minilm serve: error: {tmp_path / 'missing'} is not a minilm checkpoint: no config.json (it does not exist)"]

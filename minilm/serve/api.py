@@ -105,7 +105,10 @@ def _sampling(body: dict, prompt_len: int, context: int) -> Sampling:
         raise ApiError(400, f"the prompt ({prompt_len} tokens) + {name} ({max_tokens}) exceeds the model's "
                             f"{context}-token context; ask for at most {room} tokens or shorten the prompt",
                        param=name, code="context_length_exceeded")
-    return Sampling(max_tokens, temperature, top_p, _stop(body), _integer(body, "seed"))
+    seed = _integer(body, "seed")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise _bad("seed", f"must be from 0 to 2**63 - 1, got {seed}")
+    return Sampling(max_tokens, temperature, top_p, _stop(body), seed)
 
 
 def _stop(body: dict) -> tuple[str, ...]:

@@ -34,12 +34,14 @@ from starlette.exceptions import HTTPException
 
 from minilm import MinilmError
 from minilm.chat_cli import load_chat_model
+from minilm.checkpoint import read_config
 from minilm.runtime import setup_runtime
 from minilm.serve import api
 from minilm.serve.report import SERVED, file_inside, markdown_to_html
 from minilm.serve.worker import Busy, Worker
 
 PAGE = Path(__file__).with_name("page.html")
+MAX_BODY = 1 << 20   # bytes of a request body: far more than any context of ours holds
 # the page may load only what this server sends: no CDN, no font, no request to another host
 CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
        "img-src 'self'; connect-src 'self'")
@@ -76,7 +78,12 @@ def create_app(checkpoint, run_dir=None, max_queue: int = 16, device="cpu") -> F
                             status_code=e.status_code)
 
     async def answer(request: Request, kind: str):
-        body = api.parse_body(await request.body())
+        raw = bytearray()
+        async for part in request.stream():   # read at most MAX_BODY bytes, however long the body
+            raw += part
+            if len(raw) > MAX_BODY:
+                raise api.ApiError(413, f"the request body is over {MAX_BODY:,} bytes; send a shorter conversation")
+        body = api.parse_body(bytes(raw))
         parse = api.parse_chat if kind == "chat" else api.parse_completion
         req = parse(body, tokenizer, context)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -199,8 +206,9 @@ def serve(checkpoint, host: str = "127.0.0.1", port="8000", run_dir=None, max_qu
     port, max_queue = _whole(port, "--port", 1, 65535), _whole(max_queue, "--max-queue", 1, 10_000)
     if run_dir is not None and not Path(run_dir).is_dir():
         raise MinilmError(f"--run {run_dir} is not a folder; give a run folder such as runs/speedrun-laptop")
+    read_config(checkpoint)    # a wrong path is one error line, before anything is logged or bound
+    sock = bind(host, port)    # a busy port, before the model loads
     app = create_app(checkpoint, run_dir, max_queue, setup_runtime(device).device)
-    sock = bind(host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}: anyone who can reach this machine can use the model "
               f"(there is no authentication)", file=sys.stderr)
