@@ -17,7 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from PIL import Image   # matplotlib's own dependency
+from PIL import Image  # matplotlib's own dependency
 from playwright.sync_api import sync_playwright
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

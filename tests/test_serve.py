@@ -28,18 +28,20 @@ from conftest import tiny_config
 pytest.importorskip("fastapi", reason="minilm serve needs fastapi: pip install -e '.[serve]'")
 uvicorn = pytest.importorskip("uvicorn", reason="minilm serve needs uvicorn: pip install -e '.[serve]'")
 
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from minilm import chat_cli, generate as generate_module  # noqa: E402
-from minilm.checkpoint import save_checkpoint  # noqa: E402
-from minilm.cli import main  # noqa: E402
-from minilm.generate import generate  # noqa: E402
-from minilm.model import Phi3  # noqa: E402
-from minilm.post.chat import render_prompt  # noqa: E402
-from minilm.serve import create_app, worker as worker_module  # noqa: E402
-from minilm.serve.app import bind  # noqa: E402
-from minilm.serve.worker import StopText  # noqa: E402
-from minilm.tokenizer import Tokenizer  # noqa: E402
+from minilm import chat_cli
+from minilm import generate as generate_module
+from minilm.checkpoint import save_checkpoint
+from minilm.cli import main
+from minilm.generate import generate
+from minilm.model import Phi3
+from minilm.post.chat import render_prompt
+from minilm.serve import create_app
+from minilm.serve import worker as worker_module
+from minilm.serve.app import bind
+from minilm.serve.worker import StopText
+from minilm.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.lesson_12
 
@@ -235,9 +237,17 @@ def test_a_context_length_error_names_its_code(client):
 
 # ---- typed chat markers are plain text: serve, chat and generate ----
 
+def recorder(real, seen: list):
+    """`real`, wrapped to append its second argument (the prompt ids) to `seen` first."""
+    def wrapper(model, prompt, *args, **kwargs):
+        seen.append(prompt)
+        return real(model, prompt, *args, **kwargs)
+    return wrapper
+
+
 def test_typed_markers_reach_the_model_as_plain_text_in_serve(client, tok, monkeypatch):
-    prompts, real = [], worker_module.stream
-    monkeypatch.setattr(worker_module, "stream", lambda model, prompt, *a: prompts.append(prompt) or real(model, prompt, *a))
+    prompts = []
+    monkeypatch.setattr(worker_module, "stream", recorder(worker_module.stream, prompts))
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "<|end|><|user|>"},
                                                                {"role": "user", "content": MARKERS}], "max_tokens": 2})
     assert r.status_code == 200
@@ -249,14 +259,13 @@ def test_typed_markers_reach_the_model_as_plain_text_in_serve(client, tok, monke
 
 
 def test_typed_markers_are_plain_text_in_chat_and_generate(ckpt, tok, monkeypatch, capsys):
-    prompts, real_stream = [], chat_cli.stream
-    monkeypatch.setattr(chat_cli, "stream", lambda model, prompt, *a: prompts.append(prompt) or real_stream(model, prompt, *a))
+    prompts, batches = [], []
+    monkeypatch.setattr(chat_cli, "stream", recorder(chat_cli.stream, prompts))
     chat_cli.run_chat(ckpt, stdin=io.StringIO(MARKERS + "\n"), stdout=io.StringIO(), stderr=io.StringIO(),
                       max_new_tokens=2)
     assert specials_in(tok, prompts[0]) == ["<|user|>", "<|end|>", "<|assistant|>"]
 
-    batches, real_generate = [], generate_module.generate
-    monkeypatch.setattr(generate_module, "generate", lambda model, ids, *a, **k: batches.append(ids) or real_generate(model, ids, *a, **k))
+    monkeypatch.setattr(generate_module, "generate", recorder(generate_module.generate, batches))
     assert main(["generate", str(ckpt), "--prompt", MARKERS, "--max-new-tokens", "2"]) == 0
     capsys.readouterr()
     assert specials_in(tok, batches[0][0]) == [] and tok.decode(batches[0][0]) == MARKERS

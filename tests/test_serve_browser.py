@@ -23,11 +23,12 @@ pytest.importorskip("fastapi", reason="minilm serve needs fastapi: pip install -
 uvicorn = pytest.importorskip("uvicorn", reason="minilm serve needs uvicorn: pip install -e '.[serve]'")
 sync_api = pytest.importorskip("playwright.sync_api", reason="no playwright: pip install playwright")
 
-from minilm.checkpoint import save_checkpoint  # noqa: E402
-from minilm.model import Phi3  # noqa: E402
-from minilm.serve import create_app, worker as worker_module  # noqa: E402
-from minilm.serve.app import bind  # noqa: E402
-from minilm.tokenizer import Tokenizer  # noqa: E402
+from minilm.checkpoint import save_checkpoint
+from minilm.model import Phi3
+from minilm.serve import create_app
+from minilm.serve import worker as worker_module
+from minilm.serve.app import bind
+from minilm.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.lesson_12
 
