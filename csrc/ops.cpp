@@ -5,7 +5,8 @@
 // attention/attention_cuda_binding.cpp in CUDA builds; likewise masking/). Autograd and the fake (meta) kernels that
 // torch.compile traces with are registered from Python in minilm/ops/_kernels.py.
 // After `import minilm._C` the ops are torch.ops.minilm.attention_fwd / attention_bwd,
-// masked_ffn_fwd / masked_ffn_bwd, ffn_compact and bpe_train.
+// masked_ffn_fwd / masked_ffn_bwd, ffn_compact,
+// cross_entropy_fwd / cross_entropy_bwd and bpe_train.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -48,6 +49,14 @@ TORCH_LIBRARY(minilm, m) {
         "Tensor hidden) -> (Tensor grad_x, Tensor grad_gate_up, Tensor grad_down)");
   // Compaction: the kept neurons' weights as new dense tensors (2K, D) and (D, K), in order.
   m.def("ffn_compact(Tensor gate_up_weight, Tensor down_weight, Tensor mask) -> (Tensor gate_up, Tensor down)");
+
+  // Cross-entropy of logits (N, V) against targets (N,) int64, fused (csrc/loss/): loss (N,) per row
+  // (0 where target == ignore_index) and lse (N,), each row's logsumexp, which the backward reuses;
+  // both float32 (float64 for float64 logits). The mean over kept rows is left to the caller.
+  m.def("cross_entropy_fwd(Tensor logits, Tensor targets, int ignore_index) -> (Tensor loss, Tensor lse)");
+  // grad_logits (N, V) in logits' dtype: grad_loss[i] * (softmax(logits[i]) - onehot(targets[i])).
+  m.def("cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor targets, Tensor lse, int ignore_index) -> "
+        "Tensor");
 
   // BPE training (csrc/tokenizer/bpe_train.cpp), CPU only: the distinct chunks as bytes (uint8, all
   // concatenated), their offsets (N + 1,) and counts (N,). Returns merges (M, 2) int64: row k holds

@@ -115,30 +115,32 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     # room for every position this call can reach: the prompt and all new tokens
     cache = KVCache(model.config, b, p + max_new_tokens, device,
                     next(model.parameters()).dtype) if use_cache else None
-    logprobs = torch.zeros(b, p, device=device)  # grows to (B, P + N): 0 on the prompt
-    gen = torch.zeros(b, p, dtype=torch.long, device=device)  # (B, P): no prompt token is generated
+    # every buffer is allocated once for the longest reply, (B, P + N), and filled column by column
+    tokens = torch.cat([tokens, tokens.new_full((b, max_new_tokens), pad_id)], dim=1)
+    mask = torch.cat([mask, mask.new_zeros(b, max_new_tokens)], dim=1)  # 1 on real tokens
+    gen = torch.zeros_like(mask)  # 1 on generated tokens: none in the prompt
+    logprobs = torch.zeros(b, p + max_new_tokens, device=device)  # 0 off the generated tokens
     done = torch.zeros(b, dtype=torch.bool, device=device)  # (B,) rows that emitted a stop token
-    step_input = tokens  # the whole prompt first; then one token
+    n = p  # columns filled so far
+    step_input = tokens[:, :p]  # the whole prompt first; then one token
     for _ in range(max_new_tokens):
         if cache is not None and longrope_restart(model.config, cache.length, step_input.shape[1]):
-            cache.length, step_input = 0, tokens   # LongRoPE: every key again, with the long factors
+            cache.length, step_input = 0, tokens[:, :n]   # LongRoPE: every key again, with the long factors
         # (B, T_in, V): with the cache only the new positions run; the mask covers every position so far
-        logits, _ = model(step_input if use_cache else tokens, kv_cache=cache, attention_mask=mask)
+        logits, _ = model(step_input if use_cache else tokens[:, :n], kv_cache=cache, attention_mask=mask[:, :n])
         token, lp = sample_next(logits[:, -1], temperature, top_k, top_p, generator,
                                 getattr(model, "tokenizer_vocab", None))  # (B,), (B,)
         alive = ~done
         # finished rows get padding, masked out of attention, gen_mask and logprobs
-        token = torch.where(alive, token, torch.full_like(token, pad_id))
-        tokens = torch.cat([tokens, token[:, None]], dim=1)
-        mask = torch.cat([mask, alive.long()[:, None]], dim=1)
-        gen = torch.cat([gen, alive.long()[:, None]], dim=1)
-        logprobs = torch.cat([logprobs, torch.where(alive, lp, 0.0)[:, None]], dim=1)
-        done |= torch.isin(token, stop) & alive  # the stop token itself stays generated
-        step_input = token[:, None]
+        tokens[:, n] = torch.where(alive, token, torch.full_like(token, pad_id))
+        mask[:, n] = gen[:, n] = alive.long()
+        logprobs[:, n] = torch.where(alive, lp, 0.0)
+        done |= torch.isin(tokens[:, n], stop) & alive  # the stop token itself stays generated
+        step_input, n = tokens[:, n:n + 1], n + 1
         if done.all():  # every row stopped: N may end below max_new_tokens
             break
     model.train(was_training)
-    return Rollout(tokens, mask, gen, logprobs, p)
+    return Rollout(*(x[:, :n].contiguous() for x in (tokens, mask, gen, logprobs)), p)
 
 
 def token_logprobs(model, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -55,7 +55,7 @@ print('attention backends:', available_backends())
 \""
 if [ "$NGPU" -ge 1 ]; then
     step gpu-tests python -m pytest -m gpu -q
-    step attention python benchmarks/attention.py --shapes small T1024 T2048 --dtype bfloat16 --no-memory
+    step attention python benchmarks/attention.py --shapes small T1024 T2048 --dtypes bfloat16 --no-memory
     step speedrun python -m minilm speedrun --preset gpu --out-dir "$OUT/speedrun" \
         --set pretrain.max_steps=400 --set pretrain.eval_every=200 --set pretrain.ckpt_every=200 \
         --set sft.max_steps=300 --set dpo.max_steps=150 --set hydra-sft.max_steps=150 --set ppo.max_steps=20 \

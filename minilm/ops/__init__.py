@@ -3,11 +3,13 @@
     from minilm import ops
     out = ops.attention(q, k, v, causal=True)
     y = ops.masked_ffn(x, gate_up_weight, down_weight, mask)   # FFN over kept neurons only
+    loss = ops.cross_entropy(logits, targets)                 # (N, V), (N,): one read of the logits
 
 Pure-PyTorch references for every op live in `minilm/ops/reference.py`.
 """
 
 from minilm.ops.attention import attention, available_backends
+from minilm.ops.loss import cross_entropy
 from minilm.ops.masking import compact_ffn, masked_ffn
 
-__all__ = ["attention", "available_backends", "compact_ffn", "masked_ffn"]
+__all__ = ["attention", "available_backends", "compact_ffn", "cross_entropy", "masked_ffn"]

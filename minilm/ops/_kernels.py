@@ -7,10 +7,13 @@ The C++ side only defines the ops and their device kernels:
     torch.ops.minilm.masked_ffn_fwd(x, gate_up_weight, down_weight, mask) -> (out, hidden)
     torch.ops.minilm.masked_ffn_bwd(grad_out, x, gate_up_weight, down_weight, mask, hidden) -> 3 grads
     torch.ops.minilm.ffn_compact(gate_up_weight, down_weight, mask) -> (gate_up_kept, down_kept)
+    torch.ops.minilm.cross_entropy_fwd(logits, targets, ignore_index) -> (loss_rows, lse)
+    torch.ops.minilm.cross_entropy_bwd(grad_rows, logits, targets, lse, ignore_index) -> grad_logits
 Here, in Python (the pattern of PyTorch's custom-op tutorial):
   - `register_autograd` makes attention_fwd differentiable: the forward saves q, k, v, out and lse,
     the backward calls attention_bwd (FlashAttention-2 recomputes the scores from lse); likewise
-    masked_ffn_fwd saves its hidden (N, 2K) for masked_ffn_bwd (ffn_compact is a composite of ATen
+    masked_ffn_fwd saves its hidden (N, 2K) for masked_ffn_bwd, and cross_entropy_fwd its lse (N,)
+    for cross_entropy_bwd (ffn_compact is a composite of ATen
     ops, which autograd differentiates without help);
   - `register_fake` says what shapes and dtypes each op returns without computing anything, which
     is all torch.compile (and torch.library.opcheck) needs to trace through them.
@@ -80,3 +83,27 @@ if LOADED:
         return (*grads, None)  # no gradient for the mask: use act * mask for that (model.MLP does)
 
     torch.library.register_autograd("minilm::masked_ffn_fwd", _ffn_backward, setup_context=_ffn_setup_context)
+
+    # fused cross-entropy (csrc/loss/): loss_rows, lse = cross_entropy_fwd(logits, targets, ignore_index)
+    @torch.library.register_fake("minilm::cross_entropy_fwd")
+    def _cross_entropy_fwd_fake(logits, targets, ignore_index):
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        return logits.new_empty(logits.shape[:1], dtype=acc), logits.new_empty(logits.shape[:1], dtype=acc)
+
+    @torch.library.register_fake("minilm::cross_entropy_bwd")
+    def _cross_entropy_bwd_fake(grad_loss, logits, targets, lse, ignore_index):
+        return torch.empty_like(logits)
+
+    def _ce_setup_context(ctx, inputs, output):
+        logits, targets, ignore_index = inputs
+        ctx.save_for_backward(logits, targets, output[1])  # the logits and lse (N,): no softmax kept
+        ctx.ignore_index = ignore_index
+        ctx.mark_non_differentiable(output[1])
+
+    def _ce_backward(ctx, grad_rows, _grad_lse):
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.ops.minilm.cross_entropy_bwd(grad_rows.to(lse.dtype).contiguous(), logits, targets, lse,
+                                                  ctx.ignore_index)
+        return grad, None, None  # targets and ignore_index get no gradient
+
+    torch.library.register_autograd("minilm::cross_entropy_fwd", _ce_backward, setup_context=_ce_setup_context)

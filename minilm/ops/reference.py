@@ -86,3 +86,16 @@ def ffn_compact_reference(gate_up_weight: torch.Tensor, down_weight: torch.Tenso
     kept = mask.nonzero().flatten()  # (K,)
     n = down_weight.shape[1]  # F: the up rows start at row F
     return gate_up_weight[torch.cat([kept, kept + n])], down_weight[:, kept]
+
+
+def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean over kept rows of logsumexp(logits[i]) - logits[i, targets[i]], in float32 (float64 stays).
+
+    logits (N, V), targets (N,) int64; rows whose target is ignore_index do not count (all ignored: nan,
+    as 0 / 0, like F.cross_entropy). This is PyTorch's own fused path, spelled out.
+    """
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    keep = targets != ignore_index
+    picked = logits.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)  # (N,) the targets' logits
+    rows = torch.where(keep, logits.logsumexp(dim=1) - picked, torch.zeros_like(picked))
+    return rows.sum() / keep.sum()

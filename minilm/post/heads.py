@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from minilm import ops
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -70,7 +71,7 @@ class HydraModel(nn.Module):
         logits = self.lm.lm_head(hidden)                             # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            loss = ops.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss, self.head_values(hidden)
 
     def score(self, idx, attention_mask=None, head: str = "reward") -> torch.Tensor:
