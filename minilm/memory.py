@@ -17,8 +17,9 @@ Every term comes from the model itself, built on the `meta` device (shapes, no s
                log-sum-exp, through the kernels' fake implementations; without built kernels the
                reference's score matrices are counted). With activation checkpointing only each
                layer's input is kept, plus one layer recomputed during backward.
-  loss         the logits the forward returns plus the two fp32 logit-sized gradients of the
-               cross-entropy's backward: (B, T, V) tensors, the peak's biggest transients
+  loss         the logits the forward returns plus the logit-sized gradient of the cross-entropy's
+               backward, in the compute dtype with the fused kernel (csrc/loss/); without built
+               kernels PyTorch's path makes two float32 ones: (B, T, V) tensors, the biggest transients
   kv cache     keys and values for generation (PPO, DNO, LTC rollouts), compute dtype
 Peaks on CPU (fp32) are within about 20% of the plan (tests/test_memory.py; benchmarks print both).
 Deviation from a real run: allocator fragmentation, CUDA context (~0.5 GiB) and temporary buffers
@@ -34,6 +35,7 @@ import torch
 from minilm.config import ModelConfig
 from minilm.lora import apply_lora
 from minilm.model import Phi3
+from minilm.ops import loss as cross_entropy_kernel
 
 BYTES = {"fp32": 4, "bf16": 2}
 GIB = 2 ** 30
@@ -120,7 +122,8 @@ def plan_memory(cfg: ModelConfig, batch_size: int, seq_len: int, *, dtype: str =
     shard = world if fsdp else 1
     weights = (params * 4 + frozen_copies * params * BYTES[dtype]) / shard
     activations = activation_bytes(cfg, batch_size, seq_len, dtype, lora_r, checkpointing)
-    loss = batch_size * seq_len * cfg.vocab_size * (BYTES[dtype] + 2 * 4)
+    loss_grads = BYTES[dtype] if cross_entropy_kernel.USE_KERNEL else 2 * 4
+    loss = batch_size * seq_len * cfg.vocab_size * (BYTES[dtype] + loss_grads)
     kv = 2 * cfg.n_layer * kv_batch * kv_len * cfg.n_kv_head * cfg.head_dim * BYTES[dtype]
     setting = (f"batch {batch_size} x seq {seq_len}, {dtype}, {'LoRA r=' + str(lora_r) if lora_r else 'full'}, "
                f"{world} GPU{'s' if world > 1 else ''} ({'FSDP' if fsdp else 'DDP' if world > 1 else 'one device'})"

@@ -15,6 +15,7 @@ from minilm.cli import main as cli
 from minilm.config import get_preset
 from minilm.memory import GIB, activation_bytes, plan_memory
 from minilm.model import Phi3
+from minilm.ops import loss as cross_entropy_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import memory_plan  # noqa: E402  (benchmarks/memory_plan.py)
@@ -42,11 +43,14 @@ def test_lora_trains_r_times_in_plus_out_per_adapted_matrix():
     assert plan.trainable == 2 * per_layer and plan.gradients == 4 * plan.trainable
 
 
-def test_kv_cache_and_loss_buffers_by_hand():
+def test_kv_cache_and_loss_buffers_by_hand(monkeypatch):
     cfg = tiny_config()
     plan = plan_memory(cfg, 2, 16, dtype="bf16", kv_batch=3, kv_len=64)
     assert plan.kv_cache == 2 * cfg.n_layer * 3 * 64 * cfg.n_kv_head * cfg.head_dim * 2   # k and v, bf16
-    assert plan.loss == 2 * 16 * cfg.vocab_size * (2 + 4 + 4)    # logits, two fp32 gradients
+    fused = cross_entropy_kernel.USE_KERNEL
+    assert plan.loss == 2 * 16 * cfg.vocab_size * ((2 + 2) if fused else (2 + 4 + 4))  # logits and their gradient(s)
+    monkeypatch.setattr(cross_entropy_kernel, "USE_KERNEL", not fused)  # the other path's buffers
+    assert plan_memory(cfg, 2, 16, dtype="bf16").loss == 2 * 16 * cfg.vocab_size * ((2 + 4 + 4) if fused else (2 + 2))
 
 
 def test_meta_activations_equal_what_a_real_forward_saves():
