@@ -37,6 +37,7 @@ from minilm.tokenizer import TokenizerError
 # (Python's str.isspace also takes \x1c..\x1f)
 WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200b))) + "\u2028\u2029\u202f\u205f\u3000"
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")   # what the ByteFallback decoder reads as one byte
 
 
 def _fail(path, what: str) -> TokenizerError:
@@ -70,6 +71,7 @@ def _metaspace(spec, path) -> tuple[str, str] | None:
 
 
 def _decoder_steps(spec, path) -> list[dict]:
+    """The decoder's steps, in order; `decode` runs them over the list of token strings."""
     steps = spec.get("decoders", []) if spec and spec["type"] == "Sequence" else [spec]
     for d in steps:
         if not d or d["type"] not in ("Replace", "ByteFallback", "Fuse", "Strip"):
@@ -81,7 +83,7 @@ def _byte_fallback(tokens: list[str]) -> list[str]:
     """Runs of <0xXX> tokens -> their UTF-8 text, or one U+FFFD per byte when it is not valid."""
     out, run = [], bytearray()
     for t in tokens + [None]:   # None flushes the last run
-        if t is not None and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+        if t is not None and BYTE_TOKEN.fullmatch(t):
             run.append(int(t[3:5], 16))
             continue
         if run:
