@@ -21,7 +21,6 @@ chat-tuned, or a tokenizer without the chat tokens, still chats, with a one-line
 
 from __future__ import annotations
 
-import codecs
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from minilm.post.chat import parse_reply, render_prompt
 from minilm.runtime import setup_runtime
 
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
-NOT_CHAT_STAGES = (None, "pretrain", "import-hf")
+NOT_CHAT_STAGES = (None, "pretrain")   # an import-hf checkpoint may be chat-tuned (Phi-3-mini-instruct)
 HELP = "commands: /reset (new conversation), /system TEXT (set the system message), /quit"
 
 
@@ -71,19 +70,26 @@ class Turn:
 def decode_stream(tokenizer, ids: Iterable[int]) -> Iterator[str]:
     """Text of a token stream, piece by piece, each piece as soon as its characters are complete.
 
-    Byte-level BPE tokens are byte strings, and one character's UTF-8 bytes can be split across
-    tokens ("é" is C3 A9: two tokens if no merge joined them); decoding each token alone would print
-    two U+FFFD. An incremental UTF-8 decoder keeps an unfinished character's bytes until the next
-    token completes it; bytes that can never make a character still come out as U+FFFD.
+    After each token the piece is what `tokenizer.decode` of the ids so far adds to the text given
+    out before, so the pieces join to exactly the decoded reply. Decoding each token alone would be
+    wrong: one character's UTF-8 bytes can be split across tokens ("é" is C3 A9: two tokens if no
+    merge joined them), which would print two U+FFFD, and a SentencePiece token's "▁" is a space only
+    where it is not the reply's first character. A text that ends in U+FFFD is held back until the
+    next token completes the character; bytes that can never make one still come out as U+FFFD
+    (a SentencePiece byte run that turns out not to be UTF-8 becomes U+FFFD as a whole in `decode`,
+    after its valid first bytes may have been given out: only such garbage can differ).
     """
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    seen: list[int] = []
+    sent = ""
     for t in ids:
-        piece = decoder.decode(tokenizer.decode_bytes([t]))
-        if piece:
-            yield piece
-    tail = decoder.decode(b"", final=True)
-    if tail:
-        yield tail
+        seen.append(t)
+        text = tokenizer.decode(seen)   # decodes the whole reply again: a reply is short
+        if not text.endswith("\ufffd") and len(text) > len(sent):
+            yield text[len(sent):]
+            sent = text
+    text = tokenizer.decode(seen) if seen else ""
+    if len(text) > len(sent):
+        yield text[len(sent):]
 
 
 def render_conversation(tokenizer, messages: list[dict]) -> list[int]:

@@ -4,7 +4,8 @@ A checkpoint is a directory:
 
     config.json        {"format", "version", "model": ModelConfig, "tokenizer": {...}, "meta": {...}}
     model.safetensors  weights (model.pt when the safetensors package is absent)
-    tokenizer.tiktoken + tokenizer.json    the tokenizer, see minilm/tokenizer.py
+    tokenizer.tiktoken + tokenizer.json    the tokenizer, see minilm/tokenizer.py (or only tokenizer.json,
+                       Hugging Face's own, for Phi-3-mini's tokenizer: minilm/sp_tokenizer.py)
     train_state.pt     optimizer, step, RNG states: what `train` needs to resume exactly
     adapter_config.json + adapters.safetensors   LoRA adapters, when the model carries them
     NAME.safetensors   each `extra` state dict (e.g. heads.safetensors for reward/value heads)
@@ -37,17 +38,20 @@ from minilm.config import ConfigError, ModelConfig
 from minilm.lora import base_state_dict, lora_layers
 from minilm.lora_io import load_adapters, write_adapters
 from minilm.model import Phi3, get_neuron_masks
+from minilm.sp_tokenizer import SentencePieceTokenizer
 from minilm.tokenizer import Tokenizer, TokenizerError
 from minilm.weights import (HAVE_SAFETENSORS, atomic_dir, load_safetensors, read_json, read_weights, recover,
                             write_weights)
 
 FORMAT, VERSION = "minilm-checkpoint", 1
+# config.json's tokenizer "kind" -> the class that loads it; a checkpoint without a kind is byte-level
+TOKENIZERS = {cls.kind: cls for cls in (Tokenizer, SentencePieceTokenizer)}
 
 @dataclass
 class Checkpoint:
     model: Phi3
     config: ModelConfig
-    tokenizer: object | None  # minilm.tokenizer.Tokenizer
+    tokenizer: object | None  # Tokenizer or SentencePieceTokenizer: TOKENIZERS[config "kind"]
     meta: dict
     train_state: dict | None
     path: Path
@@ -102,7 +106,7 @@ def save_checkpoint(directory, model: Phi3, tokenizer=None, train_state: dict | 
     config = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(),
               "tokenizer": None, "meta": meta or {}, "extra": sorted(extra)}
     if tokenizer is not None:
-        config["tokenizer"] = {"name": tokenizer.name, "n_vocab": tokenizer.n_vocab,
+        config["tokenizer"] = {"kind": tokenizer.kind, "name": tokenizer.name, "n_vocab": tokenizer.n_vocab,
                                "fingerprint": tokenizer.fingerprint()}
 
     def write(tmp: Path):
@@ -174,8 +178,12 @@ def load_checkpoint(directory, device="cpu", with_train_state: bool = False) -> 
         raise MinilmError(f"{directory}/config.json has an invalid model config: {e}") from e
     tokenizer = None
     if config.get("tokenizer"):
+        kind = config["tokenizer"].get("kind", Tokenizer.kind)
+        if kind not in TOKENIZERS:
+            raise MinilmError(f"{directory}/config.json names tokenizer kind {kind!r}; this minilm reads "
+                              f"{', '.join(TOKENIZERS)}. Upgrade minilm or use another checkpoint")
         try:
-            tokenizer = Tokenizer.load(directory)
+            tokenizer = TOKENIZERS[kind].load(directory)
         except TokenizerError as e:
             raise MinilmError(f"{directory}: {e}") from e
         # the files on disk must be the tokenizer the model was trained with
@@ -324,7 +332,7 @@ def export_hf(model: Phi3, out_dir, tokenizer=None) -> Path:
 def import_hf(hf_dir) -> Phi3:
     """Build our model from a Hugging Face Phi-3 directory (single-file or sharded safetensors).
 
-    Its tokenizer, when it has a byte-level BPE tokenizer.json, is `minilm.hf_tokenizer.load_hf_tokenizer`'s."""
+    Its tokenizer (`minilm import-hf` reads it) is `minilm.hf_tokenizer.load_hf_tokenizer`'s."""
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").exists():
         raise MinilmError(f"{hf_dir} has no config.json; is it a Hugging Face model directory?")

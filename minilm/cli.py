@@ -17,6 +17,7 @@
     minilm chat runs/sft-tiny/checkpoint --system "Answer briefly."   # or: printf 'Hi\n' | minilm chat ...
     minilm serve runs/sft-tiny/checkpoint --run runs/speedrun-laptop    # OpenAI-style API + a chat page
     minilm export-hf runs/tiny/checkpoint runs/tiny-hf
+    minilm import-hf ~/models/Phi-3-mini-4k-instruct runs/phi3-mini   # weights and tokenizer
     minilm presets
 
 Each stage is a library function; this file turns flags into its dataclass (one flag per field,
@@ -200,7 +201,7 @@ def cmd_import_hf(args) -> None:
         tokenizer = Tokenizer.load(args.tokenizer)
     elif (Path(args.hf_dir) / "tokenizer.json").exists():
         try:
-            tokenizer = load_hf_tokenizer(args.hf_dir)   # the exported (or any byte-level BPE) tokenizer
+            tokenizer = load_hf_tokenizer(args.hf_dir)   # byte-level BPE, or Phi-3-mini's SentencePiece BPE
         except MinilmError as e:
             print(f"warning: {e}. The checkpoint is written without a tokenizer; attach one with --tokenizer DIR",
                   file=sys.stderr)

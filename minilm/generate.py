@@ -168,11 +168,14 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64
     """Encode string prompts, generate (stopping at <|endoftext|>), decode only the continuations.
 
     Prompts are plain text: "<|endoftext|>" or "<|user|>" typed in a prompt are characters, never
-    special ids (a caller who wants special tokens builds ids and calls `generate`)."""
+    special ids (a caller who wants special tokens builds ids and calls `generate`). A continuation
+    is the text prompt + reply decodes to past the prompt's own: decoded alone, a SentencePiece
+    reply would lose the space its first "▁" stands for."""
     ids = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]  # empty: <|endoftext|>
     kwargs.setdefault("stop_tokens", [tokenizer.eot_id])
     rollout = generate(model, ids, max_new_tokens, pad_id=tokenizer.eot_id, **kwargs)
-    return [tokenizer.decode(r) for r in rollout.responses(strip=(tokenizer.eot_id,))]
+    replies = rollout.responses(strip=(tokenizer.eot_id,))
+    return [tokenizer.decode(p + r)[len(tokenizer.decode(p)):] for p, r in zip(ids, replies)]
 
 
 def stream(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,

@@ -3,7 +3,7 @@
     from minilm.hf_tokenizer import save_hf_tokenizer, load_hf_tokenizer
     save_hf_tokenizer(tok, "runs/tiny-hf")          # tokenizer.json + tokenizer_config.json
     AutoTokenizer.from_pretrained("runs/tiny-hf")   # the same ids as tok.encode, chat template included
-    tok = load_hf_tokenizer("runs/tiny-hf")         # what `minilm import-hf` reads
+    tok = load_hf_tokenizer("runs/tiny-hf")         # what `minilm import-hf` reads (Phi-3-mini's too)
 
 The vocabulary is the same byte-level BPE in two spellings. tiktoken keeps ranks: bytes -> id, and
 merges the adjacent pair whose concatenation has the lowest rank. The `tokenizers` library keeps a
@@ -15,7 +15,10 @@ special tokens are "added tokens", matched before any of it, as tiktoken does wi
 
 `tokenizer_config.json` carries Phi-3's chat template, which renders a conversation to exactly the
 ids of minilm.post.chat.render_chat. The `tokenizers` library is an optional dependency
-(`pip install -e ".[hf]"`, which `transformers` brings too).
+(`pip install -e ".[hf]"`, which `transformers` brings too). A tokenizer.json with byte fallback
+(Phi-3-mini's SentencePiece-style BPE) is read by minilm/sp_tokenizer.py instead and written back as
+it came, without `tokenizers`; its tokenizer_config.json says PreTrainedTokenizerFast so that
+`transformers` uses that file as it is (its LlamaTokenizer class would rebuild the normalizer).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 from pathlib import Path
 
 from minilm import MinilmError
+from minilm.sp_tokenizer import SentencePieceTokenizer
 from minilm.tokenizer import Tokenizer
 
 # Phi-3's template: "<|role|>\nCONTENT<|end|>\n" per message, then "<|assistant|>\n" to answer
@@ -86,23 +90,30 @@ def hf_tokenizer(tok: Tokenizer):
     return out
 
 
-def save_hf_tokenizer(tok: Tokenizer, out_dir, max_length: int | None = None) -> Path:
-    """Write tokenizer.json and tokenizer_config.json (chat template, end and padding tokens)."""
+def save_hf_tokenizer(tok, out_dir, max_length: int | None = None) -> Path:
+    """Write tokenizer.json and tokenizer_config.json (chat template, end and padding tokens) for a
+    Tokenizer or a SentencePieceTokenizer (whose tokenizer.json goes back unchanged)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    hf_tokenizer(tok).save(str(out_dir / "tokenizer.json"))
+    if tok.kind == SentencePieceTokenizer.kind:
+        tok.save(out_dir)
+        names = {}
+    else:
+        hf_tokenizer(tok).save(str(out_dir / "tokenizer.json"))
+        names = {"minilm_name": tok.name, "minilm_pattern": tok.pattern}
     chat = "<|end|>" in tok.special_tokens and "<|assistant|>" in tok.special_tokens
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
               "bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
               "unk_token": None, "add_bos_token": False, "add_eos_token": False,
-              "model_max_length": max_length or 1 << 30, "minilm_name": tok.name, "minilm_pattern": tok.pattern,
+              "model_max_length": max_length or 1 << 30, **names,
               **({"chat_template": CHAT_TEMPLATE} if chat else {})}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     return out_dir
 
 
-def load_hf_tokenizer(hf_dir) -> Tokenizer:
-    """minilm's Tokenizer from a byte-level BPE tokenizer.json (one this module wrote, or alike)."""
+def load_hf_tokenizer(hf_dir) -> Tokenizer | SentencePieceTokenizer:
+    """minilm's Tokenizer from a byte-level BPE tokenizer.json (one this module wrote, or alike), or a
+    SentencePieceTokenizer from a BPE with byte fallback (Phi-3-mini's, Llama-2's)."""
     path = Path(hf_dir) / "tokenizer.json"
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
@@ -110,10 +121,10 @@ def load_hf_tokenizer(hf_dir) -> Tokenizer:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise MinilmError(f"cannot read a Hugging Face tokenizer from {path} ({e})") from e
     if model.get("type") != "BPE":
-        raise MinilmError(f"{path} holds a {model.get('type')} model; minilm reads byte-level BPE only")
+        raise MinilmError(f"{path} holds a {model.get('type')} model; minilm reads BPE only (byte-level, or "
+                          f"SentencePiece-style with byte fallback)")
     if model.get("byte_fallback"):
-        raise MinilmError(f"{path} is a SentencePiece-style BPE with byte fallback (Llama-2's, Phi-3-mini's); "
-                          f"minilm reads byte-level BPE only")
+        return SentencePieceTokenizer(spec, path)
     config_path = Path(hf_dir) / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
     pattern = config.get("minilm_pattern") or _split_pattern(spec)

@@ -200,6 +200,7 @@ def reference_encode(text: str, merges: list[tuple[bytes, bytes]],
 
 class Tokenizer:
     """A BPE vocabulary (ranks + special tokens + split pattern) served through tiktoken."""
+    kind = "byte-bpe"   # what a checkpoint's config.json records (minilm/sp_tokenizer.py: "sentencepiece-bpe")
 
     def __init__(self, name: str, pattern: str, ranks: dict[bytes, int],
                  special_tokens: dict[str, int]):
@@ -325,6 +326,18 @@ class Tokenizer:
         """Text -> ids. Special-token strings are ordinary text unless listed in allowed_special."""
         return self.encoding.encode(text, allowed_special=self._allowed(allowed_special),
                                     disallowed_special=())
+
+    def encode_chat(self, pieces, learn) -> tuple[list[int], list[int]]:
+        """(ids, loss mask) of a chat as pieces: an int is a special token's id, a str is text.
+
+        Each text piece is encoded alone, so a prompt ("...<|assistant|>", "\\n") is token for
+        token a prefix of the same chat with its reply; learn[i] is the mask of piece i's tokens."""
+        ids, mask = [], []
+        for piece, m in zip(pieces, learn):
+            got = [piece] if isinstance(piece, int) else self.encode(piece)
+            ids += got
+            mask += [m] * len(got)
+        return ids, mask
 
     def encode_batch(self, texts, allowed_special=()) -> list[list[int]]:
         """Encode many texts on tiktoken's thread pool (parallel only when cores are idle)."""

@@ -31,7 +31,7 @@ import torch
 from minilm import MinilmError
 from minilm.checkpoint import load_checkpoint
 from minilm.generate import generate
-from minilm.post.chat import parse_reply, render_prompt
+from minilm.post.chat import closing_ids, parse_reply, render_prompt
 
 FINAL_ACTIONS = ("finish[", "answer[")
 # source-mask roles (`Episode.who`), numbered as the paper's App. A.2 (the reference code swaps 0 and 1)
@@ -75,10 +75,10 @@ class Episode:
     def add_message(self, tok, role: str, content: str, who: int = SYSTEM) -> None:
         """A whole non-agent message, encoded exactly as render_chat encodes it; `who` is the role of
         its content (the chat tags around it are always SYSTEM: nobody has to learn to say them)."""
-        newline = tok.encode("\n")
-        self.add([tok.special_id(f"<|{role}|>")] + newline, SYSTEM)
-        self.add(tok.encode(content), who)
-        self.add([tok.special_id("<|end|>")] + newline, SYSTEM)
+        pieces = [tok.special_id(f"<|{role}|>"), "\n", content, tok.special_id("<|end|>"), "\n"]
+        ids, is_content = tok.encode_chat(pieces, [0, 0, 1, 0, 0])
+        for t, c in zip(ids, is_content):
+            self.add([t], who if c else SYSTEM)
         self.messages.append({"role": role, "content": content})
 
     def last_agent_index(self) -> int:
@@ -237,7 +237,7 @@ def make_pattern(name: str, teacher=None, example_env=None):
 
 def _agent_turn(tok, ep: Episode, reply: list[int], logprobs: list[float]) -> str:
     """Append one sampled reply (agent tokens) in chat format; returns the action text."""
-    end, newline = tok.special_id("<|end|>"), tok.encode("\n")
+    end, *newline = closing_ids(tok)
     text, _ = parse_reply(tok, reply)
     ep.reply_at = len(ep.tokens)
     ep.add(reply, AGENT, logprobs)
@@ -279,7 +279,7 @@ def run_episodes(model, tok, envs: list, seeds: list[int], pattern, cfg: Rollout
     episodes = [Episode(seed=s) for s in seeds]
     for env, ep in zip(envs, episodes):
         pattern.begin(env, ep, tok, cfg)
-    prefix = [tok.special_id("<|assistant|>")] + tok.encode("\n")   # opens every agent turn (SYSTEM)
+    prefix = tok.encode_chat([tok.special_id("<|assistant|>"), "\n"], [0, 0])[0]   # opens every agent turn
     stops = sorted(tok.special_tokens.values())
     limit = lm.config.max_seq_len
     while True:

@@ -14,7 +14,9 @@ The format (Phi-3 report, section 3; the template of the released models):
 The role tags and <|end|> are special tokens (one id each); message text is encoded as ordinary
 text, so a user who types "<|end|>" cannot forge one. The loss mask is 1 on the assistant's content
 tokens and on the <|end|> that closes them: SFT teaches the model to answer AND to stop, and never
-to imitate the user. Each piece (tag, "\\n", content, <|end|>, "\\n") is encoded separately, so the
+to imitate the user. The tokenizer's `encode_chat` encodes the pieces (tag, "\\n", content, <|end|>,
+"\\n"): minilm's byte-level BPE each piece separately, Phi-3-mini's SentencePiece BPE the text
+between two tags as one piece, as `tokenizers` does (its tags swallow the "\\n"). Either way the
 prompt the model sees at generation time ("...<|assistant|>\\n") is token for token the prefix it
 saw in training.
 
@@ -48,23 +50,16 @@ def render_chat(tokenizer, messages, add_generation_prompt: bool = False) -> tup
     With add_generation_prompt, "<|assistant|>\\n" is appended (mask 0): the model answers next.
     """
     _check(messages)
-    end, *newline = closing_ids(tokenizer)
-    ids: list[int] = []
-    mask: list[int] = []
-
-    def add(tokens: list[int], learn: int) -> None:
-        ids.extend(tokens)
-        mask.extend([learn] * len(tokens))
-
-    for m in messages:    # each piece encoded alone, so a prompt is token for token a training prefix
-        learn = int(m["role"] == "assistant")
-        add([tokenizer.special_id(f"<|{m['role']}|>")] + newline, 0)
-        add(tokenizer.encode(m["content"]), learn)
-        add([end], learn)                 # learning <|end|> teaches the model to stop
-        add(newline, 0)
+    end = tokenizer.special_id("<|end|>")
+    pieces, learn = [], []   # special ids (int) and text (str); the tokenizer encodes them
+    for m in messages:
+        role_learns = int(m["role"] == "assistant")   # learning <|end|> teaches the model to stop
+        pieces += [tokenizer.special_id(f"<|{m['role']}|>"), "\n", m["content"], end, "\n"]
+        learn += [0, 0, role_learns, role_learns, 0]
     if add_generation_prompt:
-        add([tokenizer.special_id("<|assistant|>")] + newline, 0)
-    return ids, mask
+        pieces += [tokenizer.special_id("<|assistant|>"), "\n"]
+        learn += [0, 0]
+    return tokenizer.encode_chat(pieces, learn)
 
 
 def render_prompt(tokenizer, messages) -> list[int]:
@@ -95,8 +90,9 @@ def parse_reply(tokenizer, ids) -> tuple[str, bool]:
 
 
 def closing_ids(tokenizer) -> list[int]:
-    """[<|end|>, *"\\n"]: the ids render_chat puts after every message's content."""
-    return [tokenizer.special_id("<|end|>")] + tokenizer.encode("\n")
+    """[<|end|>, *"\\n"]: the ids render_chat puts after every message's content (Phi-3-mini's
+    <|end|> swallows the "\\n": just [<|end|>])."""
+    return tokenizer.encode_chat([tokenizer.special_id("<|end|>"), "\n"], [0, 0])[0]
 
 
 @dataclass(frozen=True)

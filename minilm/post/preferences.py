@@ -19,6 +19,7 @@ import torch
 from minilm.generate import generate
 from minilm.loop import epoch_batches
 from minilm.post.chat import collate, parse_reply, render_chat, render_prompt
+from minilm.tokenizer import TokenizerError
 
 
 def as_messages(prompt) -> list[dict]:
@@ -64,9 +65,15 @@ def encode_pairs(tokenizer, pairs: list[dict], max_len: int) -> tuple[list[tuple
 
 
 def step_end_ids(tokenizer) -> tuple[int, ...]:
-    """Ids of the tokens that end a step of a reply: every token whose bytes hold a newline, and <|end|>."""
-    ends = [i for b, i in tokenizer.ranks.items() if b"\n" in b]
-    return tuple(sorted(ends + [tokenizer.special_id("<|end|>")]))
+    """Ids of the tokens that end a step of a reply: every token whose text holds a newline, and <|end|>."""
+    specials, ends = set(tokenizer.special_tokens.values()), [tokenizer.special_id("<|end|>")]
+    for i in set(range(tokenizer.n_vocab)) - specials:
+        try:
+            if "\n" in tokenizer.decode([i]):
+                ends.append(i)
+        except TokenizerError:   # an id no token has (cl100k_base leaves gaps before its chat tokens)
+            pass
+    return tuple(sorted(ends))
 
 
 def credit_mask(tokens: torch.Tensor, loss_mask: torch.Tensor, step_ends: tuple[int, ...]) -> torch.Tensor:
