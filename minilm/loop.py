@@ -15,7 +15,7 @@ continues bit-identical to an uninterrupted run.
 `run_loop(cfg, model, batch_fn, loss_fn, eval_fn, save_fn)` is the post-training loop: a stage
 gives it how to draw a batch, compute the loss and evaluate, and it runs steps, evals, atomic
 checkpoints (with every trainable parameter, so LoRA runs save only what changed) and metrics.jsonl.
-Data parallel (lesson 06, "More than one process"): cfg.micro_batches cuts each step's batch into
+Data parallel (lesson 03, "FSDP for post-training"): cfg.micro_batches cuts each step's batch into
 P micro-batches, averaged; under torchrun with cfg.fsdp rank r of W runs parts r, r + W, ... of
 them on a model sharded by minilm/fsdp.py, so a run on any W dividing P trains the same model.
 """
