@@ -52,6 +52,7 @@ from minilm.config import PRESETS, ConfigError, ModelConfig, check_values, get_p
 from minilm.memory import plan_for_stage, plan_memory
 from minilm.generate import generate_text
 from minilm.post.ppo_models import VARIANTS
+from minilm.runtime import teardown_runtime
 from minilm.speedrun.run import parse_overrides, plan, run_speedrun
 from minilm.speedrun.stages import SPEEDRUN_PRESETS, SpeedrunConfig
 from minilm.stages import dno, dpo, hydra_sft, ltc, ppo, pretrain, prune, reward, sft
@@ -106,13 +107,16 @@ def cmd_stage(args) -> None:
     if args.command == "dno" and args.oracle == "cyclic":  # no model: the tabular demo
         return show_cyclic_demo(args.iterations or 300)
     # the preset, then the flags given, then --set: a later source overrides an earlier one
-    cfg = stage.make_config(args.preset, **set_fields(args, stage.cls), **parse_set(args.set, stage.cls))
+    cfg = stage.make_config(args.preset, **{**set_fields(args, stage.cls), **parse_set(args.set, stage.cls)})
     if args.dry_run:
         print(cfg)
         if Path(cfg.init).is_dir():   # the plan needs the model's shape, from the checkpoint it starts from
             print(plan_for_stage(cfg, ModelConfig.from_dict(read_config(cfg.init)["model"]), world_size()).table())
         return
-    stage.show(stage.run(cfg))
+    result = stage.run(cfg)   # under torchrun (--fsdp) every rank runs the stage, rank 0 writes and prints
+    teardown_runtime()
+    if int(os.environ.get("RANK", "0")) == 0:
+        stage.show(result)
 
 
 def cmd_train(args) -> None:

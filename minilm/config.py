@@ -168,7 +168,7 @@ RULES = {   # field name -> (test, what the value must be)
         "iterations", "episodes_per_iter", "rollout_batch", "max_len", "max_new_tokens", "minibatch_size",
         "ppo_epochs", "samples", "text_batch_size", "text_seq_len", "mask_every")},
     **{name: (lambda v: _int(v) and v >= 0, "an integer >= 0") for name in (
-        "warmup_steps", "seq_len", "il_steps", "chat_replay", "n_demos")},
+        "warmup_steps", "seq_len", "il_steps", "chat_replay", "n_demos", "micro_batches")},
     **{name: (lambda v: _real(v) and v > 0, "a finite number > 0") for name in ("lr", "il_lr", "grad_clip", "beta")},
     **{name: (lambda v: _real(v) and v >= 0, "a finite number >= 0") for name in (
         "weight_decay", "temperature", "sft_weight", "text_mix", "ppo_coef", "ent_coef", "vf_coef", "kl_coef")},

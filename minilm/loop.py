@@ -15,7 +15,9 @@ continues bit-identical to an uninterrupted run.
 `run_loop(cfg, model, batch_fn, loss_fn, eval_fn, save_fn)` is the post-training loop: a stage
 gives it how to draw a batch, compute the loss and evaluate, and it runs steps, evals, atomic
 checkpoints (with every trainable parameter, so LoRA runs save only what changed) and metrics.jsonl.
-It has no gradient accumulation and no DDP: post-training batches of the CPU presets are small.
+Data parallel (lesson 03, "FSDP for post-training"): cfg.micro_batches cuts each step's batch into
+P micro-batches, averaged; under torchrun with cfg.fsdp rank r of W runs parts r, r + W, ... of
+them on a model sharded by minilm/fsdp.py, so a run on any W dividing P trains the same model.
 """
 
 from __future__ import annotations
@@ -31,14 +33,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from minilm import MinilmError
 from minilm.checkpoint import has_train_state, read_config, read_train_state, save_checkpoint
+from minilm.config import Validated
+from minilm.fsdp import (gradient_sync, load_full_optimizer_state, micro_batches, param_names, shard_model,
+                         sharded_run, unsharded)
 from minilm.plots import plot_losses
 from minilm.runtime import setup_runtime
 from minilm.weights import write_text
-from minilm.config import Validated
 
 
 @dataclass
@@ -66,6 +71,9 @@ class LoopConfig(Validated):
     dtype: str = "auto"             # auto (bf16 where the chip has it natively), bf16, fp32
     resume: bool = True
     optim: OptimConfig = field(default_factory=OptimConfig)
+    micro_batches: int = 0          # each step's batch in N micro-batches over all ranks (0: one per rank)
+    fsdp: bool = False              # under torchrun: data parallel, weights, gradients and AdamW sharded
+    activation_checkpointing: bool = False  # keep each layer's input only; recompute the layer in backward
 
 
 # ---- optimizer and schedule ----------------------------------------------------------------------
@@ -143,9 +151,11 @@ def epoch_batches(n: int, batch_size: int, seed: int):
         random.Random(seed * 1_000_003 + epoch).shuffle(order)  # one seed per (seed, epoch)
         return order
 
-    def picks(step: int) -> list[int]:
-        # global example positions step*B .. (step+1)*B - 1, each mapped through its epoch's shuffle
-        return [permutation(i // n)[i % n] for i in range(step * batch_size, (step + 1) * batch_size)]
+    def picks(step: int, part: int = 0, parts: int = 1) -> list[int]:
+        # global example positions step*B .. (step+1)*B - 1, each mapped through its epoch's shuffle;
+        # micro-batch `part` of `parts` (minilm/loop.py's train_step) takes every parts-th of them
+        step_picks = [permutation(i // n)[i % n] for i in range(step * batch_size, (step + 1) * batch_size)]
+        return step_picks[part::parts]
     return picks
 
 
@@ -202,19 +212,24 @@ def restore(state: dict, optimizer, model=None, source: str = "the checkpoint") 
     """Put a run back where `state` (a train_state.pt) left it: the trainable parameters of `model`
     (when given; the names and shapes must match), the optimizer and the RNG. Returns the step."""
     if model is not None:
-        # only the trainable parameters: the frozen rest is the model the stage started from
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        saved = state.get("trainable", {})
-        if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items()):
-            raise MinilmError(f"{source} was written by a run with other trainable parameters "
-                              f"({len(saved)} saved vs {len(params)} now; LoRA settings differ?); use "
-                              f"another --out-dir or --no-resume to start over")
-        with torch.no_grad():
-            # in place: the optimizer holds references to these tensors
-            for n, p in params.items():
-                p.copy_(saved[n])
+        restore_trainable(state, model, source)
     optimizer.load_state_dict(state["optimizer"])  # AdamW moments and step counts
     return restore_rng(state)
+
+
+def restore_trainable(state: dict, model, source: str = "the checkpoint") -> None:
+    """The weights part of `restore`: copy state["trainable"] into `model` (an unsharded one)."""
+    # only the trainable parameters: the frozen rest is the model the stage started from
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    saved = state.get("trainable", {})
+    if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items()):
+        raise MinilmError(f"{source} was written by a run with other trainable parameters "
+                          f"({len(saved)} saved vs {len(params)} now; LoRA settings differ?); use "
+                          f"another --out-dir or --no-resume to start over")
+    with torch.no_grad():
+        # in place: an optimizer may hold references to these tensors
+        for n, p in params.items():
+            p.copy_(saved[n])
 
 
 def restore_rng(state: dict) -> int:
@@ -245,51 +260,79 @@ def write_metrics(metrics: list[dict], out_dir: Path, baseline: float | None = N
 
 # ---- the post-training loop ----------------------------------------------------------------------
 
-def train_step(model, optimizer, batch, loss_fn, cfg, rt, step: int) -> dict:
-    """One optimizer step on one batch; returns its metrics row (with the batch's real tokens)."""
+def train_step(model, optimizer, batch_fn, loss_fn, cfg, rt, step: int) -> dict:
+    """One optimizer step: this rank's micro-batches of the step's batch, their gradients summed
+    (and averaged over the ranks under FSDP), clip, AdamW. Returns its metrics row: the loss and
+    every metric averaged over all the step's micro-batches, and the batch's real tokens."""
     # the schedule is a pure function of the step: a resumed run continues it
     lr = set_lr(optimizer, lr_at(step, cfg.optim, cfg.max_steps))
-    with rt.autocast():
-        loss, metrics = loss_fn(model, to_device(batch, rt.device))  # a 0-dim loss; metrics: name -> number
+    parts, accum = micro_batches(cfg, rt)
+    sums, tokens = {}, 0
+    for micro in range(accum):
+        part = micro * rt.world_size + rt.rank   # rank r runs parts r, r + W, ...
+        batch = batch_fn(step) if parts == 1 else batch_fn(step, part, parts)   # fixed by (seed, step, part)
+        # FSDP exchanges gradients on the last micro-batch only: one reduce-scatter per step
+        with gradient_sync(model, micro == accum - 1), rt.autocast():
+            loss, metrics = loss_fn(model, to_device(batch, rt.device))  # a 0-dim loss; metrics: name -> number
+        # / accum: the sum is this rank's mean over its micro-batches (FSDP averages the ranks' means)
+        (loss / accum).backward()
+        for name, value in {"loss": loss.item(), **metrics}.items():
+            sums[name] = sums.get(name, 0.0) + float(value) / accum
+        tokens += count_tokens(batch)   # real tokens, padding excluded
+    if rt.distributed:   # the means over every rank's micro-batches, the tokens summed
+        t = torch.tensor([*sums.values(), tokens], dtype=torch.float64, device=rt.device)
+        dist.all_reduce(t)
+        sums, tokens = {k: v / rt.world_size for k, v in zip(sums, t.tolist())}, int(t[-1].item())
     # stop before a NaN reaches the weights (and a checkpoint): the last checkpoint stays good
-    if not torch.isfinite(loss):
-        raise MinilmError(f"loss became {loss.item()} at step {step + 1}; lower --lr or check the data")
-    loss.backward()
+    if not math.isfinite(sums["loss"]):
+        optimizer.zero_grad(set_to_none=True)
+        raise MinilmError(f"loss became {sums['loss']} at step {step + 1}; lower --lr or check the data")
     # the norm over exactly what AdamW updates (under LoRA: adapters and heads), never a frozen base
     grad_norm = optimizer_step(optimizer, trained_params(optimizer), cfg.optim.grad_clip, f"step {step + 1}")
-    row = {"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm,
-           "batch_tokens": count_tokens(batch)}  # real tokens, padding excluded
-    row.update({k: float(v) for k, v in metrics.items()})
+    row = {"step": step + 1, "loss": sums.pop("loss"), "lr": lr, "grad_norm": grad_norm, "batch_tokens": tokens}
+    row.update(sums)
     return row
 
 
 def run_loop(cfg, model, batch_fn: Callable, loss_fn: Callable, eval_fn: Callable | None,
              save_fn: Callable | None = None, tokenizer=None, stage: str = "post", rt=None,
-             on_step: Callable[[int, dict], None] | None = None) -> dict:
+             on_step: Callable[[int, dict], None] | None = None, meta: dict | None = None) -> dict:
     """Train `model` for cfg.max_steps (resuming from cfg.out_dir/checkpoint); returns a summary.
 
-    `save_fn(ckpt_dir, train_state, meta)` defaults to save_checkpoint(ckpt_dir, model, tokenizer,
-    train_state, meta). `on_step(step, row)` runs after every step (tests interrupt runs with it).
+    `batch_fn(step)` gives the step's batch, `batch_fn(step, part, parts)` its micro-batch `part`.
+    Checkpoints are save_checkpoint(ckpt_dir, model, tokenizer, train_state, meta) with `meta`
+    added to the step's, unsharded under FSDP; a stage that saves more (heads beside the LM) passes
+    `save_fn(ckpt_dir, train_state, meta)` and runs on one process. `on_step(step, row)` runs after
+    every step (tests interrupt runs with it). Under torchrun every rank runs this, rank 0 writes.
     """
     rt = rt or setup_runtime(cfg.device, cfg.dtype)
+    sharded = sharded_run(cfg, rt)
     model.to(rt.device).train()  # train mode: dropout on (if any)
+    if getattr(cfg, "activation_checkpointing", False):
+        model.model.checkpointing = True   # Phi3 recomputes each layer in backward
     out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoint"
-    if save_fn is None:
-        def save_fn(directory, train_state, meta):
-            save_checkpoint(directory, model, tokenizer, train_state, meta)
-    # built before resume: its state (AdamW moments) is loaded into it
+    state = load_train_state(ckpt_dir) if cfg.resume and has_train_state(ckpt_dir) else None
+    if state is not None:   # full weights into the full model, before any sharding
+        restore_trainable(state, model, str(ckpt_dir))
+    if sharded:   # in place: its parameters become DTensors, 1/W of each on this rank
+        shard_model(model, rt)
+    # after sharding (AdamW's state is then sharded too), before resume loads its state
     optimizer = make_optimizer(model, cfg.optim)
     if not trained_params(optimizer):
         raise MinilmError("the model has no trainable parameters (every requires_grad is False)")
+    names = param_names(optimizer, model)   # AdamW's state by index <-> by name (FSDP's helpers)
     start, tokens = 0, 0
-    if cfg.resume and has_train_state(ckpt_dir):
-        state = load_train_state(ckpt_dir)
-        start, tokens = restore(state, optimizer, model, source=str(ckpt_dir)), state.get("tokens", 0)
-        tqdm.write(f"resuming from {ckpt_dir} at step {start}")
+    if state is not None:   # AdamW moments and step counts (sharded on load under FSDP), RNG
+        load_full_optimizer_state(model, optimizer, state["optimizer"], names)
+        start, tokens = restore_rng(state), state.get("tokens", 0)
+        if rt.is_main:
+            tqdm.write(f"resuming from {ckpt_dir} at step {start}")
     metrics = read_metrics(out_dir / "metrics.jsonl", start)
     last_eval = next((m for m in reversed(metrics) if "eval" in m), {}).get("eval", {})  # a resumed run's last eval
 
-    # every stage's eval runs in eval mode (no dropout) and under no_grad
+    # every stage's eval runs in eval mode (no dropout) and under no_grad; under FSDP on every
+    # rank alike, since each forward all-gathers the layers (the same prompts and weights give the
+    # same greedy replies, so every rank's generation stops at the same step)
     def evaluate() -> dict:
         model.eval()
         with torch.no_grad():
@@ -298,10 +341,11 @@ def run_loop(cfg, model, batch_fn: Callable, loss_fn: Callable, eval_fn: Callabl
         return {k: float(v) for k, v in result.items()}
 
     t0 = time.time()
-    with tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=stage) as bar:
+    with tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=stage,
+              disable=not rt.is_main) as bar:
         for step in bar:
-            # batch_fn(step) is a pure function of (seed, step): no data-loader position to save or restore
-            row = train_step(model, optimizer, batch_fn(step), loss_fn, cfg, rt, step)
+            # batch_fn is a pure function of (seed, step): no data-loader position to save or restore
+            row = train_step(model, optimizer, batch_fn, loss_fn, cfg, rt, step)
             tokens += row["batch_tokens"]
             row["tokens"] = tokens  # trained on so far (the speedrun report's "tokens" column)
             done = row["step"] == cfg.max_steps
@@ -315,12 +359,19 @@ def run_loop(cfg, model, batch_fn: Callable, loss_fn: Callable, eval_fn: Callabl
             bar.set_postfix(loss=f"{row['loss']:.3f}")
             # checkpoint first, then metrics.jsonl: the log never lists a step that no checkpoint holds
             if row["step"] % cfg.ckpt_every == 0 or done:
-                # "trainable": every requires_grad parameter (LoRA: adapters and heads only), what `restore` copies back
-                state = {"optimizer": optimizer.state_dict(), "step": row["step"], "rng": rng_state(),
-                         "trainable": trainable_state(model), "config": dataclasses.asdict(cfg), "tokens": tokens}
-                meta = {"stage": stage, "step": row["step"], "init": cfg.init, **last_eval}
-                save_fn(ckpt_dir, state, meta)
-                write_metrics(metrics, out_dir)
+                # under FSDP every rank helps gather the full weights and AdamW state; rank 0 writes
+                plain, optim_state = unsharded(model, optimizer, names, rt)
+                if rt.is_main:
+                    # "trainable": every requires_grad parameter (LoRA: adapters and heads only), what resume copies back
+                    state = {"optimizer": optim_state, "step": row["step"], "rng": rng_state(),
+                             "trainable": trainable_state(plain), "config": dataclasses.asdict(cfg), "tokens": tokens}
+                    step_meta = {"stage": stage, "step": row["step"], "init": cfg.init, **last_eval, **(meta or {})}
+                    if save_fn is None:
+                        save_checkpoint(ckpt_dir, plain, tokenizer, state, step_meta)
+                    else:
+                        save_fn(ckpt_dir, state, step_meta)
+                    write_metrics(metrics, out_dir)
+                rt.barrier()   # no rank runs ahead of a checkpoint it may read (DNO's next iteration)
             if on_step is not None:
                 on_step(row["step"], row)
     losses = [m["loss"] for m in metrics]

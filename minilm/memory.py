@@ -142,11 +142,15 @@ def plan_for_stage(cfg, model_cfg: ModelConfig, world: int = 1) -> MemoryPlan:
     lora_r = getattr(getattr(cfg, "lora", None), "r", 0)
     frozen = 1 if (hasattr(cfg, "beta") and not lora_r) else 0          # DPO, DNO: pi_ref
     sampling = hasattr(cfg, "sample") or hasattr(cfg, "episodes_per_iter")
-    micro = cfg.batch_size // max(1, world) if not hasattr(cfg, "grad_accum") else cfg.batch_size
+    if hasattr(cfg, "grad_accum"):      # pretraining: batch_size is one micro-batch of one rank
+        micro = cfg.batch_size
+    else:                               # post-training: the step's batch over every rank's micro-batches
+        micro = cfg.batch_size // max(1, getattr(cfg, "micro_batches", 0) or world)
     return plan_memory(model_cfg, max(1, micro), min(seq, model_cfg.max_seq_len),
                        dtype="fp32" if getattr(cfg, "dtype", "auto") == "fp32" else "bf16", lora_r=lora_r,
-                       world=world, frozen_copies=frozen, kv_batch=cfg.batch_size if sampling else 0,
-                       kv_len=model_cfg.max_seq_len if sampling else 0)
+                       world=world, fsdp=getattr(cfg, "fsdp", False) and world > 1,
+                       checkpointing=getattr(cfg, "activation_checkpointing", False), frozen_copies=frozen,
+                       kv_batch=cfg.batch_size if sampling else 0, kv_len=model_cfg.max_seq_len if sampling else 0)
 
 
 def needs_fsdp(plan_ddp: MemoryPlan, gpu_bytes: float, headroom: float = 0.85) -> bool:

@@ -108,8 +108,9 @@ class KVCache:
             raise ValueError(f"KV cache full: {end} positions needed, {self.k.shape[3]} allocated")
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
-        # `length` advances once per forward, after the last layer (Phi3Model.forward)
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        # `length` advances once per forward, after the last layer (Phi3Model.forward); in k's dtype,
+        # which differs from the cache's when FSDP computes in bf16 over fp32 weights (minilm/fsdp.py)
+        return self.k[layer, :, :, :end].to(k.dtype), self.v[layer, :, :, :end].to(v.dtype)
 
 
 class Attention(nn.Module):

@@ -13,8 +13,8 @@ activation checkpointing: none changes the math) and how much it logs (MAY_CHANG
 max_steps may grow: training longer is continuing. A folder holding another stage's checkpoint,
 or the checkpoint the stage starts from (--init), is refused as well.
 
-One writer per folder: `writer_lock(out_dir)` (and the `one_writer` decorator on every run_<stage>)
-holds OUT/.lock with the writer's pid and host, so a second run into the same folder stops with
+One writer per folder: `writer_lock(out_dir)` (and the `one_writer` decorator on every run_<stage>,
+on rank 0 under torchrun) holds OUT/.lock with the writer's pid and host, so a second run into the same folder stops with
 one message instead of deleting the first one's temporary checkpoint. A run refused (MinilmError)
 before its first save puts settings.json back, and removes the folder if it made it.
 """
@@ -168,6 +168,8 @@ def one_writer(run):
     """Decorate a `run_<stage>(cfg, ...)`: it holds cfg.out_dir's lock while it runs."""
     @functools.wraps(run)
     def locked(cfg, *args, **kwargs):
+        if int(os.environ.get("RANK", "0")) != 0:   # torchrun's other ranks: rank 0 alone writes out_dir
+            return run(cfg, *args, **kwargs)
         with writer_lock(cfg.out_dir):
             return run(cfg, *args, **kwargs)
     return locked

@@ -44,6 +44,11 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    def barrier(self) -> None:
+        """Under torchrun: wait until every rank gets here (after rank 0 wrote what they read next)."""
+        if self.distributed:
+            dist.barrier()
+
     def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -98,6 +103,7 @@ def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
     return rt
 
 
-def teardown_runtime(rt: Runtime) -> None:
-    if rt.distributed and dist.is_initialized():
+def teardown_runtime(rt: Runtime | None = None) -> None:
+    """Leave the process group that setup_runtime joined under torchrun (rt None: any that is open)."""
+    if (rt is None or rt.distributed) and dist.is_initialized():
         dist.destroy_process_group()

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,11 +42,56 @@ def command(launcher, data_dir, out_dir, grad_accum, steps, *extra):
             "--no-samples", "--device", "cpu", *extra]
 
 
-def run(cmd, cwd):
+def clean_env() -> dict:
+    """This environment without torchrun's variables, one thread per process, this checkout's minilm."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return env
+
+
+def run(cmd, cwd):
+    proc = subprocess.run(cmd, cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, read from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])   # "pid (name) state ppid ..."
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def kill_mid_run(cmd, cwd, ckpt, at_least: int, steps: int) -> int:
+    """Start `cmd`, SIGKILL it (torchrun and every rank) once `ckpt` holds step >= at_least; the step."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (ckpt / "config.json").exists() and read_config(ckpt)["meta"]["step"] >= at_least:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before its step-{at_least} checkpoint"
+    # torchrun starts each rank in a session of its own, so killing torchrun's process group alone
+    # would leave them training on: kill the ranks first, wait until torchrun has reaped them (a
+    # zombie still holds the run's lock), then torchrun
+    ranks = children(proc.pid)
+    for pid in ranks:
+        os.kill(pid, signal.SIGKILL)
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in ranks):
+        time.sleep(0.05)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step = read_config(ckpt)["meta"]["step"]
+    assert at_least <= step < steps, f"the run was not stopped mid-way (checkpoint at step {step})"
+    return step
 
 
 def metrics(path):
@@ -83,19 +129,7 @@ def test_two_sharded_ranks_equal_one_process_over_20_steps(data_dir, tmp_path):
 def test_a_killed_sharded_run_resumes_bit_identically(data_dir, tmp_path):
     run(command(TORCHRUN, data_dir, "whole", 1, 12, "--fsdp"), tmp_path)
     cmd = command(TORCHRUN, data_dir, "killed", 1, 12, "--fsdp", "--set", "ckpt_every=2")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    ckpt, deadline = tmp_path / "killed" / "checkpoint", time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if (ckpt / "config.json").exists() and read_config(ckpt)["meta"]["step"] >= 4:
-            break
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)          # torchrun and both ranks, mid-run
-    proc.wait()
-    step = read_config(ckpt)["meta"]["step"]
-    assert 4 <= step < 12, f"the run was not stopped mid-way (checkpoint at step {step})"
+    kill_mid_run(cmd, tmp_path, tmp_path / "killed" / "checkpoint", at_least=4, steps=12)
     run(cmd, tmp_path)                           # the same command: resumes from the sharded run's checkpoint
     whole, killed = (load_checkpoint(tmp_path / d / "checkpoint", with_train_state=True) for d in ("whole", "killed"))
     torch.testing.assert_close(killed.model.state_dict(), whole.model.state_dict(), rtol=0, atol=0)

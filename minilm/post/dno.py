@@ -290,7 +290,8 @@ def make_batch_fn(encoded, pairs, batch_size: int, seed: int, pad_id: int, max_l
                   step_ends: tuple[int, ...] = ()):
     """batch_fn(step): pair_batch of a shuffled pass (a pure function of seed and step), with the
     pairs' r_t values (2B,) for Algorithm 1's soft labels and "positive" (B,), each chosen reply's
-    chosen_positive (the rows the NLL term may touch). step_ends: as pair_batch's (step credit)."""
+    chosen_positive (the rows the NLL term may touch). step_ends: as pair_batch's (step credit).
+    batch_fn(step, part, parts): of every parts-th pair of the step (a micro-batch, minilm/loop.py)."""
     n = len(encoded)
     orders = {}
 
@@ -299,8 +300,8 @@ def make_batch_fn(encoded, pairs, batch_size: int, seed: int, pad_id: int, max_l
             orders[epoch] = random.Random(seed * 1_000_003 + epoch).sample(range(n), n)
         return orders[epoch]
 
-    def batch_fn(step: int) -> dict:
-        picks = [order(i // n)[i % n] for i in range(step * batch_size, (step + 1) * batch_size)]
+    def batch_fn(step: int, part: int = 0, parts: int = 1) -> dict:
+        picks = [order(i // n)[i % n] for i in range(step * batch_size, (step + 1) * batch_size)][part::parts]
         batch = pair_batch([encoded[j] for j in picks], pad_id, max_len, step_ends)
         batch["r"] = torch.tensor([pairs[j]["r_chosen"] for j in picks] + [pairs[j]["r_rejected"] for j in picks])
         batch["positive"] = torch.tensor([bool(pairs[j]["chosen_positive"]) for j in picks])

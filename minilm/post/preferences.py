@@ -117,14 +117,15 @@ def pair_batch(encoded: list[tuple], pad_id: int, max_len: int,
 
 def make_pair_batch_fn(encoded: list[tuple], batch_size: int, seed: int, pad_id: int, max_len: int,
                        step_ends: tuple[int, ...] = ()):
-    """batch_fn(step) -> pair_batch of the step's pairs: one shuffled pass per epoch.
+    """batch_fn(step) -> pair_batch of the step's pairs: one shuffled pass per epoch;
+    batch_fn(step, part, parts): of every parts-th of them (a micro-batch, minilm/loop.py).
 
     A pure function of (seed, step), so a resumed run sees exactly the batches it would have seen.
     """
     picks = epoch_batches(len(encoded), batch_size, seed)
 
-    def batch_fn(step: int) -> dict:
-        return pair_batch([encoded[j] for j in picks(step)], pad_id, max_len, step_ends)
+    def batch_fn(step: int, part: int = 0, parts: int = 1) -> dict:
+        return pair_batch([encoded[j] for j in picks(step, part, parts)], pad_id, max_len, step_ends)
 
     return batch_fn
 

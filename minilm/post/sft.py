@@ -70,15 +70,17 @@ def make_batch_fn(examples, batch_size: int, seed: int, pad_id: int, max_len: in
                   text: TokenDataset | None = None, text_batch_size: int = 8, text_seq_len: int = 128):
     """batch_fn(step): batch `step` of a shuffled pass over `examples`, one permutation per epoch,
     plus (when `text` is given) batch["text"]: text_batch_size random windows of text_seq_len tokens.
+    batch_fn(step, part, parts): its micro-batch `part`, every parts-th example and window.
 
     A pure function of (seed, step), so a resumed run sees exactly the batches it would have seen.
     """
     picks = epoch_batches(len(examples), batch_size, seed)
 
-    def batch_fn(step: int) -> dict:
-        batch = collate([examples[j] for j in picks(step)], pad_id, max_len)
+    def batch_fn(step: int, part: int = 0, parts: int = 1) -> dict:
+        batch = collate([examples[j] for j in picks(step, part, parts)], pad_id, max_len)
         if text is not None:
             x, y = text.batch(text_batch_size, text_seq_len, seed, step)  # fixed by (seed, step)
+            x, y = x[part::parts], y[part::parts]
             batch["text"] = {"tokens": x, "targets": y, "attention_mask": torch.ones_like(x)}
         return batch
 

@@ -1,6 +1,7 @@
 """The DNO stage: DNO-Prct iterations (Rosset et al. 2024, arXiv 2404.03715, Algorithm 2; lesson 09).
 
     minilm dno --init runs/sft-tiny/checkpoint --iterations 3 --samples 5 --oracle verifier
+    torchrun --nproc_per_node 8 -m minilm dno --preset gpu --init runs/sft-small/checkpoint --fsdp
     summary = run_dno(dno_config("tiny", out_dir="runs/dno-tiny"))
 
 For t = 1..T, on a fresh split of train prompts (`run_iteration`):
@@ -9,7 +10,8 @@ For t = 1..T, on a fresh split of train prompts (`run_iteration`):
   3. large-margin pairs (`build_pairs`): teacher > student, student > teacher, student > student;
   4. replay shares of iterations t-1's and t-2's pairs (`replay_pairs`);
   5. train pi_{t+1} from pi_t for <= 1 epoch with the DPO loss, reference pi_t (a frozen copy,
-     or the same weights with LoRA off when lora_r > 0);
+     or the same weights with LoRA off when lora_r > 0); with --fsdp under torchrun every rank
+     samples and judges alike (rank 0 writes), and trains its micro-batches, both models sharded;
   6. judge pi_{t+1} (`evaluate_policy`): greedy replies on held-out prompts, win-rates against
      SFT, pi_t and the teacher under a separate verifier, with Wilson intervals.
 Every iterate is kept (out_dir/iter_t/checkpoint); summary.json names the best of pi_1 (SFT) ...
@@ -39,6 +41,7 @@ from data_prep.instructions import instruction_examples
 from minilm import MinilmError
 from minilm.checkpoint import load_checkpoint
 from minilm.config import Validated, from_preset
+from minilm.fsdp import is_sharded, shard_model, sharded_run
 from minilm.generate import SampleConfig, token_logprobs
 from minilm.loop import LoopConfig, OptimConfig, run_loop
 from minilm.post.base_model import LoRAConfig, init_model
@@ -66,6 +69,9 @@ class DNOConfig(Validated):
     device: str = "auto"            # auto (a GPU when torch sees one), cpu, cuda
     dtype: str = "auto"             # auto (bf16 where the chip has it natively), bf16, fp32
     resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
+    micro_batches: int = 0          # each step's batch in N micro-batches over all ranks (0: one per rank)
+    fsdp: bool = False              # under torchrun: data parallel, weights, gradients and AdamW sharded
+    activation_checkpointing: bool = False  # keep each layer's input only; recompute the layer in backward
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=3))
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # r > 0: each iteration trains LoRA adapters
     sample: SampleConfig = field(default_factory=lambda: SampleConfig(max_new_tokens=80, temperature=0.7, top_p=0.95))
@@ -108,8 +114,7 @@ DNO_PRESETS["gpu"] = dict(DNO_PRESETS["tiny"], iterations=3, n_prompts=2000, n_v
 # the fields `minilm dno --help` shows; every other field is set with --set FIELD=VALUE
 FLAGS = ("init", "out_dir", "iterations", "n_prompts", "samples", "oracle", "oracle_checkpoint",
          "pairs_mode", "loss", "reference", "beta", "sft_weight", "lr", "batch_size",
-         "temperature", "max_new_tokens", "sources", "n_val", "seed", "device", "dtype",
-         "resume")
+         "temperature", "max_new_tokens", "sources", "seed", "device", "dtype", "resume", "fsdp")
 
 
 def dno_config(preset: str = "tiny", **overrides) -> DNOConfig:
@@ -224,7 +229,9 @@ def run_iteration(cfg: DNOConfig, t: int, data: dict, oracle, monitor, sft_model
     # each iteration is a fresh run_loop: its own out_dir, resume and schedule, lr decayed per iteration
     it_cfg = LoopConfig(out_dir=str(it_dir), init=prev, eval_every=cfg.eval_every, ckpt_every=cfg.ckpt_every,
                         log_every=cfg.log_every, device=cfg.device, resume=cfg.resume,
-                        optim=dataclasses.replace(cfg.optim, lr=cfg.optim.lr * cfg.lr_decay ** (t - 1)))
+                        optim=dataclasses.replace(cfg.optim, lr=cfg.optim.lr * cfg.lr_decay ** (t - 1)),
+                        micro_batches=cfg.micro_batches, fsdp=cfg.fsdp,
+                        activation_checkpointing=cfg.activation_checkpointing)
     torch.manual_seed(cfg.seed + t)  # fresh LoRA A matrices, per iteration
     model, _ = init_model(prev, cfg.lora, rt.device)  # pi_t (earlier adapters merged; fresh ones when lora_r > 0)
     stats_path = it_dir / "pairs_stats.json"
@@ -241,9 +248,11 @@ def run_iteration(cfg: DNOConfig, t: int, data: dict, oracle, monitor, sft_model
         teachers = [scripted_teacher(c, rng, cfg.teacher_error) for c in convs]
         pairs, stats = build_pairs(cfg, oracle, monitor, prompts, students, teachers)
         stats["oracle_calls"] = oracle.calls - before   # this iteration's budget
-        it_dir.mkdir(parents=True, exist_ok=True)
-        write_json(stats_path, stats, indent=None)
-        write_json(it_dir / "pairs.json", pairs, indent=None)   # written last: the check above reads it
+        if rt.is_main:   # under torchrun every rank sampled the same replies (unsharded pi_t, same seeds)
+            it_dir.mkdir(parents=True, exist_ok=True)
+            write_json(stats_path, stats, indent=None)
+            write_json(it_dir / "pairs.json", pairs, indent=None)   # written last: the check above reads it
+    rt.barrier()   # every rank reads what rank 0 wrote
     # an interrupted iteration reads its pairs back instead of sampling them again
     pairs, stats = _read_pairs(it_dir / "pairs.json"), read_json(stats_path, fix="delete the iteration's folder to sample it again")
     earlier = [_read_pairs(Path(cfg.out_dir, f"iter_{s}", "pairs.json")) for s in range(t - 1, 0, -1)]
@@ -261,6 +270,8 @@ def run_iteration(cfg: DNOConfig, t: int, data: dict, oracle, monitor, sft_model
     step_ends = step_end_ids(tokenizer) if cfg.credit == "step" else ()
     batch_fn = make_batch_fn(encoded, kept, cfg.batch_size, cfg.seed + t, tokenizer.eot_id, cfg.max_len, step_ends)
     reference = load_reference(cfg, model, sft_model)
+    if cfg.fsdp and rt.distributed and not is_sharded(reference):   # (LoRA, reference None, is refused)
+        shard_model(reference, rt)   # like the policy, as minilm/stages/dpo.py says why; SFT once for all t
     summary = run_loop(it_cfg, model, batch_fn, make_loss_fn(cfg, reference), None, tokenizer=tokenizer,
                        stage="dno", rt=rt)
     # pair_stats describe pi_t's samples; train_stats the training of pi_{t+1}
@@ -272,9 +283,10 @@ def run_iteration(cfg: DNOConfig, t: int, data: dict, oracle, monitor, sft_model
 @one_writer
 def run_dno(cfg: DNOConfig) -> dict:
     """T iterations of DNO-Prct from cfg.init; returns the per-iteration table and the best iterate."""
-    check_settings(cfg, "dno")   # a rerun into this out_dir must have the same settings
+    rt = setup_runtime(cfg.device, cfg.dtype)    # under torchrun every rank runs the stage; rank 0 writes
+    check_settings(cfg, "dno", write=rt.is_main)   # a rerun into this out_dir must have the same settings
     check_config(cfg)
-    rt = setup_runtime(cfg.device, cfg.dtype)
+    sharded_run(cfg, rt)   # refused early: torchrun without --fsdp, LoRA under FSDP, an uneven batch
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = dno_data(cfg)
@@ -309,21 +321,24 @@ def run_dno(cfg: DNOConfig) -> dict:
         row = {**evaluate_policy(replies, data, judge, tokenizer, t), **result["train_stats"], "oracle_calls": calls}
         state["rows"] = place_pair_stats(state["rows"], row, pair_stats)   # pairs of pi_t: row t - 1
         state.update(replies={str(k): v for k, v in replies.items()}, oracle_calls=calls)
-        write_json(state_path, state, indent=None)
-    return finish(cfg, state["rows"])
+        if rt.is_main:
+            write_json(state_path, state, indent=None)
+    return finish(cfg, state["rows"], write=rt.is_main)
 
 
-def finish(cfg: DNOConfig, rows: list[dict]) -> dict:
-    """Best iterate on validation, SFT (rows[0], cfg.init) included; the table and the plot."""
+def finish(cfg: DNOConfig, rows: list[dict], write: bool = True) -> dict:
+    """Best iterate on validation, SFT (rows[0], cfg.init) included; the table and the plot (written
+    unless `write` is False: torchrun's other ranks)."""
     best = best_iterate(rows)
     columns = ["vs_sft", "vs_prev", "vs_teacher", "test_correct", "val_points", "length",
                "share_student>teacher", "best_of_k_beats_teacher", "n_train_pairs", "oracle_calls"]
     table = winrate_table(rows, columns)
     out = Path(cfg.out_dir)
-    (out / "table.md").write_text(table + "\n")
-    plot_winrates(rows, out / "winrate.png", series=["vs_sft", "vs_prev", "vs_teacher"])
     summary = {"rows": rows, "best_iteration": best, "table": table,
                "best_checkpoint": str(out / f"iter_{best}" / "checkpoint") if best else cfg.init,
                "config": dataclasses.asdict(cfg)}
-    write_json(out / "summary.json", summary)
+    if write:
+        (out / "table.md").write_text(table + "\n")
+        plot_winrates(rows, out / "winrate.png", series=["vs_sft", "vs_prev", "vs_teacher"])
+        write_json(out / "summary.json", summary)
     return summary

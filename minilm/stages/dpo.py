@@ -2,6 +2,7 @@
 
     minilm dpo --init runs/sft-tiny/checkpoint --out-dir runs/dpo-tiny          # CPU, ~1 minute
     minilm dpo --init runs/sft-tiny/checkpoint --lora-r 8                        # reference = LoRA off
+    torchrun --nproc_per_node 8 -m minilm dpo --preset small --fsdp          # policy and reference sharded
     result = run_dpo(dpo_config("tiny", init="runs/sft-tiny/checkpoint"))
 
 DPO fits the policy directly to preference pairs; beta * log(pi / ref) is the implicit reward. The
@@ -10,7 +11,8 @@ switched off (`minilm.lora.lora_disabled`), which costs no memory. The losses ar
 minilm/post/dpo.py. One step:
   1. a batch of pairs, chosen and rejected rows in one (2B, T) tensor;
   2. policy log-probs of each reply, reference log-probs under no_grad;
-  3. `dpo_batch_loss`, backward, AdamW (minilm/loop.py's run_loop).
+  3. `dpo_batch_loss`, backward, AdamW (minilm/loop.py's run_loop; with --fsdp under torchrun
+     each rank takes its micro-batches of pairs, policy and reference both sharded).
 Held-out judgement: greedy replies of the DPO model and of the SFT model on held-out prompts,
 scored by AnswerOracle (rates and head-to-head preference).
 Training pairs: offline checkable pairs (data_prep/instructions.py) or, with --pairs sampled, the
@@ -31,8 +33,9 @@ import torch
 
 from data_prep.instructions import instruction_examples, preference_pairs
 from minilm import MinilmError
-from minilm.checkpoint import load_checkpoint, save_checkpoint
+from minilm.checkpoint import load_checkpoint
 from minilm.config import Validated, from_preset
+from minilm.fsdp import shard_model, sharded_run
 from minilm.loop import OptimConfig, run_loop
 from minilm.lora import adapter_names, merge_and_unload
 from minilm.post.base_model import LoRAConfig, add_lora
@@ -59,6 +62,9 @@ class DPOConfig(Validated):
     device: str = "auto"            # auto (a GPU when torch sees one), cpu, cuda
     dtype: str = "auto"             # auto (bf16 where the chip has it natively), bf16, fp32
     resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
+    micro_batches: int = 0          # each step's batch in N micro-batches over all ranks (0: one per rank)
+    fsdp: bool = False              # under torchrun: data parallel, weights, gradients and AdamW sharded
+    activation_checkpointing: bool = False  # keep each layer's input only; recompute the layer in backward
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=10))
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # r = 0: full fine-tune; r > 0: LoRA, base frozen
     beta: float = 0.1               # strength of the pull towards the reference (KL weight)
@@ -94,7 +100,7 @@ DPO_PRESETS["laptop"] = dict(DPO_PRESETS["tiny"], max_steps=80, n_judge=64)   # 
 DPO_PRESETS["gpu"] = DPO_PRESETS["small"]
 # the fields `minilm dpo --help` shows; every other field is set with --set FIELD=VALUE
 FLAGS = ("init", "out_dir", "max_steps", "batch_size", "lr", "warmup_steps", "eval_every",
-         "seed", "device", "dtype", "resume", "lora_r", "lora_alpha", "beta", "sft_weight", "pairs",
+         "seed", "device", "dtype", "resume", "fsdp", "lora_r", "beta", "sft_weight", "pairs",
          "n_pairs", "n_samples", "n_eval_pairs", "n_judge", "max_len", "max_new_tokens")
 
 
@@ -159,14 +165,15 @@ def dpo_data(cfg: DPOConfig, model, tokenizer):
 @one_writer
 def run_dpo(cfg: DPOConfig, on_step=None) -> dict:
     """DPO from cfg.init; returns implicit-reward metrics and the held-out judgement before/after."""
-    check_settings(cfg, "dpo")   # a rerun into this out_dir must have the same settings
+    rt = setup_runtime(cfg.device, cfg.dtype)    # under torchrun every rank runs the stage; rank 0 writes
+    check_settings(cfg, "dpo", write=rt.is_main)   # a rerun into this out_dir must have the same settings
     if cfg.beta <= 0 or cfg.sft_weight < 0:
         raise MinilmError(f"beta must be > 0 and sft_weight >= 0 (got {cfg.beta}, {cfg.sft_weight})")
     if cfg.pairs not in ("offline", "sampled", "both"):
         raise MinilmError(f"pairs must be offline, sampled or both, not {cfg.pairs!r}")
     if cfg.credit not in ("reply", "step"):
         raise MinilmError(f"credit must be reply or step, not {cfg.credit!r}")
-    rt = setup_runtime(cfg.device, cfg.dtype)
+    sharded = sharded_run(cfg, rt)   # refused early: torchrun without --fsdp, LoRA under FSDP, an uneven batch
     torch.manual_seed(cfg.seed)     # LoRA's A matrices start the same on every run and resume
     policy, reference, tokenizer = load_policy(cfg, rt.device)
     if cfg.max_len > policy.config.max_seq_len:
@@ -192,16 +199,19 @@ def run_dpo(cfg: DPOConfig, on_step=None) -> dict:
     def eval_fn(model):
         return evaluate_dpo(model, heldout, pad, cfg.max_len, cfg.beta, reference, step_ends)
 
-    def save_fn(ckpt_dir, train_state, meta):
-        save_checkpoint(ckpt_dir, policy, tokenizer, train_state, {**meta, "beta": cfg.beta})
-
-    summary = run_loop(cfg, policy, batch_fn, loss_fn, eval_fn, save_fn, tokenizer,
-                       stage="dpo", rt=rt, on_step=on_step)
+    if sharded:
+        # The reference is sharded like the policy (1/W of its weights per rank), not kept whole on
+        # every rank: in the models FSDP is for, a full frozen copy per GPU costs what sharding saves.
+        # Its forward all-gathers each layer, as the policy's does; every rank runs it in lockstep.
+        shard_model(reference, rt)
+    summary = run_loop(cfg, policy, batch_fn, loss_fn, eval_fn, tokenizer=tokenizer, stage="dpo", rt=rt,
+                       on_step=on_step, meta={"beta": cfg.beta})
     policy.eval()
     # the same held-out prompts AFTER; dpo_vs_sft compares the two sets of replies head to head
     dpo_judged = greedy_judgements(policy, tokenizer, judge, oracle, cfg.max_new_tokens)
     result = {**summary, "sft": summarize(sft_judged, judge), "dpo": summarize(dpo_judged, judge),
               "dpo_vs_sft": preferred_rate(dpo_judged, sft_judged), "n_train_pairs": len(train),
               "n_heldout_pairs": len(heldout), "n_judge": len(judge)}
-    write_json(Path(cfg.out_dir) / "eval.json", result)
+    if rt.is_main:
+        write_json(Path(cfg.out_dir) / "eval.json", result)
     return result

@@ -43,8 +43,7 @@ from minilm import MinilmError
 from minilm.checkpoint import has_train_state, load_checkpoint, save_checkpoint
 from minilm.config import ConfigError, Validated, build, get_preset
 from minilm.data import TokenDataset, bits_per_byte
-from minilm.fsdp import (full_state, gradient_sync, is_sharded, load_full_optimizer_state, param_names,
-                         shard_model)
+from minilm.fsdp import gradient_sync, load_full_optimizer_state, param_names, shard_model, unsharded
 from minilm.loop import (OptimConfig, lr_at, make_optimizer, optimizer_step, read_metrics, restore_rng, rng_state,
                          set_lr, write_metrics)
 from minilm.model import Phi3
@@ -206,16 +205,9 @@ def _resume_weights(ckpt_dir: Path, model, model_cfg, rt) -> dict:
     return ck.train_state
 
 
-def _save(ckpt_dir: Path, model, optimizer, tokenizer, model_cfg, cfg: TrainConfig, step: int, rt,
-          names: list[str]) -> None:
+def _save(ckpt_dir: Path, model, optimizer, tokenizer, cfg: TrainConfig, step: int, rt, names: list[str]) -> None:
     """An atomic checkpoint, unsharded whether or not the run is (every rank calls it under FSDP)."""
-    if is_sharded(model):
-        weights, optim_state = full_state(model, optimizer, names)   # a collective; full tensors on rank 0
-        if rt.is_main:
-            model = Phi3(model_cfg)
-            model.load_state_dict(weights)
-    else:
-        optim_state = optimizer.state_dict()
+    model, optim_state = unsharded(model, optimizer, names, rt)   # under FSDP a collective; rank 0 gets the copy
     if rt.is_main:
         # with the weights, all an exact resume needs: batches follow from (seed, step)
         state = {"optimizer": optim_state, "step": step, "rng": rng_state(), "train_config": dataclasses.asdict(cfg)}
@@ -236,16 +228,14 @@ def _train(cfg: TrainConfig, rt, on_step) -> dict:
         saved = _resume_weights(ckpt_dir, model, model_cfg, rt)   # full weights, before any sharding
     sharded = cfg.fsdp and rt.distributed
     if sharded:   # in place: raw_model is the sharded model, its parameters DTensors
-        shard_model(model, rt, bf16=rt.autocast_dtype == torch.bfloat16)
+        shard_model(model, rt)
     # after sharding (AdamW's state is then sharded too), before loading its saved state
     optimizer = make_optimizer(model, cfg.optim)
     names = param_names(optimizer, model)   # AdamW's state by index <-> by name (FSDP's helpers)
     start = 0
     if saved is not None:
-        if sharded:   # a full state, sharded on load: a checkpoint does not care how it was trained
-            load_full_optimizer_state(model, optimizer, saved["optimizer"], names)
-        else:
-            optimizer.load_state_dict(saved["optimizer"])
+        # a full state, sharded on load under FSDP: a checkpoint does not care how it was trained
+        load_full_optimizer_state(model, optimizer, saved["optimizer"], names)
         start = restore_rng(saved)
     metrics = read_metrics(out_dir / "metrics.jsonl", start) if rt.is_main else []  # rows past start are dropped
     # wrap only after resume: the checkpoint's state_dict keys are the raw model's, without prefixes
@@ -279,11 +269,10 @@ def _train(cfg: TrainConfig, rt, on_step) -> dict:
             # 4. an atomic checkpoint first, then metrics.jsonl: the log never lists a step no checkpoint holds
             # (a killed run resumes from the checkpoint and read_metrics drops any rows past it)
             if row["step"] % cfg.ckpt_every == 0 or done:
-                _save(ckpt_dir, raw_model, optimizer, tokenizer, model_cfg, cfg, row["step"], rt, names)
+                _save(ckpt_dir, raw_model, optimizer, tokenizer, cfg, row["step"], rt, names)
                 if rt.is_main:
                     write_metrics(metrics, out_dir, train_data.info["unigram_entropy"])
-                if rt.distributed:
-                    dist.barrier()  # no rank runs ahead of a checkpoint it might need
+                rt.barrier()  # no rank runs ahead of a checkpoint it might need
             if on_step is not None:
                 on_step(row["step"], row)
     final = next((m for m in reversed(metrics) if "val_loss" in m), {})  # the last evaluated row

@@ -3,6 +3,7 @@
     minilm sft --init runs/tiny/checkpoint --out-dir runs/sft-tiny           # CPU, ~4 minutes
     minilm sft --init runs/tiny/checkpoint --text-mix 0                      # pure SFT: no replay
     minilm sft --init runs/tiny/checkpoint --out-dir runs/sft-lora --lora-r 8
+    torchrun --nproc_per_node 8 -m minilm sft --preset small --fsdp          # data parallel, sharded
 
     summary = run_sft(sft_config("tiny", init="runs/tiny/checkpoint"))
     summary["before"]["end_rate"], summary["after"]["end_rate"]
@@ -13,7 +14,8 @@ is data_prep/instructions.py's conversations in Phi-3's format (minilm/post/chat
   2. render the conversations to (ids, loss_mask); a batch is a pure function of (seed, step);
   3. judge greedy replies to the held-out prompts BEFORE training (AnswerOracle);
   4. train with `sft_loss` in minilm/loop.py's run_loop: cross-entropy on the assistant tokens
-     plus text_mix x the next-token loss on windows of the pretraining text (replay);
+     plus text_mix x the next-token loss on windows of the pretraining text (replay); with --fsdp
+     under torchrun each rank takes its micro-batches of every step, the model sharded (FSDP2);
   5. judge again AFTER; save the checkpoint with both measurements and eval.json.
 
 Deviations: no multi-turn, safety or identity data and far less data; the clean-text replay
@@ -31,9 +33,10 @@ from tqdm import tqdm
 
 from data_prep.prepare import default_data
 from minilm import MinilmError
-from minilm.checkpoint import read_train_state, save_checkpoint
+from minilm.checkpoint import read_train_state
 from minilm.config import Validated, from_preset
 from minilm.data import TokenDataset
+from minilm.fsdp import micro_batches, sharded_run
 from minilm.loop import OptimConfig, run_loop
 from minilm.post.base_model import LoRAConfig, init_model
 from minilm.post.chat import prompts_that_fit
@@ -57,6 +60,9 @@ class SFTConfig(Validated):
     device: str = "auto"            # auto (a GPU when torch sees one), cpu, cuda
     dtype: str = "auto"             # auto (bf16 where the chip has it natively), bf16, fp32
     resume: bool = True             # continue from out_dir/checkpoint if it has a train_state
+    micro_batches: int = 0          # each step's batch in N micro-batches over all ranks (0: one per rank)
+    fsdp: bool = False              # under torchrun: data parallel, weights, gradients and AdamW sharded
+    activation_checkpointing: bool = False  # keep each layer's input only; recompute the layer in backward
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=20))
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # r = 0: full fine-tune; r > 0: LoRA, base frozen
     sources: str = "dictionary,ops1,ops2,ops3,ops4,units,word"  # see data_prep/instructions.py
@@ -86,8 +92,8 @@ SFT_PRESETS["laptop"] = dict(max_steps=420, n_eval=50, text_batch_size=4)
 SFT_PRESETS["gpu"] = SFT_PRESETS["small"]
 # the fields `minilm sft --help` shows; every other field is set with --set FIELD=VALUE
 FLAGS = ("init", "out_dir", "max_steps", "batch_size", "lr", "warmup_steps", "eval_every", "ckpt_every",
-         "seed", "device", "dtype", "resume", "lora_r", "lora_alpha", "sources", "n_train", "n_eval", "max_len",
-         "text_mix", "text_data")
+         "seed", "device", "dtype", "resume", "micro_batches", "fsdp", "lora_r", "lora_alpha", "sources", "n_train",
+         "n_eval", "max_len", "text_mix", "text_data")
 
 
 def sft_config(preset: str = "tiny", **overrides) -> SFTConfig:
@@ -126,8 +132,9 @@ def find_text_data(cfg: SFTConfig, tokenizer) -> Path | None:
 @one_writer
 def run_sft(cfg: SFTConfig, on_step=None) -> dict:
     """Fine-tune cfg.init on chat data; returns {"before", "after", ...} measured on held-out prompts."""
-    check_settings(cfg, "sft")   # a rerun into this out_dir must have the same settings
-    rt = setup_runtime(cfg.device, cfg.dtype)
+    rt = setup_runtime(cfg.device, cfg.dtype)    # under torchrun every rank runs the stage; rank 0 writes
+    check_settings(cfg, "sft", write=rt.is_main)   # a rerun into this out_dir must have the same settings
+    sharded_run(cfg, rt)   # refused early: torchrun without --fsdp, LoRA under FSDP, an uneven batch
     model, tokenizer = init_model(cfg.init, cfg.lora, rt.device)                           # 1.
     if cfg.max_len > model.config.max_seq_len:
         raise MinilmError(f"max_len {cfg.max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
@@ -147,6 +154,10 @@ def run_sft(cfg: SFTConfig, on_step=None) -> dict:
                    f"pass --text-data DIR (prepared shards) to keep text_mix={cfg.text_mix}")
     # replay trains on the train split; text_val below measures forgetting on the val split
     replay = TokenDataset(text_dir, "train") if cfg.text_mix > 0 and text_dir is not None else None
+    parts = micro_batches(cfg, rt)[0]   # each micro-batch takes its share of the windows too
+    if replay is not None and cfg.text_batch_size % parts:
+        raise MinilmError(f"text_batch_size {cfg.text_batch_size} must cut into the {parts} micro-batches "
+                          f"of a step; change --set text_batch_size=N or --micro-batches")
     # batch_fn(step): (B, max_len) tokens/targets/attention_mask (+ (B', T') text windows), fixed by (seed, step)
     batch_fn = make_batch_fn(examples, cfg.batch_size, cfg.seed, tokenizer.eot_id, cfg.max_len, replay,
                              cfg.text_batch_size, min(cfg.text_seq_len, model.config.max_seq_len))
@@ -162,18 +173,16 @@ def run_sft(cfg: SFTConfig, on_step=None) -> dict:
     before = {**eval_fn(model), "train_correct_rate":                        # 3.
               evaluate_chat(model, tokenizer, train_sample, oracle, cfg.max_new_tokens)["correct_rate"]}
 
-    def save_fn(ckpt_dir, train_state, meta):  # the BEFORE numbers travel in the checkpoint meta
-        save_checkpoint(ckpt_dir, model, tokenizer, train_state,
-                        {**meta, "before": before, "n_train": len(examples), "heldout": len(heldout)})
-
-    summary = run_loop(cfg, model, batch_fn, partial(sft_loss, text_mix=cfg.text_mix),  # 4.
-                       eval_fn, save_fn, tokenizer,
-                       stage="sft", rt=rt, on_step=on_step)
-    model.eval()  # 5. the loop's last held-out eval, plus the train sample
+    # the BEFORE numbers travel in the checkpoint meta
+    summary = run_loop(cfg, model, batch_fn, partial(sft_loss, text_mix=cfg.text_mix), eval_fn,   # 4.
+                       tokenizer=tokenizer, stage="sft", rt=rt, on_step=on_step,
+                       meta={"before": before, "n_train": len(examples), "heldout": len(heldout)})
+    model.eval()  # 5. the loop's last held-out eval, plus the train sample (under FSDP on every rank)
     after = {**{k: summary[k] for k in before if k in summary}, "train_correct_rate":
              evaluate_chat(model, tokenizer, train_sample, oracle, cfg.max_new_tokens)["correct_rate"]}
     result = {**summary, "before": before, "after": after, "n_train": len(examples),
               "n_heldout": len(heldout), "text_data": str(text_dir) if text_dir else None,
               "text_mix": cfg.text_mix if replay is not None else 0.0}
-    write_json(Path(cfg.out_dir) / "eval.json", result)
+    if rt.is_main:
+        write_json(Path(cfg.out_dir) / "eval.json", result)
     return result
