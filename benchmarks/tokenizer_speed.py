@@ -19,6 +19,7 @@ import statistics
 import time
 
 from data_prep.stdlib_docs import stdlib_dir
+from minilm.ops._kernels import LOAD_ERROR, LOADED
 from minilm.ops.bpe import compiled_merges, unicode_classes
 from minilm.tokenizer import (SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, TokenizerError, count_chunks, learn_merges,
                               reference_encode)
@@ -124,34 +125,37 @@ def main() -> None:
     unicode_classes.cache_clear()
     n_merges = args.vocab - 256 - len(SPECIAL_TOKENS)
     runs = {}   # backend -> (chunks, merges, count times, merge times)
-    for backend in ("auto", "python"):
+    for backend in ("compiled", "python") if LOADED else ("python",):
         t_counts, t_merges = [], []
         for _ in range(args.repeats):
-            chunks, t_count = timed(functools.partial(count_chunks, train, backend=backend))
-            merges, t_merge = timed(functools.partial(compiled_merges, chunks, n_merges) if backend == "auto" else
-                                    functools.partial(learn_merges, chunks, n_merges, progress=True))
+            chunks, t_count = timed(functools.partial(count_chunks, train, backend="auto" if backend == "compiled"
+                                                      else "python"))
+            merges, t_merge = timed(functools.partial(compiled_merges, chunks, n_merges) if backend == "compiled"
+                                    else functools.partial(learn_merges, chunks, n_merges, progress=True))
             t_counts.append(t_count)
             t_merges.append(t_merge)
         runs[backend] = chunks, merges, t_counts, t_merges
-    (chunks, merges, *_), (py_chunks, py_merges, *_) = runs["auto"], runs["python"]
-    assert list(chunks.items()) == list(py_chunks.items()), "the compiled split's counts differ from regex's"
-    assert merges in (None, py_merges), "the compiled trainer's merges differ from the reference's"
-    label = {"auto": "compiled" if merges is not None else "auto (not built: Python)", "python": "pure Python"}
-    for backend, (_, _, t_counts, t_merges) in runs.items():
-        print(f"train   {label[backend]:<12} count chunks {fmt(t_counts)}, merges {fmt(t_merges)}, "
-              f"total {fmt(list(map(sum, zip(t_counts, t_merges))))}")
-    t_ours = min(map(sum, zip(*runs["auto"][2:])))
-    t_ref = min(map(sum, zip(*runs["python"][2:])))
-    print(f"train   {len(chunks):,} distinct chunks; identical counts and merges; compiled total {t_ref / t_ours:.1f}x "
-          f"the pure Python one, {n_train / t_ours / 1e6:.1f} M chars/s")
+        print(f"train   {backend:<9} count chunks {fmt(t_counts)}, merges {fmt(t_merges)}, "
+              f"total {fmt([c + m for c, m in zip(t_counts, t_merges)])}")
+    chunks, merges, *_ = runs["python"]
+    for other, other_merges, *_ in runs.values():
+        assert list(other.items()) == list(chunks.items()), "the compiled split's counts differ from regex's"
+        assert other_merges == merges, "the compiled trainer's merges differ from the reference's"
+    totals = {backend: min(c + m for c, m in zip(*run[2:])) for backend, run in runs.items()}
+    t_ours = totals["compiled"] if LOADED else totals["python"]
+    print(f"train   {len(chunks):,} distinct chunks; identical counts and merges; "
+          + (f"compiled total {totals['python'] / t_ours:.1f}x the pure Python one, " if LOADED else
+             f"minilm._C is not built ({LOAD_ERROR}), so only Python ran, ") + f"{n_train / t_ours / 1e6:.1f} M chars/s")
+    ours = "minilm compiled" if LOADED else "minilm (Python)"
     for name, peer in peers(train, args.vocab - len(SPECIAL_TOKENS)):
         times = []
         for _ in range(args.repeats):
             ranks, t_peer = timed(peer)
             times.append(t_peer)
-        same = "identical ranks" if ranks == ranks_of(py_merges) else "other merges (another pre-tokenizer)"
-        print(f"train   {name}: total {fmt(times)}; minilm compiled is {min(times) / t_ours:.2f}x its speed "
+        same = "identical ranks" if ranks == ranks_of(merges) else "other merges (another pre-tokenizer)"
+        print(f"train   {name}: total {fmt(times)}; {ours} is {min(times) / t_ours:.2f}x its speed "
               f"(min over min); {same}")
+    print(f"train   load average after training {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     tok = Tokenizer.train(train, args.vocab, progress=False)
 
     # 2. Encoding: the reference on a sample (it is slow), tiktoken on all the training text.

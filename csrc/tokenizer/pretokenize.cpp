@@ -131,7 +131,8 @@ int64_t chunk_end(const Text& t, int64_t i, int64_t max_digits) {
 // `chunks`, probed linearly from the slot of the chunk's key and kept at most half full. A chunk of up to 7
 // bytes (most of them) is its own key, its bytes and its length packed in 64 bits, so finding it never reads
 // the text again; a longer one's key is a hash, and equal keys are checked byte by byte. (The first version,
-// std::unordered_map, spent a third of its time reading the first occurrence back and took 2.1x as long.)
+// std::unordered_map, spent over a quarter of its time reading the first occurrence back and took 2.1x as
+// long.)
 struct ChunkCounts {
   std::vector<std::string_view> chunks;
   std::vector<uint64_t> keys;

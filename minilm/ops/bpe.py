@@ -69,7 +69,7 @@ def unicode_classes() -> torch.Tensor:
     codes = np.arange(N_CODE_POINTS, dtype=np.uint32)
     codes[0xD800:0xE000] = 0
     every = codes.tobytes().decode(f"utf-32-{sys.byteorder[0]}e")   # string index == code point
-    table = np.zeros(N_CODE_POINTS, dtype=np.uint8)   # numpy: a slice |= costs 1 us where torch's costs 100
+    table = np.zeros(N_CODE_POINTS, dtype=np.uint8)   # numpy: its ~900 slice updates took 0.25 s in torch
     for bit, run in ((LETTER, r"\p{L}+"), (NUMBER, r"\p{N}+"), (SPACE, r"\s+")):
         for m in regex.finditer(run, every):
             table[m.start():m.end()] |= bit
