@@ -1,5 +1,6 @@
-"""Tokenizer speed: BPE training (the compiled and the Python merge loop, rustbpe and HF tokenizers
-when installed), and tiktoken vs the pure-Python reference encoder.
+"""Tokenizer speed: BPE training (compiled: split and merge loop in C++; pure Python: the regex split
+and the Python merge loop; rustbpe and HF tokenizers when installed), and tiktoken vs the pure-Python
+reference encoder.
 
     python benchmarks/tokenizer_speed.py                    # 4096-token vocab on ~10 MB of text
     python benchmarks/tokenizer_speed.py --mb 2 --vocab 1024
@@ -7,15 +8,19 @@ when installed), and tiktoken vs the pure-Python reference encoder.
 The text is the Python standard library's own source files (no download, ~20 MB available). The
 first --mb MB train the tokenizer; the next --heldout-mb MB are held out to measure compression
 (bytes per token) on text the merges never saw. Everything is measured in the same run, so the
-ratios compare like with like on this machine. See lessons/02_tokenizer.md.
+ratios compare like with like on this machine; each trainer runs --repeats times and the min and median
+are printed with the load average, since a busy machine slows some runs. See lessons/02_tokenizer.md.
 """
 
 import argparse
+import functools
 import os
+import statistics
 import time
 
 from data_prep.stdlib_docs import stdlib_dir
-from minilm.ops.bpe import compiled_merges
+from minilm.ops._kernels import LOAD_ERROR, LOADED
+from minilm.ops.bpe import compiled_merges, unicode_classes
 from minilm.tokenizer import (SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, TokenizerError, count_chunks, learn_merges,
                               reference_encode)
 
@@ -55,6 +60,11 @@ def timed(fn):
 def bytes_per_token(tok: Tokenizer, texts: list[str]) -> float:
     n_tokens = sum(len(ids) for ids in tok.encode_batch(texts))
     return sum(len(t.encode("utf-8")) for t in texts) / n_tokens
+
+
+def fmt(times: list[float]) -> str:
+    """'min / median s' of repeated timings."""
+    return f"{min(times):.2f} / {statistics.median(times):.2f} s"
 
 
 def ranks_of(merges) -> dict[bytes, int]:
@@ -98,6 +108,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=4096, help="total vocab size incl. specials")
     p.add_argument("--heldout-mb", type=float, default=1.0, help="held-out text for compression")
     p.add_argument("--ref-mb", type=float, default=0.5, help="text for the slow reference encoder")
+    p.add_argument("--repeats", type=int, default=3, help="training runs of each trainer (min and median)")
     args = p.parse_args()
 
     train, rest = split_at(stdlib_source(), int(args.mb * 1e6))
@@ -106,23 +117,45 @@ def main() -> None:
     print(f"corpus: {len(train)} stdlib files, {n_train / 1e6:.2f} M chars for training, "
           f"{sum(map(len, held)) / 1e6:.2f} M held out; {os.cpu_count()} CPU cores")
 
-    # 1. Training: the two phases, each timed; then the peers on the same text and vocabulary.
-    chunks, t_count = timed(lambda: count_chunks(train))
+    # 1. Training: each way `repeats` times, each phase timed; then the peers on the same text and vocab.
+    print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} (1, 5, 15 min); times are the min / "
+          f"median of {args.repeats} runs")
+    _, t_table = timed(unicode_classes)
+    print(f"train   class table from regex (once per process, in the first compiled run): {t_table:.2f} s")
+    unicode_classes.cache_clear()
     n_merges = args.vocab - 256 - len(SPECIAL_TOKENS)
-    compiled, t_compiled = timed(lambda: compiled_merges(chunks, n_merges))
-    merges, t_python = timed(lambda: learn_merges(chunks, n_merges, progress=True))
-    assert compiled in (None, merges), "the compiled trainer's merges differ from the reference's"
-    t_ours = t_count + (t_compiled if compiled is not None else t_python)
-    print(f"train   count chunks ({len(chunks):,} distinct, {os.cpu_count()} threads): {t_count:.2f} s")
-    print(f"train   merges, pure Python (the reference): {t_python:.2f} s")
-    if compiled is not None:
-        print(f"train   merges, compiled (csrc/tokenizer): {t_compiled:.2f} s "
-              f"({t_python / t_compiled:.1f}x the reference; identical merges)")
-    print(f"train   minilm total: {t_ours:.2f} s, {n_train / t_ours / 1e6:.2f} M chars/s")
+    runs = {}   # backend -> (chunks, merges, count times, merge times)
+    for backend in ("compiled", "python") if LOADED else ("python",):
+        t_counts, t_merges = [], []
+        for _ in range(args.repeats):
+            chunks, t_count = timed(functools.partial(count_chunks, train, backend="auto" if backend == "compiled"
+                                                      else "python"))
+            merges, t_merge = timed(functools.partial(compiled_merges, chunks, n_merges) if backend == "compiled"
+                                    else functools.partial(learn_merges, chunks, n_merges, progress=True))
+            t_counts.append(t_count)
+            t_merges.append(t_merge)
+        runs[backend] = chunks, merges, t_counts, t_merges
+        print(f"train   {backend:<9} count chunks {fmt(t_counts)}, merges {fmt(t_merges)}, "
+              f"total {fmt([c + m for c, m in zip(t_counts, t_merges)])}")
+    chunks, merges, *_ = runs["python"]
+    for other, other_merges, *_ in runs.values():
+        assert list(other.items()) == list(chunks.items()), "the compiled split's counts differ from regex's"
+        assert other_merges == merges, "the compiled trainer's merges differ from the reference's"
+    totals = {backend: min(c + m for c, m in zip(*run[2:])) for backend, run in runs.items()}
+    t_ours = totals["compiled"] if LOADED else totals["python"]
+    print(f"train   {len(chunks):,} distinct chunks; identical counts and merges; "
+          + (f"compiled total {totals['python'] / t_ours:.1f}x the pure Python one, " if LOADED else
+             f"minilm._C is not built ({LOAD_ERROR}), so only Python ran, ") + f"{n_train / t_ours / 1e6:.1f} M chars/s")
+    ours = "minilm compiled" if LOADED else "minilm (Python)"
     for name, peer in peers(train, args.vocab - len(SPECIAL_TOKENS)):
-        ranks, t_peer = timed(peer)
+        times = []
+        for _ in range(args.repeats):
+            ranks, t_peer = timed(peer)
+            times.append(t_peer)
         same = "identical ranks" if ranks == ranks_of(merges) else "other merges (another pre-tokenizer)"
-        print(f"train   {name}: {t_peer:.2f} s; minilm is {t_peer / t_ours:.2f}x its speed; {same}")
+        print(f"train   {name}: total {fmt(times)}; {ours} is {min(times) / t_ours:.2f}x its speed "
+              f"(min over min); {same}")
+    print(f"train   load average after training {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     tok = Tokenizer.train(train, args.vocab, progress=False)
 
     # 2. Encoding: the reference on a sample (it is slow), tiktoken on all the training text.

@@ -5,8 +5,8 @@
 // attention/attention_cuda_binding.cpp in CUDA builds; likewise masking/). Autograd and the fake (meta) kernels that
 // torch.compile traces with are registered from Python in minilm/ops/_kernels.py.
 // After `import minilm._C` the ops are torch.ops.minilm.attention_fwd / attention_bwd,
-// masked_ffn_fwd / masked_ffn_bwd, ffn_compact,
-// cross_entropy_fwd / cross_entropy_bwd and bpe_train.
+// masked_ffn_fwd / masked_ffn_bwd, ffn_compact, cross_entropy_fwd / cross_entropy_bwd, bpe_train,
+// bpe_count_chunks and bpe_split.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -62,4 +62,15 @@ TORCH_LIBRARY(minilm, m) {
   // concatenated), their offsets (N + 1,) and counts (N,). Returns merges (M, 2) int64: row k holds
   // the ids joined into token 256 + k; M < n_merges when the text runs out of pairs.
   m.def("bpe_train(Tensor chunks, Tensor offsets, Tensor freqs, int n_merges) -> Tensor");
+}
+
+TORCH_LIBRARY_FRAGMENT(minilm, m) {
+  // BPE's pre-tokenizer (csrc/tokenizer/pretokenize.cpp), CPU only: split the texts (UTF-8 bytes, all
+  // concatenated, and their offsets (T + 1,)) with SPLIT_PATTERN (max_digits 1) or GPT4_SPLIT_PATTERN
+  // (max_digits 3), given the per-code-point class table (0x110000,) uint8. Returns the distinct chunks in
+  // bpe_train's format: bytes, offsets (N + 1,), counts (N,), in order of first occurrence.
+  m.def("bpe_count_chunks(Tensor text, Tensor offsets, Tensor classes, int max_digits) -> "
+        "(Tensor chunks, Tensor chunk_offsets, Tensor counts)");
+  // The same split of one text, as its chunks' byte boundaries (C + 1,) int64: for tests and lessons.
+  m.def("bpe_split(Tensor text, Tensor classes, int max_digits) -> Tensor");
 }

@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer: trained in pure Python, served by tiktoken (lesson 02).
+"""Byte-level BPE tokenizer: trained in Python (or its C++ twins when built), served by tiktoken (lesson 02).
 
     from minilm.tokenizer import Tokenizer
     tok = Tokenizer.train(texts, vocab_size=4096)        # or Tokenizer.from_tiktoken("cl100k_base")
@@ -18,9 +18,10 @@ digit by digit instead of memorising a sum table for each of 1,000 three-digit t
 Training (`learn_merges`) is incremental: unique chunks are counted once, pair counts and an
 inverted index (pair -> chunks) are updated only where a merge changes them, and a max-heap with
 lazy invalidation finds the next pair. Ties go to the highest count, then the smallest pair, so
-the same text always gives the same vocabulary. `Tokenizer.train` runs the same loop compiled
-(minilm/ops/bpe.py) when the kernels are built. Encoding and decoding go through tiktoken (Rust,
-~20x faster); `reference_encode` is the slow textbook version the tests compare it with.
+the same text always gives the same vocabulary. `Tokenizer.train` runs the split (the pattern
+matched by hand in C++) and the same loop compiled (minilm/ops/bpe.py) when the kernels are
+built. Encoding and decoding go through tiktoken (Rust, ~20x faster); `reference_encode` is the
+slow textbook version the tests compare it with.
 Benchmark: python benchmarks/tokenizer_speed.py.
 
 Deviations: our chat tokens get the ids right after cl100k's own, not Phi-3-small's exact ids; a
@@ -53,6 +54,8 @@ GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}
                       r""" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 # ours: the same, with one digit per chunk (\p{N}) where cl100k takes up to three
 SPLIT_PATTERN = GPT4_SPLIT_PATTERN.replace(r"\p{N}{1,3}+", r"\p{N}")
+# the patterns the compiled pre-tokenizer knows, by the most digits a number chunk holds
+_COMPILED_DIGITS = {SPLIT_PATTERN: 1, GPT4_SPLIT_PATTERN: 3}
 SPECIAL_TOKENS = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
 
@@ -61,11 +64,22 @@ class TokenizerError(MinilmError, ValueError):
     error like any MinilmError, and a ValueError for callers that catch those)."""
 
 
-def count_chunks(texts: Iterable[str], pattern: str = SPLIT_PATTERN, threads: int | None = None) -> Counter[bytes]:
+def count_chunks(texts: Iterable[str], pattern: str = SPLIT_PATTERN, threads: int | None = None,
+                 backend: str = "auto") -> Counter[bytes]:
     """Split every text with `pattern` and count each distinct chunk, as UTF-8 bytes.
 
     Batches of texts are split on `threads` threads (default: one per core): `regex` releases the
-    GIL while it matches (concurrent=True), and the sum of the counts does not depend on the order."""
+    GIL while it matches (concurrent=True), and the sum of the counts does not depend on the order.
+    backend "auto" splits SPLIT_PATTERN and GPT4_SPLIT_PATTERN in C++ (minilm/ops/bpe.py, on torch's
+    threads) when minilm._C is built; this function's `regex` path is the reference it is tested
+    against, chunk for chunk, and it gives the same Counter in the same order."""
+    if backend not in ("auto", "python"):
+        raise TokenizerError(f"backend must be 'auto' or 'python', not {backend!r}")
+    if backend == "auto" and pattern in _COMPILED_DIGITS:
+        from minilm.ops.bpe import compiled_chunk_counts   # imports torch: only when counting
+        counts = compiled_chunk_counts(texts, _COMPILED_DIGITS[pattern])
+        if counts is not None:
+            return counts
     split = regex.compile(pattern)
 
     def count(batch: list[str]) -> Counter[str]:
@@ -221,8 +235,9 @@ class Tokenizer:
               special_tokens=SPECIAL_TOKENS, progress: bool = True, backend: str = "auto") -> "Tokenizer":
         """Learn a vocabulary of exactly `vocab_size` ids: 256 bytes, merges, then specials.
 
-        backend "auto" runs the merge loop compiled (minilm/ops/bpe.py) when minilm._C is built, and
-        "python" always runs `learn_merges`, the reference; both give the same merges."""
+        backend "auto" runs the split and the merge loop compiled (minilm/ops/bpe.py) when minilm._C
+        is built, and "python" always runs `count_chunks`' regex path and `learn_merges`, the
+        references; both give the same merges."""
         special_tokens = tuple(special_tokens)
         n_merges = vocab_size - 256 - len(special_tokens)
         if "<|endoftext|>" not in special_tokens:  # fail before training, not after
@@ -232,7 +247,7 @@ class Tokenizer:
                                  f"tokens and {len(special_tokens)} special tokens")
         if backend not in ("auto", "python"):
             raise TokenizerError(f"backend must be 'auto' or 'python', not {backend!r}")
-        chunks = count_chunks(texts, pattern)
+        chunks = count_chunks(texts, pattern, backend=backend)
         merges = None
         if backend == "auto":
             from minilm.ops.bpe import compiled_merges   # imports torch: only when training
