@@ -31,7 +31,7 @@ import json
 import re
 from pathlib import Path
 
-from minilm.tokenizer import TokenizerError
+from minilm.tokenizer import SpecialTokenIds, TokenizerError
 
 # what Rust's char::is_whitespace accepts, which decides what an rstrip/lstrip added token swallows
 # (Python's str.isspace also takes \x1c..\x1f)
@@ -105,7 +105,7 @@ def _strip(token: str, char: str, start: int, stop: int) -> str:
     return token[:len(token) - min(trail, stop)]
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(SpecialTokenIds):
     """A SentencePiece-style BPE with byte fallback (the `tokenizers` JSON model), in pure Python."""
     kind = "sentencepiece-bpe"   # what a checkpoint's config.json records (minilm.tokenizer.Tokenizer: "byte-bpe")
 
@@ -302,16 +302,6 @@ class SentencePieceTokenizer:
         return "".join(tokens)
 
     # ---- what the stages read ----
-
-    @property
-    def eot_id(self) -> int:
-        return self.special_tokens["<|endoftext|>"]
-
-    def special_id(self, token: str) -> int:
-        if token not in self.special_tokens:
-            raise TokenizerError(f"{token!r} is not a special token of {self.name}; "
-                                 f"known: {sorted(self.special_tokens)}")
-        return self.special_tokens[token]
 
     def fingerprint(self) -> str:
         """Short hash of the whole tokenizer.json; a checkpoint stores it to catch mismatches."""

@@ -212,7 +212,25 @@ def reference_encode(text: str, merges: list[tuple[bytes, bytes]],
     return out
 
 
-class Tokenizer:
+class SpecialTokenIds:
+    """The special-token lookups every tokenizer class gives the stages (this module's Tokenizer and
+    minilm/sp_tokenizer.py's); a subclass sets `special_tokens` {text: id} and `name`."""
+    special_tokens: dict[str, int]
+    name: str
+
+    @property
+    def eot_id(self) -> int:
+        return self.special_tokens["<|endoftext|>"]
+
+    def special_id(self, token: str) -> int:
+        """Id of a special token such as '<|user|>'."""
+        if token not in self.special_tokens:
+            raise TokenizerError(f"{token!r} is not a special token of {self.name}; "
+                                 f"known: {sorted(self.special_tokens)}")
+        return self.special_tokens[token]
+
+
+class Tokenizer(SpecialTokenIds):
     """A BPE vocabulary (ranks + special tokens + split pattern) served through tiktoken."""
     kind = "byte-bpe"   # what a checkpoint's config.json records (minilm/sp_tokenizer.py: "sentencepiece-bpe")
 
@@ -377,17 +395,6 @@ class Tokenizer:
     def n_vocab(self) -> int:
         """Number of ids (largest id + 1): the size of the model's embedding table."""
         return self.encoding.n_vocab
-
-    @property
-    def eot_id(self) -> int:
-        return self.special_tokens["<|endoftext|>"]
-
-    def special_id(self, token: str) -> int:
-        """Id of a special token such as '<|user|>'."""
-        if token not in self.special_tokens:
-            raise TokenizerError(f"{token!r} is not a special token of {self.name}; "
-                                 f"known: {sorted(self.special_tokens)}")
-        return self.special_tokens[token]
 
     def fingerprint(self) -> str:
         """Short hash of ranks + specials + pattern; a checkpoint stores it to catch mismatches."""

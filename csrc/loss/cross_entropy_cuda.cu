@@ -5,29 +5,11 @@
 // strided share of the row (the online softmax, one pass over the logits), then the block merges
 // the kThreads pairs in shared memory. Backward: one thread per logit, grid-stride; each needs only
 // its row's lse, so it is a single read of the logits and a single write of the gradient.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+#include "../cuda_dtype.cuh"
 #include "cross_entropy_cuda.h"
 
 namespace minilm {
 namespace {
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-template <typename T> __device__ __forceinline__ typename Acc<T>::type load(const T* p) {
-  return static_cast<typename Acc<T>::type>(*p);
-}
-template <> __device__ __forceinline__ float load<__half>(const __half* p) { return __half2float(*p); }
-template <> __device__ __forceinline__ float load<__nv_bfloat16>(const __nv_bfloat16* p) {
-  return __bfloat162float(*p);
-}
-template <typename T, typename A> __device__ __forceinline__ void store(T* p, A v) { *p = static_cast<T>(v); }
-template <> __device__ __forceinline__ void store<__half, float>(__half* p, float v) { *p = __float2half(v); }
-template <> __device__ __forceinline__ void store<__nv_bfloat16, float>(__nv_bfloat16* p, float v) {
-  *p = __float2bfloat16(v);
-}
 
 __device__ __forceinline__ float exp_(float x) { return __expf(x); }
 __device__ __forceinline__ double exp_(double x) { return exp(x); }

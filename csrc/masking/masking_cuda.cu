@@ -7,30 +7,11 @@
 // silu(gate) * up reads hidden twice and writes a temporary, the unfused backward takes ~6 kernels.
 // Here each element is read once and its results written once, 4 bytes of fp32 math per byte moved.
 // One thread per (row, kept neuron), grid-stride so any N * K fits the grid.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+#include "../cuda_dtype.cuh"
 #include "masking_cuda.h"
 
 namespace minilm {
 namespace {
-
-// Storage type <-> the type the math is done in (float; double for double).
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-template <typename T> __device__ __forceinline__ typename Acc<T>::type load(const T* p) {
-  return static_cast<typename Acc<T>::type>(*p);
-}
-template <> __device__ __forceinline__ float load<__half>(const __half* p) { return __half2float(*p); }
-template <> __device__ __forceinline__ float load<__nv_bfloat16>(const __nv_bfloat16* p) {
-  return __bfloat162float(*p);
-}
-template <typename T, typename A> __device__ __forceinline__ void store(T* p, A v) { *p = static_cast<T>(v); }
-template <> __device__ __forceinline__ void store<__half, float>(__half* p, float v) { *p = __float2half(v); }
-template <> __device__ __forceinline__ void store<__nv_bfloat16, float>(__nv_bfloat16* p, float v) {
-  *p = __float2bfloat16(v);
-}
 
 __device__ __forceinline__ float sigmoid(float g) { return 1.0f / (1.0f + __expf(-g)); }
 __device__ __forceinline__ double sigmoid(double g) { return 1.0 / (1.0 + exp(-g)); }
