@@ -17,9 +17,9 @@ Every term comes from the model itself, built on the `meta` device (shapes, no s
                log-sum-exp, through the kernels' fake implementations; without built kernels the
                reference's score matrices are counted). With activation checkpointing only each
                layer's input is kept, plus one layer recomputed during backward.
-  loss         the logits the forward returns plus the logit-sized gradient of the cross-entropy's
-               backward, in the compute dtype with the fused kernel (csrc/loss/); without built
-               kernels PyTorch's path makes two float32 ones: (B, T, V) tensors, the biggest transients
+  loss         the logits the forward returns plus the logit-sized gradients of the cross-entropy's
+               backward: two float32 ones on PyTorch's path, one in the compute dtype with the fused
+               kernel (csrc/loss/, MINILM_FUSED_LOSS=1): (B, T, V) tensors, the biggest transients
   kv cache     keys and values for generation (PPO, DNO, LTC rollouts), compute dtype
 Peaks on CPU (fp32) are within about 20% of the plan (tests/test_memory.py; benchmarks print both).
 Deviation from a real run: allocator fragmentation, CUDA context (~0.5 GiB) and temporary buffers

@@ -243,8 +243,6 @@ class Phi3Model(nn.Module):
         cos = cos_table[positions].unsqueeze(1)  # (B, 1, T, D): broadcast over heads
         sin = sin_table[positions].unsqueeze(1)
         x = self.embed_tokens(idx)                   # (B, T, d_model): the residual stream
-        if attention_mask is not None and attention_mask.device.type != "meta" and bool(attention_mask.all()):
-            attention_mask = None  # no padding: plain causal attention, which our kernels take (no mask to build)
         recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if recompute:
@@ -287,7 +285,7 @@ class Phi3(nn.Module):
         logits = self.lm_head(self.hidden(idx, kv_cache, attention_mask))
         loss = None
         if targets is not None:   # targets are already shifted: logits[:, t] predicts targets[:, t]
-            # fused (csrc/loss/): reads the bf16 logits once, no float32 (N, V) copies
+            # fused in csrc/loss/ with MINILM_FUSED_LOSS=1 (one read of the bf16 logits); PyTorch's path otherwise
             loss = ops.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
 

@@ -10,6 +10,10 @@ TORCH_CHECK messages; the model's loss and gradients with the kernel equal the r
 GPU the CUDA kernel matches (tests/test_attention_cuda.py compiles every .cu with nvcc). Skipped when minilm._C is not built.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +26,20 @@ from minilm.ops.reference import cross_entropy_reference
 pytestmark = [pytest.mark.lesson_03, pytest.mark.skipif(
     not _kernels.LOADED, reason=f"minilm._C is not built ({_kernels.LOAD_ERROR})")]
 GPU_READY = torch.cuda.is_available() and "cuda" in _kernels.DEVICES
+
+
+@pytest.fixture(autouse=True)
+def fused(monkeypatch):
+    """Every test here runs the kernel (the library's default is PyTorch's path: MINILM_FUSED_LOSS=1 opts in)."""
+    monkeypatch.setattr(loss_module, "USE_KERNEL", True)
+
+
+def test_the_kernel_is_opt_in():
+    code = "import minilm.ops.loss as L; print(L.USE_KERNEL)"
+    for value, expected in (("", "False"), ("1", "True")):
+        env = {**os.environ, "MINILM_FUSED_LOSS": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected
 
 
 def logits_and_targets(n, v, dtype=torch.float32, device="cpu", ignored=(1, 4)):
