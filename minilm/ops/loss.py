@@ -10,9 +10,9 @@ backward (only each row's logsumexp), and the gradient is written once, in the l
 (csrc/loss/, why: the head of cross_entropy_cpu.cpp). In a small model the logits are the largest
 activation, so this is the biggest cut in a training step after the matmuls
 (benchmarks/train_vs_nanogpt.py --profile shows the split).
-Backend: the reference (PyTorch's path) unless MINILM_FUSED_LOSS=1, which picks our kernel on the
-devices `minilm._C` was built for (`MINILM_OPS=reference` or `torch` still turns it off); float16
-on the CPU, or no kernels, take the reference. Opt-in because its last-bit rounding differs from
+Backend: PyTorch's `F.cross_entropy` on float32 logits, unless MINILM_FUSED_LOSS=1, which picks
+our kernel on the devices `minilm._C` was built for (`MINILM_OPS=reference` or `torch` still turn
+it off); float16 on the CPU, or no kernels, take PyTorch's path. Opt-in because its last-bit rounding differs from
 PyTorch's, which changes every number a run produces (the quoted runs of the course use PyTorch's).
 """
 
@@ -21,9 +21,9 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from minilm.ops import _kernels
-from minilm.ops.reference import cross_entropy_reference
 
 KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64, torch.bfloat16),
                  "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
@@ -40,6 +40,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     device = logits.device.type
     on_kernel_device = device in _kernels.DEVICES or device == "meta"
     if not (USE_KERNEL and on_kernel_device and logits.dtype in KERNEL_DTYPES.get(device, ())):
-        return cross_entropy_reference(logits, targets, ignore_index)
+        # PyTorch's own path, exactly as Phi3.forward always computed it (the reference is the same math,
+        # but its sums round differently, and so would every number a run produces)
+        return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
     rows, _lse = torch.ops.minilm.cross_entropy_fwd(logits.contiguous(), targets.contiguous(), ignore_index)
     return rows.sum() / (targets != ignore_index).sum()  # rows are 0 where ignored: the mean over kept rows
