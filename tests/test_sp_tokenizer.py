@@ -20,6 +20,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers", reason="test-only extra transformers not installed")
+pytest.importorskip("tokenizers", reason="test-only extra tokenizers not installed")
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
