@@ -36,7 +36,7 @@ import heapq
 import itertools
 import json
 import os
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
@@ -65,7 +65,9 @@ def count_chunks(texts: Iterable[str], pattern: str = SPLIT_PATTERN, threads: in
     """Split every text with `pattern` and count each distinct chunk, as UTF-8 bytes.
 
     Batches of texts are split on `threads` threads (default: one per core): `regex` releases the
-    GIL while it matches (concurrent=True), and the sum of the counts does not depend on the order."""
+    GIL while it matches (concurrent=True), and the sum of the counts does not depend on the order.
+    At most two batches per thread are in flight (`pool.map` would read all of `texts` at once),
+    so a streamed corpus costs the memory of its distinct chunks, not of its text."""
     split = regex.compile(pattern)
 
     def count(batch: list[str]) -> Counter[str]:
@@ -74,12 +76,17 @@ def count_chunks(texts: Iterable[str], pattern: str = SPLIT_PATTERN, threads: in
             counts.update(split.findall(text, concurrent=True))
         return counts
 
-    texts = iter(texts)
+    texts, threads = iter(texts), threads or os.cpu_count() or 1
     batches = iter(lambda: list(itertools.islice(texts, 64)), [])
     total: Counter[str] = Counter()
-    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
-        for counts in pool.map(count, batches):
-            total.update(counts)
+    with ThreadPoolExecutor(threads) as pool:
+        in_flight: deque = deque()
+        for batch in batches:
+            in_flight.append(pool.submit(count, batch))
+            if len(in_flight) >= 2 * threads:
+                total.update(in_flight.popleft().result())   # in submission order, as pool.map would
+        for future in in_flight:
+            total.update(future.result())
     return Counter({chunk.encode("utf-8"): n for chunk, n in total.items()})
 
 
