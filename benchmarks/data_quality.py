@@ -40,8 +40,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.document import Document
-from data_prep.pipeline import normalise, pipeline_config, run_pipeline, write_phase
+from data_prep.pipeline import normalise, pipeline_config, run_pipeline
 from data_prep.sources import iter_documents
+from data_prep.stream import write_phase
 from minilm.checkpoint import load_checkpoint
 from minilm.data import is_validation
 from minilm.eval.ladder import ladder_items, ladder_metrics
@@ -66,7 +67,7 @@ def build_raw(pcfg, tokenizer, out: Path) -> tuple[Path, list[Document]]:
     leaks = {d["id"] for d in dropped if d["stage"] == "dedup" and (val(d["duplicate_of"]) or val(d["id"]))}
     leaks |= {d["duplicate_of"] for d in dropped if d["stage"] == "dedup" and val(d["id"])}
     if not (out / "meta.json").exists():
-        write_phase(out, "raw", [d for d in docs if d.id not in leaks], tokenizer, pcfg)
+        write_phase(out, "raw", [d for d in docs if d.id not in leaks], tokenizer, pcfg.val_fraction)
     return out, held_out
 
 

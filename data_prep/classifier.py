@@ -230,15 +230,22 @@ def score_pool(docs: list[Document], model: Classifier) -> list[float]:
     return model.predict(docs)
 
 
+def score_threshold(scores, threshold: float | None = None, fraction: float | None = None) -> float:
+    """`threshold` itself, or the score of the `fraction`-th best document (exactly one given).
+    Needs only the scores (8 bytes per document as a float64 array), not the documents."""
+    if (threshold is None) == (fraction is None):
+        raise ValueError("give exactly one of threshold or fraction")
+    if fraction is None:
+        return threshold
+    k = max(0, min(len(scores), round(fraction * len(scores))))
+    return float(np.sort(np.asarray(scores, dtype=np.float64))[::-1][k - 1]) if k else math.inf
+
+
 def keep_top(docs: list[Document], scores: list[float], threshold: float | None = None,
              fraction: float | None = None) -> list[Document]:
     """Keep documents scoring >= `threshold`, or the best `fraction` of them (exactly one given).
     Each kept document's score goes into `meta["edu_score"]`; pool order is preserved."""
-    if (threshold is None) == (fraction is None):
-        raise ValueError("give exactly one of threshold or fraction")
-    if fraction is not None:
-        k = max(0, min(len(docs), round(fraction * len(docs))))
-        threshold = sorted(scores, reverse=True)[k - 1] if k else math.inf
+    threshold = score_threshold(scores, threshold, fraction)
     return [Document(d.id, d.source, d.text, {**d.meta, "edu_score": s})
             for d, s in zip(docs, scores) if s >= threshold]
 

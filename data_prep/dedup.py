@@ -19,17 +19,23 @@ data (its report does not detail its dedup); this is a laptop-scale version, in 
    with union-find, and each cluster keeps its first document; the others are dropped with
    `meta["duplicate_of"]` naming the kept one.
 
-Simplifications vs. production dedup (e.g. datatrove's MinHash stage): everything is in memory,
-one process; clustering is transitive, so a chain A~B~C drops C even if J(A, C) is below the
+Streaming (data_prep/pipeline.py): `ExactDedup` sees one document at a time and keeps a 16-byte
+key and an id per distinct text; `cluster` needs only the signatures, which a `SignatureFile` keeps
+on disk and hands over a band at a time, so the documents never have to be in memory together.
+Simplifications vs. production dedup (e.g. datatrove's MinHash stage): one process clusters the
+whole corpus; clustering is transitive, so a chain A~B~C drops C even if J(A, C) is below the
 threshold.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field, replace
 from functools import partial
+from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 
@@ -64,9 +70,9 @@ def normalize(text: str) -> str:
     return _SPACES.sub(" ", text).strip()
 
 
-def exact_key(text: str) -> str:
-    """The exact-dedup key: blake2b of the normalised text."""
-    return hashlib.blake2b(normalize(text).encode("utf-8"), digest_size=16).hexdigest()
+def exact_key(text: str) -> bytes:
+    """The exact-dedup key: the 16-byte blake2b digest of the normalised text."""
+    return hashlib.blake2b(normalize(text).encode("utf-8"), digest_size=16).digest()
 
 
 def shingles(text: str, n: int = 5) -> set[str]:
@@ -163,39 +169,112 @@ class UnionFind:
             self.parent[max(ri, rj)] = min(ri, rj)
 
 
-def candidate_pairs(signatures: np.ndarray, bands: int, rows: int) -> set[tuple[int, int]]:
-    """Index pairs (i < j) whose signatures agree on every row of at least one band.
+class SignatureFile:
+    """MinHash signatures on disk, (n_docs, num_perm) uint32, appended a batch at a time.
 
-    signatures: (n_docs, bands * rows). Each band's rows, as bytes, are a bucket key.
+    It answers the two reads `cluster` makes of a signature matrix: `sigs[:, lo:hi]` (one band's
+    columns for every document, read chunk by chunk) and `sigs[i]` (one document's signature, to
+    verify a candidate pair). So clustering holds a band (rows x 4 bytes per document), not every
+    signature (num_perm x 4)."""
+
+    def __init__(self, path, num_perm: int, chunk_docs: int = 4096):   # 2 MB read at a time
+        self.path, self.num_perm, self.chunk_docs, self.n_docs = Path(path), num_perm, chunk_docs, 0
+        self.file = open(self.path, "w+b")
+
+    def append(self, sigs: np.ndarray) -> None:
+        self.file.write(np.asarray(sigs, dtype=np.uint32).tobytes())   # values < 2^31 fit in 4 bytes
+        self.n_docs += len(sigs)
+
+    def __len__(self) -> int:
+        return self.n_docs
+
+    def __getitem__(self, key) -> np.ndarray:
+        self.file.flush()
+        row_bytes = 4 * self.num_perm
+        if isinstance(key, (int, np.integer)):
+            return np.frombuffer(os.pread(self.file.fileno(), row_bytes, row_bytes * int(key)), dtype=np.uint32)
+        rows, cols = key
+        if rows != slice(None):
+            raise TypeError("a SignatureFile reads one row, or some columns of every row: sigs[i], sigs[:, lo:hi]")
+        parts = [np.zeros((0, self.num_perm), np.uint32)[:, cols]]
+        for lo in range(0, self.n_docs, self.chunk_docs):   # chunk_docs rows at a time, only `cols` kept
+            count = min(self.chunk_docs, self.n_docs - lo) * self.num_perm
+            chunk = np.fromfile(self.path, dtype=np.uint32, count=count, offset=lo * row_bytes)
+            parts.append(chunk.reshape(-1, self.num_perm)[:, cols].copy())
+        return np.concatenate(parts)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def band_buckets(signatures: np.ndarray, band: int, rows: int) -> list[np.ndarray]:
+    """The buckets of one band that hold 2+ documents, each an ascending array of indices.
+
+    signatures: (n_docs, bands * rows). A band's rows, as bytes, are its bucket key; sorting the
+    keys puts each bucket's members side by side, at 8 bytes of index per document (a dict of
+    buckets would cost ~200 bytes per document).
     """
-    pairs = set()
+    block = np.ascontiguousarray(signatures[:, band * rows:(band + 1) * rows])
+    keys = block.view(f"V{block.itemsize * rows}").ravel()              # (n_docs,) opaque keys
+    order = np.argsort(keys, kind="stable")                             # members stay in index order
+    keys = keys[order]
+    edges = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1], True])    # where each bucket starts/ends
+    return [order[edges[k]:edges[k + 1]] for k in np.flatnonzero(np.diff(edges) > 1)]
+
+
+def candidate_pairs(signatures: np.ndarray, bands: int, rows: int) -> set[tuple[int, int]]:
+    """Index pairs (i < j) whose signatures agree on every row of at least one band."""
+    return {pair for band in range(bands) for members in band_buckets(signatures, band, rows)
+            for pair in combinations(members.tolist(), 2)}
+
+
+def cluster(signatures: np.ndarray, bands: int, rows: int, threshold: float) -> np.ndarray:
+    """Each document's cluster root, shape (n_docs,): candidates from shared band buckets, verified
+    (estimated Jaccard >= threshold) and joined with union-find. roots[i] == i marks the first
+    document of its cluster, the one to keep. `signatures`: an array or a `SignatureFile`.
+
+    The clusters are the connected components of the verified `candidate_pairs`; joining them band
+    by band gives the same components without holding the set of pairs (which grows with the
+    square of a bucket's size), and a pair already in one cluster needs no verifying."""
+    uf = UnionFind(len(signatures))
     for band in range(bands):
-        buckets: dict[bytes, list[int]] = {}
-        block = np.ascontiguousarray(signatures[:, band * rows:(band + 1) * rows])
-        for i, row in enumerate(block):
-            buckets.setdefault(row.tobytes(), []).append(i)
-        for members in buckets.values():
-            for x in range(len(members)):
-                for y in range(x + 1, len(members)):
-                    pairs.add((members[x], members[y]))
-    return pairs
+        for members in band_buckets(signatures, band, rows):
+            for i, j in combinations(members.tolist(), 2):
+                if uf.find(i) != uf.find(j) and estimate_jaccard(signatures[i], signatures[j]) >= threshold:
+                    uf.union(i, j)
+    return np.array([uf.find(i) for i in range(len(signatures))], dtype=np.int64)
 
 
-def _drop(doc: Document, kept: Document, kind: str) -> Document:
-    return replace(doc, meta={**doc.meta, "duplicate_of": kept.id, "dedup": kind})
+def mark_duplicate(doc: Document, kept_id: str, kind: str) -> Document:
+    """A copy of `doc` whose meta names the document it duplicates and how ("exact" or "near")."""
+    return replace(doc, meta={**doc.meta, "duplicate_of": kept_id, "dedup": kind})
+
+
+class ExactDedup:
+    """Exact dedup one document at a time: the 16-byte blake2b key of each distinct normalised
+    text seen so far, and the id of its first document."""
+
+    def __init__(self):
+        self.first: dict[bytes, str] = {}
+
+    def copy_of(self, doc: Document) -> str | None:
+        """The id of an earlier document with the same normalised text, or None (then remembered)."""
+        key = exact_key(doc.text)
+        if key in self.first:
+            return self.first[key]
+        self.first[key] = doc.id
+        return None
 
 
 def exact_dedup(docs: list[Document]) -> tuple[list[Document], list[Document]]:
     """Keep the first document of each normalised-text hash; the rest are dropped."""
-    first: dict[str, Document] = {}
-    kept, dropped = [], []
+    seen, kept, dropped = ExactDedup(), [], []
     for doc in docs:
-        key = exact_key(doc.text)
-        if key in first:
-            dropped.append(_drop(doc, first[key], "exact"))
-        else:
-            first[key] = doc
+        first = seen.copy_of(doc)
+        if first is None:
             kept.append(doc)
+        else:
+            dropped.append(mark_duplicate(doc, first, "exact"))
     return kept, dropped
 
 
@@ -204,32 +283,34 @@ def signature(text: str, ngram: int, a: np.ndarray, b: np.ndarray) -> np.ndarray
     return minhash(hash_shingles(shingles(text, ngram)), a, b)
 
 
-def near_dedup(docs: list[Document], cfg: DedupConfig, workers: int = 1,
-               progress: bool = False) -> tuple[list[Document], list[Document]]:
-    """MinHash + LSH + verification + union-find; keep the first document of each cluster."""
+def lsh_shape(cfg: DedupConfig) -> tuple[int, int]:
+    """(bands, rows) from the config: as given, or chosen by `choose_bands` when both are None."""
     bands, rows = cfg.bands, cfg.rows
     if bands is None and rows is None:
         bands, rows = choose_bands(cfg.num_perm, cfg.threshold)
     if bands is None or rows is None or bands * rows != cfg.num_perm:
         raise ValueError(f"bands * rows = {bands} * {rows} != num_perm = {cfg.num_perm}")
+    return bands, rows
+
+
+def near_dedup(docs: list[Document], cfg: DedupConfig, workers: int = 1,
+               progress: bool = False) -> tuple[list[Document], list[Document]]:
+    """MinHash + LSH + verification + union-find; keep the first document of each cluster."""
+    bands, rows = lsh_shape(cfg)
     a, b = hash_params(cfg.num_perm, cfg.seed)
     # 1. signatures, (n_docs, num_perm): independent per document, so computed by `workers` processes
     sigs = parallel_map(partial(signature, ngram=cfg.ngram, a=a, b=b), [d.text for d in docs],
                         workers, desc="minhash", progress=progress)
     sigs = np.stack(sigs) if sigs else np.zeros((0, cfg.num_perm), dtype=np.uint64)
     # 2. candidates from shared band buckets, 3. verify, 4. cluster
-    uf = UnionFind(len(docs))
-    for i, j in sorted(candidate_pairs(sigs, bands, rows)):
-        if estimate_jaccard(sigs[i], sigs[j]) >= cfg.threshold:
-            uf.union(i, j)
+    roots = cluster(sigs, bands, rows, cfg.threshold)
     # 5. each cluster's root is its first document (smallest index)
     kept, dropped = [], []
     for i, doc in enumerate(docs):
-        root = uf.find(i)
-        if root == i:
+        if roots[i] == i:
             kept.append(doc)
         else:
-            dropped.append(_drop(doc, docs[root], "near"))
+            dropped.append(mark_duplicate(doc, docs[roots[i]].id, "near"))
     return kept, dropped
 
 

@@ -1,6 +1,8 @@
-"""One helper that maps a function over documents in worker processes, in order, with a progress bar.
+"""Map a function over documents in worker processes, in order: in one call, or batch after batch.
 
     reasons = parallel_map(partial(drop_reason, cfg=cfg), texts, workers=2, desc="filters")
+    with WorkerPool(2) as pool:                 # one pool for many batches (the streamed pipeline)
+        for batch in batches: reasons = pool.map(partial(drop_reason, cfg=cfg), batch)
 
 The per-document stages of the pipeline (filters, MinHash signatures) are pure functions of one
 document's text, so they split across processes with no coordination: datatrove and the FineWeb
@@ -33,18 +35,45 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+class WorkerPool:
+    """A process pool kept open across calls, so a stream of batches pays the start-up once.
+
+    `map(fn, items)` is `[fn(x) for x in items]` in input order; with one worker, or a short list,
+    it runs in this process."""
+
+    def __init__(self, workers: int = 1):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers, self.pool = workers, None
+
+    def __enter__(self) -> WorkerPool:
+        if self.workers > 1:
+            # forkserver, not fork: this process has imported torch, and forking a process whose
+            # OpenMP thread pool is running can deadlock the child.
+            self.pool = mp.get_context("spawn" if os.name == "nt" else "forkserver").Pool(self.workers)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool = None
+
+    def imap(self, fn: Callable, items: Sequence, chunksize: int | None = None):
+        if self.pool is None or len(items) < MIN_PARALLEL_ITEMS:
+            return map(fn, items)
+        # Several chunks per worker balance the load (documents differ in length by 1000x) while
+        # keeping the per-chunk pickling overhead small.
+        return self.pool.imap(fn, items, chunksize=chunksize or max(1, len(items) // (self.workers * 8)))
+
+    def map(self, fn: Callable, items: Sequence, chunksize: int | None = None) -> list:
+        return list(self.imap(fn, items, chunksize))
+
+
 def parallel_map(fn: Callable, items: Sequence, workers: int = 1, desc: str | None = None,
                  progress: bool = True, chunksize: int | None = None) -> list:
     """[fn(x) for x in items], computed by `workers` processes; the order of `items` is kept."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     bar = dict(total=len(items), desc=desc, unit="doc", disable=not progress)
-    if workers == 1 or len(items) < MIN_PARALLEL_ITEMS:
-        return [fn(x) for x in tqdm(items, **bar)]
-    # Several chunks per worker balance the load (documents differ in length by 1000x) while
-    # keeping the per-chunk pickling overhead small.
-    chunksize = chunksize or max(1, len(items) // (workers * 8))
-    # forkserver, not fork: this process has imported torch, and forking a process whose OpenMP
-    # thread pool is running can deadlock the child.
-    with mp.get_context("spawn" if os.name == "nt" else "forkserver").Pool(workers) as pool:
-        return list(tqdm(pool.imap(fn, items, chunksize=chunksize), **bar))
+    with WorkerPool(workers if len(items) >= MIN_PARALLEL_ITEMS else 1) as pool:   # no pool for a few
+        return list(tqdm(pool.imap(fn, items, chunksize), **bar))

@@ -10,47 +10,52 @@ heavily filtered subset of that web data (the "educational" part) with synthetic
 teaches reasoning. Here phase 1 is every document that survives the heuristic filters and
 deduplication, and phase 2 is the classifier's top-scored subset plus our synthetic documents.
 
-Each stage is a small function from `data_prep`; this module only orchestrates them and writes a
-manifest (`manifest.json`, `manifest.md`) with documents and characters in/kept/dropped per
-source and per drop reason, tokens per phase and split, and seconds and MB/s per stage.
+It streams: documents flow `batch_docs` at a time, and the stages that must see the whole corpus
+before deciding (near-duplicate clusters, the tokenizer, the classifier's top fraction) keep a
+few bytes per document while the documents wait on disk (data_prep/stream.py, lesson 05). The
+output equals a run that held everything in memory. It writes a manifest (`manifest.json`,
+`manifest.md`): documents and characters in/kept/dropped per source and per drop reason, tokens
+per phase and split, seconds and MB/s per stage; filters and MinHash run in `workers` processes.
 
-Filters and MinHash signatures run in `workers` processes (`data_prep/parallel.py`); the other
-stages are cheap or global (dedup's clustering, the classifier's fit) and run in this one.
-
-Deviations from Phi-3: one machine, no sharding of the corpus on disk; the default annotator is a
-rule-based rubric (a minilm model can judge instead: `--annotator perplexity:CKPT` or
-`judge:CKPT`); both phases share one tokenizer, trained on phase-1 training text only; phase 2
-holds the phase-1 documents it selects again (Phi-3 does not say whether its phase-2 web subset
-overlaps phase 1); synthetic documents skip the filters (they are clean by construction).
+Deviations from Phi-3: one machine; the default annotator is a rule-based rubric (a minilm
+model can judge instead: `--annotator perplexity:CKPT` or `judge:CKPT`); both phases share one
+tokenizer, trained on phase-1 training text only; phase 2 holds the phase-1 documents it selects
+again (Phi-3 does not say whether its phase-2 web subset overlaps phase 1); synthetic documents
+skip the filters (they are clean by construction).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import random
 import re
-import time
+import shutil
+import tempfile
 import unicodedata
-from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
-from data_prep.classifier import Classifier, RubricAnnotator, SourcePriorAnnotator, keep_top, score_pool
-from data_prep.dedup import DedupConfig, deduplicate
+from data_prep.classifier import Classifier, score_threshold
+from data_prep.dedup import (DedupConfig, ExactDedup, SignatureFile, cluster, hash_params, lsh_shape, mark_duplicate,
+                             signature)
 from data_prep.document import Document
-from data_prep.filters import FilterConfig, apply_filters
-from data_prep.parallel import default_workers
+from data_prep.filters import FilterConfig, drop_reason
 from data_prep.ladder import ladder_documents
+from data_prep.manifest import StageLog, write_manifest
+from data_prep.parallel import WorkerPool, default_workers
 from data_prep.sources import iter_documents
+from data_prep.stream import PhaseWriter, Spill, batches
 from data_prep.synthetic import SyntheticConfig, synthetic_documents
-from data_prep.with_model import TOPIC_SEEDS, JudgeAnnotator, PerplexityAnnotator, model_passages
+from data_prep.with_model import TOPIC_SEEDS, load_model, make_annotator, model_passages
 from minilm import MinilmError
-from minilm.checkpoint import load_checkpoint
-from minilm.data import build_shards, is_validation
+from minilm.data import is_validation
 from minilm.tokenizer import Tokenizer
 
 
@@ -71,6 +76,7 @@ class PipelineConfig:
     passages_per_topic: int = 2
     seed: int = 0
     workers: int = 0                      # processes for filters and MinHash; 0: every available CPU
+    batch_docs: int = 1000                # documents in memory at once; the output does not depend on it
     progress: bool = True
     filters: FilterConfig = field(default_factory=FilterConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
@@ -82,6 +88,9 @@ PIPELINE_PRESETS = {
     "laptop": dict(limit_per_source=None),                                 # all 927 pinned documents
     "gpu": dict(limit_per_source=None),                                    # every document
 }
+STAGES = ("read", "normalise", "filters", "dedup", "classifier", "synthetic", "tokenizer",
+          "shards_phase1", "shards_phase2")                                # the manifest's order
+DROPPING = ("normalise", "filters", "dedup", "classifier")                 # dropped.jsonl's order
 
 
 def pipeline_config(preset: str = "laptop", **overrides) -> PipelineConfig:
@@ -93,11 +102,15 @@ def pipeline_config(preset: str = "laptop", **overrides) -> PipelineConfig:
 
 # ---- small pure pieces ----------------------------------------------------------------------------
 
-def corpus_fingerprint(docs: list[Document]) -> str:
+def fingerprint_update(h, doc: Document) -> None:
+    h.update(doc.id.encode() + b"\0" + doc.text.encode() + b"\0")
+
+
+def corpus_fingerprint(docs) -> str:
     """A short sha256 over every document's id and text, in order: equal iff the corpus is."""
     h = hashlib.sha256()
     for d in docs:
-        h.update(d.id.encode() + b"\0" + d.text.encode() + b"\0")
+        fingerprint_update(h, d)
     return h.hexdigest()[:16]
 
 
@@ -108,209 +121,194 @@ def normalise(text: str) -> str:
     return re.sub(r"\n{4,}", "\n\n\n", text).strip("\n")
 
 
-def tally(docs: list[Document]) -> dict:
-    """{source: {documents, characters}} plus a "total" row."""
-    out: dict = defaultdict(lambda: {"documents": 0, "characters": 0})
-    for d in docs:
-        for key in (d.source, "total"):
-            out[key]["documents"] += 1
-            out[key]["characters"] += len(d.text)
-    out["total"]  # present even when docs is empty
-    return dict(out)
+def synthetic_stream(cfg: PipelineConfig) -> Iterator[Document]:
+    """Textbook exercises, ladder worksheets (train-split problems only), and model passages if asked."""
+    yield from synthetic_documents(SyntheticConfig(n_documents=cfg.synthetic, seed=cfg.seed))
+    yield from ladder_documents(cfg.ladder, seed=cfg.seed)
+    if cfg.passage_model:  # phi-1's model-written textbook path (unchecked text, see with_model.py)
+        ck = load_model(cfg.passage_model)
+        yield from model_passages(ck.model, ck.tokenizer, TOPIC_SEEDS, cfg.passages_per_topic, seed=cfg.seed)
 
 
-def stage_record(docs_in: list[Document], kept: list[Document], dropped: list[Document],
-                 reasons: list[str], seconds: float) -> dict:
-    """What one stage did: in/kept/dropped per source, dropped per reason, time and throughput."""
-    by_reason: dict = defaultdict(lambda: {"documents": 0, "characters": 0})
-    for d, r in zip(dropped, reasons):
-        by_reason[r]["documents"] += 1
-        by_reason[r]["characters"] += len(d.text)
-    mb_in = sum(len(d.text.encode("utf-8")) for d in docs_in) / 1e6
-    return {"in": tally(docs_in), "kept": tally(kept), "dropped": tally(dropped),
-            "reasons": dict(by_reason), "seconds": round(seconds, 3),
-            "mb_per_s": round(mb_in / seconds, 3) if seconds > 0 else None}
+# ---- the streamed passes --------------------------------------------------------------------------
+
+def read_filter_sign(cfg: PipelineConfig, pool: WorkerPool, logs: dict, spill: Spill,
+                     signatures: SignatureFile) -> str:
+    """Steps 1-4 in one pass over the sources, `batch_docs` documents at a time. The survivors go
+    to `spill` and their MinHash signatures to `signatures` (on disk, 512 bytes each); returns the
+    corpus fingerprint. Exact dedup remembers a 16-byte key and an id per distinct text (~180
+    bytes with Python's overhead), freed when the pass returns."""
+    fingerprint, exact = hashlib.sha256(), ExactDedup()
+    a, b = hash_params(cfg.dedup.num_perm, cfg.dedup.seed)
+    check, sign = partial(drop_reason, cfg=cfg.filters), partial(signature, ngram=cfg.dedup.ngram, a=a, b=b)
+    bar = tqdm(desc="read, normalise, filter, minhash", unit="doc", disable=not cfg.progress)
+    for raw in batches(iter_documents(cfg.sources, cfg.limit_per_source), cfg.batch_docs, logs["read"]):
+        # 1. read: the fingerprint is the same only when every source gave the same bytes.
+        for d in raw:
+            fingerprint_update(fingerprint, d)
+        logs["read"].passed(raw)
+        # 2. normalise; a document left empty is dropped.
+        with logs["normalise"].timed():
+            normed = [Document(d.id, d.source, normalise(d.text), dict(d.meta)) for d in raw]
+        logs["normalise"].saw(raw)
+        logs["normalise"].drop([d for d in normed if not d.text.strip()], "empty")
+        normed = [d for d in normed if d.text.strip()]
+        logs["normalise"].keep(normed)
+        # 3. heuristic filters (Gopher rules + licence/changelog); the first failing rule is the reason.
+        with logs["filters"].timed():
+            reasons = pool.map(check, [d.text for d in normed])
+        passed = [d for d, r in zip(normed, reasons) if r is None]
+        logs["filters"].saw(normed)
+        logs["filters"].keep(passed)
+        logs["filters"].drop([d for d, r in zip(normed, reasons) if r], [r for r in reasons if r])
+        # 4. exact copies of an earlier text are dropped; MinHash signs the rest.
+        with logs["dedup"].timed():
+            copies = [exact.copy_of(d) for d in passed]
+            unique = [d for d, c in zip(passed, copies) if c is None]
+            sigs = pool.map(sign, [d.text for d in unique])
+        logs["dedup"].saw(passed)
+        logs["dedup"].drop([mark_duplicate(d, c, "exact") for d, c in zip(passed, copies) if c], "dedup_exact")
+        spill.write(unique)
+        signatures.append(np.array(sigs).reshape(-1, cfg.dedup.num_perm))
+        bar.update(len(raw))
+    bar.close()
+    logs["normalise"].extra["characters_trimmed"] = (logs["read"].kept.total("characters")   # whitespace, NFC
+                                                     - logs["normalise"].kept.total("characters")
+                                                     - logs["normalise"].dropped.total("characters"))
+    return fingerprint.hexdigest()[:16]
 
 
-def split(docs: list[Document], val_fraction: float) -> tuple[list, list]:
-    """(id, text) pairs for train and validation, chosen per document id (stable as the corpus grows)."""
-    pairs = [(d.id, d.text) for d in docs]
-    val = [p for p in pairs if is_validation(p[0], val_fraction)]
-    train = [p for p in pairs if not is_validation(p[0], val_fraction)]
-    return train, val
+def drop_near_copies(spill: Spill, roots: np.ndarray, log: StageLog, sample_at: list[int],
+                     progress: bool) -> list[Document]:
+    """One pass over the spill: each near copy is dropped naming its cluster's first document;
+    returns the pool documents at positions `sample_at` (the annotation sample), in that order."""
+    wanted, picked = set(sample_at), {}
+    first_ids, roots_needed = {}, set(roots[roots != np.arange(len(roots))].tolist())
+    pool_index = 0
+    for i, doc in enumerate(tqdm(spill, total=len(spill), desc="near copies", disable=not progress)):
+        if i in roots_needed:                # a root comes before its copies: its id is read first
+            first_ids[i] = doc.id
+        if roots[i] != i:
+            log.drop([mark_duplicate(doc, first_ids[int(roots[i])], "near")], "dedup_near")
+            continue
+        log.keep([doc])
+        if pool_index in wanted:
+            picked[pool_index] = doc
+        pool_index += 1
+    return [picked[j] for j in sample_at]
 
 
-def write_phase(out_dir: Path, name: str, docs: list[Document], tokenizer, cfg: PipelineConfig) -> dict:
-    """Tokenizer files, train/val shards and a meta.json that `minilm.data.TokenDataset` reads."""
-    train, val = split(docs, cfg.val_fraction)
-    if not train or not val:
-        raise MinilmError(f"{name}: {len(docs)} documents give an empty train or validation split "
-                          f"at val_fraction={cfg.val_fraction}; raise --limit-per-source")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(out_dir)
-    meta = {"tokenizer": {"name": tokenizer.name, "n_vocab": tokenizer.n_vocab,
-                          "fingerprint": tokenizer.fingerprint()},
-            "val_fraction": cfg.val_fraction, "phase": name,
-            "sources": {k: v["documents"] for k, v in tally(docs).items()},
-            "splits": {"train": build_shards(train, tokenizer, out_dir, "train"),
-                       "val": build_shards(val, tokenizer, out_dir, "val")}}
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: marks completion
-    return meta
+def pool_docs(spill: Spill, roots: np.ndarray, desc: str, progress: bool) -> Iterator[Document]:
+    """The pool (phase 1): the spilled documents that are the first of their near-duplicate cluster."""
+    for i, doc in enumerate(tqdm(spill, total=len(spill), desc=desc, disable=not progress)):
+        if roots[i] == i:
+            yield doc
 
 
-def _load_model(path: str):
-    ck = load_checkpoint(path)
-    if ck.tokenizer is None:
-        raise MinilmError(f"{path} has no tokenizer; a model annotator or writer needs one")
-    return ck
-
-
-def make_annotator(spec: str):
-    """`rubric`, `source`, `perplexity:CHECKPOINT` or `judge:CHECKPOINT` -> an annotator object."""
-    kind, _, path = spec.partition(":")
-    if kind == "rubric" and not path:
-        return RubricAnnotator()
-    if kind == "source" and not path:
-        return SourcePriorAnnotator()
-    if kind in ("perplexity", "judge") and path:
-        ck = _load_model(path)
-        return (PerplexityAnnotator if kind == "perplexity" else JudgeAnnotator)(ck.model, ck.tokenizer)
-    raise MinilmError(f"unknown annotator {spec!r}; use rubric, source, perplexity:CHECKPOINT_DIR "
-                      f"or judge:CHECKPOINT_DIR")
+def add_to_phase(phase: PhaseWriter, docs: list[Document], log: StageLog) -> None:
+    with log.timed():
+        phase.add(docs)
+    log.passed(docs)
 
 
 # ---- the pipeline ---------------------------------------------------------------------------------
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
-
-    out, stages, clock = Path(cfg.out), {}, time.perf_counter
+    """Every stage, streamed; returns the manifest. Memory: `batch_docs` documents, a shard
+    writer's batch, the tokenizer's chunk counts (distinct words, not documents), and per document
+    ~180 bytes while reading (exact-dedup keys), ~120 while clustering (one band of its signature,
+    union-find), then 16 (cluster root, classifier score). The documents and their signatures wait
+    on disk in `out`/.stream-*, removed at the end."""
+    if cfg.batch_docs < 1:
+        raise MinilmError(f"--batch-docs must be at least 1 (the documents held in memory at once), got {cfg.batch_docs}")
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     workers = cfg.workers or default_workers()
     annotator = make_annotator(cfg.annotator)  # before the slow stages: a bad spec fails at once
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".stream-", dir=out)))
+        pool = stack.enter_context(WorkerPool(workers))
+        records = {name: stack.enter_context(open(tmp / f"dropped-{name}.jsonl", "w+")) for name in DROPPING}
+        logs = {name: StageLog(name, records.get(name)) for name in STAGES}
+        spill, signatures = Spill(tmp / "filtered.jsonl"), SignatureFile(tmp / "filtered.minhash", cfg.dedup.num_perm)
+        stack.callback(spill.close)
+        stack.callback(signatures.close)
 
-    # 1. read the sources.
-    t = clock()
-    raw = list(tqdm(iter_documents(cfg.sources, cfg.limit_per_source), desc="read", unit="doc",
-                    disable=not cfg.progress))
-    stages["read"] = stage_record(raw, raw, [], [], clock() - t)
-    corpus = corpus_fingerprint(raw)  # the same only when every source gave the same bytes
+        # 1-4. one pass over the sources: read, normalise, filter, drop exact copies, MinHash.
+        corpus = read_filter_sign(cfg, pool, logs, spill, signatures)
 
-    # 2. normalise; a document left empty is dropped.
-    t = clock()
-    normed = [Document(d.id, d.source, normalise(d.text), dict(d.meta)) for d in raw]
-    empty = [d for d in normed if not d.text.strip()]
-    normed = [d for d in normed if d.text.strip()]
-    stages["normalise"] = stage_record(raw, normed, empty, ["empty"] * len(empty), clock() - t)
-    stages["normalise"]["characters_trimmed"] = (sum(len(d.text) for d in raw)  # whitespace, NFC merges
-                                                 - sum(len(d.text) for d in normed + empty))
+        # 5. near copies: MinHash LSH clusters over the signatures, read from disk a band at a time.
+        with logs["dedup"].timed():
+            roots = cluster(signatures, *lsh_shape(cfg.dedup), cfg.dedup.threshold)
+        n_pool = int((roots == np.arange(len(roots))).sum())
+        if not n_pool:   # nothing for the classifier, the tokenizer or the shards
+            raise MinilmError(f"no document survived: {logs['read'].kept.total()} read, "
+                              f"{logs['normalise'].kept.total()} non-empty, {logs['filters'].kept.total()} "
+                              f"passed the filters, 0 after deduplication. Add more or longer text to "
+                              f"--sources, or loosen the filters (FilterConfig)")
 
-    # 3. heuristic filters (Gopher rules + licence/changelog); the first failing rule is the reason.
-    t = clock()
-    filtered = apply_filters(normed, cfg.filters, workers, cfg.progress)
-    stages["filters"] = stage_record(normed, filtered.kept, filtered.dropped,
-                                     [d.meta["drop_reason"] for d in filtered.dropped], clock() - t)
+        # 6. drop the near copies, pick the annotation sample on the way; the rubric annotates it and
+        # logistic regression learns it. The sample is the one random.sample(pool) would draw.
+        sample_at = random.Random(cfg.seed).sample(range(n_pool), min(cfg.annotate_sample, n_pool))
+        sample = drop_near_copies(spill, roots, logs["dedup"], sample_at, cfg.progress)
+        with logs["classifier"].timed():
+            if hasattr(annotator, "annotate_batch"):  # model annotators score the sample in batches
+                targets = annotator.annotate_batch(sample)
+            else:
+                targets = [annotator.annotate(d) for d in tqdm(sample, desc="annotate", disable=not cfg.progress)]
+            model = Classifier()
+            model.fit(sample, targets, seed=cfg.seed)
+        logs["classifier"].extra["annotated"] = len(sample)
 
-    # 4. exact + near (MinHash LSH) deduplication across all sources at once.
-    t = clock()
-    deduped = deduplicate(filtered.kept, cfg.dedup, workers, cfg.progress)
-    stages["dedup"] = stage_record(filtered.kept, deduped.kept, deduped.dropped,
-                                   [f"dedup_{d.meta['dedup']}" for d in deduped.dropped], clock() - t)
-    pool = deduped.kept
-    if not pool:   # nothing for the classifier, the tokenizer or the shards
-        raise MinilmError(f"no document survived: {len(raw)} read, {len(normed)} non-empty, "
-                          f"{len(filtered.kept)} passed the filters, 0 after deduplication. Add more or "
-                          f"longer text to --sources, or loosen the filters (FilterConfig)")
+        # 7. synthetic documents (textbook-style exercises, generated and checked by code), spilled.
+        synthetic = Spill(tmp / "synthetic.jsonl")
+        stack.callback(synthetic.close)
+        for docs in batches(synthetic_stream(cfg), cfg.batch_docs, logs["synthetic"]):
+            synthetic.write(docs)
+            logs["synthetic"].passed(docs)
 
-    # 5. classifier: the rubric annotates a sample, logistic regression learns it, then scores the pool.
-    t = clock()
-    sample = random.Random(cfg.seed).sample(pool, min(cfg.annotate_sample, len(pool)))
-    if hasattr(annotator, "annotate_batch"):  # model annotators score the sample in batches
-        targets = annotator.annotate_batch(sample)
-    else:
-        targets = [annotator.annotate(d) for d in tqdm(sample, desc="annotate", disable=not cfg.progress)]
-    model = Classifier()
-    model.fit(sample, targets, seed=cfg.seed)
-    scores = score_pool(pool, model)
-    top = keep_top(pool, scores, threshold=cfg.keep_threshold, fraction=cfg.keep_fraction)
-    top_ids = {d.id for d in top}
-    below = [d for d in pool if d.id not in top_ids]
-    stages["classifier"] = stage_record(pool, top, below, ["below_threshold"] * len(below), clock() - t)
-    stages["classifier"]["annotated"] = len(sample)
+        # 8. one tokenizer for both phases, trained on phase-1 training text (it keeps chunk counts).
+        def train_text() -> Iterator[str]:
+            for d in pool_docs(spill, roots, "tokenizer", cfg.progress):
+                logs["tokenizer"].passed([d])
+                if not is_validation(d.id, cfg.val_fraction):
+                    yield d.text
+        with logs["tokenizer"].timed():
+            tokenizer = Tokenizer.train(train_text(), cfg.vocab_size, progress=cfg.progress)
 
-    # 6. synthetic documents (textbook-style exercises, generated and checked by code).
-    t = clock()
-    synthetic = list(synthetic_documents(SyntheticConfig(n_documents=cfg.synthetic, seed=cfg.seed)))
-    synthetic += list(ladder_documents(cfg.ladder, seed=cfg.seed))   # train-split problems only
-    if cfg.passage_model:  # phi-1's model-written textbook path (unchecked text, see with_model.py)
-        ck = _load_model(cfg.passage_model)
-        synthetic += list(tqdm(model_passages(ck.model, ck.tokenizer, TOPIC_SEEDS, cfg.passages_per_topic,
-                                              seed=cfg.seed), desc="passages", disable=not cfg.progress))
-    stages["synthetic"] = stage_record(synthetic, synthetic, [], [], clock() - t)
+        # 9. phase 1 = the filtered, deduplicated pool; the classifier scores it on the way (8 bytes each).
+        # Splits hash the document id, so a phase-1 validation document stays in validation in phase 2.
+        phases = {name: PhaseWriter(out / name, name, tokenizer, cfg.val_fraction) for name in ("phase1", "phase2")}
+        scores, n = np.empty(n_pool), 0
+        for docs in batches(pool_docs(spill, roots, "phase1", cfg.progress), cfg.batch_docs):
+            with logs["classifier"].timed():
+                scores[n:n + len(docs)] = model.predict(docs)
+            n += len(docs)
+            add_to_phase(phases["phase1"], docs, logs["shards_phase1"])
 
-    # 7. the two-phase mixture: phase 1 = the filtered, deduplicated "web"; phase 2 = edu subset + synthetic.
-    # Splits hash the document id, so a phase-1 validation document stays in validation in phase 2.
-    phases = {"phase1": pool, "phase2": top + synthetic}
+        # 10. phase 2 = the pool's top-scored part, then the synthetic documents.
+        threshold, n = score_threshold(scores, cfg.keep_threshold, cfg.keep_fraction), 0
+        for docs in batches(pool_docs(spill, roots, "phase2", cfg.progress), cfg.batch_docs):
+            is_top = scores[n:n + len(docs)] >= threshold
+            top = [d for d, t in zip(docs, is_top) if t]
+            n += len(docs)
+            logs["classifier"].saw(docs)
+            logs["classifier"].keep(top)
+            logs["classifier"].drop([d for d, t in zip(docs, is_top) if not t], "below_threshold")
+            add_to_phase(phases["phase2"], top, logs["shards_phase2"])
+        for docs in batches(synthetic, cfg.batch_docs):
+            add_to_phase(phases["phase2"], docs, logs["shards_phase2"])
+        metas = {}
+        for name, phase in phases.items():
+            with logs[f"shards_{name}"].timed():
+                metas[name] = phase.close()
 
-    # 8. one tokenizer, trained on phase-1 training text, then shards and meta.json for each phase.
-    t = clock()
-    train_text = [text for _, text in split(pool, cfg.val_fraction)[0]]
-    tokenizer = Tokenizer.train(train_text, cfg.vocab_size, progress=cfg.progress)
-    stages["tokenizer"] = stage_record(pool, pool, [], [], clock() - t)
-    tokens = {}
-    for name, docs in phases.items():
-        t = clock()
-        meta = write_phase(out / name, name, docs, tokenizer, cfg)
-        tokens[name] = {s: {k: meta["splits"][s][k] for k in ("documents", "tokens", "bytes", "shards")}
-                        for s in ("train", "val")}
-        stages[f"shards_{name}"] = stage_record(docs, docs, [], [], clock() - t)
-
-    # 9. the manifest: machine-readable json, a markdown summary, and every dropped document's reason.
-    with open(out / "dropped.jsonl", "w") as f:
-        for stage, docs, reason in [("normalise", empty, lambda d: "empty"),
-                                    ("filters", filtered.dropped, lambda d: d.meta["drop_reason"]),
-                                    ("dedup", deduped.dropped, lambda d: f"dedup_{d.meta['dedup']}"),
-                                    ("classifier", below, lambda d: "below_threshold")]:
-            f.writelines(json.dumps({"id": d.id, "source": d.source, "stage": stage, "reason": reason(d),
-                                    "duplicate_of": d.meta.get("duplicate_of")}) + "\n" for d in docs)
-    manifest = {"config": asdict(cfg), "corpus_fingerprint": corpus, "workers": workers, "stages": stages,
-                "phases": tokens,
-                "phase_sources": {n: {k: v["documents"] for k, v in tally(d).items()} for n, d in phases.items()}}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-    (out / "manifest.md").write_text(manifest_markdown(manifest))
-    return manifest
-
-
-def manifest_markdown(m: dict) -> str:
-    def mb(chars: int) -> str:
-        return f"{chars / 1e6:.2f}"
-
-    def kept(stage: str, src: str) -> int:
-        return m["stages"][stage]["kept"].get(src, {}).get("documents", 0)
-
-    lines = ["# Data pipeline manifest", "",
-             f"Sources {', '.join(m['config']['sources'])}; corpus fingerprint `{m.get('corpus_fingerprint')}` "
-             f"(equal on two machines iff they read the same bytes).", "",
-             "| stage | docs in | docs kept | docs dropped | MB in | MB kept | seconds | MB/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, s in m["stages"].items():
-        i, k, d = s["in"]["total"], s["kept"]["total"], s["dropped"]["total"]
-        lines.append(f"| {name} | {i['documents']} | {k['documents']} | {d['documents']} | "
-                     f"{mb(i['characters'])} | {mb(k['characters'])} | {s['seconds']:.2f} | {s['mb_per_s']} |")
-    lines += ["", "(MB counts characters / 1e6; MB/s is UTF-8 input bytes per second.)", "",
-              "| stage | drop reason | docs | MB |", "|---|---|---:|---:|"]
-    for name, s in m["stages"].items():
-        for reason, r in sorted(s["reasons"].items(), key=lambda kv: -kv[1]["documents"]):
-            lines.append(f"| {name} | {reason} | {r['documents']} | {mb(r['characters'])} |")
-    sources = [k for k in m["stages"]["read"]["in"] if k != "total"]
-    lines += ["", "| source | read | after filters | after dedup | in phase 2 (top) |", "|---|---:|---:|---:|---:|"]
-    for src in sources:
-        lines.append(f"| {src} | {kept('read', src)} | {kept('filters', src)} | {kept('dedup', src)} | "
-                     f"{kept('classifier', src)} |")
-    lines += ["", "| phase | split | documents | tokens | shards |", "|---|---|---:|---:|---:|"]
-    for phase, splits in m["phases"].items():
-        for sp, s in splits.items():
-            lines.append(f"| {phase} | {sp} | {s['documents']} | {s['tokens']} | {s['shards']} |")
-    return "\n".join(lines) + "\n"
+        # 11. the manifest: machine-readable json, a markdown summary, and every dropped document's reason.
+        with open(out / "dropped.jsonl", "w") as f:
+            for name in DROPPING:
+                records[name].seek(0)
+                shutil.copyfileobj(records[name], f)
+    return write_manifest(out, asdict(cfg), corpus, workers, [logs[name] for name in STAGES], metas)
 
 
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -326,6 +324,8 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-threshold", type=float, default=None, help="overrides --keep-fraction")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="processes for filters and MinHash; 0: all CPUs")
+    p.add_argument("--batch-docs", type=int, default=PipelineConfig.batch_docs,
+                   help="documents held in memory at once (the output does not depend on it)")
     p.add_argument("--annotator", default="rubric",
                    help="rubric | source | perplexity:CHECKPOINT | judge:CHECKPOINT (see data_prep/with_model.py)")
     p.add_argument("--passage-model", default="", help="a checkpoint that writes extra phase-2 passages")
@@ -336,7 +336,7 @@ def config_from_args(a: argparse.Namespace) -> PipelineConfig:
     return PipelineConfig(out=a.out, sources=a.sources, limit_per_source=a.limit_per_source,
                           vocab_size=a.vocab_size, synthetic=a.synthetic, ladder=a.ladder, annotate_sample=a.annotate_sample,
                           keep_fraction=None if a.keep_threshold is not None else a.keep_fraction,
-                          keep_threshold=a.keep_threshold, seed=a.seed, workers=a.workers,
+                          keep_threshold=a.keep_threshold, seed=a.seed, workers=a.workers, batch_docs=a.batch_docs,
                           annotator=a.annotator, passage_model=a.passage_model,
                           passages_per_topic=a.passages_per_topic)
 

@@ -1,12 +1,12 @@
 """The pipeline's optional paths that use a trained minilm model: two annotators and a passage writer.
 
-    from data_prep.with_model import PerplexityAnnotator, JudgeAnnotator, model_passages
+    from data_prep.with_model import PerplexityAnnotator, JudgeAnnotator, make_annotator, model_passages
     ck = load_checkpoint("runs/tiny/checkpoint")
     scores = PerplexityAnnotator(ck.model, ck.tokenizer).annotate_batch(docs)     # [0, 1], 1 = best
     docs = list(model_passages(ck.model, ck.tokenizer, ["recursion", "the shell"], per_topic=4))
 
 `python -m data_prep.pipeline --annotator perplexity:runs/tiny/checkpoint` plugs the first into
-step 5 of the pipeline in place of the rubric.
+the pipeline's classifier step in place of the rubric; `make_annotator(spec)` reads such a spec.
 
 1. `JudgeAnnotator` is phi-1's annotator (arXiv 2306.11644, section 2.1) with a minilm model in
    GPT-4's seat: the document goes into a Phi-3 chat prompt asking whether it has educational value
@@ -31,7 +31,10 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from data_prep.classifier import RubricAnnotator, SourcePriorAnnotator
 from data_prep.document import Document
+from minilm import MinilmError
+from minilm.checkpoint import load_checkpoint
 from minilm.generate import generate, left_pad
 
 # Seeds for `model_passages`: the subjects our real and synthetic text teaches.
@@ -150,3 +153,25 @@ def model_passages(model, tokenizer, topics: Iterable[str], per_topic: int = 2, 
         for k, ids in enumerate(rollout.responses(strip=(tokenizer.eot_id,))):
             yield Document(f"synthetic_model/{topic}/{seed}-{k}", "synthetic_model",
                            head + tokenizer.decode(ids), {"topic": topic})
+
+
+def load_model(path: str):
+    """A checkpoint that has a tokenizer (a model annotator or writer needs one)."""
+    ck = load_checkpoint(path)
+    if ck.tokenizer is None:
+        raise MinilmError(f"{path} has no tokenizer; a model annotator or writer needs one")
+    return ck
+
+
+def make_annotator(spec: str):
+    """`rubric`, `source`, `perplexity:CHECKPOINT` or `judge:CHECKPOINT` -> an annotator object."""
+    kind, _, path = spec.partition(":")
+    if kind == "rubric" and not path:
+        return RubricAnnotator()
+    if kind == "source" and not path:
+        return SourcePriorAnnotator()
+    if kind in ("perplexity", "judge") and path:
+        ck = load_model(path)
+        return (PerplexityAnnotator if kind == "perplexity" else JudgeAnnotator)(ck.model, ck.tokenizer)
+    raise MinilmError(f"unknown annotator {spec!r}; use rubric, source, perplexity:CHECKPOINT_DIR "
+                      f"or judge:CHECKPOINT_DIR")

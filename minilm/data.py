@@ -1,6 +1,7 @@
 """Token data: a corpus tokenized into binary shards, memory-mapped, sampled in random windows.
 
     build_shards(docs, tokenizer, "runs/data/mine", "train")   # (id, text) pairs -> shards
+    writer = ShardWriter(tokenizer, "runs/data/mine", "train"); writer.add(text); writer.close()
     train = TokenDataset("runs/data/stdlib-2048", "train")
     x, y = train.batch(batch_size=16, seq_len=256, seed=0, step=7, micro=0)   # (16, 256) each
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +36,18 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
+def shard_header(itemsize: int, n_tokens: int) -> bytes:
+    header = np.zeros(HEADER_INTS, dtype=np.int64)      # 256 bytes; unused slots stay 0
+    header[:4] = [MAGIC, VERSION, itemsize, n_tokens]
+    return header.tobytes()
+
+
 def write_shard(path, tokens: np.ndarray) -> None:
     """Write one shard atomically (temporary file, then rename)."""
     path = Path(path)
-    header = np.zeros(HEADER_INTS, dtype=np.int64)      # 256 bytes; unused slots stay 0
-    header[:4] = [MAGIC, VERSION, tokens.itemsize, len(tokens)]
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(header.tobytes())
+        f.write(shard_header(tokens.itemsize, len(tokens)))
         f.write(tokens.tobytes())
     tmp.rename(path)
 
@@ -74,35 +80,72 @@ def unigram_entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def build_shards(documents: list[tuple[str, str]], tokenizer, out_dir, split: str,
+class ShardWriter:
+    """Tokenize documents as they arrive (each followed by <|endoftext|>) into `{split}_NNN.bin` shards.
+
+    Memory stays at one batch of `BATCH` texts: their tokens go straight into the open shard's
+    temporary file, whose header (it holds the token count) is written when the shard closes. A
+    shard closes after the batch that brings it to `shard_tokens` or more."""
+
+    BATCH = 64   # texts per tokenizer call; shard boundaries fall between batches
+
+    def __init__(self, tokenizer, out_dir, split: str, shard_tokens: int = 2**24):
+        self.tokenizer, self.out_dir, self.split, self.shard_tokens = tokenizer, Path(out_dir), split, shard_tokens
+        self.dtype = token_dtype(tokenizer.n_vocab)
+        self.counts = np.zeros(tokenizer.n_vocab, dtype=np.int64)   # for the unigram entropy
+        self.pending: list[str] = []
+        self.file, self.in_shard = None, 0                          # the open shard and its tokens
+        self.n_shards = self.n_tokens = self.n_bytes = self.n_documents = 0
+
+    def add(self, text: str) -> None:
+        self.pending.append(text)
+        self.n_documents += 1
+        if len(self.pending) == self.BATCH:
+            self._encode_pending()
+
+    def close(self) -> dict:
+        """Write what is pending, close the last shard; the split's totals, as meta.json records them."""
+        if self.pending:
+            self._encode_pending()
+        self._close_shard()
+        return {"tokens": self.n_tokens, "bytes": self.n_bytes, "documents": self.n_documents,
+                "shards": self.n_shards, "unigram_entropy": unigram_entropy(self.counts)}
+
+    def _path(self) -> Path:
+        return self.out_dir / f"{self.split}_{self.n_shards:03d}.bin"
+
+    def _encode_pending(self) -> None:
+        if self.file is None:
+            self.file = open(self._path().with_suffix(".bin.tmp"), "wb")
+            self.file.write(shard_header(np.dtype(self.dtype).itemsize, 0))   # rewritten on close
+        for ids in self.tokenizer.encode_batch(self.pending):
+            arr = np.asarray(ids + [self.tokenizer.eot_id], dtype=np.int64)
+            np.add.at(self.counts, arr, 1)              # unbuffered: repeated ids all count
+            self.file.write(arr.astype(self.dtype).tobytes())
+            self.in_shard += len(arr)
+            self.n_tokens += len(arr)
+        self.n_bytes += sum(len(t.encode("utf-8")) for t in self.pending)
+        self.pending = []
+        if self.in_shard >= self.shard_tokens:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self.file is None:
+            return
+        self.file.seek(0)
+        self.file.write(shard_header(np.dtype(self.dtype).itemsize, self.in_shard))
+        self.file.close()
+        Path(self.file.name).rename(self._path())      # atomic: a shard is whole or absent
+        self.file, self.in_shard, self.n_shards = None, 0, self.n_shards + 1
+
+
+def build_shards(documents: Iterable[tuple[str, str]], tokenizer, out_dir, split: str,
                  shard_tokens: int = 2**24) -> dict:
-    """Tokenize documents (each followed by <|endoftext|>) into `{split}_NNN.bin` shards."""
-    out_dir = Path(out_dir)
-    dtype = token_dtype(tokenizer.n_vocab)
-    buf, n_shards, n_tokens, n_bytes = [], 0, 0, 0
-    counts = np.zeros(tokenizer.n_vocab, dtype=np.int64)
-
-    def flush():
-        nonlocal buf, n_shards
-        if buf:
-            arr = np.concatenate(buf).astype(dtype)
-            write_shard(out_dir / f"{split}_{n_shards:03d}.bin", arr)
-            n_shards, buf = n_shards + 1, []
-
-    batch = 64
-    for i in tqdm(range(0, len(documents), batch), desc=f"tokenize {split}", unit="batch"):
-        texts = [text for _, text in documents[i:i + batch]]
-        for ids in tokenizer.encode_batch(texts):
-            arr = np.asarray(ids + [tokenizer.eot_id], dtype=np.int64)
-            np.add.at(counts, arr, 1)              # unbuffered: repeated ids all count
-            buf.append(arr)
-            n_tokens += len(arr)
-        n_bytes += sum(len(t.encode("utf-8")) for t in texts)
-        if sum(len(b) for b in buf) >= shard_tokens:
-            flush()
-    flush()
-    return {"tokens": n_tokens, "bytes": n_bytes, "documents": len(documents), "shards": n_shards,
-            "unigram_entropy": unigram_entropy(counts)}
+    """Tokenize (id, text) pairs, each followed by <|endoftext|>, into `{split}_NNN.bin` shards."""
+    writer = ShardWriter(tokenizer, out_dir, split, shard_tokens)
+    for _, text in tqdm(documents, desc=f"tokenize {split}", unit="doc"):
+        writer.add(text)
+    return writer.close()
 
 
 class TokenDataset:

@@ -37,7 +37,7 @@ import heapq
 import itertools
 import json
 import os
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
@@ -72,7 +72,9 @@ def count_chunks(texts: Iterable[str], pattern: str = SPLIT_PATTERN, threads: in
     GIL while it matches (concurrent=True), and the sum of the counts does not depend on the order.
     backend "auto" splits SPLIT_PATTERN and GPT4_SPLIT_PATTERN in C++ (minilm/ops/bpe.py, on torch's
     threads) when minilm._C is built; this function's `regex` path is the reference it is tested
-    against, chunk for chunk, and it gives the same Counter in the same order."""
+    against, chunk for chunk, and it gives the same Counter in the same order. Both paths read `texts`
+    in batches (a few at a time in flight), so a streamed corpus costs the memory of its distinct
+    chunks, not of its text."""
     if backend not in ("auto", "python"):
         raise TokenizerError(f"backend must be 'auto' or 'python', not {backend!r}")
     if backend == "auto" and pattern in _COMPILED_DIGITS:
@@ -88,12 +90,17 @@ def count_chunks(texts: Iterable[str], pattern: str = SPLIT_PATTERN, threads: in
             counts.update(split.findall(text, concurrent=True))
         return counts
 
-    texts = iter(texts)
+    texts, threads = iter(texts), threads or os.cpu_count() or 1
     batches = iter(lambda: list(itertools.islice(texts, 64)), [])
     total: Counter[str] = Counter()
-    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
-        for counts in pool.map(count, batches):
-            total.update(counts)
+    with ThreadPoolExecutor(threads) as pool:
+        in_flight: deque = deque()
+        for batch in batches:
+            in_flight.append(pool.submit(count, batch))
+            if len(in_flight) >= 2 * threads:
+                total.update(in_flight.popleft().result())   # in submission order, as pool.map would
+        for future in in_flight:
+            total.update(future.result())
     return Counter({chunk.encode("utf-8"): n for chunk, n in total.items()})
 
 

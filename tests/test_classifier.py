@@ -10,7 +10,8 @@ import pytest
 
 from data_prep.classifier import (EDU_THRESHOLD, Classifier, RubricAnnotator, SourcePriorAnnotator, evaluate,
                                   hashed_features, keep_top, point_coherent, point_example, point_explains,
-                                  point_no_boilerplate, point_not_a_list, point_substantive, score_pool)
+                                  point_no_boilerplate, point_not_a_list, point_substantive, score_pool,
+                                  score_threshold)
 from data_prep.document import Document
 from data_prep.sources import iter_documents
 from data_prep.synthetic import SyntheticConfig, synthetic_documents
@@ -139,6 +140,17 @@ def test_keep_top_threshold_and_fraction():
     assert [d.text for d in kept] == ["d9"] and kept[0].meta["edu_score"] == 0.9
     with pytest.raises(ValueError):
         keep_top(docs, scores)
+
+
+def test_score_threshold_needs_only_the_scores_and_matches_sorting_them():
+    rng = random.Random(0)
+    scores = [rng.choice([0.1, 0.25, 0.5, 0.75]) + rng.random() * 1e-3 * (i % 2) for i in range(501)]  # ties
+    for fraction in (0.0, 0.01, 0.3, 0.5, 1.0):
+        k = round(fraction * len(scores))
+        expected = sorted(scores, reverse=True)[k - 1] if k else float("inf")
+        assert score_threshold(np.array(scores), fraction=fraction) == expected
+        assert sum(s >= expected for s in scores) >= k
+    assert score_threshold(scores, threshold=0.6) == 0.6
 
 
 def test_evaluate_on_hand_counted_example():

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from minilm import MinilmError
-from minilm.data import (TokenDataset, bits_per_byte, is_validation, read_shard, token_dtype, unigram_entropy,
-                         write_shard)
+from minilm.data import (ShardWriter, TokenDataset, bits_per_byte, is_validation, read_shard, token_dtype,
+                         unigram_entropy, write_shard)
+from minilm.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.lesson_03
 
@@ -28,6 +29,30 @@ def test_corrupt_and_truncated_shards_are_named(tmp_path):
     (tmp_path / "junk.bin").write_bytes(b"\x00" * 400)
     with pytest.raises(MinilmError, match="not a minilm token shard"):
         read_shard(tmp_path / "junk.bin")
+
+
+def test_shard_writer_streams_tokens_to_disk_and_cuts_shards_between_batches(tmp_path):
+    texts = [f"Document {i} says {'hello ' * (i % 7)}and ends." for i in range(150)]
+    tok = Tokenizer.train(texts, 270, progress=False)
+    writer = ShardWriter(tok, tmp_path, "train", shard_tokens=2000)
+    for t in texts[:ShardWriter.BATCH]:
+        writer.add(t)
+    assert writer.file.tell() > 256 and not writer.pending      # one batch encoded: on disk, not in memory
+    for t in texts[ShardWriter.BATCH:]:
+        writer.add(t)
+    stats = writer.close()
+    # the reference: each batch's ids in one list; a shard closes after the batch that reaches 2000 tokens
+    shards, current = [], []
+    for i in range(0, len(texts), ShardWriter.BATCH):
+        current += [t for text in texts[i:i + ShardWriter.BATCH] for t in tok.encode(text) + [tok.eot_id]]
+        if len(current) >= 2000:
+            shards, current = shards + [current], []
+    shards += [current] if current else []
+    found = sorted(tmp_path.glob("train_*.bin"))
+    assert len(found) == len(shards) == stats["shards"] > 1 and not list(tmp_path.glob("*.tmp"))
+    assert all(np.array_equal(read_shard(f), np.array(ids)) for f, ids in zip(found, shards))
+    assert stats["tokens"] == sum(map(len, shards)) and stats["documents"] == 150
+    assert stats["bytes"] == sum(len(t.encode()) for t in texts)
 
 
 def test_prepared_data_has_both_splits_and_meta(data_dir):

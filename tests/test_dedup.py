@@ -1,12 +1,13 @@
 """Exact and MinHash/LSH near-duplicate removal (lesson 05): hashing, S-curve, planted copies."""
 
+import itertools
 import random
 
 import numpy as np
 import pytest
 
-from data_prep.dedup import (MERSENNE_PRIME, DedupConfig, UnionFind, candidate_pairs, choose_bands,
-                             deduplicate, estimate_jaccard, hash_params, hash_shingles, jaccard,
+from data_prep.dedup import (MERSENNE_PRIME, DedupConfig, SignatureFile, UnionFind, candidate_pairs, choose_bands,
+                             cluster, deduplicate, estimate_jaccard, hash_params, hash_shingles, jaccard,
                              lsh_probability, minhash, normalize, shingles)
 from data_prep.document import Document
 
@@ -91,6 +92,37 @@ def test_union_find_and_candidate_pairs():
     assert [uf.find(i) for i in range(5)] == [0, 1, 2, 1, 1]
     sigs = np.array([[1, 2, 3, 4], [1, 2, 9, 9], [7, 7, 3, 4], [8, 8, 8, 8]], dtype=np.uint64)
     assert candidate_pairs(sigs, bands=2, rows=2) == {(0, 1), (0, 2)}
+
+
+def test_candidate_pairs_equal_a_dict_of_buckets_per_band():
+    sigs = np.random.default_rng(0).integers(0, 3, size=(60, 8)).astype(np.uint32)   # few values: many buckets shared
+    expected = set()
+    for band in range(4):
+        buckets = {}
+        for i, row in enumerate(sigs[:, band * 2:(band + 1) * 2]):
+            buckets.setdefault(tuple(row), []).append(i)
+        expected |= {pair for members in buckets.values() for pair in itertools.combinations(members, 2)}
+    assert candidate_pairs(sigs, bands=4, rows=2) == expected and 100 < len(expected) < 60 * 59 / 2
+
+
+def test_clusters_joined_band_by_band_equal_the_components_of_all_verified_pairs(tmp_path):
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 1000, size=(20, 16))
+    sigs = np.repeat(base, 5, axis=0)                     # 20 families of 5 signatures ...
+    noise = rng.random(sigs.shape) < rng.choice([0.05, 0.2, 0.4], size=(len(sigs), 1))
+    sigs = np.where(noise, rng.integers(1000, 2000, size=sigs.shape), sigs).astype(np.uint32)  # ... mutated apart
+    uf = UnionFind(len(sigs))                             # the reference: every verified pair, then components
+    verified = [(i, j) for i, j in sorted(candidate_pairs(sigs, 8, 2)) if estimate_jaccard(sigs[i], sigs[j]) >= 0.7]
+    for i, j in verified:
+        uf.union(i, j)
+    roots = cluster(sigs, bands=8, rows=2, threshold=0.7)
+    assert roots.tolist() == [uf.find(i) for i in range(len(sigs))]
+    assert len(verified) > 20 and 20 < len(set(roots.tolist())) < 100   # some joined, some not
+    on_disk = SignatureFile(tmp_path / "sigs.minhash", num_perm=16, chunk_docs=7)   # read back in chunks of 7
+    on_disk.append(sigs[:33])
+    on_disk.append(sigs[33:])
+    assert np.array_equal(on_disk[:, 4:6], sigs[:, 4:6]) and np.array_equal(on_disk[57], sigs[57])
+    assert cluster(on_disk, bands=8, rows=2, threshold=0.7).tolist() == roots.tolist()
 
 
 def test_near_dedup_keeps_first_and_checks_config():

@@ -238,3 +238,23 @@ def test_cl100k_known_ids_and_chat_specials(cl100k):
 def test_cl100k_unknown_name_is_refused():
     with pytest.raises(TokenizerError, match="only 'cl100k_base'"):
         Tokenizer.from_tiktoken("o200k_base")
+
+
+def test_count_chunks_reads_its_texts_only_as_fast_as_it_counts_them(monkeypatch):
+    import minilm.tokenizer as tokenizer_module
+    real, counted, ahead = tokenizer_module.regex.compile(SPLIT_PATTERN), [0], []
+
+    class Counting:                               # the compiled pattern, counting the texts it splits
+        def findall(self, text, concurrent=None):
+            counted[0] += 1
+            return real.findall(text)
+
+    def texts():
+        for i in range(3000):
+            ahead.append(i - counted[0])          # texts read but not yet split
+            yield f"text {i % 10}"
+
+    monkeypatch.setattr(tokenizer_module.regex, "compile", lambda pattern: Counting())
+    counts = count_chunks(texts(), threads=1)
+    assert counts[b"text"] == 3000 and counts[b"7"] == 300
+    assert max(ahead) < 3 * 64                    # two batches of 64 in flight and one being read
