@@ -255,6 +255,6 @@ def test_count_chunks_reads_its_texts_only_as_fast_as_it_counts_them(monkeypatch
             yield f"text {i % 10}"
 
     monkeypatch.setattr(tokenizer_module.regex, "compile", lambda pattern: Counting())
-    counts = count_chunks(texts(), threads=1)
+    counts = count_chunks(texts(), threads=1, backend="python")   # the regex path
     assert counts[b"text"] == 3000 and counts[b"7"] == 300
     assert max(ahead) < 3 * 64                    # two batches of 64 in flight and one being read
