@@ -1,6 +1,7 @@
 // The two pieces of math every CPU kernel in csrc/ is built from, written as plain loops that the
 // compiler vectorises (setup.py compiles with -O3 -march=native -fno-trapping-math):
-//   matmul_acc   C += A B on small tiles, register-blocked: 4 rows of C stay in vector registers;
+//   matmul_acc   C += A B (and matmul_set, C = A B) on small tiles, register-blocked: 4 or 8 rows of C
+//                stay in vector registers;
 //   exp_neg      e^x for x <= 0 (softmax arguments after subtracting the max) without a libm call.
 // Tiles are padded by the callers (rows to a multiple of 4, columns to a multiple of 16), so there
 // are no remainder loops here.
@@ -24,40 +25,72 @@ struct Vec {
   static constexpr int kLanes = 64 / sizeof(T);
 };
 
-// C (4 x NB, row stride ldc) += A (4 x K) B (K x NB): the 4 x NB accumulators stay in vector
-// registers while k runs, and every row of B loaded from cache feeds four multiply-adds.
-template <int NB, typename T>
-inline void matmul_4rows(int64_t K, const T* A, int64_t a_row, int64_t a_col, const T* B, int64_t ldb,
-                         T* C, int64_t ldc) {
+// How many Vec values the registers hold: 32 zmm with AVX-512, 16 ymm (8 Vec of 64 bytes) without.
+#if defined(__AVX512F__)
+constexpr int kVecRegs = 32;
+#else
+constexpr int kVecRegs = 8;
+#endif
+
+// C (R x NB, row stride ldc) = or += A (R x K) B (K x NB): the R x NB accumulators stay in vector
+// registers while k runs, and every row of B loaded from cache feeds R multiply-adds. Each element
+// of C sums its K products in order k = 0, 1, ..., whatever R is: the row blocking never changes
+// a result's rounding.
+template <int R, int NB, bool kAccumulate, typename T>
+inline void matmul_rows(int64_t K, const T* A, int64_t a_row, int64_t a_col, const T* B, int64_t ldb,
+                        T* C, int64_t ldc) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::kLanes, NV = NB / L;
-  V acc[4][NV], b[NV];
-  for (int r = 0; r < 4; r++)
-    for (int n = 0; n < NV; n++) std::memcpy(&acc[r][n], C + r * ldc + n * L, sizeof(V));
+  V acc[R][NV], b[NV];
+  for (int r = 0; r < R; r++)
+    for (int n = 0; n < NV; n++) {
+      if constexpr (kAccumulate) std::memcpy(&acc[r][n], C + r * ldc + n * L, sizeof(V));
+      else acc[r][n] = V{};
+    }
   for (int64_t k = 0; k < K; k++) {
     for (int n = 0; n < NV; n++) std::memcpy(&b[n], B + k * ldb + n * L, sizeof(V));
-    for (int r = 0; r < 4; r++) {
+    for (int r = 0; r < R; r++) {
       const T a = A[r * a_row + k * a_col];
       for (int n = 0; n < NV; n++) acc[r][n] += a * b[n];
     }
   }
-  for (int r = 0; r < 4; r++)
+  for (int r = 0; r < R; r++)
     for (int n = 0; n < NV; n++) std::memcpy(C + r * ldc + n * L, &acc[r][n], sizeof(V));
 }
 
-// C (M x N) += A (M x K) B (K x N), B and C row-major, A(i, k) = A[i * a_row + k * a_col] (so A may
-// be a transposed view: a_row = 1, a_col = its row stride). M must be a multiple of 4, N of 16.
+// One NB-wide column panel of C, all M rows: 8 rows at a time where 8 x NB accumulators and a row of
+// B fit in the registers (NB of 16 or 32 floats with AVX-512: twice the multiply-adds per load of
+// B as 4 rows), then 4 at a time.
+template <int NB, bool kAccumulate, typename T>
+inline void matmul_panel(int64_t M, int64_t K, const T* A, int64_t a_row, int64_t a_col, const T* B,
+                         int64_t ldb, T* C, int64_t ldc) {
+  constexpr int NV = NB / Vec<T>::kLanes, R = 9 * NV <= kVecRegs ? 8 : 4;
+  int64_t i = 0;
+  for (; i + R <= M; i += R) matmul_rows<R, NB, kAccumulate>(K, A + i * a_row, a_row, a_col, B, ldb, C + i * ldc, ldc);
+  for (; i < M; i += 4) matmul_rows<4, NB, kAccumulate>(K, A + i * a_row, a_row, a_col, B, ldb, C + i * ldc, ldc);
+}
+
+// C (M x N) = or += A (M x K) B (K x N), B and C row-major, A(i, k) = A[i * a_row + k * a_col] (so A
+// may be a transposed view: a_row = 1, a_col = its row stride). M must be a multiple of 4, N of 16.
+template <bool kAccumulate, typename T>
+void matmul_into(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_row, int64_t a_col, const T* B,
+                 int64_t ldb, T* C, int64_t ldc) {
+  int64_t n = 0;
+  for (; n + 64 <= N; n += 64) matmul_panel<64, kAccumulate>(M, K, A, a_row, a_col, B + n, ldb, C + n, ldc);
+  for (; n + 32 <= N; n += 32) matmul_panel<32, kAccumulate>(M, K, A, a_row, a_col, B + n, ldb, C + n, ldc);
+  for (; n < N; n += 16) matmul_panel<16, kAccumulate>(M, K, A, a_row, a_col, B + n, ldb, C + n, ldc);
+}
+
+// C += A B and C = A B (the second never reads C, so it needs no zero-fill first).
 template <typename T>
 void matmul_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_row, int64_t a_col, const T* B,
                 int64_t ldb, T* C, int64_t ldc) {
-  for (int64_t i = 0; i < M; i += 4) {
-    const T* a = A + i * a_row;
-    T* c = C + i * ldc;
-    int64_t n = 0;
-    for (; n + 64 <= N; n += 64) matmul_4rows<64>(K, a, a_row, a_col, B + n, ldb, c + n, ldc);
-    for (; n + 32 <= N; n += 32) matmul_4rows<32>(K, a, a_row, a_col, B + n, ldb, c + n, ldc);
-    for (; n < N; n += 16) matmul_4rows<16>(K, a, a_row, a_col, B + n, ldb, c + n, ldc);
-  }
+  matmul_into<true>(M, N, K, A, a_row, a_col, B, ldb, C, ldc);
+}
+template <typename T>
+void matmul_set(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_row, int64_t a_col, const T* B,
+                int64_t ldb, T* C, int64_t ldc) {
+  matmul_into<false>(M, N, K, A, a_row, a_col, B, ldb, C, ldc);
 }
 
 // e^x for x <= 0 in float, to a couple of ulp, in arithmetic the compiler can vectorise (a call to

@@ -18,7 +18,8 @@
 // Inputs are first copied into zero-padded buffers of acc_t (float for float and bfloat16, double
 // for double): k and v once per kv head (also transposed, so every product is a plain C += A B),
 // q and dO once per query tile; rows are padded to a multiple of 4 and the head dim to one of 16.
-// Then all the math is matmul_acc and exp_neg from csrc/cpu_math.h, loops the compiler vectorises.
+// Then all the math is matmul_acc / matmul_set and exp_neg from csrc/cpu_math.h, loops the compiler
+// vectorises.
 // Extra memory, linear in T and S: the forward's converted k/v (2 * B * H_kv * S * D), 6 * S * D per
 // backward thread (its kv head and dK, dV), a few tiles per thread. lse is float32 for every dtype
 // (the op's contract), so float64 gradients are exact to ~1e-7 relative, plenty for gradcheck.
@@ -41,6 +42,7 @@ namespace {
 
 using minilm::exp_neg;
 using minilm::matmul_acc;
+using minilm::matmul_set;
 using minilm::round_up;
 
 constexpr int64_t kBlockQ = 64;  // queries per tile
@@ -139,8 +141,7 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
       const int64_t kv_end = causal ? std::min(S, i0 + nq + S - T) : S;
       for (int64_t j0 = 0; j0 < kv_end; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, kv_end - j0), nk16 = round_up(nk, 16);
-        std::fill(s_t.begin(), s_t.begin() + mq * kBlockK, acc_t(0));
-        matmul_acc(mq, nk16, Dp, q_t.data(), Dp, 1, kt_head + j0, Sp, s_t.data(), kBlockK);  // S = Q K^T
+        matmul_set(mq, nk16, Dp, q_t.data(), Dp, 1, kt_head + j0, Sp, s_t.data(), kBlockK);  // S = Q K^T
         for (int64_t r = 0; r < nq; r++)
           online_softmax_row(&s_t[r * kBlockK], nk16, visible_keys(causal, i0 + r, j0, nk, T, S), m[r],
                              l[r], &o_t[r * Dp], Dp);
@@ -205,8 +206,7 @@ void attention_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const
             const int64_t nk = std::min(kBlockK, kv_end - j0), nk4 = round_up(nk, 4), nk16 = round_up(nk, 16);
             // P = exp(Q K^T * scale - lse), 0 for masked keys and padding rows (so their lse and
             // Delta never matter)
-            std::fill(p, p + mq * kBlockK, acc_t(0));
-            matmul_acc(mq, nk16, Dp, q_t.data(), Dp, 1, kt_h.data() + j0, Sp, p, kBlockK);
+            matmul_set(mq, nk16, Dp, q_t.data(), Dp, 1, kt_h.data() + j0, Sp, p, kBlockK);
             for (int64_t r = 0; r < mq; r++) {
               acc_t* p_r = p + r * kBlockK;
               const int64_t visible = r < nq ? visible_keys(causal, i0 + r, j0, nk, T, S) : 0;
@@ -217,13 +217,13 @@ void attention_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const
             // dV += P^T dO  (P read transposed: a_row = 1, a_col = kBlockK)
             matmul_acc(nk4, Dp, nq, p, 1, kBlockK, do_t.data(), Dp, dv_h.data() + j0 * Dp, Dp);
             // dP = dO V^T, then dS = P * (dP - Delta) in place
-            std::fill(ds, ds + mq * kBlockK, acc_t(0));
-            matmul_acc(mq, nk16, Dp, do_t.data(), Dp, 1, vt_h.data() + j0, Sp, ds, kBlockK);
+            // (columns nk16.. of ds are never read: the products below stop at nk)
+            matmul_set(mq, nk16, Dp, do_t.data(), Dp, 1, vt_h.data() + j0, Sp, ds, kBlockK);
             for (int64_t r = 0; r < mq; r++) {
               const acc_t *p_r = p + r * kBlockK, delta_r = delta[r];
               acc_t* ds_r = ds + r * kBlockK;
 #pragma omp simd
-              for (int64_t j = 0; j < kBlockK; j++) ds_r[j] = p_r[j] * (ds_r[j] - delta_r);
+              for (int64_t j = 0; j < nk16; j++) ds_r[j] = p_r[j] * (ds_r[j] - delta_r);
             }
             // dQ += dS K (times scale at the end); dK += dS^T (Q * scale)
             matmul_acc(mq, Dp, nk, ds, kBlockK, 1, k_h.data() + j0 * Dp, Dp, dq_t.data(), Dp);
