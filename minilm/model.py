@@ -70,7 +70,7 @@ def longrope_scale(cfg: ModelConfig) -> float:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (x[i], x[i + D/2]) pair by its angle. x: (B, H, T, D); cos, sin: (B, 1, T, D)."""
+    """Rotate each (x[i], x[i + D/2]) pair by its angle. x: (B, T, heads, D); cos, sin: (B, T, 1, D)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)   # "rotate half": (x1, x2) -> (-x2, x1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -103,14 +103,15 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this step's k, v (B, H_kv, T, D) for `layer`; return all keys/values so far."""
-        end = self.length + k.shape[2]
+        t, end = k.shape[2], self.length + k.shape[2]
         if end > self.k.shape[3]:
             raise ValueError(f"KV cache full: {end} positions needed, {self.k.shape[3]} allocated")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
+        k_all, v_all = self.k[layer], self.v[layer]   # (B, H_kv, max_len, D) views
+        k_all.narrow(2, self.length, t).copy_(k)
+        v_all.narrow(2, self.length, t).copy_(v)
         # `length` advances once per forward, after the last layer (Phi3Model.forward); in k's dtype,
         # which differs from the cache's when FSDP computes in bf16 over fp32 weights (minilm/fsdp.py)
-        return self.k[layer, :, :, :end].to(k.dtype), self.v[layer, :, :, :end].to(v.dtype)
+        return k_all.narrow(2, 0, end).to(k.dtype), v_all.narrow(2, 0, end).to(v.dtype)
 
 
 class Attention(nn.Module):
@@ -122,19 +123,19 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         self.window = cfg.sliding_window
 
-    def forward(self, x, cos, sin, layer_idx, kv_cache=None, key_mask=None):
+    def forward(self, x, cos, sin, layer_idx, kv_cache=None, mask=None):
         b, t, _ = x.shape
-        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(b, t, self.n_head, self.head_dim).transpose(1, 2)      # (B, H, T, D)
-        k = k.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, H_kv, T, D)
-        v = v.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)            # keys are cached rotated
+        qk_heads = self.n_head + self.n_kv_head
+        qkv = self.qkv_proj(x).view(b, t, qk_heads + self.n_kv_head, self.head_dim)  # (B, T, H + 2 H_kv, D)
+        qk = apply_rope(qkv[:, :, :qk_heads], cos, sin).transpose(1, 2)   # queries and keys in one rotation
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)              # (B, H, T, D), (B, H_kv, T, D)
+        v = qkv[:, :, qk_heads:].transpose(1, 2)
         if kv_cache is not None:
-            k, v = kv_cache.update(layer_idx, k, v)                        # (B, H_kv, S, D)
-        # each k/v head serves H / H_kv query heads (GQA); the causal mask is bottom-right aligned
-        y = ops.attention(q, k, v, causal=True, key_mask=key_mask, window=self.window)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, q_size))
+            k, v = kv_cache.update(layer_idx, k, v)                        # (B, H_kv, S, D): keys cached rotated
+        # each k/v head serves H / H_kv query heads (GQA); the causal mask is bottom-right aligned.
+        # `mask` (padding, from Phi3Model.forward) already holds causality and the window
+        y = ops.attention(q, k, v, causal=True, window=self.window, mask=mask)   # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -194,10 +195,11 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg, cfg.ffn_width(layer_idx))
-        self.dropout = nn.Dropout(cfg.dropout)
+        # (Identity when it would drop nothing: a module call less per residual branch when decoding)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-    def forward(self, x, cos, sin, kv_cache=None, key_mask=None):
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, self.layer_idx, kv_cache, key_mask)
+    def forward(self, x, cos, sin, kv_cache=None, mask=None):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, self.layer_idx, kv_cache, mask)
         x = x + self.dropout(attn)
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
@@ -240,15 +242,18 @@ class Phi3Model(nn.Module):
         # position of this call lies past the original context (cached keys keep their rotation)
         if self.original_len and int(positions.max()) + 1 > self.original_len:
             cos_table, sin_table = self.rope_cos_long, self.rope_sin_long
-        cos = cos_table[positions].unsqueeze(1)  # (B, 1, T, D): broadcast over heads
-        sin = sin_table[positions].unsqueeze(1)
+        cos = cos_table[positions].unsqueeze(2)  # (B, T, 1, D): broadcast over heads
+        sin = sin_table[positions].unsqueeze(2)
+        # left padding: one boolean (B, 1, T, S) mask for every layer (causality, padding, window)
+        mask = None if attention_mask is None else ops.combined_mask(
+            t, past + t, True, attention_mask, self.layers[0].self_attn.window, idx.device)
         x = self.embed_tokens(idx)                   # (B, T, d_model): the residual stream
         recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if recompute:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, kv_cache, attention_mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, kv_cache, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, kv_cache, attention_mask)
+                x = layer(x, cos, sin, kv_cache, mask)
         if kv_cache is not None:
             kv_cache.length += t
         return self.norm(x)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from minilm.ops import attention
+from minilm.ops import attention, available_backends, combined_mask
 from minilm.ops.reference import attention_reference, causal_mask
 
 pytestmark = pytest.mark.lesson_01
@@ -48,6 +48,21 @@ def test_key_mask_hides_padding_in_every_backend():
     # the real tokens of row 0 see exactly what they would see without the padding
     torch.testing.assert_close(ref[0, :, 2:], attention_reference(q[:1, :, 2:], k[:1, :, 2:], v[:1, :, 2:])[0])
     assert torch.isfinite(ref).all()  # fully masked padding rows do not produce NaN
+
+
+@pytest.mark.parametrize("t, s, window", [(1, 9, None), (3, 9, 4), (6, 6, None), (6, 6, 2)])
+def test_a_prebuilt_mask_gives_exactly_what_the_arguments_give(t, s, window):
+    # a model builds combined_mask once per forward and hands it to every layer: same numbers, bit for bit
+    q, k, v = torch.randn(2, 4, t, 8), torch.randn(2, 2, s, 8), torch.randn(2, 2, s, 8)
+    key_mask = torch.ones(2, s, dtype=torch.long)
+    key_mask[0, :3] = 0
+    mask = combined_mask(t, s, True, key_mask, window)
+    assert mask.shape == (2, 1, t, s) and mask.dtype == torch.bool
+    for backend in available_backends():
+        assert torch.equal(attention(q, k, v, mask=mask, backend=backend),
+                           attention(q, k, v, key_mask=key_mask, window=window, backend=backend)), backend
+    # nothing to mask beyond causality at T == S: SDPA's own is_causal does it
+    assert combined_mask(s, s, True, None, None) is None and combined_mask(s, s, True, None, s + 1) is None
 
 
 def test_bad_shapes_are_explained():

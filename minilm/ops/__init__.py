@@ -8,8 +8,8 @@
 Pure-PyTorch references for every op live in `minilm/ops/reference.py`.
 """
 
-from minilm.ops.attention import attention, available_backends
+from minilm.ops.attention import attention, available_backends, combined_mask
 from minilm.ops.loss import cross_entropy
 from minilm.ops.masking import compact_ffn, masked_ffn
 
-__all__ = ["attention", "available_backends", "compact_ffn", "cross_entropy", "masked_ffn"]
+__all__ = ["attention", "available_backends", "combined_mask", "compact_ffn", "cross_entropy", "masked_ffn"]

@@ -41,28 +41,38 @@ KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64, torch.bfloat16),
 CUDA_HEAD_DIMS = (64, 128)
 
 
-def _torch_sdpa(q, k, v, causal=True, scale=None, key_mask=None, window=None):
-    t, s = q.shape[2], k.shape[2]  # T queries, S keys (S > T when decoding with a cache)
-    gqa = q.shape[1] != k.shape[1]  # H != H_kv: SDPA repeats the k/v heads itself
+def combined_mask(t: int, s: int, causal: bool = True, key_mask: torch.Tensor | None = None,
+                  window: int | None = None, device=None) -> torch.Tensor | None:
+    """The boolean (B or 1, 1, T, S) mask `attention` builds from its arguments, or None when SDPA can
+    mask by itself (no padding, no window that hides a key, T == S). A model calls it once per
+    forward and passes the result to every layer as `mask=`."""
     window = window if causal and window is not None and window < s else None  # else it hides nothing
     if key_mask is None and window is None and (not causal or t == s):
+        return None
+    return attention_mask(t, s, causal, key_mask, device, window)
+
+
+def _torch_sdpa(q, k, v, causal=True, scale=None, key_mask=None, window=None, mask=None):
+    gqa = q.shape[1] != k.shape[1]  # H != H_kv: SDPA repeats the k/v heads itself
+    if mask is None:  # T queries, S keys (S > T when decoding with a cache)
+        mask = combined_mask(q.shape[2], k.shape[2], causal, key_mask, window, q.device)
+    if mask is None:
         # the common training case: let SDPA build the (top-left == bottom-right) causal mask itself
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
-    mask = attention_mask(t, s, causal, key_mask, q.device, window)  # (B or 1, 1, T, S) bool
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-def _minilm_kernel(q, k, v, causal=True, scale=None, key_mask=None, window=None, devices=("cpu",)):
+def _minilm_kernel(q, k, v, causal=True, scale=None, key_mask=None, window=None, mask=None, devices=("cpu",)):
     """torch.ops.minilm.attention_fwd where it applies (autograd in _kernels.py), else SDPA."""
     device = q.device.type
-    # our kernels: no key mask, no sliding window that hides a key (S > W), a covered dtype (and head
+    # our kernels: no mask, no sliding window that hides a key (S > W), a covered dtype (and head
     # dim on CUDA), and no more queries than keys
-    supported = (key_mask is None and (window is None or not causal or window >= k.shape[2])
+    supported = (key_mask is None and mask is None and (window is None or not causal or window >= k.shape[2])
                  and device in devices and q.dtype in KERNEL_DTYPES[device]
                  and (device != "cuda" or q.shape[-1] in CUDA_HEAD_DIMS)
                  and not (causal and q.shape[2] > k.shape[2]))  # T > S: some queries would see no key
     if not supported:
-        return _torch_sdpa(q, k, v, causal=causal, scale=scale, key_mask=key_mask, window=window)
+        return _torch_sdpa(q, k, v, causal=causal, scale=scale, key_mask=key_mask, window=window, mask=mask)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the kernels index raw memory
     return torch.ops.minilm.attention_fwd(q, k, v, causal, scale)[0]  # [1] is lse (B, H, T)
@@ -118,9 +128,12 @@ BACKEND = _choose_backend()  # once, at import, with its reason logged
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
               scale: float | None = None, key_mask: torch.Tensor | None = None,
-              backend: str | None = None, window: int | None = None) -> torch.Tensor:
+              backend: str | None = None, window: int | None = None,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q over k/v; returns (B, H, T, D). See the module docstring for shapes; `window`
-    (causal only) keeps each query's last W keys, as Phi-3's sliding window does."""
+    (causal only) keeps each query's last W keys, as Phi-3's sliding window does. `mask`, from
+    `combined_mask(T, S, causal, key_mask, window)`, replaces those three arguments: a model builds
+    it once per forward instead of once per layer (and a call with one goes to SDPA)."""
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"attention expects q (B,H,T,D) and k, v (B,H_kv,S,D) of equal shape; got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -131,4 +144,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     # a per-call backend is checked here; the import-time choice already was
     if backend is not None and backend != BACKEND and (reason := _unavailable(backend)) is not None:
         raise ValueError(f"attention: {reason}")
-    return _IMPLS[backend or BACKEND](q, k, v, causal=causal, scale=scale, key_mask=key_mask, window=window)
+    return _IMPLS[backend or BACKEND](q, k, v, causal=causal, scale=scale, key_mask=key_mask, window=window,
+                                      mask=mask)

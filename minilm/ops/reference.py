@@ -48,11 +48,13 @@ def attention_mask(t: int, s: int, causal: bool, key_mask: torch.Tensor | None,
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                         scale: float | None = None, key_mask: torch.Tensor | None = None,
-                        window: int | None = None) -> torch.Tensor:
+                        window: int | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v, the definition of attention.
 
     q: (B, H, T, D); k, v: (B, H_kv, S, D) with H a multiple of H_kv (query head h uses k/v head
-    h // (H / H_kv)); key_mask: optional (B, S); window: see `causal_mask`. Returns (B, H, T, D).
+    h // (H / H_kv)); key_mask: optional (B, S); window: see `causal_mask`. `mask`, a boolean
+    (B or 1, 1, T, S) built by `attention_mask`, replaces causal, key_mask and window. Returns
+    (B, H, T, D).
     """
     b, h, t, d = q.shape
     h_kv, s = k.shape[1], k.shape[2]
@@ -60,7 +62,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     k = k.repeat_interleave(h // h_kv, dim=1)  # (B, H, S, D)
     v = v.repeat_interleave(h // h_kv, dim=1)  # (B, H, S, D)
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
-    mask = attention_mask(t, s, causal, key_mask, q.device, window)
+    if mask is None:
+        mask = attention_mask(t, s, causal, key_mask, q.device, window)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     # softmax in at least float32 (bf16/fp16 inputs), in float64 for float64 inputs (gradcheck)
