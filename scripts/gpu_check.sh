@@ -11,7 +11,8 @@
 #   3. gpu tests       pytest -m gpu: the CUDA kernels against the fp64 reference
 #   4. attention       benchmarks/attention.py in bf16: minilm's kernel against SDPA's flash backend
 #   5. speedrun        `minilm speedrun --preset gpu` cut to a few hundred steps per stage
-#   6. 2 GPUs          a 20-step DDP pretraining under torchrun, when two GPUs are present
+#   6. 2 GPUs          20 steps of pretraining under torchrun with DDP, then with FSDP2 (--fsdp),
+#                      when two GPUs are present
 # Without a GPU the GPU steps say "skipped" and the speedrun runs the `ci` preset instead, so the
 # script itself is checked on any machine (tests/test_gpu_check.py runs its CPU-safe parts).
 set -u
@@ -69,8 +70,11 @@ fi
 if [ "$NGPU" -ge 2 ]; then
     step ddp-2gpu torchrun --nproc_per_node 2 -m minilm train --preset small --max-steps 20 \
         --eval-every 10 --out-dir "$OUT/ddp"
+    step fsdp-2gpu torchrun --nproc_per_node 2 -m minilm train --preset small --max-steps 20 \
+        --eval-every 10 --fsdp --out-dir "$OUT/fsdp"
 else
     skip ddp-2gpu "fewer than 2 GPUs"
+    skip fsdp-2gpu "fewer than 2 GPUs"
 fi
 
 printf "%s" "$TAILS" >> "$SUMMARY"
