@@ -1,5 +1,5 @@
 """The quoted speedrun numbers are checked against a run (lessons/quoted_numbers.py); the slow test makes
-that run from nothing, as a reader would, and checks every number README.md and lesson 12 quote."""
+that run from nothing, as a reader would, and checks every number README.md and lessons 03 and 12 quote."""
 
 import json
 import sys
@@ -44,10 +44,37 @@ def test_a_model_or_a_number_the_run_lacks_is_reported(tmp_path):
     assert "does not read as 3 number(s)" in quoted.check(page, RESULTS, tol=0.0)[1][0]
 
 
+CURVE = """| step | phase | train loss | val loss | val bits/byte |
+|---|---|---|---|---|
+| 400 | 1 | 4.24 | 4.24 | 1.88 |
+| 800 | 2 | 4.02 | **3.86** | 1.71 |
+"""
+METRICS = [{"step": 390, "loss": 4.3, "phase": 1},                  # not evaluated: not a quotable row
+           {"step": 400, "loss": 4.2449, "phase": 1, "val_loss": 4.2410, "val_bpb": 1.8751},
+           {"step": 800, "loss": 4.0161, "phase": 2, "val_loss": 3.8648, "val_bpb": 1.7123}]
+
+
+def test_the_pretraining_curve_is_read_by_step_from_metrics_jsonl(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(row) for row in METRICS))
+    rows = quoted.load(tmp_path / "metrics.jsonl")
+    assert list(rows) == ["400", "800"]
+    page = tmp_path / "page.md"
+    page.write_text(CURVE)
+    assert quoted.check(page, rows, 0.0, "| step | phase |") == (8, [])     # phase is checked as an integer
+    page.write_text(CURVE.replace("| 800 | 2 |", "| 800 | 1 |").replace("| 400 |", "| 1200 |"))
+    assert quoted.check(page, rows, 0.0, "| step | phase |")[1] == [
+        f"{page}:3: step '1200' is not in the run's pretrain/metrics.jsonl",
+        f"{page}:4: 800 / phase: quoted 1, the run has 2.0000 (phase)"]
+
+
 def test_the_command_exits_2_without_a_run_and_1_on_a_mismatch(tmp_path, capsys):
     assert quoted.main([str(tmp_path)]) == 2
     assert "eval.json not found" in capsys.readouterr().err
     (tmp_path / "eval.json").write_text(json.dumps(RESULTS))
+    assert quoted.main([str(tmp_path)]) == 2
+    assert "metrics.jsonl not found" in capsys.readouterr().err
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "metrics.jsonl").write_text("\n".join(json.dumps(row) for row in METRICS))
     page = tmp_path / "page.md"
     page.write_text(TABLE)
     assert quoted.main([str(tmp_path), str(page)]) == 0
@@ -56,7 +83,7 @@ def test_the_command_exits_2_without_a_run_and_1_on_a_mismatch(tmp_path, capsys)
 
 
 @pytest.mark.slow
-def test_a_fresh_laptop_speedrun_gives_every_number_the_readme_and_lesson_12_quote(tmp_path):
+def test_a_fresh_laptop_speedrun_gives_every_number_the_readme_and_lessons_03_and_12_quote(tmp_path):
     """~20 minutes on 2 cores: the README's main command, then the check at the rounding printed."""
     from minilm.speedrun import run as sr
     from minilm.speedrun import stages as table
