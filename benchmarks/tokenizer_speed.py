@@ -21,8 +21,8 @@ import time
 from data_prep.stdlib_docs import stdlib_dir
 from minilm.ops._kernels import LOAD_ERROR, LOADED
 from minilm.ops.bpe import compiled_merges, unicode_classes
-from minilm.tokenizer import (SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, TokenizerError, count_chunks, learn_merges,
-                              reference_encode)
+from minilm.bpe_train import SPLIT_PATTERN, count_chunks, learn_merges, reference_encode
+from minilm.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError
 
 # Third-party packages are not the stdlib; leaving them out keeps the corpus the same everywhere.
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}

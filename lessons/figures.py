@@ -141,9 +141,9 @@ def bpe(path: Path) -> None:
     """Lesson 02: how the two split patterns cut an expression, and tokens left per merge learnt."""
     import regex
 
-    import minilm.tokenizer as tk
+    import minilm.bpe_train as tk
     expr = "x = 1234 + 56;"
-    text = tk.__doc__    # the tokenizer module's own docstring: ~2 KB of English
+    text = tk.__doc__    # the BPE trainer's own docstring: ~2 KB of English
     merges = tk.learn_merges(tk.count_chunks([text]), 200)
     steps = list(range(0, 201, 10))
     counts = [len(tk.reference_encode(text, merges[:k])) for k in steps]
@@ -160,7 +160,7 @@ def bpe(path: Path) -> None:
         ax.set_title(f"{expr!r} cut by {name}: {len(chunks)} chunks", fontsize=8.5)
     ax = fig.add_subplot(grid[:, 1])
     ax.plot(steps, counts, marker=".")
-    ax.set(xlabel="merges learnt", ylabel="tokens", title="the tokenizer's docstring, BPE on itself")
+    ax.set(xlabel="merges learnt", ylabel="tokens", title="the BPE trainer's docstring, BPE on itself")
     ax.title.set_fontsize(9)
     save(fig, path, dpi=DPI)
 

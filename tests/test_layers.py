@@ -26,8 +26,8 @@ FLOORS = [
     ("services",   ["data_prep/", "minilm/checkpoint.py", "minilm/generate.py", "minilm/lora.py", "minilm/lora_io.py",
                     "minilm/memory.py", "minilm/hf_tokenizer.py"]),
     ("core",       ["minilm/model.py", "minilm/data.py", "minilm/runtime.py", "minilm/weights.py", "minilm/fsdp.py"]),
-    ("base",       ["minilm/ops/", "minilm/tokenizer.py", "minilm/sp_tokenizer.py", "minilm/config.py", "minilm/plots.py",
-                    "minilm/__init__.py"]),
+    ("base",       ["minilm/ops/", "minilm/bpe_train.py", "minilm/tokenizer.py", "minilm/sp_tokenizer.py",
+                    "minilm/config.py", "minilm/plots.py", "minilm/__init__.py"]),
 ]
 
 ROOT = Path(__file__).resolve().parent.parent   # the repo root

@@ -18,7 +18,8 @@ from data_prep.pinned import pinned_documents
 from data_prep.stdlib_docs import stdlib_documents
 from minilm.ops import bpe
 from minilm.ops._kernels import LOAD_ERROR, LOADED
-from minilm.tokenizer import GPT4_SPLIT_PATTERN, SPLIT_PATTERN, Tokenizer, count_chunks
+from minilm.bpe_train import GPT4_SPLIT_PATTERN, SPLIT_PATTERN, count_chunks
+from minilm.tokenizer import Tokenizer
 
 pytestmark = [pytest.mark.lesson_02,
               pytest.mark.skipif(not LOADED, reason=f"minilm._C is not built ({LOAD_ERROR})")]

@@ -1,7 +1,7 @@
 """Implement-it tasks (lesson 00): re-write a library function in lessons/tasks/, check it here.
 
     pytest -m task_01      lessons/tasks/task_01_rope.py           vs minilm.model.apply_rope
-    pytest -m task_02      lessons/tasks/task_02_bpe_pairs.py      vs minilm.tokenizer.count_pairs
+    pytest -m task_02      lessons/tasks/task_02_bpe_pairs.py      vs minilm.bpe_train.count_pairs
     pytest -m task_03      lessons/tasks/task_03_online_softmax.py vs torch.softmax
     pytest -m task_04      lessons/tasks/task_04_dpo_loss.py       vs minilm.post.dpo.dpo_loss
     pytest -m task_05      lessons/tasks/task_05_gae.py            vs minilm.post.ppo.gae
@@ -32,7 +32,7 @@ from minilm.model import apply_rope, rope_tables
 from minilm.post.dno import select_pairs
 from minilm.post.dpo import dpo_loss
 from minilm.post.ppo import gae
-from minilm.tokenizer import count_chunks, count_pairs, learn_merges
+from minilm.bpe_train import count_chunks, count_pairs, learn_merges
 
 TASK_DIR = Path(__file__).resolve().parent.parent / "lessons" / "tasks"
 

@@ -1,4 +1,4 @@
-"""Tests for minilm/tokenizer.py (lesson 02): run with `pytest -m lesson_02`.
+"""Tests for minilm/bpe_train.py and minilm/tokenizer.py (lesson 02): run with `pytest -m lesson_02`.
 
 A small tokenizer is trained once per module on ~40 KB of stdlib docstrings; each test then checks
 one promise: exact vocab size, byte fallback, round trips, special tokens, tiktoken agreeing with
@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from data_prep.stdlib_docs import stdlib_documents
-from minilm.tokenizer import (GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, TokenizerError,
-                              count_chunks, learn_merges, merge_pair, reference_encode)
+from minilm.bpe_train import GPT4_SPLIT_PATTERN, SPLIT_PATTERN, count_chunks, learn_merges, merge_pair, reference_encode
+from minilm.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError
 
 pytestmark = pytest.mark.lesson_02
 
@@ -241,8 +241,8 @@ def test_cl100k_unknown_name_is_refused():
 
 
 def test_count_chunks_reads_its_texts_only_as_fast_as_it_counts_them(monkeypatch):
-    import minilm.tokenizer as tokenizer_module
-    real, counted, ahead = tokenizer_module.regex.compile(SPLIT_PATTERN), [0], []
+    import minilm.bpe_train as bpe_module
+    real, counted, ahead = bpe_module.regex.compile(SPLIT_PATTERN), [0], []
 
     class Counting:                               # the compiled pattern, counting the texts it splits
         def findall(self, text, concurrent=None):
@@ -254,7 +254,7 @@ def test_count_chunks_reads_its_texts_only_as_fast_as_it_counts_them(monkeypatch
             ahead.append(i - counted[0])          # texts read but not yet split
             yield f"text {i % 10}"
 
-    monkeypatch.setattr(tokenizer_module.regex, "compile", lambda pattern: Counting())
+    monkeypatch.setattr(bpe_module.regex, "compile", lambda pattern: Counting())
     counts = count_chunks(texts(), threads=1, backend="python")   # the regex path
     assert counts[b"text"] == 3000 and counts[b"7"] == 300
     assert max(ahead) < 3 * 64                    # two batches of 64 in flight and one being read

@@ -1,4 +1,4 @@
-// BPE training, the merge loop of minilm/tokenizer.py's `learn_merges` in C++ (lesson 02).
+// BPE training, the merge loop of minilm/bpe_train.py's `learn_merges` in C++ (lesson 02).
 //
 // torch.ops.minilm.bpe_train(chunks, offsets, freqs, n_merges) -> merges (M, 2) int64
 //   chunks   uint8 (total bytes,): every distinct pre-token chunk's UTF-8 bytes, one after another

@@ -1,4 +1,4 @@
-// BPE's pre-tokenizer in C++: split texts with minilm/tokenizer.py's SPLIT_PATTERN and count the distinct
+// BPE's pre-tokenizer in C++: split texts with minilm/bpe_train.py's SPLIT_PATTERN and count the distinct
 // chunks, what `count_chunks` does with the `regex` module (lesson 02).
 //
 // torch.ops.minilm.bpe_count_chunks(text, offsets, classes, max_digits) -> (chunks, chunk_offsets, counts)

@@ -4,7 +4,7 @@ Write the body of `count_pairs` below, then check it with
 
     pytest -m task_02
 
-which compares it with minilm's own `count_pairs` (minilm/tokenizer.py) on hand-built chunks and
+which compares it with minilm's own `count_pairs` (minilm/bpe_train.py) on hand-built chunks and
 on the chunks of a real text, and checks that its most frequent pair is the first merge
 `learn_merges()` makes.
 """

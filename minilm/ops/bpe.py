@@ -4,9 +4,9 @@ pretokenize.cpp) and the merge loop (`torch.ops.minilm.bpe_train`, csrc/tokenize
     counts = compiled_chunk_counts(["hug hug"], max_digits=1)     # Counter({b"hug": 1, b" hug": 1})
     compiled_split("I'LL pay 42.", max_digits=1)   # ["I", "'LL", " pay", " ", "4", "2", "."]
     merges = compiled_merges({b"hug": 3, b"pug": 1}, n_merges=2)   # [(b"u", b"g"), (b"h", b"ug")]
-    # both None when minilm._C was not built: use minilm.tokenizer's count_chunks and learn_merges
+    # both None when minilm._C was not built: use minilm.bpe_train's count_chunks and learn_merges
 
-The pre-tokenizer is minilm.tokenizer.SPLIT_PATTERN (max_digits=1) or GPT4_SPLIT_PATTERN (3) matched by
+The pre-tokenizer is minilm.bpe_train.SPLIT_PATTERN (max_digits=1) or GPT4_SPLIT_PATTERN (3) matched by
 hand, not by a regex engine; `unicode_classes` tells it which code points are \p{L}, \p{N} and \s, and
 is computed from the `regex` module itself, so both splits agree whatever Unicode version `regex` has;
 tests/test_pretokenize.py compares the two chunk for chunk.
@@ -94,7 +94,7 @@ def _batches(texts: Iterable[str], batch_bytes: int) -> Iterator[list[bytes]]:
 
 def compiled_chunk_counts(texts: Iterable[str], max_digits: int,
                           batch_bytes: int = 1 << 26) -> Counter[bytes] | None:
-    """What minilm.tokenizer.count_chunks counts with SPLIT_PATTERN (max_digits 1) or GPT4_SPLIT_PATTERN
+    """What minilm.bpe_train.count_chunks counts with SPLIT_PATTERN (max_digits 1) or GPT4_SPLIT_PATTERN
     (3), in the same order (first occurrence), split in C++ on torch's threads; None if not built."""
     if not LOADED:
         return None
