@@ -4,13 +4,12 @@
     optimizer = make_optimizer(model, optim)            # AdamW, decay on matrices only
     lr = set_lr(optimizer, lr_at(step, optim, max_steps))
     loss.backward(); grad_norm = optimizer_step(optimizer, params, optim.grad_clip)
-    state = load_train_state(ckpt_dir); restore(state, optimizer, model)   # exact resume
 
 Every loop in minilm (pretraining in stages/pretrain.py, PPO, LTC, and `run_loop` below, which the
-other post-training stages share) calls these, so the optimizer step, resume and the metrics log
-exist once. A batch is always a pure function of (seed, step) (`epoch_batches`, TokenDataset), so
-a resumed run needs no data-loader position: it restores parameters, optimizer and RNG states and
-continues bit-identical to an uninterrupted run.
+other post-training stages share) calls these and minilm/resume.py's exact resume and metrics log,
+so each exists once. A batch is always a pure function of (seed, step) (`epoch_batches`,
+TokenDataset), so a resumed run needs no data-loader position: it restores parameters, optimizer
+and RNG states and continues bit-identical to an uninterrupted run.
 
 `run_loop(cfg, model, batch_fn, loss_fn, eval_fn, save_fn)` is the post-training loop: a stage
 gives it how to draw a batch, compute the loss and evaluate, and it runs steps, evals, atomic
@@ -23,7 +22,6 @@ them on a model sharded by minilm/fsdp.py, so a run on any W dividing P trains t
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import time
@@ -37,13 +35,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from minilm import MinilmError
-from minilm.checkpoint import has_train_state, read_config, read_train_state, save_checkpoint
+from minilm.checkpoint import has_train_state, save_checkpoint
 from minilm.config import Validated
 from minilm.fsdp import (gradient_sync, load_full_optimizer_state, micro_batches, param_names, shard_model,
                          sharded_run, unsharded)
-from minilm.plots import plot_losses
+from minilm.resume import (load_train_state, read_metrics, restore_rng, restore_trainable, rng_state,
+                           trainable_state, write_metrics)
 from minilm.runtime import setup_runtime
-from minilm.weights import write_text
 
 
 @dataclass
@@ -181,81 +179,9 @@ def count_tokens(batch) -> int:
     return 0
 
 
-# ---- resume and logs -----------------------------------------------------------------------------
-
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of an FSDP parameter (a DTensor); a plain tensor as is."""
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-def rng_state() -> dict:
-    """The RNG states a resumed run must restore (CPU, and every GPU's when there are GPUs)."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        # dropout and sampling on GPU draw from these
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """A copy of every parameter with requires_grad, by name: what resume must restore."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_train_state(ckpt_dir: Path) -> dict:
-    """ckpt_dir/train_state.pt, after finishing any save that was killed between its renames."""
-    read_config(ckpt_dir)  # recovers an interrupted save
-    return read_train_state(Path(ckpt_dir) / "train_state.pt")
-
-
-def restore(state: dict, optimizer, model=None, source: str = "the checkpoint") -> int:
-    """Put a run back where `state` (a train_state.pt) left it: the trainable parameters of `model`
-    (when given; the names and shapes must match), the optimizer and the RNG. Returns the step."""
-    if model is not None:
-        restore_trainable(state, model, source)
-    optimizer.load_state_dict(state["optimizer"])  # AdamW moments and step counts
-    return restore_rng(state)
-
-
-def restore_trainable(state: dict, model, source: str = "the checkpoint") -> None:
-    """The weights part of `restore`: copy state["trainable"] into `model` (an unsharded one)."""
-    # only the trainable parameters: the frozen rest is the model the stage started from
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    saved = state.get("trainable", {})
-    if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items()):
-        raise MinilmError(f"{source} was written by a run with other trainable parameters "
-                          f"({len(saved)} saved vs {len(params)} now; LoRA settings differ?); use "
-                          f"another --out-dir or --no-resume to start over")
-    with torch.no_grad():
-        # in place: an optimizer may hold references to these tensors
-        for n, p in params.items():
-            p.copy_(saved[n])
-
-
-def restore_rng(state: dict) -> int:
-    """The RNG part of `restore`; returns the step."""
-    # sampling, dropout and minibatch order continue exactly where the run stopped
-    # (a loop that reseeds every iteration, as LTC does, saves none)
-    if "rng" in state:
-        torch.set_rng_state(state["rng"]["cpu"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state.get("step", 0)
-
-
-def read_metrics(path: Path, upto: int) -> list[dict]:
-    """The rows of a metrics.jsonl up to step `upto` (a killed run may have logged past its checkpoint)."""
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["step"] <= upto]  # rows past the checkpoint are redone
-
-
-def write_metrics(metrics: list[dict], out_dir: Path, baseline: float | None = None, plot: bool = True) -> None:
-    """out_dir/metrics.jsonl, atomically, and its loss curve out_dir/loss.png."""
-    write_text(Path(out_dir) / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
-    if plot:
-        plot_losses(metrics, Path(out_dir) / "loss.png", baseline)
 
 
 # ---- the post-training loop ----------------------------------------------------------------------

@@ -22,7 +22,7 @@ FLOORS = [
     ("evaluation", ["minilm/eval/"]),
     ("stages",     ["minilm/stages/"]),
     ("pieces",     ["minilm/post/", "minilm/agents/", "minilm/prune/"]),
-    ("loop",       ["minilm/loop.py", "minilm/run_dir.py"]),
+    ("loop",       ["minilm/loop.py", "minilm/resume.py", "minilm/run_dir.py"]),
     ("services",   ["data_prep/", "minilm/checkpoint.py", "minilm/generate.py", "minilm/lora.py", "minilm/lora_io.py",
                     "minilm/memory.py", "minilm/hf_tokenizer.py"]),
     ("core",       ["minilm/model.py", "minilm/data.py", "minilm/runtime.py", "minilm/weights.py", "minilm/fsdp.py"]),

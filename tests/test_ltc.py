@@ -215,7 +215,7 @@ def fake_run(tok, tmp_path, monkeypatch, plots=False, **overrides):
     from minilm.stages import ltc
     if not plots:
         monkeypatch.setattr(ltc, "plot_curves", lambda *args, **kwargs: False)
-        monkeypatch.setattr("minilm.loop.plot_losses", lambda *args, **kwargs: None)
+        monkeypatch.setattr("minilm.resume.plot_losses", lambda *args, **kwargs: None)
     if not (tmp_path / "init").exists():
         torch.manual_seed(0)
         save_checkpoint(tmp_path / "init", Phi3(tiny_config(max_seq_len=256)), tok)

@@ -38,12 +38,12 @@ from minilm.agents.ltc_data import LossWeights, collate_episodes, expert_demos, 
 from minilm.agents.patterns import PATTERNS, SAMPLED, ModelTeacher, RolloutConfig, make_pattern, run_episodes
 from minilm.checkpoint import has_train_state, load_checkpoint, save_checkpoint
 from minilm.config import ConfigError, Validated, from_preset
-from minilm.loop import (LoopConfig, OptimConfig, make_optimizer, optimizer_step, restore, run_loop, set_lr,
-                         trained_params, write_metrics)
+from minilm.loop import LoopConfig, OptimConfig, make_optimizer, optimizer_step, run_loop, set_lr, trained_params
 from minilm.plots import plot_curves
 from minilm.post.base_model import LoRAConfig, init_model
 from minilm.post.heads import HydraModel
 from minilm.post.sft import make_batch_fn, render_examples, sft_loss
+from minilm.resume import restore, write_metrics
 from minilm.run_dir import check_settings, one_writer
 from minilm.runtime import setup_runtime
 from minilm.weights import read_json, write_json

@@ -39,8 +39,7 @@ from minilm import MinilmError
 from minilm.checkpoint import has_train_state, load_checkpoint, save_checkpoint
 from minilm.config import Validated, from_preset
 from minilm.generate import SampleConfig, generate
-from minilm.loop import (OptimConfig, load_train_state, lr_at, make_optimizer, optimizer_step, read_metrics,
-                         restore, rng_state, set_lr, trainable_state, trained_params, write_metrics)
+from minilm.loop import OptimConfig, lr_at, make_optimizer, optimizer_step, set_lr, trained_params
 from minilm.lora import adapter_names, merge_and_unload, use_adapters
 from minilm.plots import plot_ppo
 from minilm.post.base_model import LoRAConfig
@@ -51,6 +50,7 @@ from minilm.post.ppo import (entropy_from_logits, gae, kl_penalty, make_kl_contr
                              ppo_policy_loss, scaled_logprobs, shape_rewards, value_loss)
 from minilm.post.ppo_models import VARIANTS, HydraModels, build_models, reply_scores
 from minilm.post.reward import load_reward_model
+from minilm.resume import load_train_state, read_metrics, restore, rng_state, trainable_state, write_metrics
 from minilm.run_dir import check_settings, one_writer
 from minilm.runtime import setup_runtime
 from minilm.weights import write_json

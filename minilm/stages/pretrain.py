@@ -44,9 +44,9 @@ from minilm.checkpoint import has_train_state, load_checkpoint, save_checkpoint
 from minilm.config import ConfigError, Validated, build, get_preset
 from minilm.data import TokenDataset, bits_per_byte
 from minilm.fsdp import gradient_sync, load_full_optimizer_state, param_names, shard_model, unsharded
-from minilm.loop import (OptimConfig, lr_at, make_optimizer, optimizer_step, read_metrics, restore_rng, rng_state,
-                         set_lr, write_metrics)
+from minilm.loop import OptimConfig, lr_at, make_optimizer, optimizer_step, set_lr
 from minilm.model import Phi3
+from minilm.resume import read_metrics, restore_rng, rng_state, write_metrics
 from minilm.run_dir import check_settings, writer_lock
 from minilm.runtime import setup_runtime, teardown_runtime
 from minilm.tokenizer import Tokenizer
