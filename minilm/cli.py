@@ -23,6 +23,8 @@
 Each stage is a library function; this file turns flags into its dataclass (one flag per field,
 `--max-steps` sets `max_steps`) and user errors into one message and exit code 2. `--help` lists a
 stage's main fields (its FLAGS); every field has a flag, and `--set FIELD=VALUE` sets any of them.
+The commands that use a finished checkpoint (generate, chat, serve, export-hf, import-hf) are in
+minilm/cli_checkpoints.py.
 """
 
 from __future__ import annotations
@@ -36,19 +38,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from data_prep.pipeline import add_pipeline_args, config_from_args, run_pipeline
 from data_prep.prepare import default_data, prepare_data
 from minilm import MinilmError
 from minilm.agents.patterns import PATTERNS
-from minilm.chat_cli import run_chat
-from minilm.checkpoint import export_hf, import_hf, load_checkpoint, read_config, save_checkpoint
-from minilm.hf_tokenizer import load_hf_tokenizer
+from minilm.checkpoint import load_checkpoint, read_config
+from minilm.cli_checkpoints import COMMANDS as CHECKPOINT_COMMANDS, add_checkpoint_commands
 from minilm.cli_flags import add_config_flags, parse_set, set_fields
 from minilm.cli_results import (show_cyclic_demo, show_dno, show_dpo, show_hydra_sft, show_ltc, show_ppo,
                                 show_prune, show_reward, show_sft)
-from minilm.config import PRESETS, ConfigError, ModelConfig, check_values, get_preset
+from minilm.config import PRESETS, ConfigError, ModelConfig, get_preset
 from minilm.memory import plan_for_stage, plan_memory
 from minilm.generate import generate_text
 from minilm.post.ppo_models import VARIANTS
@@ -56,7 +55,7 @@ from minilm.runtime import teardown_runtime
 from minilm.speedrun.run import parse_overrides, plan, run_speedrun
 from minilm.speedrun.stages import SPEEDRUN_PRESETS, SpeedrunConfig
 from minilm.stages import dno, dpo, hydra_sft, ltc, ppo, pretrain, prune, reward, sft
-from minilm.tokenizer import Tokenizer, TokenizerError
+from minilm.tokenizer import TokenizerError
 
 SAMPLE_PROMPTS = ["Return the", "This module provides", "If the file"]
 MODEL_FLAGS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "max_seq_len")
@@ -162,60 +161,6 @@ def cmd_data(args) -> None:
     print((Path(cfg.out) / "manifest.md").read_text())
 
 
-def cmd_generate(args) -> None:
-    ck = load_checkpoint(args.checkpoint)
-    if ck.tokenizer is None:
-        raise MinilmError(f"{args.checkpoint} has no tokenizer; it cannot turn text into tokens")
-    check_values(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                 top_p=args.top_p)
-    g = torch.Generator().manual_seed(args.seed)  # the same seed, the same samples
-    try:
-        texts = generate_text(ck.model, ck.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=g)
-    except ValueError as e:   # a prompt plus its budget past the context
-        raise MinilmError(f"{e}; shorten the prompt or lower --max-new-tokens") from e
-    for prompt, text in zip(args.prompt, texts):
-        print(f"{prompt}{text}\n")
-
-
-def cmd_chat(args) -> None:
-    run_chat(args.checkpoint, system=args.system, temperature=args.temperature, top_k=args.top_k,
-             top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, device=args.device)
-
-
-def cmd_serve(args) -> None:
-    try:   # imported here: FastAPI and uvicorn are an optional extra that only this command needs
-        from minilm.serve import serve
-    except ImportError as e:
-        if e.name not in ("fastapi", "uvicorn", "starlette"):
-            raise
-        raise MinilmError(f"minilm serve needs FastAPI and uvicorn ({e}); install them with "
-                          f"pip install -e \".[serve]\"") from None
-    serve(args.checkpoint, host=args.host, port=args.port, run_dir=args.run, max_queue=args.max_queue,
-          device=args.device)
-
-
-def cmd_export_hf(args) -> None:
-    ck = load_checkpoint(args.checkpoint)
-    print(f"wrote {export_hf(ck.model, args.out_dir, tokenizer=ck.tokenizer)}")
-
-
-def cmd_import_hf(args) -> None:
-    if args.tokenizer:
-        tokenizer = Tokenizer.load(args.tokenizer)
-    elif (Path(args.hf_dir) / "tokenizer.json").exists():
-        try:
-            tokenizer = load_hf_tokenizer(args.hf_dir)   # byte-level BPE, or Phi-3-mini's SentencePiece BPE
-        except MinilmError as e:
-            print(f"warning: {e}. The checkpoint is written without a tokenizer; attach one with --tokenizer DIR",
-                  file=sys.stderr)
-            tokenizer = None
-    else:
-        tokenizer = None
-    model = import_hf(args.hf_dir)
-    print(f"wrote {save_checkpoint(args.out_dir, model, tokenizer, meta={'stage': 'import-hf'})}")
-
-
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))   # set by torchrun
 
@@ -277,48 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_pipeline_args(p)
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("generate", help="sample text from a checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("chat", help="chat in the terminal with a checkpoint (streams the reply; reads "
-                                    "one message a line from a pipe)")
-    p.add_argument("checkpoint")
-    p.add_argument("--system", default=None, help="the system message (also: /system TEXT in the chat)")
-    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (a GPU if torch sees one), cpu, cuda")
-    p.set_defaults(func=cmd_chat)
-
-    p = sub.add_parser("serve", help="an OpenAI-compatible chat API and a chat page for a checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("--host", default="127.0.0.1", help="default: this machine only (0.0.0.0: every interface)")
-    p.add_argument("--port", default="8000")   # checked by serve(): a bad value is one error line
-    p.add_argument("--run", default=None, metavar="RUN_DIR", help="a run folder: its report.md on a second tab")
-    p.add_argument("--max-queue", default="16", help="requests waiting at most; more get HTTP 429")
-    p.add_argument("--device", default="auto", help="auto (a GPU if torch sees one), cpu, cuda")
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face Phi-3 directory")
-    p.add_argument("checkpoint")
-    p.add_argument("out_dir")
-    p.set_defaults(func=cmd_export_hf)
-
-    p = sub.add_parser("import-hf", help="read a Hugging Face Phi-3 directory into a checkpoint")
-    p.add_argument("hf_dir")
-    p.add_argument("out_dir")
-    p.add_argument("--tokenizer", default=None, help="a directory holding a minilm tokenizer to attach "
-                                                    "(default: the HF directory's own tokenizer.json)")
-    p.set_defaults(func=cmd_import_hf)
+    add_checkpoint_commands(sub)   # generate, chat, serve, export-hf, import-hf
 
     for name, stage in STAGE_COMMANDS.items():
         p = sub.add_parser(name, help=stage.help)
@@ -369,7 +273,7 @@ def main(argv=None) -> int:
         print(f"minilm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if args.command in ("chat", "serve", "generate", "presets", "export-hf", "import-hf"):
+        if args.command in (*CHECKPOINT_COMMANDS, "presets"):
             return 130  # nothing was being trained, so there is nothing to resume
         print(f"\nminilm {args.command}: interrupted. Checkpoints are written atomically; run the same "
               f"command again to resume from the last one.", file=sys.stderr)

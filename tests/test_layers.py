@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 FLOORS = [
-    ("interface",  ["minilm/cli.py", "minilm/cli_flags.py", "minilm/cli_results.py", "minilm/chat_cli.py", "minilm/serve/",
-                    "minilm/__main__.py"]),
+    ("interface",  ["minilm/cli.py", "minilm/cli_checkpoints.py", "minilm/cli_flags.py", "minilm/cli_results.py",
+                    "minilm/chat_cli.py", "minilm/serve/", "minilm/__main__.py"]),
     ("driver",     ["minilm/speedrun/"]),
     ("evaluation", ["minilm/eval/"]),
     ("stages",     ["minilm/stages/"]),
