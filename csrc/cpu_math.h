@@ -1,6 +1,6 @@
 // The two pieces of math every CPU kernel in csrc/ is built from, written as plain loops that the
 // compiler vectorises (setup.py compiles with -O3 -march=native -fno-trapping-math):
-//   matmul_acc   C += A B (and matmul_set, C = A B) on small tiles, register-blocked: 4 or 8 rows of C
+//   matmul_acc   C += A B (and matmul_set, C = A B) on small tiles, register-blocked: 4 to 8 rows of C
 //                stay in vector registers;
 //   exp_neg      e^x for x <= 0 (softmax arguments after subtracting the max) without a libm call.
 // Tiles are padded by the callers (rows to a multiple of 4, columns to a multiple of 16), so there
@@ -58,16 +58,23 @@ inline void matmul_rows(int64_t K, const T* A, int64_t a_row, int64_t a_col, con
     for (int n = 0; n < NV; n++) std::memcpy(C + r * ldc + n * L, &acc[r][n], sizeof(V));
 }
 
-// One NB-wide column panel of C, all M rows: 8 rows at a time where 8 x NB accumulators and a row of
-// B fit in the registers (NB of 16 or 32 floats with AVX-512: twice the multiply-adds per load of
-// B as 4 rows), then 4 at a time.
+// The most rows R (8, 6 or 4) whose R x NB accumulators and one row of B fit in the vector registers:
+// with AVX-512, 8 rows for NB = 16 or 32 floats and 6 for 64, so each row of B loaded from cache
+// feeds 6-8 multiply-adds per lane instead of 4.
+template <int NV>
+constexpr int block_rows() {
+  return 9 * NV <= kVecRegs ? 8 : 7 * NV <= kVecRegs ? 6 : 4;
+}
+
+// One NB-wide column panel of C, all M rows (M even): R rows at a time, then 4, then 2.
 template <int NB, bool kAccumulate, typename T>
 inline void matmul_panel(int64_t M, int64_t K, const T* A, int64_t a_row, int64_t a_col, const T* B,
                          int64_t ldb, T* C, int64_t ldc) {
-  constexpr int NV = NB / Vec<T>::kLanes, R = 9 * NV <= kVecRegs ? 8 : 4;
+  constexpr int R = block_rows<NB / Vec<T>::kLanes>();
   int64_t i = 0;
   for (; i + R <= M; i += R) matmul_rows<R, NB, kAccumulate>(K, A + i * a_row, a_row, a_col, B, ldb, C + i * ldc, ldc);
-  for (; i < M; i += 4) matmul_rows<4, NB, kAccumulate>(K, A + i * a_row, a_row, a_col, B, ldb, C + i * ldc, ldc);
+  for (; i + 4 <= M; i += 4) matmul_rows<4, NB, kAccumulate>(K, A + i * a_row, a_row, a_col, B, ldb, C + i * ldc, ldc);
+  for (; i < M; i += 2) matmul_rows<2, NB, kAccumulate>(K, A + i * a_row, a_row, a_col, B, ldb, C + i * ldc, ldc);
 }
 
 // C (M x N) = or += A (M x K) B (K x N), B and C row-major, A(i, k) = A[i * a_row + k * a_col] (so A
