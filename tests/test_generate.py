@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from minilm.generate import generate, left_pad, sample_next
+from minilm.generate import generate, left_pad, sample_next, token_logprobs
 from minilm.model import Phi3
 
 pytestmark = pytest.mark.lesson_01
@@ -43,6 +43,20 @@ def test_rollout_masks_and_logprobs(model):
     logits, _ = model(r.tokens, attention_mask=r.attention_mask)
     lp = torch.log_softmax(logits[:, 2:-1], -1).gather(-1, r.tokens[:, 3:, None]).squeeze(-1)
     torch.testing.assert_close(lp, r.logprobs[:, 3:], atol=1e-5, rtol=1e-5)
+
+
+def test_a_rollout_feeds_a_differentiable_forward(model):
+    # the loop runs under inference_mode; what it returns must still enter autograd, as PPO's does
+    rollout = generate(model, [[5, 6, 7], [8, 9]], max_new_tokens=4, temperature=1.0,
+                       generator=torch.Generator().manual_seed(0))
+    fields = (rollout.tokens, rollout.attention_mask, rollout.gen_mask, rollout.logprobs)
+    assert not any(t.is_inference() for t in fields)
+    model.zero_grad()
+    token_logprobs(model, rollout.tokens, rollout.attention_mask).sum().backward()
+    assert model.lm_head.weight.grad is not None
+    # and the recomputed log-probs are the sampled ones
+    recomputed = token_logprobs(model, rollout.tokens, rollout.attention_mask).detach()
+    torch.testing.assert_close(recomputed * rollout.gen_mask, rollout.logprobs, atol=1e-5, rtol=1e-5)
 
 
 def test_stop_token_ends_a_row_and_pads_the_rest(model):
