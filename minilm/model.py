@@ -70,7 +70,8 @@ def longrope_scale(cfg: ModelConfig) -> float:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (x[i], x[i + D/2]) pair by its angle. x: (B, T, heads, D); cos, sin: (B, T, 1, D)."""
+    """Rotate each (x[i], x[i + D/2]) pair by its angle. x: (..., D), cos and sin broadcast to it: the model
+    passes x (B, T, heads, D) with cos, sin (B, T, 1, D); (B, H, T, D) with (B, 1, T, D) works alike."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)   # "rotate half": (x1, x2) -> (-x2, x1)
     return (x * cos + rotated * sin).to(x.dtype)
