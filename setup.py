@@ -82,6 +82,8 @@ setup(
         "hf": ["tokenizers", "transformers>=4.40"],
         # your own corpus: parquet:PATH and hf:NAME sources (data_prep/readers.py)
         "corpus": ["pyarrow", "datasets"],
+        # the peers benchmarks/ runs beside minilm (each benchmark says which one it needs)
+        "bench": ["rustbpe", "tokenizers", "transformers>=4.40", "datatrove", "spacy"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
