@@ -22,6 +22,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
+from itertools import compress
+from operator import ne
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -85,7 +87,8 @@ _BULLETS = ("-", "*", "•", "●", "‣", "◦", "–")
 
 def ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
     """All n-grams of `words` in order: ngrams(["a", "b", "c"], 2) == [("a","b"), ("b","c")]."""
-    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    # zip of n shifted views builds each tuple in C, stopping at the shortest view: len - n + 1 of them
+    return list(zip(*(words[k:] for k in range(n))))
 
 
 def top_ngram_char_frac(words: list[str], n: int) -> float:
@@ -94,7 +97,7 @@ def top_ngram_char_frac(words: list[str], n: int) -> float:
     if not grams:
         return 0.0
     gram, count = grams.most_common(1)[0]
-    return count * sum(len(w) for w in gram) / sum(len(w) for w in words)
+    return count * sum(map(len, gram)) / sum(map(len, words))
 
 
 def dup_ngram_char_frac(words: list[str], n: int) -> float:
@@ -106,14 +109,17 @@ def dup_ngram_char_frac(words: list[str], n: int) -> float:
     drops half of the stdlib docstrings, whose long modules reuse phrases like "will be called
     with the".) A word inside several overlapping repeats is counted once.
     """
-    seen: set[tuple[str, ...]] = set()
-    covered = [False] * len(words)
-    for i, gram in enumerate(ngrams(words, n)):
-        if gram in seen:
-            covered[i:i + n] = [True] * n
-        seen.add(gram)
-    total = sum(len(w) for w in words)
-    return sum(len(w) for w, c in zip(words, covered) if c) / total if total else 0.0
+    grams = ngrams(words, n)
+    positions = range(len(grams))
+    # each n-gram -> its first position (built backwards, so the earliest position is written last);
+    # position i holds a repeat exactly when its n-gram first appeared before i. All in C iterators.
+    first = dict(zip(reversed(grams), reversed(positions)))
+    repeats = compress(positions, map(ne, map(first.__getitem__, grams), positions))
+    covered, repeat = bytearray(len(words)), b"\x01" * n   # covered[i]: word i is inside a repeat
+    for i in repeats:
+        covered[i:i + n] = repeat
+    total = sum(map(len, words))
+    return sum(map(len, compress(words, covered))) / total if total else 0.0
 
 
 def dup_fractions(pieces: list[str]) -> tuple[float, float]:
@@ -186,7 +192,7 @@ def check_ellipsis_lines(text: str, cfg: FilterConfig) -> str | None:
 
 def check_alpha_words(text: str, cfg: FilterConfig) -> str | None:
     words = text.split()
-    frac = sum(any(c.isalpha() for c in w) for w in words) / len(words)
+    frac = sum(any(map(str.isalpha, w)) for w in words) / len(words)   # words with a letter
     return "non_alpha_words" if frac < cfg.min_alpha_words else None
 
 
