@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 from data_prep.filters import FilterConfig, drop_reason
@@ -34,7 +35,9 @@ def peer():
         from datatrove.data import Document
         from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
     except ImportError as e:
-        raise SystemExit(f"this benchmark's peer is datatrove ({e}); pip install datatrove spacy") from None
+        print(f"error: this benchmark's peer is datatrove ({e}); install it with pip install -e \".[bench]\"",
+              file=sys.stderr)
+        sys.exit(2)
     quality, repetition = GopherQualityFilter(), GopherRepetitionFilter()
 
     def keep(text: str) -> bool:
