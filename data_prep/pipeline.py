@@ -100,8 +100,6 @@ def pipeline_config(preset: str = "laptop", **overrides) -> PipelineConfig:
     return PipelineConfig(**{**PIPELINE_PRESETS[preset], **overrides})
 
 
-# ---- small pure pieces ----------------------------------------------------------------------------
-
 def fingerprint_update(h, doc: Document) -> None:
     h.update(doc.id.encode() + b"\0" + doc.text.encode() + b"\0")
 
@@ -333,12 +331,9 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(a: argparse.Namespace) -> PipelineConfig:
-    return PipelineConfig(out=a.out, sources=a.sources, limit_per_source=a.limit_per_source,
-                          vocab_size=a.vocab_size, synthetic=a.synthetic, ladder=a.ladder, annotate_sample=a.annotate_sample,
-                          keep_fraction=None if a.keep_threshold is not None else a.keep_fraction,
-                          keep_threshold=a.keep_threshold, seed=a.seed, workers=a.workers, batch_docs=a.batch_docs,
-                          annotator=a.annotator, passage_model=a.passage_model,
-                          passages_per_topic=a.passages_per_topic)
+    """The config the flags name (every flag is a field); --keep-threshold replaces --keep-fraction."""
+    fields = {k: v for k, v in vars(a).items() if k in PipelineConfig.__dataclass_fields__}
+    return PipelineConfig(**{**fields, **({"keep_fraction": None} if a.keep_threshold is not None else {})})
 
 
 def main(argv: list[str] | None = None) -> dict:

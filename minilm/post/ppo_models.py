@@ -6,6 +6,7 @@
     ref_logits = models.reference_logits(tokens, attention_mask)        # call under no_grad
     scores = models.score(tokens, attention_mask)        # (B,) at each last real token, under no_grad
     scores = reply_scores(models, rollout, TurnClose.of(tok), pad_id, 1.0)   # (B,) what PPO rewards
+    scores = oracle_score_fn(tok, oracle, convs)(rollout)     # (B,) a known reward instead (--reward oracle)
 
 Hydra-RLHF (Santacroce et al. 2023, arXiv 2309.00754, Table 2) compares:
   ppo     four full models: actor (from SFT, trained), reference (SFT, frozen), critic (from the
@@ -33,7 +34,7 @@ import torch.nn as nn
 from minilm import MinilmError
 from minilm.lora import lora_disabled, use_adapters
 from minilm.post.base_model import LoRAConfig, add_lora
-from minilm.post.chat import TurnClose, close_replies
+from minilm.post.chat import TurnClose, close_replies, parse_reply
 from minilm.post.ppo import action_values
 
 VARIANTS = ("ppo", "lora", "hydra", "jhydra")
@@ -124,6 +125,18 @@ def reply_scores(models, rollout, close: TurnClose | None, pad_id: int, missing_
                           "close a turn, so the reward is read where it was trained")
     tokens, attention, ended = close_replies(rollout, close, pad_id)    # (B, T'), (B, T'), (B,)
     return models.score(tokens, attention).float() - missing_end_penalty * (~ended).float()
+
+
+def oracle_score_fn(tokenizer, oracle, conversations):
+    """score_fn(rollout) -> (B,): the oracle's reward of each parsed reply (row i answers conversation i),
+    for `--reward oracle`: PPO against a known reward."""
+    def score(rollout):
+        out = []
+        for conv, ids in zip(conversations, rollout.responses()):
+            text, ended = parse_reply(tokenizer, ids)
+            out.append(oracle.reward(conv["messages"][:-1], text, ended=ended))
+        return torch.tensor(out, device=rollout.tokens.device)
+    return score
 
 
 def build_models(variant: str, lora_cfg: LoRAConfig, reward, sft=None) -> nn.Module:

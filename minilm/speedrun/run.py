@@ -1,7 +1,7 @@
 """`minilm speedrun`: one command from an empty folder to a report card of every stage (lesson 12).
 
     minilm speedrun --preset ci                  # every stage at toy sizes, a few minutes on 2 CPU cores
-    minilm speedrun                              # --preset laptop: results worth reading, ~15 min on 2 cores
+    minilm speedrun                              # --preset laptop: results worth reading, ~18-20 min on 2 cores
     torchrun --nproc_per_node 8 -m minilm speedrun --preset gpu    # the same pipeline sized for GPUs
     minilm speedrun --only sft,eval,report       # re-run stages alone (the old folders are kept as .prev)
 

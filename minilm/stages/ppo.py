@@ -48,7 +48,7 @@ from minilm.post.dpo import summarize
 from minilm.post.oracles import AnswerOracle
 from minilm.post.ppo import (entropy_from_logits, gae, kl_penalty, make_kl_controller, masked_mean, masked_whiten,
                              ppo_policy_loss, scaled_logprobs, shape_rewards, value_loss)
-from minilm.post.ppo_models import VARIANTS, HydraModels, build_models, reply_scores
+from minilm.post.ppo_models import VARIANTS, HydraModels, build_models, oracle_score_fn, reply_scores
 from minilm.post.reward import load_reward_model
 from minilm.resume import load_train_state, read_metrics, restore, rng_state, trainable_state, write_metrics
 from minilm.run_dir import check_settings, one_writer
@@ -212,17 +212,6 @@ def load_models(cfg: PPOConfig, device):
         merge_and_unload(ck.model)
     reward, _ = load_reward_model(cfg.reward_init, device=device)
     return build_models(cfg.variant, cfg.lora, reward, ck.model), ck.tokenizer
-
-
-def oracle_score_fn(tokenizer, oracle, conversations):
-    """score_fn(rollout) -> (B,): the oracle's reward of each parsed reply (row i answers conversation i)."""
-    def score(rollout):
-        out = []
-        for conv, ids in zip(conversations, rollout.responses()):
-            text, ended = parse_reply(tokenizer, ids)
-            out.append(oracle.reward(conv["messages"][:-1], text, ended=ended))
-        return torch.tensor(out, device=rollout.tokens.device)
-    return score
 
 
 @torch.no_grad()
