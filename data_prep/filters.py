@@ -22,10 +22,10 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
-from itertools import compress
-from operator import ne
 from dataclasses import dataclass, field
 from functools import partial
+
+import numpy as np
 
 from data_prep.document import Document
 from data_prep.parallel import parallel_map
@@ -85,22 +85,38 @@ _BULLETS = ("-", "*", "•", "●", "‣", "◦", "–")
 
 # ---- helpers: lines, paragraphs and n-grams (pure, tested on hand-computed examples)
 
-def ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
-    """All n-grams of `words` in order: ngrams(["a", "b", "c"], 2) == [("a","b"), ("b","c")]."""
-    # zip of n shifted views builds each tuple in C, stopping at the shortest view: len - n + 1 of them
-    return list(zip(*(words[k:] for k in range(n))))
+def ngram_firsts(words: list[str], n_max: int) -> list[np.ndarray]:
+    """For n = 1..n_max, at index n - 1: first[i] = where the n-gram starting at word i first occurs.
+
+    Equal n-grams share a first position, so it names the n-gram as an integer, and first[i] != i
+    marks a repeat. Each n builds on n - 1: the n-gram at i is the (n-1)-gram at i followed by word
+    i + n - 1, so it is named by the pair (first_{n-1}[i], first_1[i + n - 1]), packed into one
+    int64, and np.unique's first index of each distinct pair is the n-gram's first position. No
+    n-gram tuple is ever built; the results equal counting the tuples (tests/test_filters.py).
+    """
+    index = dict(zip(reversed(words), reversed(range(len(words)))))   # the earliest position wins
+    word_first = np.fromiter(map(index.__getitem__, words), np.int64, len(words))
+    firsts = [word_first]
+    for n in range(2, n_max + 1):   # len(words) - n + 1 n-grams
+        pairs = firsts[-1][:-1] * len(words) + word_first[n - 1:]
+        _, at, which = np.unique(pairs, return_index=True, return_inverse=True)
+        firsts.append(at[which])
+    return firsts
 
 
-def top_ngram_char_frac(words: list[str], n: int) -> float:
-    """Characters in all occurrences of the most frequent n-gram / characters in all words."""
-    grams = Counter(ngrams(words, n))
-    if not grams:
+def top_ngram_char_frac(words: list[str], n: int, first: np.ndarray | None = None) -> float:
+    """Characters in all occurrences of the most frequent n-gram / characters in all words.
+    `first`: ngram_firsts(words, n)[n - 1], when the caller has it."""
+    first = ngram_firsts(words, n)[n - 1] if first is None else first
+    if not len(first):
         return 0.0
-    gram, count = grams.most_common(1)[0]
-    return count * sum(map(len, gram)) / sum(map(len, words))
+    counts = np.bincount(first)   # occurrences, indexed by first position
+    at = int(counts.argmax())     # ties: the n-gram that occurs first
+    lengths = list(map(len, words))
+    return int(counts[at]) * sum(lengths[at:at + n]) / sum(lengths)
 
 
-def dup_ngram_char_frac(words: list[str], n: int) -> float:
+def dup_ngram_char_frac(words: list[str], n: int, first: np.ndarray | None = None) -> float:
     """Characters of words inside repeats of an earlier n-gram / characters in all words.
 
     The first occurrence of an n-gram is not counted, only its repeats: a text that says the same
@@ -109,17 +125,15 @@ def dup_ngram_char_frac(words: list[str], n: int) -> float:
     drops half of the stdlib docstrings, whose long modules reuse phrases like "will be called
     with the".) A word inside several overlapping repeats is counted once.
     """
-    grams = ngrams(words, n)
-    positions = range(len(grams))
-    # each n-gram -> its first position (built backwards, so the earliest position is written last);
-    # position i holds a repeat exactly when its n-gram first appeared before i. All in C iterators.
-    first = dict(zip(reversed(grams), reversed(positions)))
-    repeats = compress(positions, map(ne, map(first.__getitem__, grams), positions))
-    covered, repeat = bytearray(len(words)), b"\x01" * n   # covered[i]: word i is inside a repeat
-    for i in repeats:
-        covered[i:i + n] = repeat
-    total = sum(map(len, words))
-    return sum(map(len, compress(words, covered))) / total if total else 0.0
+    first = ngram_firsts(words, n)[n - 1] if first is None else first
+    repeats = np.flatnonzero(first != np.arange(len(first)))   # n-gram positions, distinct
+    # a repeat at i covers words i..i+n-1: +1 where a cover starts, -1 after it ends, running sum > 0
+    edges = np.zeros(len(words) + 1, np.int64)
+    edges[repeats] += 1
+    edges[repeats + n] -= 1
+    lengths = np.fromiter(map(len, words), np.int64, len(words))
+    total = int(lengths.sum())
+    return int(lengths[np.cumsum(edges[:-1]) > 0].sum()) / total if total else 0.0
 
 
 def dup_fractions(pieces: list[str]) -> tuple[float, float]:
@@ -220,8 +234,9 @@ def check_repeated_paragraphs(text: str, cfg: FilterConfig) -> str | None:
 def _ngram_rule(text: str, limits: dict[int, float], fraction, name: str) -> str | None:
     """The first n whose n-gram character fraction exceeds its limit, as f"{name}_{n}gram"."""
     words = text.split()
+    firsts = ngram_firsts(words, max(limits, default=0))   # every n from one chain
     for n, limit in limits.items():
-        if fraction(words, n) > limit:
+        if fraction(words, n, firsts[n - 1]) > limit:
             return f"{name}_{n}gram"
     return None
 

@@ -2,6 +2,8 @@
 paragraph that is kept, the n-gram helpers on hand-computed examples, and real-text figures."""
 
 import itertools
+import random
+from collections import Counter
 import textwrap
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import pytest
 
 from data_prep.document import Document
 from data_prep.filters import (FilterConfig, apply_filters, check_repeated_paragraphs, drop_reason,
-                               dup_fractions, dup_ngram_char_frac, ngrams, top_ngram_char_frac)
+                               dup_fractions, dup_ngram_char_frac, ngram_firsts, top_ngram_char_frac)
 
 pytestmark = pytest.mark.lesson_05
 
@@ -97,17 +99,54 @@ def test_apply_filters_counts_add_up():
     assert all(d.meta["drop_reason"] == d.id for d in result.dropped)
 
 
+def ngrams(words, n):
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+def top_frac_by_tuples(words, n):
+    """The definitions, counted on n-gram tuples: the reference for the filters' integer names."""
+    grams = Counter(ngrams(words, n))
+    if not grams:
+        return 0.0
+    gram, count = grams.most_common(1)[0]   # ties: the n-gram seen first
+    return count * sum(map(len, gram)) / sum(map(len, words))
+
+
+def dup_frac_by_tuples(words, n):
+    seen, covered = set(), [False] * len(words)
+    for i, gram in enumerate(ngrams(words, n)):
+        if gram in seen:
+            covered[i:i + n] = [True] * n
+        seen.add(gram)
+    total = sum(map(len, words))
+    return sum(len(w) for w, c in zip(words, covered) if c) / total if total else 0.0
+
+
 def test_ngram_helpers_on_hand_computed_examples():
-    assert ngrams(["a", "b", "c"], 2) == [("a", "b"), ("b", "c")]
-    assert ngrams(["a"], 2) == []
+    # first positions: "a b" at 0 and 2, "b a" at 1
+    assert [f.tolist() for f in ngram_firsts(["a", "b", "a", "b"], 3)] == [[0, 1, 0, 1], [0, 1, 0], [0, 1]]
+    assert ngram_firsts(["a"], 2)[1].tolist() == []
     # "a bb" occurs twice: 2 * 3 characters out of 1+2+1+2+1 = 7.
     assert top_ngram_char_frac(["a", "bb", "a", "bb", "c"], 2) == pytest.approx(6 / 7)
     # Only the repeat of "x y z" counts, not its first occurrence: 3 of 7 characters.
     assert dup_ngram_char_frac(["x", "y", "z", "x", "y", "z", "w"], 3) == pytest.approx(3 / 7)
     assert dup_ngram_char_frac(["a", "b", "a", "b"], 2) == pytest.approx(2 / 4)
     assert dup_ngram_char_frac(["a", "b", "c", "d"], 2) == 0.0
+    assert top_ngram_char_frac([], 2) == dup_ngram_char_frac([], 5) == 0.0
     # Two of four lines repeat "a": 2/4 of the lines, 2/5 of the characters.
     assert dup_fractions(["a", "bb", "a", "a"]) == (pytest.approx(0.5), pytest.approx(0.4))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ngram_fractions_equal_counting_the_tuples(seed):
+    # few distinct words, so n-grams repeat and overlap, ties included; equal floats, not approx
+    rng = random.Random(seed)
+    for length in (0, 1, 2, 5, 11, 40, 300):
+        words = [rng.choice(["a", "bb", "ccc", "a,", "dd"]) for _ in range(length)]
+        firsts = ngram_firsts(words, 10)
+        for n in range(1, 11):
+            assert top_ngram_char_frac(words, n) == top_frac_by_tuples(words, n)
+            assert dup_ngram_char_frac(words, n, firsts[n - 1]) == dup_frac_by_tuples(words, n)
 
 
 def test_most_stdlib_docstrings_are_kept():
