@@ -128,9 +128,11 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         qk_heads = self.n_head + self.n_kv_head
         qkv = self.qkv_proj(x).view(b, t, qk_heads + self.n_kv_head, self.head_dim)  # (B, T, H + 2 H_kv, D)
-        qk = apply_rope(qkv[:, :, :qk_heads], cos, sin).transpose(1, 2)   # queries and keys in one rotation
+        # split, not two slices: its backward is one cat, where each slice's would zero-fill a qkv-sized gradient
+        qk, v = qkv.split([qk_heads, self.n_kv_head], dim=2)
+        qk = apply_rope(qk, cos, sin).transpose(1, 2)                      # queries and keys in one rotation
         q, k = qk.split([self.n_head, self.n_kv_head], dim=1)              # (B, H, T, D), (B, H_kv, T, D)
-        v = qkv[:, :, qk_heads:].transpose(1, 2)
+        v = v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)                        # (B, H_kv, S, D): keys cached rotated
         # each k/v head serves H / H_kv query heads (GQA); the causal mask is bottom-right aligned.
