@@ -31,14 +31,25 @@ def _seed():
     torch.manual_seed(0)
 
 
-def pytest_collection_modifyitems(config, items):
-    """Implement-it tasks (tests/test_tasks.py) run only when -m names one: `pytest -m task_01`.
+def _deselect(config, items, unwanted) -> None:
+    dropped = [item for item in items if unwanted(item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if not unwanted(item)]
 
-    The shipped task files are stubs, so a plain `pytest` deselects their checks.
+
+def pytest_collection_modifyitems(config, items):
+    """Two kinds of tests run only when -m names them.
+
+    - Implement-it tasks (tests/test_tasks.py): `pytest -m task_01`. The shipped task files are
+      stubs, so any other run deselects their checks.
+    - `slow` tests: pytest.ini's `-m "not slow and not gpu"` skips them, but a lesson's own
+      `-m lesson_12` replaces that expression, and would start the 20-minute speedrun test.
+      `pytest -m slow` or `-m "lesson_12 and slow"` runs them. (`gpu` tests skip themselves
+      without a GPU, so `-m lesson_04` runs them on a GPU machine.)
     """
-    if "task_" in (config.getoption("markexpr") or ""):
-        return
-    tasks = [item for item in items if any(m.name.startswith("task_") for m in item.iter_markers())]
-    if tasks:
-        config.hook.pytest_deselected(items=tasks)
-        items[:] = [item for item in items if item not in tasks]
+    expr = config.getoption("markexpr") or ""
+    if "task_" not in expr:
+        _deselect(config, items, lambda item: any(m.name.startswith("task_") for m in item.iter_markers()))
+    if "slow" not in expr:
+        _deselect(config, items, lambda item: item.get_closest_marker("slow") is not None)

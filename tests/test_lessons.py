@@ -38,3 +38,19 @@ def test_lesson_names_only_existing_files_and_functions(lesson):
     missing_calls = sorted({n for n in CALL.findall(text) if n not in defined | builtins})
     assert not missing_files, f"{lesson.name} names files that do not exist: {missing_files}"
     assert not missing_calls, f"{lesson.name} names functions that are not defined: {missing_calls}"
+
+
+def _collected(marker: str) -> set[str]:
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "-m", marker, "tests/test_speedrun.py"], cwd=ROOT, capture_output=True, text=True)
+    return {line for line in out.stdout.splitlines() if "::" in line}
+
+
+def test_a_lessons_marker_alone_leaves_the_slow_tests_out():
+    # `pytest -m lesson_12` replaces pytest.ini's "not slow"; tests/conftest.py keeps the speedrun
+    # tests (minutes each) out unless the expression names `slow`
+    plain, with_slow = _collected("lesson_12"), _collected("lesson_12 and slow")
+    assert plain and with_slow and not plain & with_slow
+    assert any("ci_preset_from_nothing" in name for name in with_slow)
