@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--n-prompts", type=int, default=150)
     ap.add_argument("--only", default="", help="comma-separated variant numbers (0-based) to run")
+    ap.add_argument("--lr", type=float, default=None, help="every variant's learning rate (default: the tiny preset's)")
     args = ap.parse_args()
     rows = []
     picks = [int(i) for i in args.only.split(",") if i.strip()] or range(len(VARIANTS))
@@ -49,7 +50,7 @@ def main() -> None:
         its = kw.pop("iterations", args.iterations)
         t0 = time.time()
         s = run_dno(dno_config("tiny", init=args.init, out_dir=f"{args.out}/v{i}", iterations=its,
-                               n_prompts=n, **kw))
+                               n_prompts=n, **kw, **({"lr": args.lr} if args.lr else {})))
         last = s["rows"][-1]
         rows.append({"name": name, **{k: last[k] for k in ("vs_sft", "vs_teacher", "test_correct",
                                                               "length", "oracle_calls", "n_train_pairs")},
