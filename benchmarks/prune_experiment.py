@@ -7,7 +7,7 @@
 Santacroce et al. 2023 (arXiv 2302.03773) fine-tune GPT-type decoders while pruning the MLP
 neurons with magnitude, random, movement and GUM, and compare the task metric and neuron-level
 redundancy. Here: the tiny SFT checkpoint (runs/sft-tiny/checkpoint, itself from
-runs/base-tiny/checkpoint), fine-tuned on the SFT chat data while pruning to each density
+runs/tiny/checkpoint), fine-tuned on the SFT chat data while pruning to each density
 (minilm/stages/prune.py), metric = held-out assistant-token loss (lower is better), plus a dense
 fine-tune with the same steps as the reference and "global movement" (GUM without the uniqueness
 penalty) as the ablation that separates GUM's two ingredients. Writes runs/prune_experiment/

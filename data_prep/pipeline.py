@@ -1,7 +1,7 @@
 """The whole data recipe in one run: sources -> filters -> dedup -> classifier -> two training phases.
 
     python -m data_prep.pipeline --out runs/data/pipeline --vocab-size 2048 \
-        --sources pinned --synthetic 2000 --ladder 4000     # the defaults; add: stdlib man doc pypi
+        --sources pinned --synthetic 2000 --ladder 8000     # the defaults; add: stdlib man doc pypi
     minilm train --data-dir runs/data/pipeline/phase1      # then continue on .../phase2
 
 Phi-3 (Abdin et al. 2024, arXiv 2404.14219, section 2) pretrains in two disjoint phases:

@@ -1,6 +1,6 @@
 """LTC's communication patterns and episodes (minilm/agents/patterns.py, lessons/10_ltc.md).
 
-A tiny fake environment following the Env protocol (notes: issue 8 interfaces) stands in for the
+A tiny fake environment following the Env protocol of minilm/agents/envs/base.py stands in for the
 real ones, so these tests pin down the patterns whatever the environments do.
 """
 

@@ -1,4 +1,5 @@
-"""The pretraining loop (minilm/train.py): schedule, optimizer groups, a run that learns, exact resume.
+"""The pretraining loop (minilm/stages/pretrain.py, minilm/loop.py): schedule, optimizer groups,
+a run that learns, exact resume.
 
     pytest -m lesson_03 tests/test_train.py
 

@@ -2,13 +2,14 @@
 
     loss, metrics = sft_loss(model, batch_fn(step), text_mix=1.0)     # batch_fn = make_batch_fn(...)
     rates = evaluate_chat(model, tok, heldout, AnswerOracle(heldout))  # end_rate, form_rate, correct_rate
-    minilm sft --init runs/base-tiny/checkpoint --out-dir runs/sft-tiny-v2   # the stage: minilm/stages/sft.py
+    minilm sft --init runs/tiny/checkpoint --out-dir runs/sft-tiny   # the stage: minilm/stages/sft.py
 
 Phi-3's post-training begins with SFT on chat-formatted data (math, coding, reasoning,
 conversation; Phi-3 report, arXiv 2404.14219, section 3). Ours: the instruction conversations of
-data_prep/instructions.py (real man-page and docstring answers, computed arithmetic and unit
-answers), rendered in Phi-3's format by minilm/post/chat.py, trained with next-token loss on the
-assistant tokens only (the loss mask). Batches are padded to their longest row, not packed.
+data_prep/instructions.py (by default Devil's Dictionary definitions and the skill ladder's worked
+problems; man-page and docstring answers on request), rendered in Phi-3's format by
+minilm/post/chat.py, trained with next-token loss on the assistant tokens only (the loss mask).
+Batches are padded to their longest row, not packed.
 
 Replay: each step may also draw clean pretraining-text windows and add text_mix * their mean
 next-token loss, since pure SFT on short answers wrecks the tiny model's language modelling
