@@ -1,9 +1,9 @@
 """Throughput of the data pipeline's per-document stages with 1 and with N worker processes.
 
-    python benchmarks/pipeline_throughput.py                      # 400 documents per source
-    python benchmarks/pipeline_throughput.py --limit-per-source 0 --workers 4
+    python benchmarks/pipeline_throughput.py                      # the pinned corpus, every document
+    python benchmarks/pipeline_throughput.py --sources stdlib man doc pypi --limit-per-source 400 --workers 4
 
-Reads the installed sources once, then times the quality filters (`apply_filters`) and the MinHash
+Reads the sources once (by default the pinned corpus, the same bytes on every machine), then times the quality filters (`apply_filters`) and the MinHash
 signatures (`near_dedup`'s first step) on the same documents, serially and with `parallel_map`,
 in one run, and prints MB/s and the speed-up. The results must be identical; the script checks.
 Numbers depend on how busy the machine is: run it on idle cores.
@@ -30,8 +30,8 @@ def timed(fn, texts, workers) -> tuple[list, float]:
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sources", nargs="+", default=["stdlib", "man", "doc", "pypi"])
-    p.add_argument("--limit-per-source", type=int, default=400, help="0: every document")
+    p.add_argument("--sources", nargs="+", default=["pinned"])
+    p.add_argument("--limit-per-source", type=int, default=0, help="0: every document")
     p.add_argument("--workers", type=int, default=0, help="0: every available CPU")
     a = p.parse_args(argv)
     workers = a.workers or default_workers()
