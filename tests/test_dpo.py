@@ -150,9 +150,10 @@ def test_train_pairs_offline_sampled_and_both(base_checkpoint):
 
 def test_dpo_cli_reports_bad_input(base_checkpoint, tmp_path, capsys):
     from minilm.cli import main
-    assert main(["dpo", "--init", str(tmp_path / "nowhere")]) == 2
+    # every call names an --out-dir under tmp_path: the default runs/dpo-tiny may hold a student's run
+    assert main(["dpo", "--init", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "a")]) == 2
     assert "not a minilm checkpoint" in capsys.readouterr().err
-    assert main(["dpo", "--init", str(base_checkpoint), "--beta", "0"]) == 2
+    assert main(["dpo", "--init", str(base_checkpoint), "--beta", "0", "--out-dir", str(tmp_path / "b")]) == 2
     assert "beta must be a finite number > 0" in capsys.readouterr().err
     out = str(tmp_path / "credit")
     assert main(["dpo", "--init", str(base_checkpoint), "--out-dir", out, "--set", "credit=tokens"]) == 2

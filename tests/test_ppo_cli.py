@@ -61,7 +61,8 @@ def test_cli_ppo_and_hydra_sft_end_to_end(base_checkpoint, reward_checkpoint, tm
     assert rc in (0, None) and "PPO (jhydra)" in out and "s/sample" in out
     ck = load_checkpoint(tmp_path / "ppo" / "checkpoint")
     assert ck.meta["variant"] == "jhydra" and set(ck.extra["heads"]) >= {"reward.weight", "value.weight"}
-    assert main(["ppo", "--variant", "lora", "--init", str(tmp_path / "missing")]) == 2   # a clear error
+    # a clear error (an --out-dir of its own: the default runs/ppo-tiny may hold a student's run)
+    assert main(["ppo", "--variant", "lora", "--init", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "p")]) == 2
 
 
 def test_a_hydra_ppo_checkpoint_loads_as_the_policy_alone(base_checkpoint, reward_checkpoint, tmp_path):  # noqa: F811

@@ -188,5 +188,5 @@ def test_reward_cli(base_checkpoint, tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "eval_accuracy" in out and "heads.safetensors" in out
-    assert main(["reward", "--init", str(tmp_path / "nowhere")]) == 2
+    assert main(["reward", "--init", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "none")]) == 2
     assert "not a minilm checkpoint" in capsys.readouterr().err
