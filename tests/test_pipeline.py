@@ -115,3 +115,14 @@ def test_three_training_steps_on_phase1(run, tmp_path):
     finally:
         torch.set_num_threads(n)
     assert (tmp_path / "train" / "metrics.jsonl").exists()
+
+
+def test_every_flag_reaches_its_config_field():
+    import argparse
+    p = argparse.ArgumentParser()
+    pipeline.add_pipeline_args(p)
+    assert pipeline.config_from_args(p.parse_args([])) == pipeline.PipelineConfig()   # defaults agree
+    cfg = pipeline.config_from_args(p.parse_args(["--workers", "3", "--batch-docs", "7", "--sources", "pinned", "man",
+                                                  "--keep-threshold", "0.5", "--ladder", "11"]))
+    assert (cfg.workers, cfg.batch_docs, cfg.sources, cfg.ladder) == (3, 7, ["pinned", "man"], 11)
+    assert (cfg.keep_threshold, cfg.keep_fraction) == (0.5, None)   # a threshold replaces the fraction
