@@ -6,7 +6,7 @@
 // torch.compile traces with are registered from Python in minilm/ops/_kernels.py.
 // After `import minilm._C` the ops are torch.ops.minilm.attention_fwd / attention_bwd,
 // masked_ffn_fwd / masked_ffn_bwd, ffn_compact, cross_entropy_fwd / cross_entropy_bwd, bpe_train,
-// bpe_count_chunks and bpe_split.
+// bpe_count_chunks, bpe_split and adamw_step_.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -73,4 +73,10 @@ TORCH_LIBRARY_FRAGMENT(minilm, m) {
         "(Tensor chunks, Tensor chunk_offsets, Tensor counts)");
   // The same split of one text, as its chunks' byte boundaries (C + 1,) int64: for tests and lessons.
   m.def("bpe_split(Tensor text, Tensor classes, int max_digits) -> Tensor");
+
+  // One AdamW step of one float32 parameter, in place (csrc/optim/adamw_cpu.cpp), CPU only: the
+  // scalars as torch.optim.AdamW computes them for this step (minilm/ops/adamw.py). Updates param,
+  // exp_avg and exp_avg_sq exactly as torch.optim.AdamW(foreach=False) would.
+  m.def("adamw_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, float decay, "
+        "float weight1, float beta2, float weight2, float bias_correction2_sqrt, float eps, float neg_step_size) -> ()");
 }

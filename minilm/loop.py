@@ -39,6 +39,7 @@ from minilm.checkpoint import has_train_state, save_checkpoint
 from minilm.config import Validated
 from minilm.fsdp import (gradient_sync, load_full_optimizer_state, micro_batches, param_names, shard_model,
                          sharded_run, unsharded)
+from minilm.ops.adamw import AdamW
 from minilm.resume import (load_train_state, read_metrics, restore_rng, restore_trainable, rng_state,
                            trainable_state, write_metrics)
 from minilm.runtime import setup_runtime
@@ -85,9 +86,10 @@ def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
     return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cosine)
 
 
-def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> AdamW:
     """AdamW over the parameters with requires_grad (frozen LoRA bases get no state at all), with
-    weight decay on matrices only: norms and the (tied) embedding are not decayed."""
+    weight decay on matrices only: norms and the (tied) embedding are not decayed. minilm's AdamW is
+    torch.optim.AdamW with the CPU update fused into one pass (minilm/ops/adamw.py), bit for bit."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:  # frozen: no AdamW state
@@ -96,7 +98,7 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Ad
         (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))
+    return AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
