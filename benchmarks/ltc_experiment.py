@@ -1,7 +1,7 @@
 """LTC vs the instruction-tuned baseline, with the paper's ablations, on held-out seeds (lesson 10).
 
-    OMP_NUM_THREADS=1 python benchmarks/ltc_experiment.py                      # household, ~17 min
-    OMP_NUM_THREADS=1 python benchmarks/ltc_experiment.py --env all --out-dir runs/ltc-exp   # ~37 min
+    OMP_NUM_THREADS=1 python benchmarks/ltc_experiment.py                      # household, ~10 min
+    OMP_NUM_THREADS=1 python benchmarks/ltc_experiment.py --env all --out-dir runs/ltc-exp   # ~21 min
     python benchmarks/ltc_experiment.py --env qa --arms full --il-steps 300 --init runs/speedrun-laptop/sft/checkpoint
 (times on 2 CPU cores shared with other jobs). Arms already finished in OUT are resumed, not rerun:
 delete OUT (or one arm's folder) after changing the code.

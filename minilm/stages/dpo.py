@@ -1,6 +1,6 @@
 """The DPO stage (Rafailov et al. 2023, arXiv 2305.18290, eq. 7), as Phi-3 used it (lesson 07).
 
-    minilm dpo --init runs/sft-tiny/checkpoint --out-dir runs/dpo-tiny          # CPU, ~1 minute
+    minilm dpo --init runs/sft-tiny/checkpoint --out-dir runs/dpo-tiny          # CPU, ~2 minutes
     minilm dpo --init runs/sft-tiny/checkpoint --lora-r 8                        # reference = LoRA off
     torchrun --nproc_per_node 8 -m minilm dpo --preset small --fsdp          # policy and reference sharded
     result = run_dpo(dpo_config("tiny", init="runs/sft-tiny/checkpoint"))
@@ -86,10 +86,10 @@ class DPOConfig(Validated):
 
 
 DPO_PRESETS = {
-    # ~1M-param SFT model, 2 CPU cores, ~1 minute. Measured on the held-out ladder (lesson 07): at
+    # ~1M-param SFT model, 2 CPU cores, ~2 minutes. Measured on the held-out ladder (lesson 07): at
     # SFT's own lr (2e-3) DPO + NLL cost 0.40 of accuracy, at 2e-4 0.09, at 1e-4 0.04; with beta 0.02
     # at 2e-4 it is neutral (+0.01 [-0.02, 0.04]), while the NLL term alone gains +0.05. Plain DPO
-    # (sft_weight 0) pushes chosen AND rejected replies down and greedy replies turn to babble.
+    # (sft_weight 0) pushes rejected replies down faster than chosen ones, and its greedy sums go wrong.
     "tiny": dict(lr=2e-4, beta=0.02, sft_weight=1.0, n_judge=100),
     "small": dict(out_dir="runs/dpo-small", init="runs/sft-small/checkpoint", max_steps=800,
                   batch_size=32, lr=1e-4, n_pairs=20000, eval_every=200, ckpt_every=200),
