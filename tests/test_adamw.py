@@ -5,7 +5,8 @@
 The kernel alone against torch's single-tensor step on hand-made tensors (odd sizes, both weight-decay
 cases, gradients from 1e-6 to 10); the optimizer over 40 steps of a changing lr with two parameter
 groups and a parameter that sometimes has no gradient; checkpoints crossing between the two classes in
-both directions; the fallback for what the kernel does not cover; every training loop builds it.
+both directions; the fallback for what the kernel does not cover; the op's input checks; every training loop
+builds it.
 Skipped when minilm._C is not built.
 """
 
@@ -124,3 +125,12 @@ def test_minilm_ops_torch_turns_it_off(monkeypatch):
 def test_every_training_loop_builds_it():
     opt = make_optimizer(Phi3(tiny_config()), TrainConfig().optim)
     assert type(opt) is AdamW and opt.defaults["foreach"] is False
+
+
+def test_the_op_names_what_is_wrong_with_its_inputs():
+    p, g = torch.zeros(8), torch.zeros(8)
+    with pytest.raises(RuntimeError, match="contiguous float32 CPU tensors"):
+        torch.ops.minilm.adamw_step_(p.double(), g.double(), p.double(), p.double(), 1.0, 0.1, 0.95, 0.05, 1.0,
+                                     1e-8, -1e-3)
+    with pytest.raises(RuntimeError, match="must have param's size"):
+        torch.ops.minilm.adamw_step_(p, torch.zeros(4), p.clone(), p.clone(), 1.0, 0.1, 0.95, 0.05, 1.0, 1e-8, -1e-3)
