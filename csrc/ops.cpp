@@ -4,7 +4,7 @@
 // separately with TORCH_LIBRARY_IMPL (attention/attention_cpu.cpp always, and
 // attention/attention_cuda_binding.cpp in CUDA builds; likewise masking/). Autograd and the fake (meta) kernels that
 // torch.compile traces with are registered from Python in minilm/ops/_kernels.py.
-// After `import minilm._C` the ops are torch.ops.minilm.attention_fwd / attention_bwd,
+// After `import minilm._C` the ops are torch.ops.minilm.attention_fwd / attention_bwd / attention_decode,
 // masked_ffn_fwd / masked_ffn_bwd, ffn_compact, cross_entropy_fwd / cross_entropy_bwd, bpe_train,
 // bpe_count_chunks, bpe_split and adamw_step_.
 #include <Python.h>
@@ -37,6 +37,10 @@ TORCH_LIBRARY(minilm, m) {
   // over the query heads that share each k/v head.
   m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
         "float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // Decoding with a KV cache (attention/attention_decode_cpu.cpp), CPU only, no gradient: the T new
+  // queries q (B, H, T, D) against k, v (B, H_kv, S, D) read in place (any strides but head_dim's),
+  // bottom-right causal; key_start (B,) int64, if given, marks row b's keys before it as left padding.
+  m.def("attention_decode(Tensor q, Tensor k, Tensor v, Tensor? key_start, float scale) -> Tensor");
 
   // The gated-SiLU FFN of one layer computed over the kept neurons only (csrc/masking/masking.h):
   // x (..., D), gate_up_weight (2F, D) (rows: gate then up), down_weight (D, F), mask (F,) of 0/1.

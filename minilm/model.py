@@ -247,9 +247,9 @@ class Phi3Model(nn.Module):
             cos_table, sin_table = self.rope_cos_long, self.rope_sin_long
         cos = cos_table[positions].unsqueeze(2)  # (B, T, 1, D): broadcast over heads
         sin = sin_table[positions].unsqueeze(2)
-        # left padding: one boolean (B, 1, T, S) mask for every layer (causality, padding, window)
-        mask = None if attention_mask is None else ops.combined_mask(
-            t, past + t, True, attention_mask, self.layers[0].self_attn.window, idx.device)
+        # padding: one mask for every layer (causality, padding, window), in the form each backend reads
+        mask = None if attention_mask is None else ops.PaddingMask(
+            t, past + t, attention_mask, self.layers[0].self_attn.window)
         x = self.embed_tokens(idx)                   # (B, T, d_model): the residual stream
         recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:

@@ -10,8 +10,8 @@ Pure-PyTorch references for every op live in `minilm/ops/reference.py`.
 """
 
 from minilm.ops.adamw import AdamW
-from minilm.ops.attention import attention, available_backends, combined_mask
+from minilm.ops.attention import PaddingMask, attention, available_backends, combined_mask
 from minilm.ops.loss import cross_entropy
 from minilm.ops.masking import compact_ffn, masked_ffn
 
-__all__ = ["AdamW", "attention", "available_backends", "combined_mask", "compact_ffn", "cross_entropy", "masked_ffn"]
+__all__ = ["AdamW", "PaddingMask", "attention", "available_backends", "combined_mask", "compact_ffn", "cross_entropy", "masked_ffn"]

@@ -4,6 +4,7 @@ how to differentiate and trace them.
 The C++ side only defines the ops and their device kernels:
     torch.ops.minilm.attention_fwd(q, k, v, causal, scale) -> (out, lse)
     torch.ops.minilm.attention_bwd(grad_out, q, k, v, out, lse, causal, scale) -> (grad_q, grad_k, grad_v)
+    torch.ops.minilm.attention_decode(q, k, v, key_start, scale) -> out   (KV-cache steps, no gradient)
     torch.ops.minilm.masked_ffn_fwd(x, gate_up_weight, down_weight, mask) -> (out, hidden)
     torch.ops.minilm.masked_ffn_bwd(grad_out, x, gate_up_weight, down_weight, mask, hidden) -> 3 grads
     torch.ops.minilm.ffn_compact(gate_up_weight, down_weight, mask) -> (gate_up_kept, down_kept)
@@ -37,6 +38,10 @@ if LOADED:
     def _attention_fwd_fake(q, k, v, causal, scale):
         # out (B, H, T, D) like q; lse (B, H, T), float32 whatever q's dtype
         return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @torch.library.register_fake("minilm::attention_decode")
+    def _attention_decode_fake(q, k, v, key_start, scale):
+        return torch.empty_like(q)
 
     @torch.library.register_fake("minilm::attention_bwd")
     def _attention_bwd_fake(grad_out, q, k, v, out, lse, causal, scale):

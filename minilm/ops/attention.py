@@ -10,10 +10,12 @@ One function, several backends, chosen once at import (and forced with the envir
     reference  the naive definition in `minilm/ops/reference.py` (for tests and lessons)
 
 The default is our kernels (cuda if built with CUDA and a GPU is present, else cpu) when `minilm._C`
-is built, else the reference. Our kernels take no key mask and no sliding window: calls with one
-(left-padded batches in generation, a Phi-3 window shorter than the keys) and calls in a dtype,
-head dim or on a device the kernel does not cover (fp32 on CUDA, say) go to SDPA with an
-explicit boolean mask instead.
+is built, else the reference. Our training kernels take no key mask and no sliding window: calls with
+one (a Phi-3 window shorter than the keys, padded batches) and calls in a dtype, head dim or on a
+device the kernel does not cover (fp32 on CUDA, say) go to SDPA with an explicit boolean mask.
+Decoding is the exception: a KV-cache step (at most DECODE_MAX_T queries, no gradient, on the CPU)
+goes to our decode kernel, which reads the cache in place and takes left padding as one start index
+per row (`PaddingMask.key_start`), so a batch of prompts of different lengths never builds a mask.
 Shapes: q (B, H, T, D); k, v (B, H_kv, S, D); H a multiple of H_kv; causal masks are
 bottom-right aligned (see `reference.causal_mask`).
 """
@@ -39,6 +41,7 @@ KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64, torch.bfloat16),
                  # shapes only: the kernels' fake implementations (minilm/memory.py plans with them)
                  "meta": (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
 CUDA_HEAD_DIMS = (64, 128)
+DECODE_MAX_T = 16  # up to this many queries and no gradient: the decode kernel (one row at a time)
 
 
 def combined_mask(t: int, s: int, causal: bool = True, key_mask: torch.Tensor | None = None,
@@ -52,7 +55,34 @@ def combined_mask(t: int, s: int, causal: bool = True, key_mask: torch.Tensor | 
     return attention_mask(t, s, causal, key_mask, device, window)
 
 
+class PaddingMask:
+    """A padded batch's attention mask, made once per forward and read by every layer in the form its
+    backend wants: `key_start` (B,) int64 for our decode kernel when every row's padding is on the
+    left (row b's keys before key_start[b] are padding; None otherwise), and `dense`, the boolean
+    (B, 1, T, S) mask of `combined_mask`, for SDPA and the reference. Each is computed on first use,
+    then shared by every layer; a training forward never asks for key_start (nor syncs for it)."""
+
+    def __init__(self, t: int, s: int, key_mask: torch.Tensor, window: int | None = None):
+        self.t, self.s, self.key_mask, self.window = t, s, key_mask, window
+
+    @functools.cached_property
+    def key_start(self) -> torch.Tensor | None:
+        real = self.key_mask.bool()  # (B, S)
+        # left padding: once a row's tokens start, they never stop (0 0 1 1 1, not 1 1 0)
+        left = bool((real[:, 1:] | ~real[:, :-1]).all())
+        return self.s - real.sum(-1) if left else None
+
+    @functools.cached_property
+    def dense(self) -> torch.Tensor:
+        return combined_mask(self.t, self.s, True, self.key_mask, self.window, self.key_mask.device)
+
+
+def _dense(mask):
+    return mask.dense if isinstance(mask, PaddingMask) else mask
+
+
 def _torch_sdpa(q, k, v, causal=True, scale=None, key_mask=None, window=None, mask=None):
+    mask = _dense(mask)
     gqa = q.shape[1] != k.shape[1]  # H != H_kv: SDPA repeats the k/v heads itself
     if mask is None:  # T queries, S keys (S > T when decoding with a cache)
         mask = combined_mask(q.shape[2], k.shape[2], causal, key_mask, window, q.device)
@@ -63,8 +93,13 @@ def _torch_sdpa(q, k, v, causal=True, scale=None, key_mask=None, window=None, ma
 
 
 def _minilm_kernel(q, k, v, causal=True, scale=None, key_mask=None, window=None, mask=None, devices=("cpu",)):
-    """torch.ops.minilm.attention_fwd where it applies (autograd in _kernels.py), else SDPA."""
+    """torch.ops.minilm.attention_decode or attention_fwd where one applies (autograd in _kernels.py),
+    else SDPA."""
     device = q.device.type
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if causal and key_mask is None and _decodes(q, k, v, window, mask):
+        starts = None if mask is None else mask.key_start
+        return torch.ops.minilm.attention_decode(q.contiguous(), k, v, starts, scale)  # k, v read in place
     # our kernels: no mask, no sliding window that hides a key (S > W), a covered dtype (and head
     # dim on CUDA), and no more queries than keys
     supported = (key_mask is None and mask is None and (window is None or not causal or window >= k.shape[2])
@@ -73,16 +108,28 @@ def _minilm_kernel(q, k, v, causal=True, scale=None, key_mask=None, window=None,
                  and not (causal and q.shape[2] > k.shape[2]))  # T > S: some queries would see no key
     if not supported:
         return _torch_sdpa(q, k, v, causal=causal, scale=scale, key_mask=key_mask, window=window, mask=mask)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the kernels index raw memory
     return torch.ops.minilm.attention_fwd(q, k, v, causal, scale)[0]  # [1] is lse (B, H, T)
+
+
+def _decodes(q, k, v, window, mask) -> bool:
+    """The decode kernel applies: a few queries on the CPU in a dtype it covers, nothing that needs a
+    gradient, no window that hides a key, and no padding or padding on the left only."""
+    return (q.device.type == "cpu" and q.dtype in KERNEL_DTYPES["cpu"] and q.shape[2] <= DECODE_MAX_T
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and (window is None or window >= k.shape[2]) and k.stride(3) == 1 and v.stride(3) == 1
+            and (mask is None or (isinstance(mask, PaddingMask) and mask.key_start is not None)))
+
+
+def _reference(q, k, v, causal=True, scale=None, key_mask=None, window=None, mask=None):
+    return attention_reference(q, k, v, causal, scale, key_mask, window, _dense(mask))
 
 
 _IMPLS = {
     "cuda": functools.partial(_minilm_kernel, devices=("cuda", "cpu", "meta")),  # CPU tensors: the CPU kernel
     "cpu": functools.partial(_minilm_kernel, devices=("cpu", "meta")),
     "torch": _torch_sdpa,
-    "reference": attention_reference,
+    "reference": _reference,
 }
 
 
@@ -129,11 +176,12 @@ BACKEND = _choose_backend()  # once, at import, with its reason logged
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
               scale: float | None = None, key_mask: torch.Tensor | None = None,
               backend: str | None = None, window: int | None = None,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
+              mask: torch.Tensor | PaddingMask | None = None) -> torch.Tensor:
     """Attention of q over k/v; returns (B, H, T, D). See the module docstring for shapes; `window`
     (causal only) keeps each query's last W keys, as Phi-3's sliding window does. `mask`, from
-    `combined_mask(T, S, causal, key_mask, window)`, replaces those three arguments: a model builds
-    it once per forward instead of once per layer (and a call with one goes to SDPA)."""
+    `combined_mask(T, S, causal, key_mask, window)` or a causal `PaddingMask(T, S, key_mask, window)`,
+    replaces those three arguments: a model builds it once per forward instead of once per layer
+    (and a call with one goes to SDPA, unless it is a decode step with left padding)."""
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"attention expects q (B,H,T,D) and k, v (B,H_kv,S,D) of equal shape; got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
