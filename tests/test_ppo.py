@@ -137,6 +137,17 @@ def test_value_loss_clipping_by_hand():
     assert plain.item() == pytest.approx(0.5 * (1 + 0.25) / 2)
 
 
+def test_explained_variance_by_hand_and_for_constant_returns():
+    mask = torch.ones(1, 4)
+    returns = torch.tensor([[0.0, 1.0, 2.0, 3.0]])  # var 1.25
+    _, m = value_loss(torch.tensor([[0.0, 1.0, 2.0, 2.0]]), returns, returns, mask, clip=None)
+    assert m["explained_variance"] == pytest.approx(1 - (0.1875 / 1.25))  # var(R - V) of (0, 0, 0, 1)
+    # every return -0.1: float32 rounding leaves var ~1e-16, which must read as "constant", not -1e11
+    constant = torch.full((1, 96), -0.1)
+    _, m = value_loss(torch.randn(1, 96), constant, constant, torch.ones(1, 96), clip=None)
+    assert m["explained_variance"] == 0.0
+
+
 def test_whitening_gives_mean_zero_std_one_over_the_mask():
     torch.manual_seed(0)
     x = torch.randn(4, 9) * 3 + 7

@@ -181,7 +181,9 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
     All inputs (B, T); old_values and returns are constants. clip=None: plain 0.5 * MSE.
     metrics: vf_clipfrac (share of tokens where the clipped error is the larger), value (mean V),
-    explained_variance = 1 - var(R - V) / var(R) (1 perfect, 0 no better than the mean, < 0 worse).
+    explained_variance = 1 - var(R - V) / var(R) (1 perfect, 0 no better than the mean, < 0 worse),
+    and 0 when the returns are constant (var(R) below 1e-8, e.g. every episode failed: a float32
+    mean of equal numbers leaves a variance of ~1e-15, which would blow the ratio up to -1e11).
     """
     _check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
     old_values, returns = old_values.detach(), returns.detach()
@@ -198,7 +200,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
         metrics = {"vf_clipfrac": masked_mean((clipped_err > err).float(), mask).item(),
                    "value": masked_mean(values, mask).item(),
                    "explained_variance": (1 - masked_var(returns - values, mask) / var_r).item()
-                   if var_r > 0 else 0.0}
+                   if var_r > 1e-8 else 0.0}
     return loss, metrics
 
 
