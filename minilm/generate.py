@@ -134,8 +134,10 @@ def _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_to
     gen = torch.zeros_like(mask)  # 1 on generated tokens: none in the prompt
     # what the model attends over: the prompt's padding, then every generated column. A finished row's
     # later columns count too: its outputs are thrown away, and its padding stays on the left, which
-    # the decode kernel reads as one start index per row (minilm/ops/attention.py)
-    attend = torch.cat([mask[:, :p], mask.new_ones(b, max_new_tokens)], dim=1)
+    # the decode kernel reads as one start index per row (minilm/ops/attention.py). No padding at
+    # all: no mask, so no step builds one (positions are then simply 0, 1, 2, ...)
+    padded = not bool(mask[:, :p].all())
+    attend = torch.cat([mask[:, :p], mask.new_ones(b, max_new_tokens)], dim=1) if padded else None
     logprobs = torch.zeros(b, p + max_new_tokens, device=device)  # 0 off the generated tokens
     done = torch.zeros(b, dtype=torch.bool, device=device)  # (B,) rows that emitted a stop token
     n = p  # columns filled so far
@@ -144,7 +146,8 @@ def _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_to
         if cache is not None and longrope_restart(model.config, cache.length, step_input.shape[1]):
             cache.length, step_input = 0, tokens[:, :n]   # LongRoPE: every key again, with the long factors
         # (B, T_in, V): with the cache only the new positions run; the mask covers every position so far
-        logits, _ = model(step_input if use_cache else tokens[:, :n], kv_cache=cache, attention_mask=attend[:, :n])
+        logits, _ = model(step_input if use_cache else tokens[:, :n], kv_cache=cache,
+                          attention_mask=attend[:, :n] if padded else None)
         token, lp = sample_next(logits[:, -1], temperature, top_k, top_p, generator,
                                 getattr(model, "tokenizer_vocab", None))  # (B,), (B,)
         alive = ~done

@@ -20,6 +20,22 @@ def test_rmsnorm_matches_definition():
     torch.testing.assert_close(norm(x), expected)
 
 
+def test_rmsnorm_float32_call_is_the_written_out_arithmetic_bit_for_bit():
+    """float32 takes F.rms_norm (one call); it must equal the explicit formula in every bit, forward and
+    backward, or a run's numbers would change with it."""
+    torch.manual_seed(0)
+    norm = RMSNorm(96, eps=1e-5)
+    norm.weight.data = torch.randn(96)
+    x = (3 * torch.randn(4, 77, 96)).requires_grad_()
+    x_ref, w_ref = x.detach().clone().requires_grad_(), norm.weight.detach().clone().requires_grad_()
+    y = norm(x)
+    y_ref = w_ref * (x_ref * torch.rsqrt(x_ref.pow(2).mean(-1, keepdim=True) + 1e-5))
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    assert torch.equal(y, y_ref) and torch.equal(x.grad, x_ref.grad) and torch.equal(norm.weight.grad, w_ref.grad)
+
+
 def test_rope_rotates_pairs_and_keeps_norm():
     cos, sin = rope_tables(head_dim=4, max_len=8, theta=10000.0)
     x = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 1, 1, 4)
