@@ -80,7 +80,7 @@ def test_decode_steps_use_the_kernel_and_never_build_the_dense_mask():
     torch.testing.assert_close(out, attention_reference(q, k, v, key_mask=key_mask))
 
 
-def test_right_padding_gradients_and_long_queries_go_elsewhere():
+def test_right_padding_gradients_long_queries_and_no_cache_go_elsewhere():
     q, k, v = cache_step(2, 4, 2, 1, 9, 32, dtype=torch.float32)
     right = PaddingMask(1, 9, torch.tensor([[1] * 7 + [0, 0], [1] * 9]))
     assert right.key_start is None  # not left padding: only the dense mask describes it
@@ -93,6 +93,12 @@ def test_right_padding_gradients_and_long_queries_go_elsewhere():
     long_q = torch.randn(2, 4, attention_module.DECODE_MAX_T + 1, 32)
     k2, v2 = torch.randn(2, 2, 40, 32), torch.randn(2, 2, 40, 32)
     assert not attention_module._decodes(long_q, k2, v2, None, None)
+    # no cache (T == S): the training path whatever the grad mode, so outputs never depend on it
+    short_q, k3, v3 = torch.randn(2, 4, 5, 32), torch.randn(2, 2, 5, 32), torch.randn(2, 2, 5, 32)
+    assert not attention_module._decodes(short_q, k3, v3, None, None)
+    with torch.no_grad():
+        without_grad = attention(short_q, k3, v3, backend="cpu")
+    assert torch.equal(without_grad, attention(short_q.requires_grad_(), k3, v3, backend="cpu").detach())
 
 
 @pytest.mark.parametrize("change, message", [

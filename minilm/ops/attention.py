@@ -13,9 +13,10 @@ The default is our kernels (cuda if built with CUDA and a GPU is present, else c
 is built, else the reference. Our training kernels take no key mask and no sliding window: calls with
 one (a Phi-3 window shorter than the keys, padded batches) and calls in a dtype, head dim or on a
 device the kernel does not cover (fp32 on CUDA, say) go to SDPA with an explicit boolean mask.
-Decoding is the exception: a KV-cache step (at most DECODE_MAX_T queries, no gradient, on the CPU)
-goes to our decode kernel, which reads the cache in place and takes left padding as one start index
-per row (`PaddingMask.key_start`), so a batch of prompts of different lengths never builds a mask.
+Decoding is the exception: a KV-cache step (at most DECODE_MAX_T queries and fewer than the keys,
+no gradient, on the CPU) goes to our decode kernel, which reads the cache in place and takes left
+padding as one start index per row (`PaddingMask.key_start`), so a batch of prompts of different
+lengths never builds a mask.
 Shapes: q (B, H, T, D); k, v (B, H_kv, S, D); H a multiple of H_kv; causal masks are
 bottom-right aligned (see `reference.causal_mask`).
 """
@@ -113,9 +114,12 @@ def _minilm_kernel(q, k, v, causal=True, scale=None, key_mask=None, window=None,
 
 
 def _decodes(q, k, v, window, mask) -> bool:
-    """The decode kernel applies: a few queries on the CPU in a dtype it covers, nothing that needs a
-    gradient, no window that hides a key, and no padding or padding on the left only."""
-    return (q.device.type == "cpu" and q.dtype in KERNEL_DTYPES["cpu"] and q.shape[2] <= DECODE_MAX_T
+    """The decode kernel applies: a KV-cache step (a few queries, and fewer than the keys: a forward
+    without a cache, T == S, always takes the training path, so its output is the same bits whether
+    or not a gradient is wanted), on the CPU in a dtype it covers, nothing that needs a gradient, no
+    window that hides a key, and no padding or padding on the left only."""
+    return (q.device.type == "cpu" and q.dtype in KERNEL_DTYPES["cpu"]
+            and q.shape[2] <= DECODE_MAX_T and q.shape[2] < k.shape[2]
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
             and (window is None or window >= k.shape[2]) and k.stride(3) == 1 and v.stride(3) == 1
             and (mask is None or (isinstance(mask, PaddingMask) and mask.key_start is not None)))
